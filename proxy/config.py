@@ -1,0 +1,610 @@
+"""pgsplit configuration: one TOML file, validated into frozen pydantic models.
+
+This module owns the shape of the config file (the key names are a contract, see
+docs/config.md), its validation, and the error messages an operator sees. It must
+not know how the values are used: no sockets, no routing, no pools.
+
+Loading is parse -> validate -> frozen `Config`. A reload builds a new `Config` and
+swaps it in; the old one is never mutated. Secrets (passwords, the admin token) are
+`SecretStr`: `*_env` keys are resolved from the environment while loading, so the
+resulting models hold the secret itself and `secret()` returns it. Secrets never
+appear in `ConfigError` messages, in `describe()` or in `redacted_dict()`.
+
+Problems are reported as "<file>: <dotted.key.path>: <message>", one per line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "AdminConfig",
+    "BackendConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "CutoverConfig",
+    "ListenConfig",
+    "MonitorConfig",
+    "PoolConfig",
+    "Problem",
+    "RoutingConfig",
+    "UserConfig",
+    "describe",
+    "load_config",
+    "parse_config",
+]
+
+REDACTED = "********"
+
+# TOML gives values their types; a quoted number is a mistake worth reporting, so
+# numbers and booleans are strict (an int is still accepted where a float is expected).
+Port = Annotated[int, Strict(), Field(ge=0, le=65535)]
+BackendPort = Annotated[int, Strict(), Field(ge=1, le=65535)]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+StrictBool = Annotated[bool, Strict()]
+Name = Annotated[str, Field(min_length=1)]
+Secret = Annotated[SecretStr, Field(min_length=1)]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+_PROBLEMS = "pgsplit_config"
+
+
+def _fail(problems: Iterable[tuple[tuple[str | int, ...], str]]) -> NoReturn:
+    """Raise a validation error that carries one or more (relative key path, message).
+
+    A validator can only attach an error to its own model's location; this lets a
+    cross-field check name the exact key (e.g. `clusters.main.primary`). `ConfigError`
+    expands the list; a bare pydantic ValidationError still shows a readable summary.
+    """
+    items = tuple(problems)
+    summary = "; ".join(
+        f"{_dotted(loc)}: {msg}" if loc else msg for loc, msg in items
+    )
+    raise PydanticCustomError(_PROBLEMS, "{summary}", {"summary": summary, "problems": items})
+
+
+def _environment(info: ValidationInfo) -> Mapping[str, str]:
+    context = info.context if isinstance(info.context, Mapping) else {}
+    env = context.get("env")
+    return os.environ if env is None else env
+
+
+def _resolve_secret(
+    data: Any, info: ValidationInfo, field: str, env_field: str, *, required: bool
+) -> Any:
+    """Check `field` / `env_field` (at most one, or exactly one if required) and
+    replace an `env_field` reference with the variable's value. Never formats the secret."""
+    if not isinstance(data, Mapping):
+        return data  # a model instance, or a wrong type that field validation reports
+    has_value = data.get(field) is not None
+    env_name = data.get(env_field)
+    if has_value and env_name is not None:
+        _fail([((env_field,), f"set either {field} or {env_field}, not both")])
+    if env_name is None:
+        if required and not has_value:
+            _fail([((field,), f"required: set {field} or {env_field}")])
+        return data
+    if not isinstance(env_name, str) or not env_name:
+        return data  # field validation reports the bad type / empty name
+    value = _environment(info).get(env_name)
+    if value is None:
+        _fail([((env_field,), f"environment variable {env_name} is not set")])
+    if value == "":
+        _fail([((env_field,), f"environment variable {env_name} is empty")])
+    return {**data, field: value}
+
+
+class ListenConfig(BaseModel):
+    """Where clients connect ([listen])."""
+
+    model_config = _FROZEN
+
+    host: Name = "127.0.0.1"
+    port: Port = 6432
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_client_connections: PositiveInt = 10000
+    startup_timeout_s: PositiveFloat = 10.0
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _relative_to_config_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Relative paths are relative to the config file, not to the working directory.
+        if value is None or value.is_absolute():
+            return value
+        context = info.context if isinstance(info.context, Mapping) else {}
+        base = context.get("base_dir")
+        return (Path(base) / value) if base is not None else value.absolute()
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ListenConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            other = "tls_cert" if missing == "tls_key" else "tls_key"
+            problems.append(((missing,), f"required when {other} is set (set both or neither)"))
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                problems.append(((key,), f"file not found: {path}"))
+        if problems:
+            _fail(problems)
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+class AdminConfig(BaseModel):
+    """The admin HTTP endpoint: /metrics, /healthz, /v1/* ([admin])."""
+
+    model_config = _FROZEN
+
+    host: Name = "127.0.0.1"
+    port: Port = 9930
+    token: Secret | None = None
+    token_env: Name | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_token(cls, data: Any, info: ValidationInfo) -> Any:
+        return _resolve_secret(data, info, "token", "token_env", required=False)
+
+    @model_validator(mode="after")
+    def _check_token(self) -> AdminConfig:
+        if self.token is None and not self.is_loopback:
+            _fail([(("token",), f"required because host {self.host!r} is not a loopback "
+                                "address: set token or token_env")])
+        return self
+
+    @property
+    def is_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+    def secret(self) -> str | None:
+        """The bearer token in plain text, or None when no token is configured."""
+        return None if self.token is None else self.token.get_secret_value()
+
+
+class UserConfig(BaseModel):
+    """A client account ([[users]]); the proxy uses the same password towards backends."""
+
+    model_config = _FROZEN
+
+    name: Name
+    password: Secret | None = None
+    password_env: Name | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_password(cls, data: Any, info: ValidationInfo) -> Any:
+        return _resolve_secret(data, info, "password", "password_env", required=True)
+
+    @model_validator(mode="after")
+    def _check_password(self) -> UserConfig:
+        if self.password is None:  # constructed from a model instance without one
+            _fail([(("password",), "required: set password or password_env")])
+        return self
+
+    def secret(self) -> str:
+        """The password in plain text (resolved from password_env if that was used)."""
+        assert self.password is not None  # guaranteed by _check_password
+        return self.password.get_secret_value()
+
+
+class BackendConfig(BaseModel):
+    """One PostgreSQL server ([backends.NAME]); limits override [routing] when set."""
+
+    model_config = _FROZEN
+
+    host: Name
+    port: BackendPort = 5432
+    weight: PositiveFloat = 1.0
+    max_lag_bytes: NonNegativeInt | None = None
+    max_lag_seconds: NonNegativeFloat | None = None
+
+
+class ClusterConfig(BaseModel):
+    """A named backend set ([clusters.NAME]): one primary and its replicas."""
+
+    model_config = _FROZEN
+
+    primary: Name
+    replicas: tuple[Name, ...] = ()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.primary, *self.replicas)
+
+
+class RoutingConfig(BaseModel):
+    """Read/write splitting, lag limits and read-your-writes ([routing])."""
+
+    model_config = _FROZEN
+
+    consistency: Literal["session", "global", "token", "eventual"] = "session"
+    consistency_wait_ms: NonNegativeInt = 50
+    max_lag_bytes: NonNegativeInt = 16 * 1024 * 1024
+    max_lag_seconds: NonNegativeFloat = 5.0
+    monitor_interval_ms: PositiveInt = 100
+    monitor_timeout_ms: PositiveInt = 1000
+    classify_cache_size: NonNegativeInt = 10000
+    catalog_refresh_s: PositiveFloat = 60.0
+    retry_reads_on_replica_error: StrictBool = True
+
+
+class PoolConfig(BaseModel):
+    """Server connection pools, one per (backend, user, database) ([pool])."""
+
+    model_config = _FROZEN
+
+    mode: Literal["transaction", "session"] = "transaction"
+    size: PositiveInt = 20
+    connect_timeout_s: PositiveFloat = 5.0
+    acquire_timeout_s: PositiveFloat = 10.0
+    idle_timeout_s: PositiveFloat = 600.0
+    server_lifetime_s: PositiveFloat = 3600.0
+
+
+class MonitorConfig(BaseModel):
+    """The account of the monitor and cutover control connections ([monitor])."""
+
+    model_config = _FROZEN
+
+    user: Name = "postgres"
+    password: Secret | None = None
+    password_env: Name | None = None
+    dbname: Name = "postgres"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_password(cls, data: Any, info: ValidationInfo) -> Any:
+        return _resolve_secret(data, info, "password", "password_env", required=False)
+
+    def secret(self) -> str | None:
+        """The password in plain text, or None (the server must then not ask for one)."""
+        return None if self.password is None else self.password.get_secret_value()
+
+
+class CutoverConfig(BaseModel):
+    """Timeouts and policies of the cutover state machine ([cutover])."""
+
+    model_config = _FROZEN
+
+    pause_timeout_s: PositiveFloat = 10.0
+    catchup_timeout_s: PositiveFloat = 30.0
+    fence: Literal["read_only"] = "read_only"
+    idle_in_transaction: Literal["abort", "cancel"] = "abort"
+
+
+class Config(BaseModel):
+    """The whole file. Immutable: a reload or a cutover makes a new one."""
+
+    model_config = _FROZEN
+
+    active: Name
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    listen: ListenConfig = ListenConfig()
+    admin: AdminConfig = AdminConfig()
+    users: Annotated[tuple[UserConfig, ...], Field(min_length=1)]
+    backends: Annotated[dict[Name, BackendConfig], Field(min_length=1)]
+    clusters: Annotated[dict[Name, ClusterConfig], Field(min_length=1)]
+    routing: RoutingConfig = RoutingConfig()
+    pool: PoolConfig = PoolConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    cutover: CutoverConfig = CutoverConfig()
+
+    _users_by_name: dict[str, UserConfig] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_active(cls, data: Any) -> Any:
+        # With a single cluster, `active` may be left out.
+        if isinstance(data, Mapping) and "active" not in data:
+            clusters = data.get("clusters")
+            if isinstance(clusters, Mapping) and len(clusters) == 1:
+                return {**data, "active": next(iter(clusters))}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        known = ", ".join(sorted(self.backends))
+
+        seen: dict[str, int] = {}
+        for index, user in enumerate(self.users):
+            if user.name in seen:
+                problems.append((("users", index, "name"),
+                                 f"duplicate user {user.name!r} (also users.{seen[user.name]})"))
+            else:
+                seen[user.name] = index
+
+        if self.active not in self.clusters:
+            problems.append((("active",), f"{self.active!r} is not a cluster "
+                             f"(known: {', '.join(sorted(self.clusters))})"))
+
+        for cname, cluster in self.clusters.items():
+            if cluster.primary not in self.backends:
+                problems.append((("clusters", cname, "primary"),
+                                 f"{cluster.primary!r} is not a backend (known: {known})"))
+            listed: set[str] = set()
+            for index, replica in enumerate(cluster.replicas):
+                loc = ("clusters", cname, "replicas", index)
+                if replica not in self.backends:
+                    problems.append((loc, f"{replica!r} is not a backend (known: {known})"))
+                elif replica == cluster.primary:
+                    problems.append((loc, f"{replica!r} is this cluster's primary; "
+                                          "a backend cannot be both primary and replica"))
+                elif replica in listed:
+                    problems.append((loc, f"{replica!r} is listed twice"))
+                listed.add(replica)
+
+        if problems:
+            _fail(problems)
+        return self
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._users_by_name = {user.name: user for user in self.users}
+
+    def user(self, name: str) -> UserConfig | None:
+        """The [[users]] entry called `name`, or None."""
+        return self._users_by_name.get(name)
+
+    @property
+    def active_cluster(self) -> ClusterConfig:
+        return self.clusters[self.active]
+
+    def with_active(self, name: str) -> Config:
+        """A copy whose active cluster is `name` (the cutover's swap)."""
+        if name not in self.clusters:
+            raise ConfigError([Problem("<config>", "active",
+                                       f"{name!r} is not a cluster "
+                                       f"(known: {', '.join(sorted(self.clusters))})")])
+        return self.model_copy(update={"active": name})
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """The effective config as plain data (lists, str paths), every secret "********"."""
+        return _redact(self.model_dump(mode="python"))
+
+    def describe(self) -> str:
+        return describe(self)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One config problem: where (file, dotted key path) and what."""
+
+    source: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.path}: {self.message}" if self.path else \
+            f"{self.source}: {self.message}"
+
+
+class ConfigError(Exception):
+    """An invalid config file. str() lists every problem found, one per line."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(problem) for problem in self.problems)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _dotted(loc: Iterable[str | int]) -> str:
+    parts = []
+    for part in loc:
+        text = str(part)
+        parts.append(text if _BARE_KEY.fullmatch(text) else json.dumps(text))
+    return ".".join(parts)
+
+
+# Top-level keys that TOML silently moves into the preceding [table] when written after it.
+_TOP_LEVEL_SCALARS = {"active", "log_level"}
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    msg: str = error["msg"]
+    ctx = error.get("ctx") or {}
+    loc = error["loc"]
+    if kind == "extra_forbidden":
+        if loc and loc[-1] in _TOP_LEVEL_SCALARS and len(loc) > 1:
+            return (f"unknown key (`{loc[-1]}` is a top-level key: put it before "
+                    "the first [table] of the file)")
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+        return "must not be empty"
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
+
+
+def _problems_from(exc: ValidationError, source: str) -> list[Problem]:
+    problems: list[Problem] = []
+    # include_input=False: pydantic would otherwise echo the offending value, which
+    # may be a password.
+    errors = exc.errors(include_url=False, include_input=False, include_context=True)
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "too_short" and any(
+            len(other["loc"]) > len(loc) and tuple(other["loc"][: len(loc)]) == loc
+            for other in errors
+        ):
+            continue  # pydantic counts only valid items: the real problem is an item's
+        if error["type"] == _PROBLEMS:
+            for rel, message in error["ctx"]["problems"]:
+                problems.append(Problem(source, _dotted(loc + tuple(rel)), message))
+        else:
+            problems.append(Problem(source, _dotted(loc), _message(error)))
+    return problems
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+
+
+def _toml_problem(exc: tomllib.TOMLDecodeError, source: str) -> Problem:
+    text = str(exc)
+    match = _TOML_POSITION.search(text)
+    if match:
+        where = f"line {match.group(1)}, column {match.group(2)}"
+        text = text[: match.start()]
+    else:
+        where = "end of file" if "end of document" in text else ""
+        text = re.sub(r"\s*\(at end of document\)\s*$", "", text)
+    return Problem(source, where, f"invalid TOML: {text}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _validate(data: Mapping[str, Any], source: str, env: Mapping[str, str] | None,
+              base_dir: Path) -> Config:
+    context = {"env": os.environ if env is None else env, "base_dir": base_dir}
+    try:
+        return Config.model_validate(data, context=context)
+    except ValidationError as exc:
+        # `from None`: the chained ValidationError's text would include input values.
+        raise ConfigError(_problems_from(exc, source)) from None
+
+
+def parse_config(text: str, source: str = "<string>",
+                 env: Mapping[str, str] | None = None) -> Config:
+    """Validate TOML text. Relative TLS paths are relative to the working directory."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_toml_problem(exc, source)]) from None
+    return _validate(data, source, env, Path.cwd())
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file. Relative TLS paths are relative to the file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem(source, "", f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(source, "", f"not UTF-8 text (byte {exc.start})")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_toml_problem(exc, source)]) from None
+    return _validate(data, source, env, path.absolute().parent)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {key: _redact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+def _toml_table(header: str, table: Mapping[str, Any]) -> list[str]:
+    lines = [header]
+    for key, value in table.items():
+        if value is None:
+            continue  # TOML has no null: an unset optional key is simply absent
+        if key.endswith("password") or key == "token":
+            if table.get(f"{key}_env") is not None:
+                continue  # shown as its *_env reference instead
+        lines.append(f"{_dotted([key])} = {_toml_value(value)}")
+    return lines
+
+
+def describe(config: Config) -> str:
+    """The effective config as TOML text (for `pgsplit check-config`), secrets masked."""
+    data = config.redacted_dict()
+    out = [f"active = {_toml_value(data['active'])}",
+           f"log_level = {_toml_value(data['log_level'])}", ""]
+    out += _toml_table("[listen]", data["listen"]) + [""]
+    out += _toml_table("[admin]", data["admin"]) + [""]
+    for user in data["users"]:
+        out += _toml_table("[[users]]", user) + [""]
+    for name, backend in data["backends"].items():
+        out += _toml_table(f"[backends.{_dotted([name])}]", backend) + [""]
+    for name, cluster in data["clusters"].items():
+        out += _toml_table(f"[clusters.{_dotted([name])}]", cluster) + [""]
+    for section in ("routing", "pool", "monitor", "cutover"):
+        out += _toml_table(f"[{section}]", data[section]) + [""]
+    return "\n".join(out).rstrip("\n") + "\n"
