@@ -1011,8 +1011,7 @@ class Cluster:
 
         _poll(dropped, timeout, f"slot {slot} on {self.name}/{on.name} to be dropped")
 
-    def add_standby(self, name: str, upstream: str | Node | None = None,
-                    timeout: float = 60.0) -> Node:
+    def add_standby(self, name: str, upstream: str | Node | None = None) -> Node:
         """A new streaming standby of ``upstream`` (default: the primary; a replica gives a
         cascading standby), with its own physical slot on the upstream."""
         with self._lock:
