@@ -1,0 +1,149 @@
+"""Prometheus metrics of pgsplit: definitions, hot-path counters, text exposition.
+
+Owns: every metric name and label set (names are a contract, see docs/operations.md), one
+registry passed in by the caller (tests make their own). This is the only package that
+imports prometheus_client.
+
+The per-unit counters are plain Python ints and lists bumped on the hot path and turned
+into metric families only when /metrics is scraped: a labelled prometheus_client child
+costs microseconds per increment, a dict bump a few tens of nanoseconds.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+UNIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+PAUSE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class FastHistogram:
+    """A histogram without labels or locks, exported by UnitStats' collector."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            out.append((repr(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+class UnitStats:
+    """Units of work by (backend, role, kind), and their durations by role."""
+
+    def __init__(self) -> None:
+        self.units: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[str, FastHistogram] = {}
+
+    def record(self, backend: str, role: str, kind: str, seconds: float) -> None:
+        key = (backend, role, kind)
+        units = self.units
+        units[key] = units.get(key, 0) + 1
+        hist = self.durations.get(role)
+        if hist is None:
+            hist = self.durations[role] = FastHistogram(UNIT_BUCKETS)
+        hist.observe(seconds)
+
+
+class _ScrapeCollector(Collector):
+    """Builds the hot-path families and the connection gauges at scrape time."""
+
+    def __init__(self, stats: UnitStats, sources: "Metrics"):
+        self._stats = stats
+        self._sources = sources
+
+    def collect(self) -> Iterable:
+        units = CounterMetricFamily(
+            "pgsplit_units_total", "Units of work routed, by backend, role and kind (read/write)",
+            labels=["backend", "role", "kind"],
+        )
+        for (backend, role, kind), n in sorted(self._stats.units.items()):
+            units.add_metric([backend, role, kind], n)
+        yield units
+        hist = HistogramMetricFamily(
+            "pgsplit_unit_duration_seconds", "Time from a unit's first byte to its ReadyForQuery",
+            labels=["role"],
+        )
+        for role, h in sorted(self._stats.durations.items()):
+            hist.add_metric([role], h.buckets(), h.total)
+        yield hist
+        clients = GaugeMetricFamily(
+            "pgsplit_client_connections", "Client connections by state", labels=["state"]
+        )
+        for state, n in sorted(self._sources.client_counts().items()):
+            clients.add_metric([state], n)
+        yield clients
+        servers = GaugeMetricFamily(
+            "pgsplit_server_connections", "Server connections by backend and state",
+            labels=["backend", "state"],
+        )
+        for (backend, state), n in sorted(self._sources.server_counts().items()):
+            servers.add_metric([backend, state], n)
+        yield servers
+
+
+def _empty() -> dict:
+    return {}
+
+
+class Metrics:
+    """All metrics of one proxy process, registered in the registry it is given."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.units = UnitStats()
+        self.client_counts: Callable[[], Mapping[str, int]] = _empty
+        self.server_counts: Callable[[], Mapping[tuple[str, str], int]] = _empty
+        r.register(_ScrapeCollector(self.units, self))
+
+        self.backend_up = Gauge("pgsplit_backend_up", "1 if the backend answers the monitor", ["backend", "role"], registry=r)
+        self.replica_lag_bytes = Gauge("pgsplit_replica_lag_bytes", "Primary WAL position minus replica replay position", ["backend"], registry=r)
+        self.replica_lag_seconds = Gauge("pgsplit_replica_lag_seconds", "Replica replay delay in seconds (0 when caught up)", ["backend"], registry=r)
+        self.replica_in_rotation = Gauge("pgsplit_replica_in_rotation", "1 if the replica receives reads", ["backend"], registry=r)
+        self.topology_generation = Gauge("pgsplit_topology_generation", "Generation of the installed backend set", registry=r)
+        self.split_brain = Gauge("pgsplit_split_brain", "1 while two backends of the active set claim to be primary", registry=r)
+        self.consistency_waits = Counter(
+            "pgsplit_consistency_waits", "Reads that needed a replica at the session's LSN, by outcome (immediate, waited, fallback)",
+            ["outcome"], registry=r,
+        )
+        self.consistency_wait_seconds = Histogram(
+            "pgsplit_consistency_wait_seconds", "Time reads waited for a replica to reach the session's LSN",
+            buckets=WAIT_BUCKETS, registry=r,
+        )
+        self.retries = Counter("pgsplit_retries", "Units retried on another backend, by reason", ["reason"], registry=r)
+        self.cutovers = Counter("pgsplit_cutovers", "Cutovers by result", ["result"], registry=r)
+        self.cutover_pause_seconds = Histogram(
+            "pgsplit_cutover_pause_seconds", "How long units were held during a cutover", buckets=PAUSE_BUCKETS, registry=r,
+        )
+        self.server_connects = Counter(
+            "pgsplit_server_connects", "Server connection attempts by backend and result", ["backend", "result"], registry=r,
+        )
+        self.client_disconnects = Counter(
+            "pgsplit_client_disconnects", "Client connections ended, by reason", ["reason"], registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
