@@ -1,0 +1,467 @@
+"""One connection to a backend server: login, then a response stream cut into steps.
+
+Owns: the startup/authentication exchange with a backend, and the reply side of the hot
+path. Every request group the proxy sends (a client's unit, or something the proxy injects
+itself) has a Step in `steps`, in send order; replies arrive strictly in that order, and a
+ReadyForQuery ends the step at the head. A FORWARD step's replies stream to the client it
+belongs to, framed (type byte + length) but not decoded; a SWALLOW step's replies are the
+proxy's own business (settings replay, control queries) and never reach a client.
+
+Inside a FORWARD step the proxy may have dropped a client message (a Parse of a statement
+the server already has: the client still expects ParseComplete) or injected one (a Parse of
+a statement the client prepared on another connection: its ParseComplete must not reach the
+client). Both are anchored to a reply position: replies are counted by "completions" (one
+per Parse/Bind/Close/Execute/Describe-portal, two per Describe-statement) so the position
+is known exactly, even when the anchor is added while replies already flow.
+
+Must not know: routing, pools, the client's protocol state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from proxy import wire
+from proxy.auth import BackendAuth
+from proxy.errors import ConnectionFailure, ProxyError, ServerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from proxy.session import ClientSession
+
+log = logging.getLogger("pgsplit.backend")
+
+# Replies that complete one request (see module docstring); ErrorResponse is handled apart.
+COMPLETES = bytearray(256)
+for _t in b"123CIstTn":
+    COMPLETES[_t] = 1
+COMPLETES = bytes(COMPLETES)
+
+_Z, _E, _S, _D, _G = wire.B_READY, wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_DATA_ROW, wire.B_COPY_IN
+
+
+class StepKind(enum.Enum):
+    FORWARD = "forward"  # replies go to the client
+    SWALLOW = "swallow"  # replies are the proxy's own
+    LOCAL = "local"  # no server round trip: canned bytes emitted in order
+
+
+class Step:
+    """The replies to one request group, up to and including its ReadyForQuery."""
+
+    __slots__ = (
+        "kind", "done", "sent", "anchors", "regs", "error", "extended", "closed",
+        "wrote", "rows_seen", "retry", "retrying", "rows", "payload", "callback", "info",
+        "status",
+    )
+
+    def __init__(self, kind: StepKind, *, info: Any = None, callback: Callable[["Step"], None] | None = None):
+        self.kind = kind
+        self.done = 0  # completions received
+        self.sent = 0  # completions requested so far
+        self.anchors: list[tuple[int, bytes | None]] | None = None  # (index, bytes to insert | None = drop)
+        self.regs: list[tuple[int, bytes]] | None = None  # statements this step prepares, at their index
+        self.error: dict[str, str] | None = None
+        self.extended = False  # closed by Sync rather than Query
+        self.closed = False  # its Sync/Query has been sent
+        self.wrote = False  # some reply already reached the client
+        self.rows_seen = False
+        self.retry: Any = None  # what the session needs to re-send this unit elsewhere
+        self.retrying = False
+        self.rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
+        self.payload = b""  # LOCAL: the bytes to emit
+        self.callback = callback
+        self.info = info
+        self.status = 0
+
+
+class ServerConnection(asyncio.Protocol):
+    """A logged-in server connection; lent to one client session at a time."""
+
+    def __init__(self, backend: str, host: str, port: int, user: str, database: str):
+        self.backend = backend
+        self.host = host
+        self.port = port
+        self.user = user
+        self.database = database
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientSession | None = None
+        self.steps: deque[Step] = deque()
+        self.params: dict[str, str] = {}
+        self.process_id = 0
+        self.secret_key = b""
+        self.status = wire.TX_IDLE
+        self.prepared: set[bytes] = set()  # server-side names of statements prepared here
+        self.sql_prepared: dict[str, str] = {}  # SQL PREPARE name -> statement text
+        self.settings_key: tuple = ()  # the client settings this connection carries
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.generation = 0
+        self.closed = False
+        self.copy_in_absorb = False  # an extended COPY swallowed the Sync sent after Execute
+        self.pool = None  # the pool that owns it (proxy.pool sets it)
+        self.on_lost: Callable[["ServerConnection", Exception | None], None] | None = None
+        self._held = b""
+        self._skip = 0
+        self._login: asyncio.Future | None = None
+        self._framer: wire.Framer | None = None
+        self._auth: BackendAuth | None = None
+        self._login_error: dict[str, str] | None = None
+
+    # --- login -----------------------------------------------------------------------
+
+    async def login(self, password: str | None, params: dict[str, str], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._login = loop.create_future()
+        self._framer = wire.Framer()
+        self._auth = BackendAuth(self.user, password)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: self, self.host, self.port)
+                startup = {"user": self.user, "database": self.database, **params}
+                self.transport.write(wire.startup_message(startup))
+                await self._login
+        except TimeoutError:
+            self.close()
+            raise ConnectionFailure(
+                f"could not connect to backend {self.backend} ({self.host}:{self.port}): timeout after {timeout:g}s"
+            ) from None
+        except OSError as exc:
+            self.close()
+            raise ConnectionFailure(
+                f"could not connect to backend {self.backend} ({self.host}:{self.port}): {exc.strerror or exc}"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._framer = None
+            self._auth = None
+        self._login = None
+
+    def _login_received(self, data: bytes) -> None:
+        fut = self._login
+        try:
+            for t, body in self._framer.feed(data):
+                if t == wire.B_AUTH:
+                    code, payload = wire.parse_auth(body)
+                    reply = self._auth.respond(code, payload)
+                    if reply:
+                        self.transport.write(reply)
+                elif t == _S:
+                    name, value = wire.parse_parameter_status(body)
+                    self.params[name] = value
+                elif t == wire.B_BACKEND_KEY:
+                    self.process_id, self.secret_key = wire.parse_backend_key(body)
+                elif t == _E:
+                    raise ServerError(wire.parse_fields(body), fatal=True)
+                elif t == _Z:
+                    self.status = body[0]
+                    rest = self._framer.take_rest()
+                    if not fut.done():
+                        fut.set_result(None)
+                    if rest:  # nothing should follow, but never lose bytes
+                        self._login = None
+                        self.data_received(rest)
+                    return
+                # NoticeResponse and NegotiateProtocolVersion need no answer here.
+        except (ProxyError, wire.ProtocolViolation, ValueError) as exc:
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, ProxyError) else ProxyError(str(exc)))
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=256 * 1024)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed = self.closed
+        self.closed = True
+        if self._login is not None and not self._login.done():
+            self._login.set_exception(
+                ConnectionFailure(f"backend {self.backend} closed the connection during login")
+            )
+            return
+        if not was_closed and self.on_lost is not None:
+            self.on_lost(self, exc)
+        for step in self.steps:
+            if step.kind is StepKind.SWALLOW and step.callback is not None:
+                step.error = step.error or {"C": "08006", "M": f"server connection to {self.backend} lost"}
+                step.status = 0
+                step.callback(step)
+        client = self.client
+        self.steps.clear()
+        if client is not None:
+            client.server_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write(wire.TERMINATE)
+            except Exception:  # pragma: no cover - already broken
+                pass
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- requests ----------------------------------------------------------------------
+
+    def push(self, step: Step) -> None:
+        """Queue a step whose request bytes the caller writes (or has written)."""
+        steps = self.steps
+        steps.append(step)
+        if step.kind is StepKind.LOCAL and len(steps) == 1:
+            self._run_locals()
+
+    def swallow(self, request: bytes, callback: Callable[[Step], None] | None = None, *, rows: bool = False) -> Step:
+        """Send a request of the proxy's own; its replies never reach a client."""
+        step = Step(StepKind.SWALLOW, callback=callback)
+        step.closed = True
+        if rows:
+            step.rows = []
+        self.steps.append(step)
+        self.transport.write(request)
+        return step
+
+    def add_anchor(self, step: Step, index: int, insert: bytes | None) -> None:
+        """Drop the reply completing `index` (insert=None), or insert bytes before it."""
+        if step.anchors is None:
+            step.anchors = []
+        step.anchors.append((index, insert))
+        if insert is not None and step.done == index and self.steps and self.steps[0] is step:
+            # Everything before it has been answered: the client may be waiting (Flush).
+            self._emit_inserts(step)
+
+    def _emit_inserts(self, step: Step) -> None:
+        anchors = step.anchors
+        while anchors and anchors[0][0] == step.done and anchors[0][1] is not None:
+            self._to_client(anchors.pop(0)[1], step)
+
+    # --- replies -----------------------------------------------------------------------
+
+    def _to_client(self, data: bytes, step: Step) -> None:
+        client = self.client
+        if client is not None and data:
+            step.wrote = True
+            client.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._login is not None:
+            self._login_received(data)
+            return
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        n = len(data)
+        pos = self._skip
+        steps = self.steps
+        if not steps:
+            self._unsolicited(data, pos)
+            return
+        step = steps[0]
+        if pos >= n:  # all of it continues one long message
+            self._skip = pos - n
+            if step.kind is StepKind.FORWARD and not step.retrying:
+                self._to_client(data, step)
+            return
+        self._skip = 0
+        emit = 0  # data[emit:pos] still to be forwarded (FORWARD) or dropped (SWALLOW)
+        while True:
+            if pos + 5 > n:
+                break
+            t = data[pos]
+            end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if step.kind is StepKind.FORWARD:
+                if t == _Z:
+                    if end > n:
+                        break
+                    if step.anchors:
+                        if emit < pos and not step.retrying:
+                            self._to_client(data[emit:pos], step)
+                        emit = pos
+                        self._emit_inserts(step)
+                    if not step.retrying:
+                        self._to_client(data[emit:end] if emit or end != n else data, step)
+                    emit = pos = end
+                    self.status = step.status = data[end - 1]
+                    steps.popleft()
+                    client = self.client
+                    if client is not None:
+                        client.unit_ready(self, step)
+                    if steps and steps[0].kind is StepKind.LOCAL:
+                        self._run_locals()
+                    if not steps:
+                        if pos < n:
+                            self._unsolicited(data[pos:], 0)
+                        return
+                    step = steps[0]
+                    continue
+                if step.anchors or t == _E or t == _S or t == _G or step.retry is not None:
+                    if end > n:
+                        break
+                    if emit < pos and not step.retrying:
+                        self._to_client(data[emit:pos], step)
+                    emit = pos
+                    if self._forward_special(step, t, data, pos, end):
+                        emit = end  # dropped
+                elif t == _D:
+                    step.rows_seen = True
+                else:
+                    step.done += COMPLETES[t]
+            else:  # SWALLOW: keep what the proxy asked for, drop the rest
+                if end > n:
+                    break
+                if t == _Z:
+                    self.status = step.status = data[end - 1]
+                    steps.popleft()
+                    emit = pos = end
+                    if step.callback is not None:
+                        step.callback(step)
+                    if steps and steps[0].kind is StepKind.LOCAL:
+                        self._run_locals()
+                    if not steps:
+                        if pos < n:
+                            self._unsolicited(data[pos:], 0)
+                        return
+                    step = steps[0]
+                    continue
+                self._swallowed(step, t, data[pos + 5 : end])
+                emit = end
+            pos = end
+        # Out of complete messages: forward or drop what precedes the incomplete one.
+        if step.kind is StepKind.FORWARD and not step.retrying:
+            if pos + 5 <= n and data[pos] not in (_Z, _E, _S, _G) and not step.anchors and step.retry is None:
+                # A long ordinary message (a big DataRow): stream it through now.
+                self._to_client(data[emit:] if emit else data, step)
+                self._skip = end - n
+                if data[pos] == _D:
+                    step.rows_seen = True
+                else:
+                    step.done += COMPLETES[data[pos]]
+                return
+            if emit < pos:
+                self._to_client(data[emit:pos], step)
+        self._held = data[pos:]
+
+    def _forward_special(self, step: Step, t: int, data: bytes, pos: int, end: int) -> bool:
+        """Slow path for a message inside a FORWARD step. Returns True if it is dropped."""
+        anchors = step.anchors
+        if anchors:
+            self._emit_inserts(step)
+        if t == _E:
+            step.error = wire.parse_fields(data[pos + 5 : end])
+            if step.retry is not None and not step.wrote and not step.rows_seen and not step.retrying:
+                if step.retry.wants(step.error):
+                    step.retrying = True
+            if anchors:
+                del anchors[:]  # the server skips everything up to Sync
+            if step.regs:
+                # Statements queued at or after the failure were never prepared.
+                for index, name in step.regs:
+                    if index >= step.done:
+                        self.prepared.discard(name)
+                step.regs = None
+            return step.retrying
+        if t == _S:
+            name, value = wire.parse_parameter_status(data[pos + 5 : end])
+            self.params[name] = value
+            return step.retrying
+        if t == _G and step.extended and step.closed:
+            # COPY FROM STDIN started by Execute: the server ignores the Sync that followed
+            # it and answers the Sync sent after CopyDone instead (protocol 55.2.6).
+            self.copy_in_absorb = True
+        c = COMPLETES[t]
+        if c:
+            index = step.done
+            step.done += 1
+            if anchors and anchors[0][0] == index and anchors[0][1] is None:
+                anchors.pop(0)
+                if anchors:
+                    self._emit_inserts(step)
+                return True
+            if anchors:
+                self._emit_after(step, data, pos, end)
+                return True
+        elif t == _D:
+            step.rows_seen = True
+        return step.retrying
+
+    def _emit_after(self, step: Step, data: bytes, pos: int, end: int) -> None:
+        """Forward one completing message, then any inserts anchored right after it."""
+        if not step.retrying:
+            self._to_client(data[pos:end], step)
+        self._emit_inserts(step)
+
+    def _swallowed(self, step: Step, t: int, body: bytes) -> None:
+        if t == _E:
+            if step.error is None:
+                step.error = wire.parse_fields(body)
+        elif t == _S:
+            name, value = wire.parse_parameter_status(body)
+            self.params[name] = value
+        elif t == _D and step.rows is not None:
+            step.rows.append(body)
+
+    def _run_locals(self) -> None:
+        steps = self.steps
+        while steps and steps[0].kind is StepKind.LOCAL:
+            step = steps.popleft()
+            self._to_client(step.payload, step)
+            step.status = self.status
+            if self.client is not None:
+                self.client.unit_ready(self, step)
+
+    def _unsolicited(self, data: bytes, pos: int) -> None:
+        """Bytes with no step waiting: asynchronous messages (NOTIFY, notices, parameter
+        changes) on an idle connection. A pinned session still gets them."""
+        buf = data[pos:] if pos else data
+        frames, used = wire.split_messages(self._held + buf if self._held else buf)
+        whole = self._held + buf if self._held else buf
+        self._held = whole[used:]
+        for t, s, e in frames:
+            if t == _S:
+                name, value = wire.parse_parameter_status(whole[s + 5 : e])
+                self.params[name] = value
+            elif t == _E:
+                fields = wire.parse_fields(whole[s + 5 : e])
+                log.info("backend %s sent an error outside any query: %s", self.backend, fields.get("M"))
+        if self.client is not None and frames:
+            self.client.transport.write(whole[frames[0][1] : frames[-1][2]])
+
+
+async def open_connection(
+    backend: str, host: str, port: int, user: str, database: str, password: str | None,
+    *, params: dict[str, str] | None = None, timeout: float = 5.0,
+) -> ServerConnection:
+    conn = ServerConnection(backend, host, port, user, database)
+    await conn.login(password, params or {}, timeout)
+    return conn
+
+
+async def send_cancel(host: str, port: int, process_id: int, secret_key: bytes, timeout: float = 5.0) -> None:
+    """Send a CancelRequest on a fresh connection (protocol 55.2.8); no reply comes."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(wire.cancel_request(process_id, secret_key))
+            await writer.drain()
+            await reader.read()  # the server closes the connection when done
+        finally:
+            writer.close()

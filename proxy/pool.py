@@ -1,0 +1,264 @@
+"""Pools of server connections, one per (backend, user, database).
+
+Owns: opening server connections (bounded by `pool.size`), lending an idle one, a FIFO
+wait queue with a deadline, taking connections back, and retiring them (lifetime, idle
+timeout, a new topology generation). A connection is lent for one unit of work in
+transaction mode, or for the client's whole session in session mode; the session decides
+when to give it back. Must not know: routing, the protocol state of a unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from proxy.backend import ServerConnection, open_connection
+from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
+
+log = logging.getLogger("pgsplit.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    backend: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    size: int = 20
+    connect_timeout_s: float = 5.0
+    acquire_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    server_lifetime_s: float = 3600.0
+
+
+class Pool:
+    def __init__(self, address: Address, user: str, database: str, password: str | None,
+                 settings: PoolSettings, *, generation: int = 0, on_connect=None):
+        self.address = address
+        self.user = user
+        self.database = database
+        self._password = password
+        self.settings = settings
+        self.generation = generation
+        self.idle: list[ServerConnection] = []  # LIFO: warm connections first
+        self.busy: set[ServerConnection] = set()
+        self.opening = 0
+        self.waiters: deque[asyncio.Future] = deque()
+        self.closed = False
+        self._on_connect = on_connect  # metrics hook: (backend, ok: bool)
+
+    @property
+    def total(self) -> int:
+        return len(self.idle) + len(self.busy) + self.opening
+
+    def try_acquire(self) -> ServerConnection | None:
+        """An idle connection now, without waiting; None if the caller must wait."""
+        if self.waiters or not self.idle:
+            return None
+        conn = self.idle.pop()
+        self.busy.add(conn)
+        return conn
+
+    async def acquire(self) -> ServerConnection:
+        conn = self.try_acquire()
+        if conn is not None:
+            return conn
+        if self.closed:
+            raise ConnectionFailure(f"backend {self.address.backend} is no longer in use")
+        if self.total < self.settings.size and not self.waiters:
+            return await self._open()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiters.append(fut)
+        if self.total < self.settings.size:
+            loop.create_task(self._open_for_waiters())
+        try:
+            async with asyncio.timeout(self.settings.acquire_timeout_s):
+                return await fut
+        except TimeoutError:
+            raise PoolTimeout(
+                f"no server connection to {self.address.backend} became free within "
+                f"{self.settings.acquire_timeout_s:g}s (pool size {self.settings.size})",
+                hint="raise pool.size or pool.acquire_timeout_s, or shorten transactions",
+            ) from None
+        finally:
+            if not fut.done():
+                fut.cancel()
+            try:
+                self.waiters.remove(fut)
+            except ValueError:
+                pass
+
+    async def _open(self) -> ServerConnection:
+        self.opening += 1
+        addr = self.address
+        try:
+            conn = await open_connection(
+                addr.backend, addr.host, addr.port, self.user, self.database, self._password,
+                timeout=self.settings.connect_timeout_s,
+            )
+        except BaseException as exc:
+            self.opening -= 1
+            if self._on_connect and isinstance(exc, Exception):
+                self._on_connect(addr.backend, False)
+            self._wake_next()
+            raise
+        self.opening -= 1
+        if self._on_connect:
+            self._on_connect(addr.backend, True)
+        conn.generation = self.generation
+        conn.pool = self
+        conn.on_lost = self._lost
+        if self.closed:
+            conn.close()
+            raise ConnectionFailure(f"backend {addr.backend} is no longer in use")
+        self.busy.add(conn)
+        return conn
+
+    async def _open_for_waiters(self) -> None:
+        try:
+            conn = await self._open()
+        except ProxyError as exc:
+            # Tell one waiter why; the others keep waiting for a returned connection.
+            if self.waiters:
+                fut = self.waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        except Exception as exc:  # pragma: no cover - unexpected
+            log.exception("opening a server connection failed: %s", exc)
+            return
+        self.busy.discard(conn)
+        self._hand_over(conn)
+
+    def _hand_over(self, conn: ServerConnection) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                self.busy.add(conn)
+                fut.set_result(conn)
+                return
+        self.idle.append(conn)
+
+    def _wake_next(self) -> None:
+        if self.waiters and self.total < self.settings.size:
+            asyncio.get_running_loop().create_task(self._open_for_waiters())
+
+    def release(self, conn: ServerConnection) -> None:
+        """Take a connection back after a unit (or session) that left it idle."""
+        self.busy.discard(conn)
+        now = time.monotonic()
+        if (conn.closed or self.closed or conn.generation != self.generation
+                or now - conn.created > self.settings.server_lifetime_s):
+            conn.close()
+            self._wake_next()
+            return
+        conn.last_used = now
+        self._hand_over(conn)
+
+    def discard(self, conn: ServerConnection) -> None:
+        """Forget a broken connection (or one whose state cannot be trusted) and close it."""
+        self.busy.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        conn.close()
+        self._wake_next()
+
+    def _lost(self, conn: ServerConnection, exc: Exception | None) -> None:
+        if conn in self.busy:
+            return  # the session lending it handles the loss and calls discard()
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        self._wake_next()
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections past their idle timeout or lifetime."""
+        keep = []
+        for conn in self.idle:
+            if (now - conn.last_used > self.settings.idle_timeout_s
+                    or now - conn.created > self.settings.server_lifetime_s):
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle[:] = keep
+
+    def retire(self) -> None:
+        """Close idle connections now and busy ones when they come back."""
+        self.generation += 1
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+    def close(self) -> None:
+        self.closed = True
+        self.retire()
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionFailure(f"backend {self.address.backend} is no longer in use"))
+        self.waiters.clear()
+
+    def counts(self) -> dict[str, int]:
+        return {"idle": len(self.idle), "active": len(self.busy), "opening": self.opening}
+
+
+class Pools:
+    """Every pool of the process, created on first use."""
+
+    def __init__(self, settings: PoolSettings, passwords: dict[str, str], on_connect=None):
+        self.settings = settings
+        self._passwords = passwords
+        self._pools: dict[tuple[str, str, str], Pool] = {}
+        self._on_connect = on_connect
+
+    def get(self, backend: str, host: str, port: int, user: str, database: str) -> Pool:
+        key = (backend, user, database)
+        pool = self._pools.get(key)
+        if pool is None or pool.address.host != host or pool.address.port != port:
+            if pool is not None:
+                pool.close()
+            pool = self._pools[key] = Pool(
+                Address(backend, host, port), user, database, self._passwords.get(user), self.settings,
+                on_connect=self._on_connect,
+            )
+        return pool
+
+    def __iter__(self):
+        return iter(list(self._pools.values()))
+
+    def update_passwords(self, passwords: dict[str, str]) -> None:
+        self._passwords = passwords
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for pool in self:
+            pool.sweep(now)
+
+    def retire_backends(self, keep: set[str]) -> None:
+        """Close pools of backends that are no longer in the active set."""
+        for key, pool in list(self._pools.items()):
+            if key[0] not in keep:
+                pool.close()
+                del self._pools[key]
+
+    def close(self) -> None:
+        for pool in self:
+            pool.close()
+        self._pools.clear()
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for pool in self:
+            for state, n in pool.counts().items():
+                key = (pool.address.backend, state)
+                out[key] = out.get(key, 0) + n
+        return out
