@@ -1,0 +1,131 @@
+"""The routing policy: (unit, session, topology snapshot) -> where the unit runs.
+
+A pure function of data: no I/O, no clock, no globals, no randomness (the caller passes a
+tie-breaker), so every rule has a table-driven unit test without a database. The rules,
+in order (design.md, "Units of work and routing"):
+
+1. A session pinned to the primary (temp tables, LISTEN, session advisory locks, WITH HOLD
+   cursors), `SET pgsplit.route = 'primary'`, or a `/* pgsplit:primary */` hint -> primary.
+2. A `/* pgsplit:replica */` hint -> a replica, whatever the statement (a replica that
+   refuses a write answers 25006 and the unit is retried on the primary).
+3. A unit that writes, or opens a transaction that is not read only -> primary.
+4. A read -> the least-loaded replica in rotation (load / weight) whose replay LSN has
+   reached the session's token; if replicas are in rotation but none has reached the token
+   yet, the caller may wait for one (`wait_lsn`); otherwise the primary serves it.
+5. The primary: only while it reports itself as one. Down -> a clear error for writes;
+   two primaries -> writes refused (split brain); reads fall back to replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from router.topology import BackendState, Role, Topology
+
+
+@dataclass(frozen=True, slots=True)
+class UnitFacts:
+    writes: bool  # any statement needs the primary (unknown counts as a write)
+    hint: Role | None = None  # from /* pgsplit:primary */ or /* pgsplit:replica */
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFacts:
+    force_primary: bool = False  # pinned, or SET pgsplit.route = 'primary'
+    token: int | None = None  # replicas must have replayed at least this LSN
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    backend: BackendState | None
+    reason: str
+    error: tuple[str, str] | None = None  # (SQLSTATE, message) when nothing can serve
+    wait_lsn: int | None = None  # set when a replica may soon reach the token
+
+    @property
+    def role(self) -> Role | None:
+        return self.backend.role if self.backend is not None else None
+
+
+def decide_route(
+    unit: UnitFacts,
+    session: SessionFacts,
+    topo: Topology,
+    load: Mapping[str, int],
+    *,
+    tiebreak: int = 0,
+    allow_wait: bool = True,
+) -> Decision:
+    if session.force_primary or unit.hint is Role.PRIMARY:
+        return _primary(topo, writes=unit.writes, reason="session pinned or primary hint")
+    if unit.hint is Role.REPLICA:
+        replica = _pick(topo.rotation, load, tiebreak)
+        if replica is not None:
+            return Decision(replica, "replica hint")
+        return _primary(topo, writes=False, reason="replica hint, no replica in rotation")
+    if unit.writes:
+        return _primary(topo, writes=True, reason="write")
+    return _read(session, topo, load, tiebreak, allow_wait)
+
+
+def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebreak: int,
+          allow_wait: bool) -> Decision:
+    rotation = topo.rotation
+    if not rotation:
+        return _primary(topo, writes=False, reason="read, no replica in rotation")
+    token = session.token
+    if token is None:
+        return Decision(_pick(rotation, load, tiebreak), "read")
+    ready = tuple(r for r in rotation if r.replay_lsn is not None and r.replay_lsn >= token)
+    if ready:
+        return Decision(_pick(ready, load, tiebreak), "read, replica has the session's writes")
+    if allow_wait:
+        return Decision(None, "read, waiting for a replica to reach the session's writes", wait_lsn=token)
+    return _primary(topo, writes=False, reason="read, no replica reached the session's writes in time")
+
+
+def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebreak: int) -> BackendState | None:
+    """Least outstanding units per unit of weight; ties broken by the caller's counter."""
+    if not candidates:
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    best: list[BackendState] = []
+    best_score = 0.0
+    for b in candidates:
+        score = (load.get(b.name, 0) + 1) / b.weight
+        if not best or score < best_score:
+            best, best_score = [b], score
+        elif score == best_score:
+            best.append(b)
+    return best[tiebreak % len(best)]
+
+
+def _primary(topo: Topology, *, writes: bool, reason: str) -> Decision:
+    p = topo.primary
+    if writes:
+        if topo.split_brain:
+            return Decision(None, reason, error=(
+                "57P03",
+                f"writes are refused: more than one backend of cluster {topo.cluster!r} reports itself "
+                "as primary (split brain); an operator must resolve it",
+            ))
+        if not p.up:
+            return Decision(None, reason, error=(
+                "57P03", f"the primary {p.name} ({p.host}:{p.port}) is not available: {p.error or 'not answering'}",
+            ))
+        if p.in_recovery is True:
+            return Decision(None, reason, error=(
+                "57P03", f"the primary {p.name} ({p.host}:{p.port}) is in recovery and cannot accept writes",
+            ))
+        return Decision(p, reason)
+    if p.up:
+        return Decision(p, reason)
+    # Reads keep working while the primary is down, on any replica that answers.
+    answering = tuple(r for r in topo.replicas if r.up)
+    if answering:
+        return Decision(_pick(answering, {}, 0), reason + "; primary down, served by a replica")
+    return Decision(None, reason, error=(
+        "57P03", f"no backend of cluster {topo.cluster!r} is available: the primary {p.name} is not answering",
+    ))
