@@ -1,0 +1,104 @@
+"""The HTTP side of the proxy (aiohttp): /metrics, /healthz and the admin API.
+
+Owns: routes, the token check for POST requests, JSON shapes. Loopback-only by default;
+bound elsewhere, the config requires a token, and every POST must carry it as
+`Authorization: Bearer <token>`. The token is compared in constant time and never logged.
+Must not know: how a cutover or a pause works (it calls the proxy's methods).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from proxy.app import Proxy
+
+log = logging.getLogger("pgsplit.admin")
+
+
+class Admin:
+    def __init__(self, proxy: "Proxy"):
+        self.proxy = proxy
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/status", self.status)
+        for path, handler in self.post_routes().items():
+            app.router.add_post(path, handler)
+        self.app = app
+
+    def post_routes(self) -> dict:
+        proxy = self.proxy
+        routes = {}
+        for name in ("pause", "resume", "reload", "cutover"):
+            method = getattr(proxy, f"admin_{name}", None)
+            routes[f"/v1/{name}"] = self._post(name, method)
+        return routes
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if request.method == "POST":
+            token = self.proxy.config.admin.secret()
+            if token is not None:
+                given = request.headers.get("Authorization", "")
+                expected = f"Bearer {token}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    return web.json_response({"error": "missing or wrong admin token"}, status=401)
+        return await handler(request)
+
+    def _post(self, name: str, method):
+        async def handler(request: web.Request) -> web.Response:
+            if method is None:
+                return web.json_response({"error": f"{name} is not available in this version"}, status=501)
+            try:
+                body = await request.json() if request.can_read_body else {}
+            except ValueError:
+                return web.json_response({"error": "the request body is not JSON"}, status=400)
+            if not isinstance(body, dict):
+                return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+            try:
+                result = await method(**body)
+            except TypeError as exc:
+                return web.json_response({"error": f"bad arguments: {exc}"}, status=400)
+            except ValueError as exc:
+                return web.json_response({"error": str(exc)}, status=409)
+            return web.json_response(result)
+
+        return handler
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await self._site.start()
+
+    @property
+    def port(self) -> int:
+        server = self._site._server  # aiohttp keeps the asyncio server here
+        return server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.proxy.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        topo = self.proxy.topology.current
+        writable = topo.primary_writable
+        readable = writable or any(r.up for r in topo.replicas)
+        body = {"status": "ok" if writable else ("degraded" if readable else "down"),
+                "primary_writable": writable, "generation": topo.generation}
+        return web.json_response(body, status=200 if readable else 503)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.proxy.status())

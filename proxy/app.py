@@ -1,0 +1,299 @@
+"""The proxy process: state shared by every session, and its start and stop.
+
+Owns: the config in force, the SCRAM verifiers, the classifier, the topology holder and
+its monitor, the pools, the per-backend load counters the policy balances on, the live
+sessions and their cancel keys, the read-your-writes token fetcher, and the background
+tasks. Sessions reach shared state only through this object (no globals), so a test can
+run several proxies in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+from metrics import Metrics
+from proxy.auth import Verifiers
+from proxy.backend import ServerConnection
+from proxy.commands import Commands
+from proxy.config import Config
+from proxy.errors import ProxyError, ServerError
+from proxy.listener import Listener, new_cancel_key
+from proxy.pool import Pool, Pools, PoolSettings
+from proxy.session import ClientSession, State
+from router.classify import Classifier
+from router.lsn import CommitLsnFetcher
+from router.monitor import BackendSpec, Monitor, MonitorSettings, initial_topology
+from router.policy import Decision, SessionFacts, UnitFacts, decide_route
+from router.topology import BackendState, Role, TopologyHolder
+
+log = logging.getLogger("pgsplit")
+
+
+def backend_specs(config: Config, cluster_name: str) -> list[BackendSpec]:
+    cluster = config.clusters[cluster_name]
+    specs = []
+    for name in cluster.members:
+        b = config.backends[name]
+        specs.append(BackendSpec(
+            name=name, host=b.host, port=b.port,
+            role=Role.PRIMARY if name == cluster.primary else Role.REPLICA,
+            weight=b.weight,
+            max_lag_bytes=b.max_lag_bytes if b.max_lag_bytes is not None else config.routing.max_lag_bytes,
+            max_lag_seconds=b.max_lag_seconds if b.max_lag_seconds is not None else config.routing.max_lag_seconds,
+        ))
+    return specs
+
+
+def monitor_settings(config: Config) -> MonitorSettings:
+    r = config.routing
+    return MonitorSettings(
+        user=config.monitor.user, password=config.monitor.secret(), dbname=config.monitor.dbname,
+        interval_s=r.monitor_interval_ms / 1000, timeout_s=r.monitor_timeout_ms / 1000,
+        catalog_refresh_s=r.catalog_refresh_s,
+    )
+
+
+class Proxy:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.verifiers = Verifiers({u.name: u.secret() for u in config.users})
+        self.classifier = Classifier(config.routing.classify_cache_size)
+        self.commands = Commands(self)
+        self.session_pooling = config.pool.mode == "session"
+        self.pools = Pools(self._pool_settings(config), self._passwords(config), on_connect=self._connected)
+        specs = backend_specs(config, config.active)
+        self.topology = TopologyHolder(initial_topology(config.active, specs))
+        self.monitor = Monitor(self.topology, specs, monitor_settings(config), self.metrics,
+                               on_volatile_functions=self.classifier.set_volatile_functions)
+        self.lsn_fetcher = CommitLsnFetcher(self.monitor.primary_insert_lsn)
+        self.load: dict[str, int] = {}
+        self.sessions: set[ClientSession] = set()
+        self.by_key: dict[tuple[int, bytes], ClientSession] = {}
+        self.listener = Listener(self)
+        self.ssl_context = self._ssl_context(config)
+        self.admin = None
+        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        self.started_at = time.time()
+        self.metrics.client_counts = self.client_counts
+        self.metrics.server_counts = self.pools.counts
+
+    # --- configuration ---------------------------------------------------------------------
+
+    @staticmethod
+    def _pool_settings(config: Config) -> PoolSettings:
+        p = config.pool
+        return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
+                            idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s)
+
+    @staticmethod
+    def _passwords(config: Config) -> dict[str, str]:
+        return {u.name: u.secret() for u in config.users}
+
+    @staticmethod
+    def _ssl_context(config: Config) -> ssl.SSLContext | None:
+        if not config.listen.tls_enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(config.listen.tls_cert), str(config.listen.tls_key))
+        return ctx
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.monitor.start()
+        await self.listener.start(self.config.listen.host, self.config.listen.port)
+        from proxy.admin import Admin  # aiohttp is only needed once the proxy runs
+
+        self.admin = Admin(self)
+        await self.admin.start(self.config.admin.host, self.config.admin.port)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        log.info("pgsplit listening on %s:%s, admin on %s:%s, active cluster %r",
+                 self.config.listen.host, self.port, self.config.admin.host, self.admin.port, self.config.active)
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    async def stop(self) -> None:
+        await self.listener.stop()
+        for session in list(self.sessions):
+            session.fail(_shutdown())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.admin is not None:
+            await self.admin.stop()
+        await self.monitor.stop()
+        self.pools.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.pools.sweep()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, (ProxyError, OSError, TimeoutError)):
+                log.error("background task failed: %r", exc, exc_info=exc)
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def client_opened(self, session: ClientSession) -> None:
+        self.sessions.add(session)
+
+    def client_closed(self, session: ClientSession) -> None:
+        self.sessions.discard(session)
+        self.by_key.pop((session.process_id, session.secret_key), None)
+
+    def too_many_clients(self) -> bool:
+        return len(self.sessions) > self.config.listen.max_client_connections
+
+    def register_session(self, session: ClientSession) -> tuple[int, bytes]:
+        while True:
+            key = new_cancel_key()
+            if key not in self.by_key:
+                self.by_key[key] = session
+                return key
+
+    def cancel(self, process_id: int, secret_key: bytes) -> None:
+        session = self.by_key.get((process_id, secret_key))
+        if session is None:
+            log.info("cancel request with an unknown key ignored")
+            return
+        session.cancel()
+
+    def client_counts(self) -> dict[str, int]:
+        counts = {"handshake": 0, "idle": 0, "active": 0, "waiting": 0}
+        for s in self.sessions:
+            if s.state is State.HANDSHAKE:
+                counts["handshake"] += 1
+            elif s._routing is not None:
+                counts["waiting"] += 1
+            elif s.server is not None:
+                counts["active"] += 1
+            else:
+                counts["idle"] += 1
+        return counts
+
+    # --- server connections ----------------------------------------------------------------
+
+    def pool_for(self, backend: BackendState, user: str, database: str) -> Pool:
+        return self.pools.get(backend.name, backend.host, backend.port, user, database)
+
+    @staticmethod
+    def pool_of(server: ServerConnection) -> Pool:
+        return server.pool
+
+    def _connected(self, backend: str, ok: bool) -> None:
+        self.metrics.server_connects.labels(backend=backend, result="ok" if ok else "error").inc()
+        if not ok:
+            self.note_backend_failure(backend)
+
+    def note_backend_failure(self, backend: str) -> None:
+        """A connection to the backend failed: the monitor confirms or clears it."""
+        self.monitor.mark_down(backend, "a server connection failed")
+
+    async def first_contact(self, session: ClientSession) -> dict[str, str]:
+        """Borrow a server connection for a freshly authenticated client: check that the
+        database exists, apply the client's startup settings, learn the parameter set
+        the client is shown."""
+        topo = self.topology.current
+        decision = decide_route(UnitFacts(writes=False), SessionFacts(force_primary=True), topo, self.load)
+        if decision.error is not None:
+            from proxy.errors import RoutingError
+
+            raise RoutingError(*decision.error)
+        pool = self.pool_for(decision.backend, session.user, session.database)
+        try:
+            conn = await pool.acquire()
+        except ServerError as exc:
+            if exc.sqlstate.startswith("28"):
+                exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
+                exc.fields = {**exc.fields, "M": exc.message}
+            raise
+        try:
+            if conn.settings_key != session.settings_key:
+                done = asyncio.get_running_loop().create_future()
+                conn.swallow(_query(session.replay_sql()), done.set_result)
+                step = await done
+                if step.error is not None:
+                    conn.settings_key = ()
+                    raise ServerError(step.error, fatal=True)
+                conn.settings_key = session.settings_key
+            params = dict(conn.params)
+        finally:
+            pool.release(conn)
+        if "in_hot_standby" in params:
+            params["in_hot_standby"] = "off"  # the proxy accepts writes wherever they run
+        return params
+
+    # --- read-your-writes --------------------------------------------------------------------
+
+    async def lsn_token(self, session: ClientSession) -> int:
+        if session.consistency == "global":
+            return await self.lsn_fetcher.fetch_current()
+        lsn = await self.lsn_fetcher.fetch_after(session.commit_ticket)
+        session.token = lsn if session.token is None else max(session.token, lsn)
+        session.commit_pending = False
+        token = session.token
+        if session.consistency == "token" and session.min_lsn is not None:
+            token = max(token, session.min_lsn)
+        return token
+
+    async def wait_for_replica(self, session: ClientSession, facts: UnitFacts, lsn: int) -> Decision:
+        wait_s = self.config.routing.consistency_wait_ms / 1000
+        t0 = time.perf_counter()
+        reached = await self.monitor.wait_for_lsn(lsn, wait_s) if wait_s > 0 else False
+        decision = session._decide(facts, lsn, allow_wait=False)
+        waited = time.perf_counter() - t0
+        self.metrics.consistency_wait_seconds.observe(waited)
+        outcome = "waited" if decision.backend is not None and decision.backend.role is Role.REPLICA else "fallback"
+        self.metrics.consistency_waits.labels(outcome=outcome).inc()
+        return decision
+
+    # --- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        topo = self.topology.current
+        backends = []
+        pool_counts = self.pools.counts()
+        for b in topo.backends:
+            backends.append({
+                "name": b.name, "host": b.host, "port": b.port, "role": b.role.value, "up": b.up,
+                "in_recovery": b.in_recovery, "in_rotation": b.in_rotation if b.role is Role.REPLICA else None,
+                "lag_bytes": b.lag_bytes, "lag_seconds": b.lag_seconds, "weight": b.weight,
+                "error": b.error, "load": self.load.get(b.name, 0),
+                "server_connections": {state: n for (name, state), n in pool_counts.items() if name == b.name},
+            })
+        return {
+            "cluster": topo.cluster, "generation": topo.generation, "split_brain": topo.split_brain,
+            "primary_writable": topo.primary_writable, "backends": backends,
+            "clients": self.client_counts(), "pool_mode": self.config.pool.mode,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+
+def _query(sql: bytes) -> bytes:
+    from proxy import wire
+
+    return wire.query(sql)
+
+
+def _shutdown() -> ProxyError:
+    from proxy.errors import AdminShutdown
+
+    return AdminShutdown("terminating connection due to administrator command: pgsplit is shutting down")

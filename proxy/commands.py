@@ -1,0 +1,187 @@
+"""Units the proxy answers itself, without a server.
+
+Owns: `SET/RESET/SHOW pgsplit.*` (route, consistency, min_lsn, last_lsn), a lone `BEGIN`
+whose routing waits for the transaction's first statement (so `SET TRANSACTION READ ONLY`
+can still send it to a replica), the `COMMIT`/`ROLLBACK` of such a transaction when
+nothing ran in it, and a standalone `DEALLOCATE` (prepared statements live on the proxy's
+side of the session). Answers work in simple and extended protocol.
+Must not know: servers, pools.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from proxy import local, wire
+from proxy.errors import FeatureNotSupported, InvalidParameterValue, ProxyError, UndefinedObject
+from router.classify import Analysis, TxControl
+from router.lsn import format_lsn, parse_lsn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from proxy.session import ClientSession
+
+ROUTES = ("primary", "auto")
+CONSISTENCY = ("session", "global", "token", "eventual")
+SETTINGS = ("route", "consistency", "min_lsn")
+SHOWABLE = SETTINGS + ("last_lsn", "backend")
+
+
+class NotAlone(FeatureNotSupported):
+    fatal = False
+
+
+class Commands:
+    def __init__(self, app):
+        self.app = app
+
+    def answer(self, session: "ClientSession", buf: bytes, frames: list, analyses: list[Analysis]) -> bool | None:
+        """Answer the unit if it is the proxy's to answer: True when answered, False to
+        route it, None when the answer comes later (the unit waits in the stash)."""
+        own = [eff for a in analyses for eff in a.effects if eff.kind.startswith("pgsplit_")]
+        if own and session.commit_pending and any(
+                e.kind == "pgsplit_show" and (e.name or "").lower() == "last_lsn" for e in own):
+            # The token must cover the commit that just finished: fetch it, then answer.
+            session._routing = self.app.spawn(self._fetch_token(session, bytes(buf[frames[0][1] : frames[-1][2]])))
+            return None
+        if own:
+            if any(a.statements != sum(1 for e in a.effects if e.kind.startswith("pgsplit_")) for a in analyses):
+                self._reply(session, buf, frames, local.Answer(error=NotAlone(
+                    "pgsplit commands (SET/RESET/SHOW pgsplit.*) must be sent as statements of their own")))
+                return True
+            answer = local.Answer(tag="SET")
+            for eff in own:
+                answer = self._run(session, eff)
+                if answer.error is not None:
+                    break
+            self._reply(session, buf, frames, answer)
+            return True
+        if len(frames) != 1 or frames[0][0] != wire.F_QUERY or len(analyses) != 1:
+            return False
+        a = analyses[0]
+        if a.statements != 1:
+            return False
+        if a.tx is TxControl.BEGIN and session.status == wire.TX_IDLE and not session.pins:
+            t, s, e = frames[0]
+            session._deferred_begin = wire.parse_query(buf[s + 5 : e])
+            session.status = wire.TX_IN_BLOCK
+            session.write_local(local.simple(local.Answer(tag="BEGIN"), wire.TX_IN_BLOCK))
+            return True
+        if session._deferred_begin is not None and a.tx in (TxControl.COMMIT, TxControl.ROLLBACK):
+            session._deferred_begin = None
+            session.status = wire.TX_IDLE
+            tag = "COMMIT" if a.tx is TxControl.COMMIT else "ROLLBACK"
+            session.write_local(local.simple(local.Answer(tag=tag), wire.TX_IDLE))
+            return True
+        if a.effects and all(e.kind in ("deallocate", "deallocate_all") for e in a.effects):
+            eff = a.effects[0]
+            if eff.kind == "deallocate" and eff.name not in session.sql_prepared:
+                answer = local.Answer(error=_undefined_prepared(eff.name))
+            else:
+                session._apply_effects(a)
+                answer = local.Answer(tag="DEALLOCATE ALL" if eff.kind == "deallocate_all" else "DEALLOCATE")
+            session.write_local(local.simple(answer, session.status))
+            return True
+        return False
+
+    async def _fetch_token(self, session: "ClientSession", unit: bytes) -> None:
+        try:
+            await self.app.lsn_token(session)
+        except ProxyError as exc:
+            session._routing = None
+            session._refuse_unit(unit, exc)
+            return
+        session._routing = None
+        session.resume()
+
+    def _reply(self, session: "ClientSession", buf: bytes, frames: list, answer: local.Answer) -> None:
+        t0 = frames[0][0]
+        if t0 == wire.F_QUERY:
+            session.write_local(local.simple(answer, session.status))
+            return
+        types = []
+        for t, s, e in frames:
+            kind = 0
+            if t in (wire.F_DESCRIBE, wire.F_CLOSE):
+                kind, _ = wire.parse_target(buf[s + 5 : e])
+            elif t == wire.F_PARSE:
+                name, sql, params = wire.parse_parse(buf[s + 5 : e])
+                if name:
+                    from proxy.session import Stmt  # a statement answered here each time
+
+                    session.stmts[name] = Stmt(b"", b"", session._classify(sql), local=True)
+            types.append((t, kind))
+        session.write_local(local.extended(answer, types, session.status))
+
+    def _run(self, session: "ClientSession", eff) -> local.Answer:
+        name = (eff.name or "").lower()
+        if eff.kind == "pgsplit_show":
+            if name not in SHOWABLE:
+                return local.Answer(error=_unknown(name))
+            return local.Answer(tag="SHOW", columns=(name,), rows=((self._show(session, name),),))
+        if name not in SETTINGS:
+            return local.Answer(error=_unknown(name))
+        if eff.kind == "pgsplit_reset":
+            value = None
+        else:
+            value = (eff.value or "").strip()
+        try:
+            self._set(session, name, value)
+        except ProxyError as exc:
+            return local.Answer(error=exc)
+        return local.Answer(tag="RESET" if value is None else "SET")
+
+    def _show(self, session: "ClientSession", name: str) -> str:
+        if name == "route":
+            return "primary" if session.route_primary else "auto"
+        if name == "consistency":
+            return session.consistency
+        if name == "min_lsn":
+            return format_lsn(session.min_lsn) if session.min_lsn is not None else ""
+        if name == "last_lsn":
+            return format_lsn(session.token) if session.token is not None else "0/0"
+        if name == "backend":
+            return session.backend.name if session.backend is not None else ""
+        raise AssertionError(name)
+
+    def _set(self, session: "ClientSession", name: str, value: str | None) -> None:
+        if name == "route":
+            value = (value or "auto").lower()
+            if value not in ROUTES:
+                raise _invalid(name, value, ROUTES)
+            session.route_primary = value == "primary"
+        elif name == "consistency":
+            value = (value or self.app.config.routing.consistency).lower()
+            if value not in CONSISTENCY:
+                raise _invalid(name, value, CONSISTENCY)
+            session.consistency = value
+        elif name == "min_lsn":
+            if not value:
+                session.min_lsn = None
+                return
+            try:
+                session.min_lsn = parse_lsn(value)
+            except ValueError:
+                raise InvalidParameterValue(
+                    f'invalid value for parameter "pgsplit.min_lsn": "{value}"',
+                    hint="an LSN looks like 0/16B3748, as SHOW pgsplit.last_lsn returns it",
+                ) from None
+
+
+def _unknown(name: str) -> ProxyError:
+    return UndefinedObject(
+        f'unrecognized configuration parameter "pgsplit.{name}"',
+        hint="pgsplit knows: " + ", ".join(f"pgsplit.{n}" for n in SHOWABLE),
+    )
+
+
+def _invalid(name: str, value: str, allowed: tuple[str, ...]) -> ProxyError:
+    return InvalidParameterValue(
+        f'invalid value for parameter "pgsplit.{name}": "{value}"',
+        hint="Available values: " + ", ".join(allowed) + ".",
+    )
+
+
+def _undefined_prepared(name: str | None) -> ProxyError:
+    err = UndefinedObject(f'prepared statement "{name}" does not exist')
+    err.sqlstate = "26000"
+    return err

@@ -1,0 +1,247 @@
+"""Accepting clients: SSLRequest/GSSENCRequest, CancelRequest, the startup packet and the
+SCRAM-SHA-256 exchange, up to the first ReadyForQuery.
+
+Owns: everything a client sends before it is authenticated. No byte of it reaches a
+backend: only after SCRAM succeeds does the proxy borrow a server connection (to learn the
+parameter set and apply the client's startup settings). Must not know: units, routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+from typing import TYPE_CHECKING
+
+from proxy import wire
+from proxy.auth import SCRAM
+from proxy.errors import (
+    FeatureNotSupported, InvalidAuthorization, ProtocolViolation, ProxyError, TooManyConnections,
+)
+from proxy.session import ClientSession
+
+if TYPE_CHECKING:  # pragma: no cover
+    from proxy.app import Proxy
+
+log = logging.getLogger("pgsplit.listener")
+
+MAX_AUTH_MESSAGE = 10000
+
+
+class Inbox:
+    """Bytes a client sent during the handshake, read as packets or messages."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.closed = False
+        self._waiter: asyncio.Future | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _more(self) -> None:
+        if self.closed:
+            raise EOFError
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+        self._waiter = None
+
+    async def packet(self) -> wire.StartupPacket:
+        while True:
+            try:
+                packet, used = wire.read_startup_packet(self.buf)
+            except wire.ProtocolViolation as exc:
+                raise ProtocolViolation(str(exc)) from None
+            if packet is not None:
+                del self.buf[:used]
+                return packet
+            await self._more()
+
+    async def message(self) -> tuple[int, bytes]:
+        while True:
+            if len(self.buf) >= 5:
+                length = wire.header_length(self.buf, 0)
+                if length < 4 or length > MAX_AUTH_MESSAGE:
+                    raise ProtocolViolation(f"invalid message length {length} during authentication")
+                if len(self.buf) >= 1 + length:
+                    t = self.buf[0]
+                    body = bytes(self.buf[5 : 1 + length])
+                    del self.buf[: 1 + length]
+                    return t, body
+            await self._more()
+
+    def rest(self) -> bytes:
+        rest = bytes(self.buf)
+        self.buf.clear()
+        return rest
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """The startup parameter `options`: "-c name=value" / "--name=value" pairs."""
+    out: dict[str, str] = {}
+    try:
+        words = shlex.split(options.replace("\\ ", "\0"), posix=True)
+    except ValueError as exc:
+        raise ProtocolViolation(f"invalid options in startup packet: {exc}") from None
+    words = [w.replace("\0", " ") for w in words]
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            pair, i = words[i + 1], i + 2
+        elif word.startswith("-c"):
+            pair, i = word[2:], i + 1
+        elif word.startswith("--"):
+            pair, i = word[2:], i + 1
+        else:
+            raise FeatureNotSupported(f"unsupported option in startup packet: {word!r} (only -c name=value)")
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InvalidAuthorization(f"invalid option in startup packet: {pair!r}")
+        out[name.replace("-", "_")] = value
+    return out
+
+
+class Listener:
+    """The client-facing socket; one ClientSession per connection."""
+
+    def __init__(self, app: "Proxy"):
+        self.app = app
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._new_session, host, port, reuse_address=True, backlog=1024)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    def _new_session(self) -> ClientSession:
+        session = ClientSession(self.app)
+        session.inbox = Inbox()
+        session._handshake_task = self.app.spawn(self._handshake(session))
+        return session
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handshake(self, session: ClientSession) -> None:
+        app = self.app
+        try:
+            async with asyncio.timeout(app.config.listen.startup_timeout_s):
+                await self._authenticate(session)
+        except TimeoutError:
+            session.fail(_timeout_error())
+        except EOFError:
+            session.close("client disconnected during startup")
+        except ProxyError as exc:
+            if not exc.fatal:
+                exc.fatal = True
+            session.fail(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # pragma: no cover - a bug must not take the listener down
+            log.exception("handshake failed")
+            session.fail(ProtocolViolation(f"internal error during startup: {exc}"))
+
+    async def _authenticate(self, session: ClientSession) -> None:
+        app = self.app
+        inbox: Inbox = session.inbox
+        while True:
+            packet = await inbox.packet()
+            if isinstance(packet, wire.SSLRequest):
+                if app.ssl_context is not None and not session.tls:
+                    if inbox.buf:
+                        # Bytes sent before the TLS handshake would be trusted as if they
+                        # had come encrypted (CVE-2021-23214): refuse.
+                        raise ProtocolViolation("received unencrypted data after SSL request")
+                    session.transport.write(b"S")
+                    await self._start_tls(session)
+                else:
+                    session.transport.write(b"N")
+                continue
+            if isinstance(packet, wire.GSSENCRequest):
+                session.transport.write(b"N")
+                continue
+            if isinstance(packet, wire.CancelRequest):
+                app.cancel(packet.process_id, packet.secret_key)
+                session.close("cancel request handled")
+                return
+            break
+        if app.too_many_clients():
+            raise TooManyConnections("sorry, too many clients already")
+        if packet.minor > 0 or packet.unknown_options:
+            session.transport.write(wire.negotiate_protocol_version(0, packet.unknown_options))
+        params = dict(packet.params)
+        replication = params.pop("replication", None)
+        if replication is not None and replication.lower() not in ("false", "0", "off", "no"):
+            raise FeatureNotSupported(
+                "replication connections are not supported by pgsplit; connect to the server directly"
+            )
+        user = params.pop("user", "")
+        if not user:
+            raise InvalidAuthorization("no PostgreSQL user name specified in startup packet")
+        database = params.pop("database", "") or user
+        options = params.pop("options", "")
+        if options:
+            params.update(parse_options(options))
+        # SCRAM-SHA-256 (RFC 7677) before anything else happens for this client.
+        session.transport.write(wire.auth_sasl([SCRAM]))
+        body = await self._expect_password_message(inbox)
+        mechanism, client_first = wire.parse_sasl_initial(body) if body else ("", b"")
+        exchange = app.verifiers.server_exchange(user)
+        session.transport.write(wire.auth_request(wire.AUTH_SASL_CONTINUE, exchange.first(mechanism, client_first)))
+        final = exchange.final(await self._expect_password_message(inbox))
+        session.transport.write(wire.auth_request(wire.AUTH_SASL_FINAL, final))
+        session.user = user
+        session.database = database
+        session.set_startup_settings(params)
+        reported = await app.first_contact(session)
+        session.process_id, session.secret_key = app.register_session(session)
+        out = [wire.auth_ok()]
+        out += [wire.parameter_status(k, v) for k, v in sorted(reported.items())]
+        out.append(wire.backend_key_data(session.process_id, session.secret_key))
+        out.append(wire.ready_for_query(wire.TX_IDLE))
+        session.transport.write(b"".join(out))
+        log.debug("session %s: %s@%s from %s", session.process_id, user, database, session.peer)
+        session.start(inbox.rest())
+
+    async def _expect_password_message(self, inbox: Inbox) -> bytes:
+        try:
+            t, body = await inbox.message()
+        except wire.ProtocolViolation as exc:
+            raise ProtocolViolation(str(exc)) from None
+        if t == wire.F_TERMINATE:
+            raise EOFError
+        if t != wire.F_PASSWORD:
+            raise ProtocolViolation(f"expected SASL response, got message type {t}")
+        return body
+
+    async def _start_tls(self, session: ClientSession) -> None:
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(session.transport, session, self.app.ssl_context, server_side=True)
+        session.transport = transport
+        session.tls = True
+
+
+def _timeout_error() -> ProxyError:
+    err = ProtocolViolation("canceling authentication due to timeout")
+    err.sqlstate = "57014"
+    return err
+
+
+def new_cancel_key() -> tuple[int, bytes]:
+    return int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF, os.urandom(4)

@@ -1,0 +1,957 @@
+"""One client session: the client socket's protocol, after the handshake.
+
+Owns: framing the client's bytes into units of work (a Query, or extended-protocol
+messages up to Sync), asking the router where each unit runs, borrowing a server
+connection for it, forwarding it (rewriting only statement names), and everything that
+must follow the client from one server connection to the next: SET values, named
+prepared statements (client name -> the proxy's server-side name, prepared lazily on
+each server connection that needs it), pins, the read-your-writes token.
+
+A unit starts when nothing is in flight and the session is idle (status 'I'). Units the
+client pipelines behind one in flight follow its server connection, except that a unit
+needing the primary never follows a replica: it waits until the replica's units finish,
+then is routed afresh. In a transaction ('T'/'E') everything stays on the connection.
+The connection goes back to its pool at ReadyForQuery 'I' with nothing in flight
+(transaction mode), or stays with the client (session mode, or pinned).
+
+Must not know: how replies are cut into steps (proxy.backend), SQL (router.classify),
+which backend to pick (router.policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from proxy import local, wire
+from proxy.backend import ServerConnection, Step, StepKind, send_cancel
+from proxy.errors import (
+    ProtocolViolation, ProxyError, RoutingError, ServerLost, ServerLostInTransaction,
+)
+from router.classify import Analysis, Pin, Route, TxControl, Unpin
+from router.policy import Decision, SessionFacts, UnitFacts, decide_route
+from router.topology import BackendState, Role
+
+if TYPE_CHECKING:  # pragma: no cover
+    from proxy.app import Proxy
+
+log = logging.getLogger("pgsplit.session")
+
+F_BIND, F_CLOSE, F_DESCRIBE, F_EXECUTE = wire.F_BIND, wire.F_CLOSE, wire.F_DESCRIBE, wire.F_EXECUTE
+F_FLUSH, F_PARSE, F_QUERY, F_SYNC = wire.F_FLUSH, wire.F_PARSE, wire.F_QUERY, wire.F_SYNC
+F_TERMINATE, F_FUNCTION_CALL = wire.F_TERMINATE, wire.F_FUNCTION_CALL
+F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL = wire.F_COPY_DATA, wire.F_COPY_DONE, wire.F_COPY_FAIL
+TX_IDLE, TX_IN_BLOCK, TX_FAILED = wire.TX_IDLE, wire.TX_IN_BLOCK, wire.TX_FAILED
+
+UNIT_END = frozenset({F_QUERY, F_SYNC, F_FLUSH, F_FUNCTION_CALL, F_TERMINATE})
+OPENS_STEP = frozenset({F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE, F_CLOSE, F_QUERY, F_SYNC, F_FUNCTION_CALL})
+CLIENT_TYPES = wire.FRONTEND_TYPES
+MAX_UNROUTED = 1 << 20  # a unit larger than this is routed before its Sync arrives
+STASH_PAUSE = 4 << 20  # stop reading the client while this much waits for a route
+_STATEMENT_KIND = 0x53  # 'S' in Close/Describe
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class Boundary(enum.Enum):
+    GO = 0  # the unit runs on the attached connection
+    WAIT = 1  # wait for more bytes or for the units in flight to finish
+    ROUTE = 2  # give the connection back and route the unit afresh
+
+
+class Stmt:
+    """A named statement the client prepared (protocol Parse, or one answered locally)."""
+
+    __slots__ = ("server_name", "parse", "analysis", "local")
+
+    def __init__(self, server_name: bytes, parse: bytes, analysis: Analysis, local: bool = False):
+        self.server_name = server_name
+        self.parse = parse
+        self.analysis = analysis
+        self.local = local
+
+
+class UnitInfo:
+    """What unit_ready needs to know about the unit a step answers."""
+
+    __slots__ = ("backend", "role", "writes", "t0", "analyses")
+
+    def __init__(self, backend: str, role: str, writes: bool, t0: float):
+        self.backend = backend
+        self.role = role
+        self.writes = writes
+        self.t0 = t0
+        self.analyses: list[Analysis] | None = None
+
+
+class Retry:
+    """The bytes of an autocommit read sent to a replica, to re-send if it refuses it."""
+
+    __slots__ = ("data",)
+    SQLSTATES = frozenset({"25006", "40001"})
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def wants(self, error: dict[str, str]) -> bool:
+        return error.get("C") in self.SQLSTATES
+
+
+def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
+    """The proxy's name for a statement: derived from its text and parameter types, so
+    every pooled connection that has it prepared can serve every client that uses it."""
+    return b"pgsplit_" + hashlib.blake2b(sql + b"\0" + param_section, digest_size=10).hexdigest().encode()
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, app: "Proxy"):
+        self.app = app
+        self.transport: asyncio.Transport | None = None
+        self.state = State.HANDSHAKE
+        self.peer = "?"
+        self.user = ""
+        self.database = ""
+        self.process_id = 0
+        self.secret_key = b""
+        self.tls = False
+        self.status = TX_IDLE
+        self.server: ServerConnection | None = None
+        self.backend: BackendState | None = None
+        self.owned: dict[str, ServerConnection] = {}  # session pool mode: kept per backend
+        self.settings: dict[str, str] = {}  # GUC name -> statement that sets it
+        self.startup_settings: dict[str, str] = {}
+        self.settings_key: tuple = ()
+        self.stmts: dict[bytes, Stmt] = {}
+        self.sql_prepared: dict[str, str] = {}
+        self.sql_prepared_analysis: dict[str, Analysis] = {}
+        self.pins: set[Pin] = set()
+        self.route_primary = False  # SET pgsplit.route = 'primary'
+        self.default_read_only = False
+        self.consistency = app.config.routing.consistency
+        self.token: int | None = None  # an LSN at or past this session's last commit
+        self.commit_pending = False  # a commit finished; its LSN is not fetched yet
+        self.commit_ticket = 0
+        self.min_lsn: int | None = None  # SET pgsplit.min_lsn
+        self.units = 0
+        self.inbox = None  # handshake input, see proxy.listener
+        self._stash = b""
+        self._skip = 0  # bytes of a long client message still to pass through
+        self._open: Step | None = None  # the step receiving the current unit's messages
+        self._fresh = False  # a server was just attached for the unit that follows
+        self._routing: asyncio.Task | None = None
+        self._unnamed: Analysis | None = None
+        self._bound_copy = False
+        self._copy_done = False
+        self._deferred_begin: bytes | None = None
+        self._force_primary_next = False
+        self._retry_data: bytes | None = None
+        self._tx_effects: list = []
+        self._tx_failed = False
+        self._pause_reasons: set[str] = set()
+        self._write_paused = False
+        self._memo_sql = b""
+        self._memo_analysis: Analysis | None = None
+        self._close_reason = ""
+        self._handshake_task: asyncio.Task | None = None
+
+    # --- socket events -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=256 * 1024)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.app.client_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is State.READY:
+            if self._skip:
+                data = self._pass_long(data)
+                if not data:
+                    return
+            if self._stash:
+                data = self._stash + data
+                self._stash = b""
+            self._process(data)
+        elif self.state is State.HANDSHAKE and self.inbox is not None:
+            self.inbox.feed(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is State.CLOSED:
+            self._cleanup()
+            return
+        self.state = State.CLOSED
+        if self.inbox is not None:
+            self.inbox.close()
+        reason = self._close_reason or ("client closed the connection" if exc is None else f"client connection error: {exc}")
+        log.debug("session %s (%s@%s) ended: %s", self.process_id, self.user, self.peer, reason)
+        self._cleanup()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading the server.
+        self._write_paused = True
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    def pause_reading(self, reason: str = "server") -> None:
+        if not self._pause_reasons and self.transport is not None:
+            self.transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: str = "server") -> None:
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and self.state is not State.CLOSED:
+            self.transport.resume_reading()
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def fail(self, error: ProxyError) -> None:
+        """Send an error; a fatal one also ends the session."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(error.to_wire())
+        if error.fatal:
+            self.close(error.message)
+
+    def close(self, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._close_reason = reason
+        log.info("closing session %s (%s@%s): %s", self.process_id, self.user, self.peer, reason)
+        self.state = State.CLOSED
+        if self.inbox is not None:
+            self.inbox.close()
+        if self.transport is not None:
+            self.transport.close()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._routing is not None:
+            self._routing.cancel()
+            self._routing = None
+        if self._handshake_task is not None and not self._handshake_task.done():
+            self._handshake_task.cancel()
+        server = self.server
+        if server is not None:
+            self._drop_server(server, busy=bool(server.steps) or self.status != TX_IDLE)
+        for conn in list(self.owned.values()):
+            self._drop_server(conn, busy=False)
+        self.owned.clear()
+        self.app.client_closed(self)
+
+    def _drop_server(self, server: ServerConnection, *, busy: bool) -> None:
+        """The client is gone: a busy server is cancelled and closed, an idle one returned."""
+        self._detach(server)
+        pool = self.app.pool_of(server)
+        if busy or server.closed or self.pins:
+            if busy and not server.closed:
+                self.app.spawn(send_cancel(server.host, server.port, server.process_id, server.secret_key))
+            pool.discard(server)
+        else:
+            pool.release(server)
+
+    # --- after the handshake -----------------------------------------------------------
+
+    def start(self, leftover: bytes) -> None:
+        self.state = State.READY
+        self.inbox = None
+        if leftover:
+            self._process(leftover)
+
+    def set_startup_settings(self, params: dict[str, str]) -> None:
+        for name, value in params.items():
+            self.startup_settings[name.lower()] = f"SET {name} = {quote_literal(value)}"
+        self.settings = dict(self.startup_settings)
+        self._settings_changed()
+
+    def _settings_changed(self) -> None:
+        self.settings_key = tuple(sorted(self.settings.items()))
+
+    def replay_sql(self) -> bytes:
+        return ";\n".join(["RESET ALL", *self.settings.values()]).encode()
+
+    # --- the client byte stream ------------------------------------------------------------
+
+    def _pass_long(self, data: bytes) -> bytes:
+        """Forward the rest of a long client message (CopyData) already partly sent."""
+        n = min(self._skip, len(data))
+        if self.server is not None:
+            self.server.transport.write(data[:n] if n < len(data) else data)
+        self._skip -= n
+        return data[n:]
+
+    def _process(self, buf: bytes) -> None:
+        """Route new units and forward messages, until the bytes run out or must wait."""
+        pos = 0
+        n = len(buf)
+        while pos < n and self.state is State.READY:
+            if self._routing is not None:
+                break
+            try:
+                frames, complete = wire.split_messages(buf, pos, valid_types=CLIENT_TYPES)
+            except wire.ProtocolViolation as exc:
+                self.fail(ProtocolViolation(str(exc)))
+                return
+            if not frames:
+                if self.server is not None and self._stream_long(buf, pos):
+                    return
+                break
+            if self.server is None:
+                pos = self._start_unit(buf, frames)
+                if pos < 0:
+                    pos = frames[0][1]
+                    break
+                continue
+            stop = self._forward(buf, frames)
+            if stop is None:
+                pos = complete
+                continue
+            pos = stop
+            if self.server is not None:
+                break  # waiting on the units in flight
+        if pos < n and self.state is State.READY:
+            self._stash = buf[pos:] if pos else buf
+            if len(self._stash) > STASH_PAUSE:
+                self.pause_reading("stash")
+
+    def _stream_long(self, buf: bytes, pos: int) -> bool:
+        """A CopyData too large to wait for whole is passed through as it arrives."""
+        if len(buf) - pos < 5 or buf[pos] != F_COPY_DATA:
+            return False
+        length = wire.header_length(buf, pos)
+        if length < 64 * 1024:
+            return False
+        self.server.transport.write(buf[pos:] if pos else buf)
+        self._skip = 1 + length - (len(buf) - pos)
+        return True
+
+    def resume(self) -> None:
+        """Bytes held while a route was chosen or units drained: process them now."""
+        if self._routing is not None or self.state is not State.READY:
+            return
+        self.resume_reading("stash")
+        if self._stash:
+            data, self._stash = self._stash, b""
+            self._process(data)
+
+    # --- classification ------------------------------------------------------------------
+
+    def _classify(self, sql: bytes) -> Analysis:
+        if sql == self._memo_sql and self._memo_analysis is not None:
+            return self._memo_analysis
+        analysis = self.app.classifier.classify(sql.decode("utf-8", "replace"))
+        self._memo_sql = sql
+        self._memo_analysis = analysis
+        return analysis
+
+    def _scan_unit(self, buf: bytes, frames: list, i: int) -> tuple[int, list[Analysis], bool] | None:
+        """(index of the unit's last frame, analyses, uses FunctionCall) for the unit that
+        starts at frames[i]; None if its end has not arrived yet."""
+        analyses: list[Analysis] = []
+        unnamed = self._unnamed
+        fcall = False
+        for j in range(i, len(frames)):
+            t, s, e = frames[j]
+            if t == F_QUERY:
+                analyses.append(self._classify(wire.parse_query(buf[s + 5 : e])))
+            elif t == F_PARSE:
+                name, sql, _ = wire.parse_parse(buf[s + 5 : e])
+                a = self._classify(sql)
+                analyses.append(a)
+                if not name:
+                    unnamed = a
+            elif t == F_BIND:
+                _, stmt, _ = wire.parse_bind_names(buf[s + 5 : e])
+                st = self.stmts.get(stmt) if stmt else None
+                a = st.analysis if st is not None else (unnamed if not stmt else None)
+                if a is not None:
+                    analyses.append(a)
+            elif t == F_FUNCTION_CALL:
+                fcall = True
+            if t in UNIT_END:
+                return j, analyses, fcall
+        if frames[-1][2] - frames[i][1] > MAX_UNROUTED:
+            return len(frames) - 1, analyses, fcall
+        return None
+
+    def _unit_facts(self, analyses: list[Analysis], fcall: bool) -> UnitFacts:
+        writes = fcall
+        hint = None
+        for a in analyses:
+            if a.hint is not None and hint is None:
+                hint = Role.PRIMARY if a.hint is Route.WRITE else Role.REPLICA
+            if a.route is Route.WRITE:
+                if a.executes and len(a.executes) == 1 and a.statements == 1:
+                    prepared = self.sql_prepared_analysis.get(a.executes[0])
+                    if prepared is not None and prepared.route is Route.READ:
+                        continue
+                writes = True
+            elif a.tx is TxControl.BEGIN and not self.default_read_only:
+                writes = True
+        return UnitFacts(writes=writes, hint=hint)
+
+    # --- routing a new unit ----------------------------------------------------------------
+
+    def _session_facts(self, token: int | None) -> SessionFacts:
+        force = bool(self.pins) or self.route_primary or self._force_primary_next
+        self._force_primary_next = False
+        return SessionFacts(force_primary=force, token=token)
+
+    def _start_unit(self, buf: bytes, frames: list) -> int:
+        """Route the unit at frames[0]; returns the position to continue from, or -1 to
+        wait (for more bytes, or for an asynchronous route)."""
+        t, s, e = frames[0]
+        if t in (F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_FLUSH):
+            return e  # after a failed COPY the server drops these too; Flush has nothing to flush
+        if t == F_TERMINATE:
+            self.close("client sent Terminate")
+            return len(buf)
+        scan = self._scan_unit(buf, frames, 0)
+        if scan is None:
+            return -1
+        last, analyses, fcall = scan
+        end = frames[last][2]
+        handled = self._answer_locally(buf, frames[: last + 1], analyses)
+        if handled:
+            return end
+        if handled is None:
+            return -1
+        facts = self._unit_facts(analyses, fcall)
+        if self._deferred_begin is not None:
+            # The transaction's first statement: it runs on the primary unless the
+            # transaction was declared read only.
+            read_only = self.default_read_only or any(a.tx is TxControl.SET_TX_READ_ONLY for a in analyses)
+            facts = UnitFacts(writes=facts.writes or not read_only, hint=facts.hint)
+        token, fetch = self.read_token(facts)
+        if not fetch:
+            decision = self._decide(facts, token)
+            if decision.error is None and decision.wait_lsn is None:
+                conn = self._borrow_now(decision.backend)
+                if conn is not None:
+                    self._attach(conn, decision.backend, buf[frames[0][1] : end], facts)
+                    return frames[0][1]
+        self._routing = self.app.spawn(self._route_later(facts, bytes(buf[frames[0][1] : end])))
+        return -1
+
+    def _decide(self, facts: UnitFacts, token: int | None, allow_wait: bool = True) -> Decision:
+        app = self.app
+        self.units += 1
+        return decide_route(facts, self._session_facts(token), app.topology.current, app.load,
+                            tiebreak=self.units, allow_wait=allow_wait)
+
+    def read_token(self, facts: UnitFacts) -> tuple[int | None, bool]:
+        """The LSN a replica must have replayed for this unit, and whether it must be
+        fetched first (read-your-writes, see router.lsn)."""
+        if facts.writes or self.consistency == "eventual":
+            return None, False
+        if self.consistency == "global":
+            return None, True
+        token = self.token
+        if self.consistency == "token" and self.min_lsn is not None:
+            token = self.min_lsn if token is None else max(token, self.min_lsn)
+        return token, self.commit_pending
+
+    def _borrow_now(self, backend: BackendState) -> ServerConnection | None:
+        owned = self.owned.get(backend.name)
+        if owned is not None and not owned.closed:
+            return owned
+        pool = self.app.pool_for(backend, self.user, self.database)
+        conn = pool.try_acquire()
+        if conn is not None and self.app.session_pooling:
+            self.owned[backend.name] = conn
+        return conn
+
+    async def _route_later(self, facts: UnitFacts, unit: bytes) -> None:
+        """The slow path of routing: fetch the LSN token, wait for a replica, wait for a
+        pool connection. The unit's bytes wait in the stash meanwhile."""
+        app = self.app
+        try:
+            try:
+                token, fetch = self.read_token(facts)
+                if fetch:
+                    token = await app.lsn_token(self)
+                decision = self._decide(facts, token)
+                if decision.wait_lsn is not None:
+                    decision = await app.wait_for_replica(self, facts, decision.wait_lsn)
+                if decision.error is not None:
+                    raise RoutingError(*decision.error)
+                backend = decision.backend
+                conn = self.owned.get(backend.name)
+                if conn is None or conn.closed:
+                    conn = await app.pool_for(backend, self.user, self.database).acquire()
+                    if app.session_pooling:
+                        self.owned[backend.name] = conn
+            except ProxyError as exc:
+                self._routing = None
+                self._refuse_unit(unit, exc)
+                return
+            if self.state is not State.READY:
+                app.pool_of(conn).release(conn)
+                return
+            self._routing = None
+            self._attach(conn, backend, unit, facts)
+            self.resume()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # pragma: no cover - a bug; keep the other sessions alive
+            log.exception("routing failed in session %s", self.process_id)
+            self._routing = None
+            self.close(f"internal error while routing: {exc}")
+
+    def _refuse_unit(self, unit: bytes, error: ProxyError) -> None:
+        """Answer a unit that no backend can run with the error, in the reply shape the
+        client expects, and carry on with what follows it."""
+        stash = self._stash
+        self._stash = stash[len(unit) :] if stash.startswith(unit) else stash
+        frames, _ = wire.split_messages(unit)
+        if error.fatal:
+            self.fail(error)
+            return
+        types = [(t, unit[s + 5] if t in (F_DESCRIBE, F_CLOSE) and e > s + 5 else 0) for t, s, e in frames]
+        if frames and frames[0][0] == F_QUERY:
+            self.transport.write(local.simple(local.Answer(error=error), self.status))
+        else:
+            reply = local.extended(local.Answer(error=error), types[:1] + [(F_EXECUTE, 0)] + types[1:], self.status)
+            self.transport.write(reply if reply else error.to_wire())
+        self.resume()
+
+    def _attach(self, conn: ServerConnection, backend: BackendState, unit: bytes, facts: UnitFacts) -> None:
+        conn.client = self
+        self.server = conn
+        self.backend = backend
+        self._fresh = True
+        self.app.load[backend.name] = self.app.load.get(backend.name, 0) + 1
+        if self._write_paused:
+            conn.transport.pause_reading()
+        if conn.settings_key != self.settings_key:
+            conn.settings_key = self.settings_key
+            conn.swallow(wire.query(self.replay_sql()), self._replayed)
+        if self._deferred_begin is not None:
+            conn.swallow(wire.query(self._deferred_begin), self._began)
+            self._deferred_begin = None
+        self._retry_data = unit if (backend.role is Role.REPLICA and self.status == TX_IDLE
+                                    and self.app.config.routing.retry_reads_on_replica_error) else None
+
+    def _replayed(self, step: Step) -> None:
+        if step.error is not None:
+            log.warning("replaying session settings on %s failed: %s", step.error.get("M"), self.server and self.server.backend)
+            if self.server is not None:
+                self.server.settings_key = ()
+            if self.transport is not None and self.state is State.READY:
+                self.transport.write(wire.notice_response(
+                    "01000", "pgsplit could not restore this session's settings on a new server connection: "
+                    + step.error.get("M", ""), severity="WARNING"))
+
+    def _began(self, step: Step) -> None:
+        if step.error is not None:
+            # The client believes it is in a transaction; it must not carry on without one.
+            self.fail(ServerLostInTransaction(
+                "could not start the transaction on the server: " + step.error.get("M", "")))
+
+    def _detach(self, server: ServerConnection) -> None:
+        if server.client is self:
+            server.client = None
+        if self.server is server:
+            self.server = None
+            backend = self.backend
+            if backend is not None:
+                load = self.app.load
+                load[backend.name] = max(0, load.get(backend.name, 1) - 1)
+            self.backend = None
+        self._open = None
+        if self._write_paused and server.transport is not None and not server.closed:
+            server.transport.resume_reading()
+
+    def _release(self) -> None:
+        """The unit is over and nothing is in flight: give the connection back."""
+        server = self.server
+        self._detach(server)
+        if self.app.session_pooling and not server.closed:
+            return  # stays in self.owned
+        self.app.pool_of(server).release(server)
+
+    # --- forwarding --------------------------------------------------------------------
+
+    def _boundary(self, buf: bytes, frames: list, i: int) -> Boundary:
+        """May the unit starting at frames[i] run on the attached connection?"""
+        if self._fresh:
+            self._fresh = False
+            return Boundary.GO
+        server = self.server
+        if not server.steps:
+            if self.status != TX_IDLE or self.pins:
+                return Boundary.GO
+            return Boundary.ROUTE
+        if self.backend.role is Role.PRIMARY or self.pins:
+            return Boundary.GO
+        scan = self._scan_unit(buf, frames, i)
+        if scan is None:
+            return Boundary.WAIT
+        facts = self._unit_facts(scan[1], scan[2])
+        if facts.writes or facts.hint is Role.PRIMARY or self.route_primary:
+            return Boundary.WAIT  # never follow a replica with a write: let it drain
+        return Boundary.GO
+
+    def _new_step(self) -> Step:
+        backend = self.backend
+        info = UnitInfo(backend.name, backend.role.value, False, time.perf_counter())
+        step = Step(StepKind.FORWARD, info=info)
+        if self._retry_data is not None:
+            step.retry = Retry(self._retry_data)
+            self._retry_data = None
+        self.server.push(step)
+        self._open = step
+        return step
+
+    def _forward(self, buf: bytes, frames: list) -> int | None:
+        """Forward complete client messages to the attached server. Returns None when all
+        were forwarded, else the position of the first one that must wait."""
+        server = self.server
+        out: list[bytes] = []
+        run = frames[0][1]  # start of a run of bytes forwarded unchanged
+        step = self._open
+        stop = None
+        for i, (t, s, e) in enumerate(frames):
+            if step is None and t in OPENS_STEP:
+                if t == F_SYNC and server.copy_in_absorb and self._copy_done:
+                    server.copy_in_absorb = False  # answered by the step that ran the COPY
+                    self._copy_done = False
+                    continue
+                b = self._boundary(buf, frames, i)
+                if b is not Boundary.GO:
+                    stop = s
+                    if b is Boundary.ROUTE:
+                        self._release()
+                    break
+                step = self._new_step()
+            if t == F_EXECUTE:
+                step.sent += 1
+                if self._bound_copy:
+                    self._copy_done = False
+            elif t == F_SYNC:
+                step.closed = step.extended = True
+                self._open = step = None
+            elif t == F_BIND:
+                portal, name, off = wire.parse_bind_names(buf[s + 5 : e])
+                if name:
+                    st = self.stmts.get(name)
+                    if st is not None:
+                        if st.local:
+                            return self._local_statement_error(buf, s)
+                        if st.server_name not in server.prepared:
+                            self._inject_parse(step, st, out, buf, run, s)
+                            run = s
+                        out.append(buf[run:s])
+                        out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
+                        run = e
+                        self._bound_copy = st.analysis.is_copy_in
+                    else:
+                        self._bound_copy = False
+                else:
+                    self._bound_copy = self._unnamed is not None and self._unnamed.is_copy_in
+                step.sent += 1
+            elif t == F_PARSE:
+                name, sql, params = wire.parse_parse(buf[s + 5 : e])
+                analysis = self._classify(sql)
+                self._note_analysis(step, analysis)
+                if name:
+                    sname = server_statement_name(sql, params)
+                    st = self.stmts[name] = Stmt(sname, wire.build_parse(sname, sql, params), analysis)
+                    out.append(buf[run:s])
+                    run = e
+                    if sname in server.prepared:
+                        server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
+                    else:
+                        out.append(st.parse)
+                        self._register(step, sname)
+                        step.sent += 1
+                else:
+                    self._unnamed = analysis
+                    step.sent += 1
+            elif t == F_DESCRIBE or t == F_CLOSE:
+                kind, name = wire.parse_target(buf[s + 5 : e])
+                if kind == _STATEMENT_KIND and name:
+                    if t == F_CLOSE:
+                        # Statements stay prepared on the server for other clients;
+                        # the client's name is forgotten and CloseComplete is its answer.
+                        self.stmts.pop(name, None)
+                        out.append(buf[run:s])
+                        run = e
+                        server.add_anchor(step, step.sent, wire.CLOSE_COMPLETE)
+                        continue
+                    st = self.stmts.get(name)
+                    if st is not None:
+                        if st.server_name not in server.prepared:
+                            self._inject_parse(step, st, out, buf, run, s)
+                            run = s
+                        out.append(buf[run:s])
+                        out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
+                        run = e
+                step.sent += 2 if (t == F_DESCRIBE and kind == _STATEMENT_KIND) else 1
+            elif t == F_QUERY:
+                analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+                self._note_analysis(step, analysis)
+                if analysis.executes:
+                    self._prepare_sql(server, analysis, step)
+                step.closed = True
+                self._open = step = None
+            elif t == F_COPY_DONE or t == F_COPY_FAIL:
+                self._copy_done = True
+            elif t == F_FUNCTION_CALL:
+                step.info.writes = True
+                step.closed = True
+                self._open = step = None
+            elif t == F_TERMINATE:
+                out.append(buf[run:s])
+                run = e
+                self._flush_out(server, out, buf, run, s)
+                self.close("client sent Terminate")
+                return None
+        end = stop if stop is not None else frames[-1][2]
+        self._flush_out(server, out, buf, run, end)
+        return stop
+
+    def _flush_out(self, server: ServerConnection, out: list[bytes], buf: bytes, run: int, end: int) -> None:
+        if not out:
+            if run == 0 and end == len(buf):
+                server.transport.write(buf)
+            elif end > run:
+                server.transport.write(buf[run:end])
+            return
+        if end > run:
+            out.append(buf[run:end])
+        server.transport.write(b"".join(out))
+
+    def _register(self, step: Step, name: bytes) -> None:
+        self.server.prepared.add(name)
+        if step.regs is None:
+            step.regs = []
+        step.regs.append((step.sent, name))
+
+    def _inject_parse(self, step: Step, st: Stmt, out: list[bytes], buf: bytes, run: int, s: int) -> None:
+        """Prepare a statement the client made elsewhere, just before its first use here;
+        the ParseComplete it causes is dropped (an anchor), a failure reaches the client
+        where its Bind/Describe would have failed."""
+        out.append(buf[run:s])
+        out.append(st.parse)
+        self.server.add_anchor(step, step.sent, None)
+        self._register(step, st.server_name)
+        step.sent += 1
+
+    def _note_analysis(self, step: Step, analysis: Analysis) -> None:
+        if analysis.route is Route.WRITE or analysis.tx is TxControl.BEGIN:
+            step.info.writes = True
+        if analysis.effects or analysis.pins or analysis.unpins or analysis.tx is not None:
+            if step.info.analyses is None:
+                step.info.analyses = []
+            step.info.analyses.append(analysis)
+
+    def _prepare_sql(self, server: ServerConnection, analysis: Analysis, step: Step) -> None:
+        """SQL EXECUTE of a statement the client PREPAREd on another connection: prepare it
+        here first (a step of the proxy's own, answered before the client's)."""
+        for name in analysis.executes:
+            text = self.sql_prepared.get(name)
+            if text is None or server.sql_prepared.get(name) == text:
+                continue
+            sql = (f'DEALLOCATE "{name}";\n' if name in server.sql_prepared else "") + text
+            server.steps.remove(step)
+            server.swallow(wire.query(sql))
+            server.steps.append(step)
+            server.sql_prepared[name] = text
+
+    def _local_statement_error(self, buf: bytes, s: int) -> int | None:
+        self.fail(ProtocolViolation("a pgsplit command cannot be prepared together with other statements"))
+        return None
+
+    # --- replies -------------------------------------------------------------------------
+
+    def unit_ready(self, server: ServerConnection, step: Step) -> None:
+        """Called by the server connection at the ReadyForQuery that ends a step."""
+        if step.kind is StepKind.LOCAL:
+            self.status = step.status
+        else:
+            self.status = step.status
+            info = step.info
+            if info is not None:
+                self.app.metrics.units.record(info.backend, info.role, "write" if info.writes else "read",
+                                              time.perf_counter() - info.t0)
+                self._after_unit(step, info)
+            if step.retrying:
+                self._retry(server, step)
+                return
+        if server is not self.server or server.steps or self._open is not None:
+            return
+        if self.status == TX_IDLE and not self.pins and self._routing is None:
+            self._release()
+        self.resume()
+
+    def _after_unit(self, step: Step, info: UnitInfo) -> None:
+        status = step.status
+        ok = step.error is None
+        if info.writes and info.role == "primary" and status == TX_IDLE and ok:
+            self._note_commit()
+        if status == TX_FAILED:
+            self._tx_failed = True
+        analyses = info.analyses
+        if analyses:
+            in_tx = status != TX_IDLE
+            for a in analyses:
+                if ok:
+                    for u in a.unpins:
+                        self._unpin(u)
+                    self.pins |= a.pins
+                if a.effects:
+                    if in_tx:
+                        self._tx_effects.append((a, ok))
+                    elif ok:
+                        self._apply_effects(a)
+        if status == TX_IDLE and (self._tx_effects or self._tx_failed):
+            committed = ok and not self._tx_failed and not any(
+                a.tx is TxControl.ROLLBACK for a in (analyses or ()))
+            if committed:
+                for a, a_ok in self._tx_effects:
+                    if a_ok:
+                        self._apply_effects(a)
+            self._tx_effects = []
+            self._tx_failed = False
+
+    def _note_commit(self) -> None:
+        self.commit_pending = True
+        self.commit_ticket = self.app.lsn_fetcher.ticket()
+
+    def _unpin(self, unpin: Unpin) -> None:
+        if unpin is Unpin.DISCARD_ALL:
+            self.pins.clear()
+        elif unpin is Unpin.UNLISTEN_ALL:
+            self.pins.discard(Pin.LISTEN)
+        elif unpin is Unpin.ADVISORY_UNLOCK_ALL:
+            self.pins.discard(Pin.ADVISORY_LOCK)
+        elif unpin is Unpin.DISCARD_TEMP:
+            self.pins.discard(Pin.TEMP_TABLE)
+        elif unpin is Unpin.CLOSE_ALL:
+            self.pins.discard(Pin.HOLD_CURSOR)
+
+    def _apply_effects(self, analysis: Analysis) -> None:
+        changed = False
+        for eff in analysis.effects:
+            kind = eff.kind
+            if kind == "set" and eff.name:
+                self.settings[eff.name] = eff.text
+                changed = True
+                if eff.name == "default_transaction_read_only":
+                    self.default_read_only = (eff.value or "").lower() in ("on", "true", "1", "yes")
+            elif kind == "reset" and eff.name:
+                startup = self.startup_settings.get(eff.name)
+                if startup is None:
+                    self.settings.pop(eff.name, None)
+                else:
+                    self.settings[eff.name] = startup
+                changed = True
+                if eff.name == "default_transaction_read_only":
+                    self.default_read_only = False
+            elif kind in ("reset_all", "discard_all"):
+                self.settings = dict(self.startup_settings)
+                self.default_read_only = False
+                changed = True
+                if kind == "discard_all":
+                    self.stmts.clear()
+                    self.sql_prepared.clear()
+                    self.sql_prepared_analysis.clear()
+            elif kind == "prepare" and eff.name:
+                self.sql_prepared[eff.name] = eff.text
+                if self.server is not None:
+                    self.server.sql_prepared[eff.name] = eff.text
+                inner = self.app.classifier.classify(eff.text)
+                self.sql_prepared_analysis[eff.name] = inner
+            elif kind == "deallocate" and eff.name:
+                self.sql_prepared.pop(eff.name, None)
+                self.sql_prepared_analysis.pop(eff.name, None)
+                if self.server is not None:
+                    self.server.sql_prepared.pop(eff.name, None)
+            elif kind == "deallocate_all":
+                self.sql_prepared.clear()
+                self.sql_prepared_analysis.clear()
+                if self.server is not None:
+                    self.server.sql_prepared.clear()
+        if changed:
+            self._settings_changed()
+            if self.server is not None:
+                self.server.settings_key = self.settings_key  # the server ran them itself
+
+    def _retry(self, server: ServerConnection, step: Step) -> None:
+        """A replica refused an autocommit read (read-only or recovery conflict) before
+        anything reached the client: run it again on the primary."""
+        self.app.metrics.retries.labels(reason=(step.error or {}).get("C", "?")).inc()
+        data = step.retry.data
+        self._release()
+        self._stash = data + self._stash
+        self._force_primary_next = True
+        self.resume()
+
+    # --- failures ------------------------------------------------------------------------
+
+    def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
+        """The server connection died while lent to this session."""
+        pool = self.app.pool_of(server)
+        in_tx = self.status != TX_IDLE or self._open is not None
+        pending = [s for s in server.steps if s.kind is StepKind.FORWARD]
+        first = pending[0] if pending else None
+        self._detach(server)
+        self.owned.pop(server.backend, None)
+        pool.discard(server)
+        if self.state is not State.READY:
+            return
+        if (first is not None and first.retry is not None and not first.wrote and len(pending) == 1
+                and self._open is None):
+            log.info("server %s lost during a read; retrying it elsewhere", server.backend)
+            self.app.metrics.retries.labels(reason="server_lost").inc()
+            self.app.note_backend_failure(server.backend)
+            self._stash = first.retry.data + self._stash
+            self.resume()
+            return
+        message = f"server connection to backend {server.backend} was lost during the query"
+        if in_tx:
+            self.fail(ServerLostInTransaction(message + "; the transaction is rolled back"))
+            return
+        if pending:
+            # Each unit in flight gets its error and its ReadyForQuery, in order.
+            self.transport.write((ServerLost(message).to_wire() + wire.ready_for_query(TX_IDLE)) * len(pending))
+            self.status = TX_IDLE
+        self.resume()
+
+    def cancel(self) -> None:
+        """A CancelRequest with this session's key arrived: cancel what runs now, if any."""
+        server = self.server
+        if server is None or not server.steps:
+            return
+        self.app.spawn(send_cancel(server.host, server.port, server.process_id, server.secret_key))
+
+    # --- answered by the proxy itself ----------------------------------------------------
+
+    def _answer_locally(self, buf: bytes, frames: list, analyses: list[Analysis]) -> bool | None:
+        """Units the proxy answers without a server: pgsplit commands, a BEGIN whose
+        routing waits for the transaction's first statement, standalone DEALLOCATE."""
+        return self.app.commands.answer(self, buf, frames, analyses)
+
+    def write_local(self, reply: bytes) -> None:
+        self.transport.write(reply)
