@@ -4,6 +4,10 @@
   users ``app`` (scram, owner of database ``app``), ``app_md5`` (md5) and ``app_trust``
   (trust), superuser ``postgres`` (scram over TCP). Stopped at the end of the session.
 - ``wait_until`` / ``async_wait_until`` (from helpers.py): polling with a deadline.
+- ``proxy``: a fresh pgsplit in front of ``cluster`` (cluster name "main", backends
+  ``main_primary``, ``main_replica1``, ``main_replica2``), on its own uvloop event loop in a
+  thread, on free ports; ``make_proxy(**sections)`` builds one with config overrides,
+  e.g. ``make_proxy(pool={"size": 5}, routing={"consistency": "eventual"})``.
 - A failed test's report gets the tail of every sandbox node's server log.
 
 Tests that reconfigure the shared cluster (apply delay, paused replay, killed nodes)
@@ -25,6 +29,7 @@ if str(_ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from a
 
 from helpers import async_wait_until, wait_until  # noqa: E402,F401  (re-exported)
 
+from loadtest.harness import ProxyThread, config_text  # noqa: E402
 from loadtest.sandbox import Cluster, all_clusters  # noqa: E402
 
 SESSION_USERS = {"app": "app-secret"}
@@ -44,6 +49,29 @@ def cluster() -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def make_proxy(cluster: Cluster):
+    """Factory: make_proxy(clusters=None, active=None, **sections) -> started ProxyThread."""
+    started: list[ProxyThread] = []
+
+    def make(clusters: dict | None = None, active: str | None = None, backends: dict | None = None,
+             **sections) -> ProxyThread:
+        text = config_text(clusters or {"main": cluster}, active=active, sections=sections,
+                           backend_overrides=backends)
+        proxy = ProxyThread(text).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(make_proxy) -> ProxyThread:
+    return make_proxy()
 
 
 @pytest.hookimpl(tryfirst=True)
