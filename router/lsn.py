@@ -1,0 +1,156 @@
+"""WAL positions (LSNs) and the coalesced fetcher of the primary's commit LSN.
+
+Owns: the LSN text format (PostgreSQL's ``pg_lsn``: ``%X/%X``, two hexadecimal halves of a
+64-bit position) and `CommitLsnFetcher`, which turns "this session's commit has returned"
+into an LSN at or past that commit (design.md, "Read-your-writes").
+Must not know: sockets, sessions, asyncpg. The fetcher is handed a coroutine function that
+runs ``SELECT pg_current_wal_insert_lsn()`` on the primary; the monitor provides one.
+
+Why ``pg_current_wal_insert_lsn()`` read *after* the commit returned is enough: a commit
+inserts its WAL record before it is acknowledged, and the insert position only moves
+forward, so any later reading of it is at or past the commit record's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+
+__all__ = ["CommitLsnFetcher", "LsnFetchError", "format_lsn", "parse_lsn"]
+
+MAX_LSN = (1 << 64) - 1
+
+# pg_lsn_in (src/backend/utils/adt/pg_lsn.c): 1-8 hex digits, '/', 1-8 hex digits, nothing
+# else (no whitespace, no sign, no 0x prefix).
+_LSN_RE = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+
+
+def parse_lsn(text: str) -> int:
+    """``"16/B374D848"`` -> ``0x16_B374D848``; ValueError on anything pg_lsn would refuse."""
+    if not isinstance(text, str):
+        raise ValueError(f"invalid LSN {text!r}: expected text like '16/B374D848'")
+    m = _LSN_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"invalid LSN {text!r}: expected two hexadecimal numbers "
+                         "of 1-8 digits separated by '/', like '16/B374D848'")
+    return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    """``0x16_B374D848`` -> ``"16/B374D848"`` (upper-case hex, as PostgreSQL prints it)."""
+    if isinstance(lsn, bool) or not isinstance(lsn, int):
+        raise ValueError(f"invalid LSN {lsn!r}: expected an int")
+    if not 0 <= lsn <= MAX_LSN:
+        raise ValueError(f"invalid LSN {lsn}: outside 0..2**64-1")
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+class LsnFetchError(ConnectionError):
+    """The primary's LSN could not be read for this round (the query was cancelled)."""
+
+
+class CommitLsnFetcher:
+    """LSNs at or past a session's last commit, one query per round for everyone waiting.
+
+    Order is kept with a sequence number instead of a clock. `ticket()` returns the number
+    of queries started so far; a session records it when the ReadyForQuery of its commit
+    arrives. Query number ``n`` (1-based) was sent after every ticket below ``n``, so its
+    result serves them all. `fetch_after(t)` therefore
+
+    - returns the last result at once if that query was started after ``t``;
+    - joins the query in flight if it was started after ``t``;
+    - otherwise joins the *next* round, which starts as soon as the one in flight returns
+      (or at once when nothing is in flight). One query is in flight at a time.
+
+    A failed query fails every waiter of its round; the next call starts a new round.
+    ``queries_sent`` counts the queries started (tests use it to show coalescing).
+    """
+
+    def __init__(self, query: Callable[[], Awaitable[int]]):
+        self._query = query
+        self._started = 0  # queries started; the one in flight, if any, has this number
+        self._current: asyncio.Future[int] | None = None  # result of the query in flight
+        self._next: asyncio.Future[int] | None = None  # the round after it, if anyone waits
+        self._next_waiters = 0
+        self._task: asyncio.Task[None] | None = None
+        self._last: tuple[int, int] | None = None  # (query number, LSN) of the last success
+        self._closed = False
+        self.queries_sent = 0
+
+    def ticket(self) -> int:
+        """The sequence value to record when a commit's ReadyForQuery arrives."""
+        return self._started
+
+    async def fetch_after(self, ticket: int) -> int:
+        """An LSN read by a query sent after ``ticket`` was issued."""
+        last = self._last
+        if last is not None and last[0] > ticket:
+            return last[1]
+        if self._current is None:
+            return await asyncio.shield(self._launch(None))
+        if self._started > ticket:
+            return await asyncio.shield(self._current)
+        # The query in flight was sent before this ticket: it may predate the commit.
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        fut = self._next
+        self._next_waiters += 1
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if self._next is fut:  # not started yet: forget it if nobody waits any more
+                self._next_waiters -= 1
+                if self._next_waiters == 0:
+                    self._next = None
+
+    async def fetch_current(self) -> int:
+        """An LSN read after this call began (``global`` consistency)."""
+        return await self.fetch_after(self.ticket())
+
+    async def aclose(self) -> None:
+        """Cancel the query in flight (its waiters, and those of the next round, get
+        LsnFetchError). Later calls still work: they start new rounds."""
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._closed = False
+
+    def _launch(self, fut: asyncio.Future[int] | None) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        if fut is None:
+            fut = loop.create_future()
+        self._started += 1
+        self.queries_sent += 1
+        self._current = fut
+        self._task = loop.create_task(self._run(self._started, fut))
+        return fut
+
+    async def _run(self, number: int, fut: asyncio.Future[int]) -> None:
+        try:
+            value = await self._query()
+        except asyncio.CancelledError:
+            if not fut.done():
+                fut.set_exception(LsnFetchError("the query for the primary's WAL position was cancelled"))
+            raise
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            if self._last is None or number > self._last[0]:
+                self._last = (number, value)
+            if not fut.done():
+                fut.set_result(value)
+        finally:
+            self._current = None
+            nxt, self._next, self._next_waiters = self._next, None, 0
+            if nxt is not None and not nxt.done():
+                if self._closed:
+                    nxt.set_exception(LsnFetchError("the LSN fetcher was closed"))
+                else:
+                    self._launch(nxt)
