@@ -254,6 +254,13 @@ class Proxy:
             token = max(token, session.min_lsn)
         return token
 
+    def note_consistency(self, decision: Decision) -> None:
+        """A read that carried a token was routed without waiting."""
+        if decision.backend is not None and decision.backend.role is Role.REPLICA:
+            self.metrics.consistency_waits.labels(outcome="immediate").inc()
+        else:
+            self.metrics.consistency_waits.labels(outcome="fallback").inc()
+
     async def wait_for_replica(self, session: ClientSession, facts: UnitFacts, lsn: int) -> Decision:
         wait_s = self.config.routing.consistency_wait_ms / 1000
         t0 = time.perf_counter()

@@ -237,7 +237,8 @@ class ClientSession(asyncio.Protocol):
         if self.state is State.CLOSED:
             return
         self._close_reason = reason
-        log.info("closing session %s (%s@%s): %s", self.process_id, self.user, self.peer, reason)
+        level = logging.DEBUG if reason == "client sent Terminate" else logging.INFO
+        log.log(level, "closing session %s (%s@%s): %s", self.process_id, self.user, self.peer, reason)
         self.state = State.CLOSED
         if self.inbox is not None:
             self.inbox.close()
@@ -446,6 +447,8 @@ class ClientSession(asyncio.Protocol):
         if not fetch:
             decision = self._decide(facts, token)
             if decision.error is None and decision.wait_lsn is None:
+                if token is not None:
+                    self.app.note_consistency(decision)
                 conn = self._borrow_now(decision.backend)
                 if conn is not None:
                     self._attach(conn, decision.backend, buf[frames[0][1] : end], facts)
@@ -493,6 +496,8 @@ class ClientSession(asyncio.Protocol):
                 decision = self._decide(facts, token)
                 if decision.wait_lsn is not None:
                     decision = await app.wait_for_replica(self, facts, decision.wait_lsn)
+                elif token is not None and decision.error is None:
+                    app.note_consistency(decision)
                 if decision.error is not None:
                     raise RoutingError(*decision.error)
                 backend = decision.backend
@@ -656,6 +661,7 @@ class ClientSession(asyncio.Protocol):
                 if name:
                     st = self.stmts.get(name)
                     if st is not None:
+                        self._note_analysis(step, st.analysis)
                         if st.local:
                             return self._local_statement_error(buf, s)
                         if st.server_name not in server.prepared:
@@ -667,8 +673,9 @@ class ClientSession(asyncio.Protocol):
                         self._bound_copy = st.analysis.is_copy_in
                     else:
                         self._bound_copy = False
-                else:
-                    self._bound_copy = self._unnamed is not None and self._unnamed.is_copy_in
+                elif self._unnamed is not None:
+                    self._note_analysis(step, self._unnamed)
+                    self._bound_copy = self._unnamed.is_copy_in
                 step.sent += 1
             elif t == F_PARSE:
                 name, sql, params = wire.parse_parse(buf[s + 5 : e])
