@@ -7,6 +7,7 @@ counts itself but not the type byte; startup-phase packets are Int32 length + In
 
 from __future__ import annotations
 
+import warnings
 import struct
 
 import pytest
@@ -24,6 +25,17 @@ from proxy.wire import (
     read_startup_packet,
     split_messages,
 )
+
+# Hypothesis' pytest plugin imports libcst (hypothesis.extra._patching) to print a patch for a
+# failing example. libcst 1.0 emits a DeprecationWarning on import (mypy_extensions.TypedDict),
+# which filterwarnings=error turns into an INTERNALERROR that ends the whole run instead of
+# reporting the failure. Import it once here with that warning silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:
+        pass
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
