@@ -9,7 +9,7 @@ install:
 	./scripts/install.sh
 
 demo: install
-	pgsplit demo
+	$(PYTHON) -m proxy.cli demo
 
 test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider

@@ -58,12 +58,12 @@ def decide_route(
     allow_wait: bool = True,
 ) -> Decision:
     if session.force_primary or unit.hint is Role.PRIMARY:
-        return _primary(topo, writes=unit.writes, reason="session pinned or primary hint")
+        return _primary(topo, writes=unit.writes, reason="session pinned or primary hint", token=session.token)
     if unit.hint is Role.REPLICA:
         replica = _pick(topo.rotation, load, tiebreak)
         if replica is not None:
             return Decision(replica, "replica hint")
-        return _primary(topo, writes=False, reason="replica hint, no replica in rotation")
+        return _primary(topo, writes=False, reason="replica hint, no replica in rotation", token=session.token)
     if unit.writes:
         return _primary(topo, writes=True, reason="write")
     return _read(session, topo, load, tiebreak, allow_wait)
@@ -72,9 +72,9 @@ def decide_route(
 def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebreak: int,
           allow_wait: bool) -> Decision:
     rotation = topo.rotation
-    if not rotation:
-        return _primary(topo, writes=False, reason="read, no replica in rotation")
     token = session.token
+    if not rotation:
+        return _primary(topo, writes=False, reason="read, no replica in rotation", token=token)
     if token is None:
         return Decision(_pick(rotation, load, tiebreak), "read")
     ready = tuple(r for r in rotation if r.replay_lsn is not None and r.replay_lsn >= token)
@@ -82,7 +82,8 @@ def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebre
         return Decision(_pick(ready, load, tiebreak), "read, replica has the session's writes")
     if allow_wait:
         return Decision(None, "read, waiting for a replica to reach the session's writes", wait_lsn=token)
-    return _primary(topo, writes=False, reason="read, no replica reached the session's writes in time")
+    return _primary(topo, writes=False, reason="read, no replica reached the session's writes in time",
+                    token=token)
 
 
 def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebreak: int) -> BackendState | None:
@@ -102,7 +103,7 @@ def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebrea
     return best[tiebreak % len(best)]
 
 
-def _primary(topo: Topology, *, writes: bool, reason: str) -> Decision:
+def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = None) -> Decision:
     p = topo.primary
     if writes:
         if topo.split_brain:
@@ -122,10 +123,17 @@ def _primary(topo: Topology, *, writes: bool, reason: str) -> Decision:
         return Decision(p, reason)
     if p.up:
         return Decision(p, reason)
-    # Reads keep working while the primary is down, on any replica that answers.
-    answering = tuple(r for r in topo.replicas if r.up)
+    # Reads keep working while the primary is down, on any replica that answers and,
+    # for a read that carries a token, has replayed it: a stale read is never the answer.
+    answering = tuple(r for r in topo.replicas if r.up and (
+        token is None or (r.replay_lsn is not None and r.replay_lsn >= token)))
     if answering:
         return Decision(_pick(answering, {}, 0), reason + "; primary down, served by a replica")
+    if token is not None and any(r.up for r in topo.replicas):
+        return Decision(None, reason, error=(
+            "57P03", f"the primary {p.name} is not answering and no replica has replayed this session's "
+                     "writes yet; retry shortly",
+        ))
     return Decision(None, reason, error=(
         "57P03", f"no backend of cluster {topo.cluster!r} is available: the primary {p.name} is not answering",
     ))
