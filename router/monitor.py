@@ -16,9 +16,9 @@ A round (every `interval_s`, 100 ms by default):
 
 1. every backend's probe starts its poll unless the previous one is still running; a
    probe (re)connects first if it has no connection;
-2. the round waits for those polls, at most one interval, so a slow or dead backend never
-   holds back the others: it keeps its last sample until its own `timeout_s` has passed,
-   then counts as down;
+2. the round waits for the polls of backends believed up, at most half an interval, so a
+   slow or dead backend never holds back the others: it keeps its last sample until its
+   own `timeout_s` has passed, then counts as down (a failed poll counts at once);
 3. the samples are turned into a new `Topology` (`build_topology`), installed with one
    assignment; state changes are logged and gauges updated; LSN waiters are woken.
 
@@ -207,9 +207,12 @@ def behind_for(history: Sequence[tuple[float, int]], replay_lsn: int, now: float
     """Seconds since the monitor first saw the primary past `replay_lsn`.
 
     `history` holds (monitor time, reference LSN) pairs, oldest first, LSNs non-decreasing.
-    None when no entry is past `replay_lsn` (the replica has what the monitor has seen).
-    If even the oldest entry is past it, that entry's age is a lower bound.
+    None when no entry is past `replay_lsn` (the replica has what the monitor has seen),
+    and None when even the oldest entry is past it: the monitor does not know since when
+    (it started after, or pruned), so only the replay timestamp can tell (`compute_lag`).
     """
+    if not history or history[0][1] > replay_lsn:
+        return None
     for at, lsn in history:
         if lsn > replay_lsn:
             return max(0.0, now - at)
@@ -396,7 +399,7 @@ def _lag_figures(b: BackendState) -> str:
     lb = "?" if b.lag_bytes is None else str(b.lag_bytes)
     ls = "?" if b.lag_seconds is None else f"{b.lag_seconds:.3f}"
     replay = "?" if b.replay_lsn is None else format_lsn(b.replay_lsn)
-    return f"lag {lb} bytes, {ls} s (replay {replay})"
+    return f"lag {lb} bytes, {ls} s, replay at {replay}"
 
 
 def _lag_reason(b: BackendState) -> str:
@@ -556,8 +559,8 @@ class Monitor:
         self._started = False
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
         self._fast_task: asyncio.Task[None] | None = None
+        self._confirm_task: asyncio.Task[None] | None = None
         self._waiters: dict[int, tuple[int, asyncio.Future[bool]]] = {}
         self._waiter_seq = 0
         self._lsn_conn: asyncpg.Connection | None = None
@@ -565,6 +568,7 @@ class Monitor:
         self._lsn_lock = asyncio.Lock()
         self._catalog_ok: bool | None = None
         self.rounds = 0  # poll rounds installed (tests and status)
+        self.fast_polls = 0  # replay-LSN polls of the replicas in rotation for LSN waiters
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -573,8 +577,8 @@ class Monitor:
         if self._started:
             return
         self._started = True
-        await self.poll_now(wait=self.settings.timeout_s)
-        self._loop_task = self._spawn(self._run(), "pgsplit-monitor")
+        await self.poll_now(wait=self.settings.timeout_s)  # the optimistic snapshot: all "up"
+        self._spawn(self._run(), "pgsplit-monitor")
         if self.on_volatile_functions is not None:
             self._spawn(self._catalog_loop(), "pgsplit-monitor-catalog")
 
@@ -620,15 +624,24 @@ class Monitor:
     # --- rounds ---------------------------------------------------------------------------------
 
     async def poll_now(self, wait: float | None = None) -> Topology:
-        """Run one round now (waiting up to `wait`, default one interval, for the polls) and
-        return the snapshot it installed."""
-        wait = self.settings.interval_s if wait is None else wait
+        """Run one round now and return the snapshot it installed. The round waits for the
+        polls of backends believed up, at most `wait` (default half an interval): a poll
+        that takes longer is used by a later round, so one slow backend costs the others
+        at most that much freshness; backends known to be down are not waited for."""
+        wait = self.settings.interval_s / 2 if wait is None else wait
+        if self._stopped:
+            return self.holder.current
         async with self._round_lock:
-            epoch, probes = self._epoch, self._probes
-            tasks = [p.kick() for p in probes]
-            await asyncio.wait(tasks, timeout=wait)
-            if epoch != self._epoch:  # retargeted meanwhile (cannot happen under the lock)
-                return self.holder.current
+            probes = self._probes
+            current = self.holder.current
+            awaited = []
+            for p in probes:
+                task = p.kick()
+                b = current.backend(p.name)
+                if b is None or b.up:
+                    awaited.append(task)
+            if awaited:
+                await asyncio.wait(awaited, timeout=wait)
             return self._install_round(self._previous(), probes)
 
     def _previous(self) -> Topology:
@@ -696,19 +709,28 @@ class Monitor:
     # --- the data plane's reports -------------------------------------------------------------
 
     def mark_down(self, name: str, reason: str) -> None:
-        """A server connection to `name` failed: take it out now; the next poll that is
-        sent after this call decides whether it comes back."""
+        """A server connection to `name` failed. A replica leaves rotation now (one
+        install); a poll sent after this call decides whether it comes back. The primary is
+        not taken down on the data plane's word (one failed connection may be one user's
+        problem, e.g. 53300 too many connections, and refusing every write for it would be
+        an outage of our own making, as PgCat reasons): an immediate poll confirms it."""
+        topo = self.holder.current
+        b = topo.backend(name)
+        if b is None:
+            return
         for p in self._probes:
             if p.name == name:
                 p.down_since = asyncio.get_running_loop().time()
-        topo = self.holder.current
-        b = topo.backend(name)
-        if b is None or not b.up:
-            return
-        down = replace(b, up=False, error=reason)
-        if b.role is Role.REPLICA:
-            down = replace(down, in_rotation=False)
-        self._install(topo.with_backend(down), topo)
+        if b.role is Role.REPLICA and b.up:
+            self._install(topo.with_backend(replace(b, up=False, in_rotation=False, error=reason)), topo)
+        if self._started and not self._stopped and (self._confirm_task is None or self._confirm_task.done()):
+            self._confirm_task = self._spawn(self._confirm(), "pgsplit-monitor-confirm")
+
+    async def _confirm(self) -> None:
+        try:
+            await self.poll_now()
+        except Exception:  # noqa: BLE001  the regular rounds carry on
+            log.exception("monitor confirmation round failed")
 
     # --- read-your-writes -----------------------------------------------------------------------
 
@@ -745,15 +767,24 @@ class Monitor:
 
     async def _fast_loop(self) -> None:
         interval = self.settings.fast_interval_s
+        in_flight: dict[str, asyncio.Task[None]] = {}
         while self._waiters:
-            epoch = self._epoch
             rotation = {r.name for r in self.holder.current.rotation}
-            probes = [p for p in self._probes if p.name in rotation]
-            if probes:
-                results = await asyncio.gather(*(p.replay_lsn() for p in probes))
-                if epoch == self._epoch:
-                    self._install_replay(dict(zip((p.name for p in probes), results)))
+            polled = False
+            for p in self._probes:
+                task = in_flight.get(p.name)
+                if p.name in rotation and (task is None or task.done()):
+                    # Each replica's answer is installed as it comes: a slow one holds
+                    # back nobody (the next tick skips it while its query runs).
+                    in_flight[p.name] = self._spawn(self._fast_poll(p, self._epoch), "pgsplit-monitor-fast-poll")
+                    polled = True
+            self.fast_polls += polled
             await asyncio.sleep(interval)
+
+    async def _fast_poll(self, probe: _Probe, epoch: int) -> None:
+        lsn = await probe.replay_lsn()
+        if lsn is not None and epoch == self._epoch:
+            self._install_replay({probe.name: lsn})
 
     def _install_replay(self, replay: Mapping[str, int | None]) -> None:
         topo = self.holder.current  # read-modify-install with no await in between
@@ -810,7 +841,7 @@ class Monitor:
                 raise
             except Exception as exc:  # noqa: BLE001
                 if self._catalog_ok is not False:
-                    log.warning("cannot read the volatile-function catalog from %s: %s", target.name, exc)
+                    log.warning("volatile-function catalog refresh from %s failed: %s", target.name, exc)
                 self._catalog_ok = False
                 await asyncio.sleep(min(refresh, 5.0))
                 continue
@@ -841,8 +872,7 @@ class Monitor:
         """Switch to another backend set: poll it once, install its first snapshot with
         generation + 1 (or `generation`) in one assignment, and poll it from then on."""
         specs = list(backends)
-        base_check = initial_topology(cluster_name, specs)  # validates before anything changes
-        del base_check
+        initial_topology(cluster_name, specs)  # validates before anything changes
         async with self._round_lock:
             old_probes, old_specs = self._probes, self._specs
             self._epoch += 1

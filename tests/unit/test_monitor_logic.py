@@ -127,10 +127,13 @@ HISTORY = [(10.0, 100), (10.1, 200), (10.5, 300)]
     (400, 11.0, None),
     (250, 11.0, 0.5),  # behind since 10.5
     (150, 11.0, pytest.approx(0.9)),
-    (99, 11.0, 1.0),  # behind the oldest entry: at least its age
+    (200, 11.0, 0.5),
+    (100, 11.0, pytest.approx(0.9)),
+    (99, 11.0, None),  # behind the oldest entry: since when is unknown
 ])
 def test_behind_for(replay: int, now: float, expected) -> None:
     assert behind_for(HISTORY, replay, now) == expected
+    assert behind_for([], replay, now) is None
 
 
 def test_prune_history_keeps_the_newest_old_entry() -> None:
@@ -208,8 +211,8 @@ def test_healthy_round() -> None:
     assert t.primary.up and t.primary.in_recovery is False and t.primary_writable
     pg2, pg3 = t.replicas
     assert (pg2.up, pg2.in_recovery, pg2.replay_lsn, pg2.lag_bytes, pg2.lag_seconds) == (True, True, 5000, 0, 0.0)
-    # first round it is seen behind: 100 bytes, and behind for 0 s as far as the monitor knows
-    assert (pg3.lag_bytes, pg3.lag_seconds) == (100, 0.0)
+    # first round, seen behind: 100 bytes; no history yet, so the last replayed commit's age
+    assert pg3.lag_bytes == 100 and pg3.lag_seconds == pytest.approx(0.01)
     assert [r.name for r in t.rotation] == ["pg2", "pg3"]
     assert not t.split_brain
 
@@ -262,6 +265,16 @@ def test_a_replica_leaves_on_byte_lag_and_returns_below_half() -> None:
         assert pg2 is not None and pg2.in_rotation is expected, (primary_lsn, replay, pg2)
         assert pg2.lag_bytes == max(0, primary_lsn - replay)
     assert [r.name for r in t.rotation] == ["pg2", "pg3"]
+
+
+def test_a_replica_delayed_before_the_monitor_started_is_out_at_once() -> None:
+    # recovery_min_apply_delay = 5 min, little traffic: few bytes behind, but the monitor
+    # has no history reaching back to its replay position: the replay timestamp tells.
+    t = build_topology(topo0(), {"pg1": primary(5000), "pg2": replica(4900, last_replay_ts=NOW - 300),
+                                 "pg3": replica(5000)}, generation=1, now=0.0)
+    pg2 = t.backend("pg2")
+    assert pg2 is not None and pg2.lag_bytes == 100 and pg2.lag_seconds == pytest.approx(300)
+    assert not pg2.in_rotation and [r.name for r in t.rotation] == ["pg3"]
 
 
 def test_a_replica_leaves_on_time_lag() -> None:
