@@ -365,8 +365,12 @@ def test_backend_dies_mid_query(proxy, cluster, bystander):
                     status = chr(body[0])
                     break
         except (EOFError, ConnectionResetError):
-            pass
+            hung = False
         except TimeoutError:
+            hung = True
+        else:
+            hung = False
+        if hung:
             pytest.fail(f"the client hangs: it got {seen} ({error}) and then, for 3 s, neither "
                         "ReadyForQuery nor the end of the connection")
         elapsed = time.monotonic() - t0
