@@ -19,7 +19,7 @@ from proxy.auth import Verifiers
 from proxy.backend import ServerConnection
 from proxy.commands import Commands
 from proxy.config import Config
-from proxy.errors import ProxyError, ServerError
+from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
 from proxy.pool import Pool, Pools, PoolSettings
 from proxy.session import ClientSession, State
@@ -128,6 +128,7 @@ class Proxy:
         if self.admin is not None:
             await self.admin.stop()
         await self.monitor.stop()
+        await self.lsn_fetcher.aclose()
         self.pools.close()
         for task in list(self._tasks):
             task.cancel()
@@ -198,9 +199,9 @@ class Proxy:
     def pool_of(server: ServerConnection) -> Pool:
         return server.pool
 
-    def _connected(self, backend: str, ok: bool) -> None:
-        self.metrics.server_connects.labels(backend=backend, result="ok" if ok else "error").inc()
-        if not ok:
+    def _connected(self, backend: str, error: Exception | None) -> None:
+        self.metrics.server_connects.labels(backend=backend, result="ok" if error is None else "error").inc()
+        if isinstance(error, ConnectionFailure):  # not a login refused for one user
             self.note_backend_failure(backend)
 
     def note_backend_failure(self, backend: str) -> None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy import local, wire
-from proxy.errors import FeatureNotSupported, InvalidParameterValue, ProxyError, UndefinedObject
+from proxy.errors import CannotConnectNow, FeatureNotSupported, InvalidParameterValue, ProxyError, UndefinedObject
 from router.classify import Analysis, TxControl
 from router.lsn import format_lsn, parse_lsn
+from router.monitor import PollError
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.session import ClientSession
@@ -86,6 +87,10 @@ class Commands:
     async def _fetch_token(self, session: "ClientSession", unit: bytes) -> None:
         try:
             await self.app.lsn_token(session)
+        except (PollError, ConnectionError, OSError, TimeoutError) as exc:
+            session._routing = None
+            session._refuse_unit(unit, CannotConnectNow(f"the primary's WAL position is unavailable: {exc}"))
+            return
         except ProxyError as exc:
             session._routing = None
             session._refuse_unit(unit, exc)

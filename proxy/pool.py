@@ -51,7 +51,7 @@ class Pool:
         self.opening = 0
         self.waiters: deque[asyncio.Future] = deque()
         self.closed = False
-        self._on_connect = on_connect  # metrics hook: (backend, ok: bool)
+        self._on_connect = on_connect  # hook: (backend, exception or None)
 
     @property
     def total(self) -> int:
@@ -106,12 +106,12 @@ class Pool:
         except BaseException as exc:
             self.opening -= 1
             if self._on_connect and isinstance(exc, Exception):
-                self._on_connect(addr.backend, False)
+                self._on_connect(addr.backend, exc)
             self._wake_next()
             raise
         self.opening -= 1
         if self._on_connect:
-            self._on_connect(addr.backend, True)
+            self._on_connect(addr.backend, None)
         conn.generation = self.generation
         conn.pool = self
         conn.on_lost = self._lost

@@ -33,6 +33,7 @@ from proxy.errors import (
     ProtocolViolation, ProxyError, RoutingError, ServerLost, ServerLostInTransaction,
 )
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
+from router.monitor import PollError
 from router.policy import Decision, SessionFacts, UnitFacts, decide_route
 from router.topology import BackendState, Role
 
@@ -492,7 +493,13 @@ class ClientSession(asyncio.Protocol):
             try:
                 token, fetch = self.read_token(facts)
                 if fetch:
-                    token = await app.lsn_token(self)
+                    try:
+                        token = await app.lsn_token(self)
+                    except (PollError, ConnectionError, OSError, TimeoutError) as exc:
+                        # Without the token no replica is known to be safe: the primary serves.
+                        log.info("session %s: LSN token unavailable (%s); reading from the primary",
+                                 self.process_id, exc)
+                        self._force_primary_next = True
                 decision = self._decide(facts, token)
                 if decision.wait_lsn is not None:
                     decision = await app.wait_for_replica(self, facts, decision.wait_lsn)
