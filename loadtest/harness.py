@@ -177,11 +177,11 @@ class ProxyProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "ProxyProcess":
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_path)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-        )
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_path)],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -47,7 +47,7 @@ _Z, _E, _S, _D, _G = wire.B_READY, wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B
 class StepKind(enum.Enum):
     FORWARD = "forward"  # replies go to the client
     SWALLOW = "swallow"  # replies are the proxy's own
-    LOCAL = "local"  # no server round trip: canned bytes emitted in order
+    LOCAL = "local"  # no server round trip: the proxy's own answer, emitted in order
 
 
 class Step:
@@ -73,7 +73,7 @@ class Step:
         self.retry: Any = None  # what the session needs to re-send this unit elsewhere
         self.retrying = False
         self.rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
-        self.payload = b""  # LOCAL: the bytes to emit
+        self.payload = b""  # LOCAL: the answer to emit (its ReadyForQuery is added then)
         self.callback = callback
         self.info = info
         self.status = 0
@@ -195,9 +195,10 @@ class ServerConnection(asyncio.Protocol):
                 step.status = 0
                 step.callback(step)
         client = self.client
+        pending = [s for s in self.steps if s.kind is StepKind.FORWARD]
         self.steps.clear()
         if client is not None:
-            client.server_lost(self, exc)
+            client.server_lost(self, exc, pending)
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -423,8 +424,8 @@ class ServerConnection(asyncio.Protocol):
         steps = self.steps
         while steps and steps[0].kind is StepKind.LOCAL:
             step = steps.popleft()
-            self._to_client(step.payload, step)
-            step.status = self.status
+            step.status = self.status  # as the units before it left the transaction
+            self._to_client(step.payload + wire.ready_for_query(step.status), step)
             if self.client is not None:
                 self.client.unit_ready(self, step)
 

@@ -46,14 +46,12 @@ class Commands:
             return None
         if own:
             if any(a.statements != sum(1 for e in a.effects if e.kind.startswith("pgsplit_")) for a in analyses):
-                self._reply(session, buf, frames, local.Answer(error=NotAlone(
-                    "pgsplit commands (SET/RESET/SHOW pgsplit.*) must be sent as statements of their own")))
-                return True
-            answer = local.Answer(tag="SET")
-            for eff in own:
-                answer = self._run(session, eff)
-                if answer.error is not None:
-                    break
+                answer = local.Answer(error=NotAlone(
+                    "pgsplit commands (SET/RESET/SHOW pgsplit.*) must be sent as statements of their own"))
+            else:
+                answer = self.evaluate(session, own)
+            if answer.error is not None and session.status != wire.TX_IDLE:
+                return False  # in a transaction the server must fail too: see ClientSession._forward
             self._reply(session, buf, frames, answer)
             return True
         if len(frames) != 1 or frames[0][0] != wire.F_QUERY or len(analyses) != 1:
@@ -83,6 +81,15 @@ class Commands:
             session.write_local(local.simple(answer, session.status))
             return True
         return False
+
+    def evaluate(self, session: "ClientSession", effects) -> local.Answer:
+        """Run pgsplit statements; the answer of the last one (or the first error)."""
+        answer = local.Answer(tag="SET")
+        for eff in effects:
+            answer = self._run(session, eff)
+            if answer.error is not None:
+                break
+        return answer
 
     async def _fetch_token(self, session: "ClientSession", unit: bytes) -> None:
         try:
@@ -190,3 +197,17 @@ def _undefined_prepared(name: str | None) -> ProxyError:
     err = UndefinedObject(f'prepared statement "{name}" does not exist')
     err.sqlstate = "26000"
     return err
+
+
+def raise_on_server(error: ProxyError) -> bytes:
+    """A Query that makes the server raise this error: inside a transaction block the
+    client's error must abort the server's transaction too, as PostgreSQL's own would."""
+    def lit(v: str) -> str:
+        return "'" + v.replace("'", "''") + "'"
+
+    parts = [f"ERRCODE = {lit(error.sqlstate)}", f"MESSAGE = {lit(error.message)}"]
+    if error.detail:
+        parts.append(f"DETAIL = {lit(error.detail)}")
+    if error.hint:
+        parts.append(f"HINT = {lit(error.hint)}")
+    return wire.query("DO $pgsplit$ BEGIN RAISE EXCEPTION USING " + ", ".join(parts) + "; END $pgsplit$")

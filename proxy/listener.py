@@ -60,6 +60,8 @@ class Inbox:
         while True:
             try:
                 packet, used = wire.read_startup_packet(self.buf)
+            except wire.UnsupportedProtocol as exc:
+                raise FeatureNotSupported(str(exc)) from None
             except wire.ProtocolViolation as exc:
                 raise ProtocolViolation(str(exc)) from None
             if packet is not None:
@@ -184,7 +186,7 @@ class Listener:
         if app.too_many_clients():
             raise TooManyConnections("sorry, too many clients already")
         if packet.minor > 0 or packet.unknown_options:
-            session.transport.write(wire.negotiate_protocol_version(0, packet.unknown_options))
+            session.transport.write(wire.negotiate_protocol_version(wire.PROTOCOL_3_0, packet.unknown_options))
         params = dict(packet.params)
         replication = params.pop("replication", None)
         if replication is not None and replication.lower() not in ("false", "0", "off", "no"):

@@ -34,7 +34,9 @@ def _result(answer: Answer) -> bytes:
 
 
 def simple(answer: Answer, status: int) -> bytes:
-    """Reply to a Query message."""
+    """Reply to a Query message (an error inside a transaction block fails the block)."""
+    if answer.error is not None and status == wire.TX_IN_BLOCK:
+        status = wire.TX_FAILED
     return _result(answer) + wire.ready_for_query(status)
 
 
@@ -66,7 +68,7 @@ def extended(answer: Answer, message_types: list[tuple[int, int]], status: int) 
                        else wire.NO_DATA)
         elif t == wire.F_EXECUTE:
             if answer.error is not None:
-                out.append(answer.error.to_wire())
+                out.append(b"".join(answer.notices) + answer.error.to_wire())
                 failed = True
             else:
                 out.append(b"".join(answer.notices))

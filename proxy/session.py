@@ -27,7 +27,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from proxy import local, wire
+from proxy import commands, local, wire
 from proxy.backend import ServerConnection, Step, StepKind, send_cancel
 from proxy.errors import (
     ProtocolViolation, ProxyError, RoutingError, ServerLost, ServerLostInTransaction,
@@ -655,6 +655,25 @@ class ClientSession(asyncio.Protocol):
                     if b is Boundary.ROUTE:
                         self._release()
                     break
+                if t == F_QUERY and self.status != TX_FAILED:
+                    answer = self._own_answer(buf, s, e)
+                    if answer is not None:
+                        # SET/SHOW pgsplit.* on an attached connection (in a transaction,
+                        # or behind units in flight): answered in its turn.
+                        out.append(buf[run:s])
+                        run = e
+                        if answer.error is not None and self.status != TX_IDLE:
+                            out.append(commands.raise_on_server(answer.error))
+                            self._new_step().closed = True
+                            self._open = None
+                        else:
+                            reply = local.simple(answer, 0)[:-6]  # ReadyForQuery comes in turn
+                            local_step = Step(StepKind.LOCAL)
+                            local_step.payload = reply
+                            self._flush_out(server, out, buf, run, run)
+                            out = []
+                            server.push(local_step)
+                        continue
                 step = self._new_step()
             if t == F_EXECUTE:
                 step.sent += 1
@@ -744,6 +763,17 @@ class ClientSession(asyncio.Protocol):
         end = stop if stop is not None else frames[-1][2]
         self._flush_out(server, out, buf, run, end)
         return stop
+
+    def _own_answer(self, buf: bytes, s: int, e: int) -> local.Answer | None:
+        """The proxy's answer to a Query with pgsplit statements, else None."""
+        analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+        own = [eff for eff in analysis.effects if eff.kind.startswith("pgsplit_")]
+        if not own:
+            return None
+        if len(own) != analysis.statements:
+            return local.Answer(error=commands.NotAlone(
+                "pgsplit commands (SET/RESET/SHOW pgsplit.*) must be sent as statements of their own"))
+        return self.app.commands.evaluate(self, own)
 
     def _flush_out(self, server: ServerConnection, out: list[bytes], buf: bytes, run: int, end: int) -> None:
         if not out:
@@ -924,11 +954,11 @@ class ClientSession(asyncio.Protocol):
 
     # --- failures ------------------------------------------------------------------------
 
-    def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
-        """The server connection died while lent to this session."""
+    def server_lost(self, server: ServerConnection, exc: Exception | None, pending: list[Step]) -> None:
+        """The server connection died while lent to this session; `pending` are the steps
+        of this client's units it had not finished."""
         pool = self.app.pool_of(server)
         in_tx = self.status != TX_IDLE or self._open is not None
-        pending = [s for s in server.steps if s.kind is StepKind.FORWARD]
         first = pending[0] if pending else None
         self._detach(server)
         self.owned.pop(server.backend, None)
@@ -942,6 +972,11 @@ class ClientSession(asyncio.Protocol):
             self.app.note_backend_failure(server.backend)
             self._stash = first.retry.data + self._stash
             self.resume()
+            return
+        if first is not None and first.error is not None and first.error.get("V", first.error.get("S")) in ("FATAL", "PANIC"):
+            # The server said why it ended the connection and the client has read it: end
+            # this one too, as PostgreSQL does after a FATAL.
+            self.close(f"backend {server.backend} ended the connection: {first.error.get('M', '')}")
             return
         message = f"server connection to backend {server.backend} was lost during the query"
         if in_tx:

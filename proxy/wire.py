@@ -90,6 +90,10 @@ class ProtocolViolation(Exception):
     """Bytes that cannot be a valid message; the connection must end (SQLSTATE 08P01)."""
 
 
+class UnsupportedProtocol(ProtocolViolation):
+    """A startup packet for a protocol version the proxy does not speak (SQLSTATE 0A000)."""
+
+
 # --- startup phase ------------------------------------------------------------------
 
 
@@ -138,7 +142,8 @@ def read_startup_packet(buf: bytes | bytearray) -> tuple[StartupPacket | None, i
 
 
 def _check_startup_length(length: int) -> None:
-    if length < 8 or length > MAX_STARTUP_PACKET:
+    # PostgreSQL checks the length without its own 4 bytes against the limit.
+    if length < 8 or length - 4 > MAX_STARTUP_PACKET:
         raise ProtocolViolation(f"invalid length of startup packet: {length}")
 
 
@@ -154,7 +159,7 @@ def parse_startup_packet(code: int, payload: bytes) -> StartupPacket:
         return CancelRequest(_I32.unpack_from(payload, 0)[0], payload[4:])
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
-        raise ProtocolViolation(
+        raise UnsupportedProtocol(
             f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
         )
     if not payload or payload[-1] != 0:
@@ -257,10 +262,12 @@ class Framer:
 # --- small decoders -----------------------------------------------------------------
 
 
-def cstring(body: bytes | memoryview, pos: int) -> tuple[bytes, int]:
+def cstring(body: bytes, pos: int) -> tuple[bytes, int]:
     """The NUL-terminated string at pos and the position after its NUL."""
-    end = bytes(body).index(b"\0", pos) if isinstance(body, memoryview) else body.index(b"\0", pos)
-    return bytes(body[pos:end]), end + 1
+    end = body.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolViolation("invalid message format: missing string terminator")
+    return body[pos:end], end + 1
 
 
 def parse_query(body: bytes) -> bytes:
@@ -273,11 +280,8 @@ def parse_query(body: bytes) -> bytes:
 
 def parse_parse(body: bytes) -> tuple[bytes, bytes, bytes]:
     """Parse body -> (statement name, SQL, raw parameter-type section)."""
-    try:
-        name, pos = cstring(body, 0)
-        sql, pos = cstring(body, pos)
-    except ValueError as exc:
-        raise ProtocolViolation("invalid Parse message") from exc
+    name, pos = cstring(body, 0)
+    sql, pos = cstring(body, pos)
     return name, sql, body[pos:]
 
 
@@ -287,11 +291,8 @@ def build_parse(name: bytes, sql: bytes, param_section: bytes = b"\0\0") -> byte
 
 def parse_bind_names(body: bytes) -> tuple[bytes, bytes, int]:
     """Bind body -> (portal name, statement name, offset just after the statement name)."""
-    try:
-        portal, pos = cstring(body, 0)
-        stmt, pos = cstring(body, pos)
-    except ValueError as exc:
-        raise ProtocolViolation("invalid Bind message") from exc
+    portal, pos = cstring(body, 0)
+    stmt, pos = cstring(body, pos)
     return portal, stmt, pos
 
 
@@ -350,19 +351,18 @@ def parse_command_tag(body: bytes) -> str:
 
 def parse_sasl_initial(body: bytes) -> tuple[str, bytes]:
     """SASLInitialResponse body -> (mechanism, client-first-message)."""
-    try:
-        mech, pos = cstring(body, 0)
-        (length,) = _I32.unpack_from(body, pos)
-    except (ValueError, struct.error) as exc:
-        raise ProtocolViolation("invalid SASLInitialResponse") from exc
+    mech, pos = cstring(body, 0)
+    if len(body) < pos + 4:
+        raise ProtocolViolation("invalid SASLInitialResponse")
+    (length,) = _I32.unpack_from(body, pos)
     data = body[pos + 4 :]
-    if length != len(data):
+    if length != len(data) and not (length == -1 and not data):  # -1: no initial response
         raise ProtocolViolation("invalid SASLInitialResponse length")
     return mech.decode("ascii", "replace"), data
 
 
 def parse_sasl_mechanisms(payload: bytes) -> list[str]:
-    return [m.decode() for m in payload.split(b"\0") if m]
+    return [m.decode("ascii", "replace") for m in payload.split(b"\0") if m]
 
 
 # --- builders: backend messages the proxy sends to clients --------------------------

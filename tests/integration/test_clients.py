@@ -325,7 +325,6 @@ async def test_asyncpg_timeout_cancels_through_the_proxy(proxy, cluster):
 
 
 # loadtest.harness.ProxyProcess.start() leaves its log file object to the garbage collector
-@pytest.mark.filterwarnings("ignore:unclosed file <_io.BufferedWriter name='.*pgsplit.log'>:ResourceWarning")
 def test_200mb_result_streams_with_bounded_proxy_memory(cluster):
     """A 200 MB result read by a client that stalls, then reads slowly: the proxy must
     apply backpressure to the server instead of buffering the result."""
