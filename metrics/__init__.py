@@ -64,7 +64,9 @@ class UnitStats:
         hist = self.durations.get(role)
         if hist is None:
             hist = self.durations[role] = FastHistogram(UNIT_BUCKETS)
-        hist.observe(seconds)
+        hist.counts[bisect_left(hist.bounds, seconds)] += 1
+        hist.total += seconds
+        hist.count += 1
 
 
 class _ScrapeCollector(Collector):

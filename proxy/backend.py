@@ -35,6 +35,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("pgsplit.backend")
 
+# Replies that need more than framing inside a FORWARD step.
+SPECIAL = bytearray(256)
+for _t in (wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_COPY_IN):
+    SPECIAL[_t] = 1
+SPECIAL = bytes(SPECIAL)
+
 # Replies that complete one request (see module docstring); ErrorResponse is handled apart.
 COMPLETES = bytearray(256)
 for _t in b"123CIstTn":
@@ -51,32 +57,42 @@ class StepKind(enum.Enum):
 
 
 class Step:
-    """The replies to one request group, up to and including its ReadyForQuery."""
+    """The replies to one request group, up to and including its ReadyForQuery.
 
-    __slots__ = (
-        "kind", "done", "sent", "anchors", "regs", "error", "extended", "closed",
-        "wrote", "rows_seen", "retry", "retrying", "rows", "payload", "callback", "info",
-        "status",
-    )
+    One is built per unit of work, so it sets only what differs from the class defaults
+    (no __slots__: an instance dict with two entries is cheaper to build than 20 slots).
+    """
 
-    def __init__(self, kind: StepKind, *, info: Any = None, callback: Callable[["Step"], None] | None = None):
+    # Reply accounting
+    done = 0  # completions received
+    sent = 0  # completions requested so far
+    anchors: list[tuple[int, bytes | None]] | None = None  # (index, bytes to insert | None = drop)
+    regs: list[tuple[int, bytes]] | None = None  # statements this step prepares, at their index
+    error: dict[str, str] | None = None
+    status = 0
+    extended = False  # closed by Sync rather than Query
+    closed = False  # its Sync/Query has been sent
+    wrote = False  # some reply already reached the client
+    rows_seen = False
+    retry: Any = None  # what the session needs to re-send this unit elsewhere
+    retrying = False
+    rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
+    payload = b""  # LOCAL: the answer to emit (its ReadyForQuery is added then)
+    callback: Callable[["Step"], None] | None = None
+    # The unit of work a FORWARD step answers (set by the session)
+    backend = ""
+    role = ""
+    writes = False
+    t0 = 0.0
+    analyses: list | None = None  # analyses with effects, pins or transaction control
+
+    def __init__(self, kind: StepKind, callback: Callable[["Step"], None] | None = None):
         self.kind = kind
-        self.done = 0  # completions received
-        self.sent = 0  # completions requested so far
-        self.anchors: list[tuple[int, bytes | None]] | None = None  # (index, bytes to insert | None = drop)
-        self.regs: list[tuple[int, bytes]] | None = None  # statements this step prepares, at their index
-        self.error: dict[str, str] | None = None
-        self.extended = False  # closed by Sync rather than Query
-        self.closed = False  # its Sync/Query has been sent
-        self.wrote = False  # some reply already reached the client
-        self.rows_seen = False
-        self.retry: Any = None  # what the session needs to re-send this unit elsewhere
-        self.retrying = False
-        self.rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
-        self.payload = b""  # LOCAL: the answer to emit (its ReadyForQuery is added then)
-        self.callback = callback
-        self.info = info
-        self.status = 0
+        if callback is not None:
+            self.callback = callback
+
+
+_FORWARD = StepKind.FORWARD
 
 
 class ServerConnection(asyncio.Protocol):
@@ -233,7 +249,7 @@ class ServerConnection(asyncio.Protocol):
 
     def swallow(self, request: bytes, callback: Callable[[Step], None] | None = None, *, rows: bool = False) -> Step:
         """Send a request of the proxy's own; its replies never reach a client."""
-        step = Step(StepKind.SWALLOW, callback=callback)
+        step = Step(StepKind.SWALLOW, callback)
         step.closed = True
         if rows:
             step.rows = []
@@ -289,7 +305,7 @@ class ServerConnection(asyncio.Protocol):
                 break
             t = data[pos]
             end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if step.kind is StepKind.FORWARD:
+            if step.kind is _FORWARD:
                 if t == _Z:
                     if end > n:
                         break
@@ -314,9 +330,12 @@ class ServerConnection(asyncio.Protocol):
                         return
                     step = steps[0]
                     continue
-                if step.anchors or t == _E or t == _S or t == _G or step.retry is not None:
+                if step.anchors or SPECIAL[t]:
                     if end > n:
                         break
+                    if t == _E and step.retry is not None and self._refused(step, data, pos, end):
+                        emit = pos = end  # the replies so far are dropped with it
+                        continue
                     if emit < pos and not step.retrying:
                         self._to_client(data[emit:pos], step)
                     emit = pos
@@ -367,10 +386,8 @@ class ServerConnection(asyncio.Protocol):
         if anchors:
             self._emit_inserts(step)
         if t == _E:
-            step.error = wire.parse_fields(data[pos + 5 : end])
-            if step.retry is not None and not step.wrote and not step.rows_seen and not step.retrying:
-                if step.retry.wants(step.error):
-                    step.retrying = True
+            if step.error is None:
+                step.error = wire.parse_fields(data[pos + 5 : end])
             if anchors:
                 del anchors[:]  # the server skips everything up to Sync
             if step.regs:
@@ -402,6 +419,16 @@ class ServerConnection(asyncio.Protocol):
                 return True
         elif t == _D:
             step.rows_seen = True
+        return step.retrying
+
+    def _refused(self, step: Step, data: bytes, pos: int, end: int) -> bool:
+        """A replica's error for a unit that can still run elsewhere: nothing of it has
+        reached the client, so it is dropped and the session re-sends the unit."""
+        if step.wrote or step.rows_seen or step.retrying:
+            return False
+        step.error = wire.parse_fields(data[pos + 5 : end])
+        if step.retry.wants(step.error):
+            step.retrying = True
         return step.retrying
 
     def _emit_after(self, step: Step, data: bytes, pos: int, end: int) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from time import monotonic
 from dataclasses import dataclass
 
 from proxy.backend import ServerConnection, open_connection
@@ -45,6 +46,7 @@ class Pool:
         self.database = database
         self._password = password
         self.settings = settings
+        self._lifetime = settings.server_lifetime_s
         self.generation = generation
         self.idle: list[ServerConnection] = []  # LIFO: warm connections first
         self.busy: set[ServerConnection] = set()
@@ -153,14 +155,17 @@ class Pool:
     def release(self, conn: ServerConnection) -> None:
         """Take a connection back after a unit (or session) that left it idle."""
         self.busy.discard(conn)
-        now = time.monotonic()
+        now = monotonic()
         if (conn.closed or self.closed or conn.generation != self.generation
-                or now - conn.created > self.settings.server_lifetime_s):
+                or now - conn.created > self._lifetime):
             conn.close()
             self._wake_next()
             return
         conn.last_used = now
-        self._hand_over(conn)
+        if self.waiters:
+            self._hand_over(conn)
+        else:
+            self.idle.append(conn)
 
     def discard(self, conn: ServerConnection) -> None:
         """Forget a broken connection (or one whose state cannot be trusted) and close it."""

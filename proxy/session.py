@@ -24,7 +24,7 @@ import asyncio
 import enum
 import hashlib
 import logging
-import time
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from proxy import commands, local, wire
@@ -48,6 +48,8 @@ F_TERMINATE, F_FUNCTION_CALL = wire.F_TERMINATE, wire.F_FUNCTION_CALL
 F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL = wire.F_COPY_DATA, wire.F_COPY_DONE, wire.F_COPY_FAIL
 TX_IDLE, TX_IN_BLOCK, TX_FAILED = wire.TX_IDLE, wire.TX_IN_BLOCK, wire.TX_FAILED
 
+_FORWARD = StepKind.FORWARD
+_WRITE = Route.WRITE
 UNIT_END = frozenset({F_QUERY, F_SYNC, F_FLUSH, F_FUNCTION_CALL, F_TERMINATE})
 OPENS_STEP = frozenset({F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE, F_CLOSE, F_QUERY, F_SYNC, F_FUNCTION_CALL})
 CLIENT_TYPES = wire.FRONTEND_TYPES
@@ -78,19 +80,6 @@ class Stmt:
         self.parse = parse
         self.analysis = analysis
         self.local = local
-
-
-class UnitInfo:
-    """What unit_ready needs to know about the unit a step answers."""
-
-    __slots__ = ("backend", "role", "writes", "t0", "analyses")
-
-    def __init__(self, backend: str, role: str, writes: bool, t0: float):
-        self.backend = backend
-        self.role = role
-        self.writes = writes
-        self.t0 = t0
-        self.analyses: list[Analysis] | None = None
 
 
 class Retry:
@@ -165,6 +154,9 @@ class ClientSession(asyncio.Protocol):
         self._memo_sql = b""
         self._memo_analysis: Analysis | None = None
         self._close_reason = ""
+        self._pools: dict[str, object] = {}  # pool per backend name, looked up once
+        self._unit_key = ("", "")  # (backend name, role) of the attached server, for metrics
+        self._record = app.metrics.units.record
         self._handshake_task: asyncio.Task | None = None
 
     # --- socket events -------------------------------------------------------------------
@@ -319,11 +311,13 @@ class ClientSession(asyncio.Protocol):
                     return
                 break
             if self.server is None:
-                pos = self._start_unit(buf, frames)
-                if pos < 0:
+                start = self._start_unit(buf, frames)
+                if start < 0:
                     pos = frames[0][1]
                     break
-                continue
+                if self.server is None:  # answered here, or nothing to run
+                    pos = start
+                    continue
             stop = self._forward(buf, frames)
             if stop is None:
                 pos = complete
@@ -351,7 +345,8 @@ class ClientSession(asyncio.Protocol):
         """Bytes held while a route was chosen or units drained: process them now."""
         if self._routing is not None or self.state is not State.READY:
             return
-        self.resume_reading("stash")
+        if self._pause_reasons:
+            self.resume_reading("stash")
         if self._stash:
             data, self._stash = self._stash, b""
             self._process(data)
@@ -415,9 +410,10 @@ class ClientSession(asyncio.Protocol):
     # --- routing a new unit ----------------------------------------------------------------
 
     def _session_facts(self, token: int | None) -> SessionFacts:
-        force = bool(self.pins) or self.route_primary or self._force_primary_next
-        self._force_primary_next = False
-        return SessionFacts(force_primary=force, token=token)
+        if self._force_primary_next:
+            self._force_primary_next = False
+            return SessionFacts(True, token)
+        return SessionFacts(bool(self.pins) or self.route_primary, token)
 
     def _start_unit(self, buf: bytes, frames: list) -> int:
         """Route the unit at frames[0]; returns the position to continue from, or -1 to
@@ -476,10 +472,13 @@ class ClientSession(asyncio.Protocol):
         return token, self.commit_pending
 
     def _borrow_now(self, backend: BackendState) -> ServerConnection | None:
-        owned = self.owned.get(backend.name)
-        if owned is not None and not owned.closed:
-            return owned
-        pool = self.app.pool_for(backend, self.user, self.database)
+        if self.owned:
+            owned = self.owned.get(backend.name)
+            if owned is not None and not owned.closed:
+                return owned
+        pool = self._pools.get(backend.name)
+        if pool is None or pool.closed or pool.address.port != backend.port or pool.address.host != backend.host:
+            pool = self._pools[backend.name] = self.app.pool_for(backend, self.user, self.database)
         conn = pool.try_acquire()
         if conn is not None and self.app.session_pooling:
             self.owned[backend.name] = conn
@@ -551,8 +550,10 @@ class ClientSession(asyncio.Protocol):
         conn.client = self
         self.server = conn
         self.backend = backend
+        self._unit_key = (backend.name, "primary" if backend.role is Role.PRIMARY else "replica")
         self._fresh = True
-        self.app.load[backend.name] = self.app.load.get(backend.name, 0) + 1
+        load = self.app.load
+        load[backend.name] = load.get(backend.name, 0) + 1
         if self._write_paused:
             conn.transport.pause_reading()
         if conn.settings_key != self.settings_key:
@@ -588,7 +589,8 @@ class ClientSession(asyncio.Protocol):
             backend = self.backend
             if backend is not None:
                 load = self.app.load
-                load[backend.name] = max(0, load.get(backend.name, 1) - 1)
+                name = backend.name
+                load[name] = load.get(name, 1) - 1 or 0
             self.backend = None
         self._open = None
         if self._write_paused and server.transport is not None and not server.closed:
@@ -625,13 +627,13 @@ class ClientSession(asyncio.Protocol):
         return Boundary.GO
 
     def _new_step(self) -> Step:
-        backend = self.backend
-        info = UnitInfo(backend.name, backend.role.value, False, time.perf_counter())
-        step = Step(StepKind.FORWARD, info=info)
+        step = Step(_FORWARD)
+        step.backend, step.role = self._unit_key
+        step.t0 = perf_counter()
         if self._retry_data is not None:
             step.retry = Retry(self._retry_data)
             self._retry_data = None
-        self.server.push(step)
+        self.server.steps.append(step)
         self._open = step
         return step
 
@@ -643,6 +645,7 @@ class ClientSession(asyncio.Protocol):
         run = frames[0][1]  # start of a run of bytes forwarded unchanged
         step = self._open
         stop = None
+        query_analysis: Analysis | None = None
         for i, (t, s, e) in enumerate(frames):
             if step is None and t in OPENS_STEP:
                 if t == F_SYNC and server.copy_in_absorb and self._copy_done:
@@ -655,8 +658,9 @@ class ClientSession(asyncio.Protocol):
                     if b is Boundary.ROUTE:
                         self._release()
                     break
-                if t == F_QUERY and self.status != TX_FAILED:
-                    answer = self._own_answer(buf, s, e)
+                if t == F_QUERY:
+                    query_analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+                    answer = self._own_answer(query_analysis) if query_analysis.effects else None
                     if answer is not None:
                         # SET/SHOW pgsplit.* on an attached connection (in a transaction,
                         # or behind units in flight): answered in its turn.
@@ -742,7 +746,9 @@ class ClientSession(asyncio.Protocol):
                         run = e
                 step.sent += 2 if (t == F_DESCRIBE and kind == _STATEMENT_KIND) else 1
             elif t == F_QUERY:
-                analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+                if query_analysis is None:  # a Query that closes an open extended group
+                    query_analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+                analysis, query_analysis = query_analysis, None
                 self._note_analysis(step, analysis)
                 if analysis.executes:
                     self._prepare_sql(server, analysis, step)
@@ -751,7 +757,7 @@ class ClientSession(asyncio.Protocol):
             elif t == F_COPY_DONE or t == F_COPY_FAIL:
                 self._copy_done = True
             elif t == F_FUNCTION_CALL:
-                step.info.writes = True
+                step.writes = True
                 step.closed = True
                 self._open = step = None
             elif t == F_TERMINATE:
@@ -764,11 +770,11 @@ class ClientSession(asyncio.Protocol):
         self._flush_out(server, out, buf, run, end)
         return stop
 
-    def _own_answer(self, buf: bytes, s: int, e: int) -> local.Answer | None:
-        """The proxy's answer to a Query with pgsplit statements, else None."""
-        analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+    def _own_answer(self, analysis: Analysis) -> local.Answer | None:
+        """The proxy's answer to a Query with pgsplit statements, else None. In a failed
+        transaction the server answers (with "current transaction is aborted")."""
         own = [eff for eff in analysis.effects if eff.kind.startswith("pgsplit_")]
-        if not own:
+        if not own or self.status == TX_FAILED:
             return None
         if len(own) != analysis.statements:
             return local.Answer(error=commands.NotAlone(
@@ -803,12 +809,12 @@ class ClientSession(asyncio.Protocol):
         step.sent += 1
 
     def _note_analysis(self, step: Step, analysis: Analysis) -> None:
-        if analysis.route is Route.WRITE or analysis.tx is TxControl.BEGIN:
-            step.info.writes = True
+        if analysis.route is _WRITE or analysis.tx is TxControl.BEGIN:
+            step.writes = True
         if analysis.effects or analysis.pins or analysis.unpins or analysis.tx is not None:
-            if step.info.analyses is None:
-                step.info.analyses = []
-            step.info.analyses.append(analysis)
+            if step.analyses is None:
+                step.analyses = []
+            step.analyses.append(analysis)
 
     def _prepare_sql(self, server: ServerConnection, analysis: Analysis, step: Step) -> None:
         """SQL EXECUTE of a statement the client PREPAREd on another connection: prepare it
@@ -831,15 +837,11 @@ class ClientSession(asyncio.Protocol):
 
     def unit_ready(self, server: ServerConnection, step: Step) -> None:
         """Called by the server connection at the ReadyForQuery that ends a step."""
-        if step.kind is StepKind.LOCAL:
-            self.status = step.status
-        else:
-            self.status = step.status
-            info = step.info
-            if info is not None:
-                self.app.metrics.units.record(info.backend, info.role, "write" if info.writes else "read",
-                                              time.perf_counter() - info.t0)
-                self._after_unit(step, info)
+        self.status = step.status
+        if step.kind is _FORWARD:
+            self._record(step.backend, step.role, "write" if step.writes else "read", perf_counter() - step.t0)
+            if step.writes or step.analyses or step.status != TX_IDLE or self._tx_effects or self._tx_failed:
+                self._after_unit(step)
             if step.retrying:
                 self._retry(server, step)
                 return
@@ -849,14 +851,14 @@ class ClientSession(asyncio.Protocol):
             self._release()
         self.resume()
 
-    def _after_unit(self, step: Step, info: UnitInfo) -> None:
+    def _after_unit(self, step: Step) -> None:
         status = step.status
         ok = step.error is None
-        if info.writes and info.role == "primary" and status == TX_IDLE and ok:
+        if step.writes and step.role == "primary" and status == TX_IDLE and ok:
             self._note_commit()
         if status == TX_FAILED:
             self._tx_failed = True
-        analyses = info.analyses
+        analyses = step.analyses
         if analyses:
             in_tx = status != TX_IDLE
             for a in analyses:
@@ -1000,7 +1002,10 @@ class ClientSession(asyncio.Protocol):
     def _answer_locally(self, buf: bytes, frames: list, analyses: list[Analysis]) -> bool | None:
         """Units the proxy answers without a server: pgsplit commands, a BEGIN whose
         routing waits for the transaction's first statement, standalone DEALLOCATE."""
-        return self.app.commands.answer(self, buf, frames, analyses)
+        for a in analyses:
+            if a.effects or a.tx is not None:
+                return self.app.commands.answer(self, buf, frames, analyses)
+        return False
 
     def write_local(self, reply: bytes) -> None:
         self.transport.write(reply)

@@ -5,39 +5,41 @@ tie-breaker), so every rule has a table-driven unit test without a database. The
 in order (design.md, "Units of work and routing"):
 
 1. A session pinned to the primary (temp tables, LISTEN, session advisory locks, WITH HOLD
-   cursors), `SET pgsplit.route = 'primary'`, or a `/* pgsplit:primary */` hint -> primary.
-2. A `/* pgsplit:replica */` hint -> a replica, whatever the statement (a replica that
-   refuses a write answers 25006 and the unit is retried on the primary).
-3. A unit that writes, or opens a transaction that is not read only -> primary.
-4. A read -> the least-loaded replica in rotation (load / weight) whose replay LSN has
+   cursors), `SET pgsplit.route = 'primary'`, or a `/* pgsplit:primary */` hint -> the
+   primary, and only the primary (no replica stands in while it is down).
+2. A unit that writes, or opens a transaction that is not read only -> primary, unless a
+   `/* pgsplit:replica */` hint says to treat it as a read (a replica that refuses a write
+   answers 25006 and the unit is retried on the primary). The hint does not lift
+   read-your-writes: the replica must still have the session's token.
+3. A read -> the least-loaded replica in rotation (load / weight) whose replay LSN has
    reached the session's token; if replicas are in rotation but none has reached the token
    yet, the caller may wait for one (`wait_lsn`); otherwise the primary serves it.
-5. The primary: only while it reports itself as one. Down -> a clear error for writes;
+4. The primary: only while it reports itself as one. Down -> a clear error for writes;
    two primaries -> writes refused (split brain); reads fall back to replicas.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from router.topology import BackendState, Role, Topology
 
 
-@dataclass(frozen=True, slots=True)
-class UnitFacts:
+# Immutable value types; NamedTuples because one of each is built per unit of work.
+
+
+class UnitFacts(NamedTuple):
     writes: bool  # any statement needs the primary (unknown counts as a write)
     hint: Role | None = None  # from /* pgsplit:primary */ or /* pgsplit:replica */
 
 
-@dataclass(frozen=True, slots=True)
-class SessionFacts:
+class SessionFacts(NamedTuple):
     force_primary: bool = False  # pinned, or SET pgsplit.route = 'primary'
     token: int | None = None  # replicas must have replayed at least this LSN
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     backend: BackendState | None
     reason: str
     error: tuple[str, str] | None = None  # (SQLSTATE, message) when nothing can serve
@@ -58,13 +60,9 @@ def decide_route(
     allow_wait: bool = True,
 ) -> Decision:
     if session.force_primary or unit.hint is Role.PRIMARY:
-        return _primary(topo, writes=unit.writes, reason="session pinned or primary hint", token=session.token)
-    if unit.hint is Role.REPLICA:
-        replica = _pick(topo.rotation, load, tiebreak)
-        if replica is not None:
-            return Decision(replica, "replica hint")
-        return _primary(topo, writes=False, reason="replica hint, no replica in rotation", token=session.token)
-    if unit.writes:
+        # Asked for the primary (or pinned to it): no replica stands in for it.
+        return _primary(topo, writes=True, reason="session pinned or primary hint")
+    if unit.writes and unit.hint is not Role.REPLICA:
         return _primary(topo, writes=True, reason="write")
     return _read(session, topo, load, tiebreak, allow_wait)
 
@@ -74,7 +72,8 @@ def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebre
     rotation = topo.rotation
     token = session.token
     if not rotation:
-        return _primary(topo, writes=False, reason="read, no replica in rotation", token=token)
+        return _primary(topo, writes=False, reason="read, no replica in rotation", token=token,
+                        load=load, tiebreak=tiebreak)
     if token is None:
         return Decision(_pick(rotation, load, tiebreak), "read")
     ready = tuple(r for r in rotation if r.replay_lsn is not None and r.replay_lsn >= token)
@@ -83,7 +82,7 @@ def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebre
     if allow_wait:
         return Decision(None, "read, waiting for a replica to reach the session's writes", wait_lsn=token)
     return _primary(topo, writes=False, reason="read, no replica reached the session's writes in time",
-                    token=token)
+                    token=token, load=load, tiebreak=tiebreak)
 
 
 def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebreak: int) -> BackendState | None:
@@ -103,7 +102,8 @@ def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebrea
     return best[tiebreak % len(best)]
 
 
-def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = None) -> Decision:
+def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = None,
+             load: Mapping[str, int] | None = None, tiebreak: int = 0) -> Decision:
     p = topo.primary
     if writes:
         if topo.split_brain:
@@ -128,7 +128,7 @@ def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = N
     answering = tuple(r for r in topo.replicas if r.up and (
         token is None or (r.replay_lsn is not None and r.replay_lsn >= token)))
     if answering:
-        return Decision(_pick(answering, {}, 0), reason + "; primary down, served by a replica")
+        return Decision(_pick(answering, load or {}, tiebreak), reason + "; primary down, served by a replica")
     if token is not None and any(r.up for r in topo.replicas):
         return Decision(None, reason, error=(
             "57P03", f"the primary {p.name} is not answering and no replica has replayed this session's "
