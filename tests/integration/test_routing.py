@@ -240,7 +240,8 @@ async def test_write_forms_run_on_the_primary(proxy, cluster, clients, schema, f
     c = await clients(proxy, kind)
     if setup is not None:
         await c.rows(_fmt(setup, tag))
-    # asyncpg sends a statement as two units (Parse/Describe, then Bind/Execute): count >= 1
+    # asyncpg: Parse/Describe/Flush then Bind/Execute/Sync (one unit), or two units when its
+    # setup statement was the same text: at least one unit, none on a replica
     with routed(proxy, primary=1 if kind == "psycopg" else None, replica=0, retried=0) as counter:
         rows = await c.rows(_fmt(sql, tag))
     assert counter.roles()["primary"] >= 1
@@ -601,6 +602,15 @@ def _restore(cluster: Cluster) -> None:
     cluster.wait_caught_up()
 
 
+LONG_READ = WHERE_SQL + " FROM pg_sleep(1)"
+
+
+def _running(cluster: Cluster, node: str, marker: str, n: int = 1) -> bool:
+    """At least n queries containing marker run on node."""
+    return cluster.sql(node, "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
+                             "AND pid <> pg_backend_pid()", f"%{marker}%")[0][0] >= n
+
+
 def _closed(c: Client) -> bool:
     return c.conn.is_closed() if isinstance(c, AsyncpgClient) else c.conn.closed
 
@@ -611,19 +621,22 @@ class ReadLoad:
 
     def __init__(self, proxy, cluster: Cluster, n: int = 4):
         self.proxy, self.cluster, self.n = proxy, cluster, n
-        self.sql = WHERE_SQL + " FROM pg_sleep(0.005)"  # most of a reader's time is in a query
+        # half the readers spend most of their time in a query (so some are in flight on
+        # any backend at any moment), half run short ones (so idle pooled connections and
+        # fresh connects are exercised too)
+        self.sqls = (WHERE_SQL + " FROM pg_sleep(0.005)", WHERE_SQL)
         self.served: list[tuple[float, str]] = []
         self.errors: list[tuple[float, str]] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     async def __aenter__(self) -> "ReadLoad":
-        kinds = ["asyncpg", "psycopg"] * self.n
-        self._tasks = [asyncio.create_task(self._run(k)) for k in kinds[: self.n]]
+        kinds = ["asyncpg", "asyncpg", "psycopg", "psycopg"] * self.n
+        self._tasks = [asyncio.create_task(self._run(k, self.sqls[i % 2])) for i, k in enumerate(kinds[: self.n])]
         await async_wait_until(lambda: len(self.served) >= self.n, timeout=10, message="the readers to start")
         return self
 
-    async def _run(self, kind: str) -> None:
+    async def _run(self, kind: str, sql: str) -> None:
         """Read until stopped; after an error that closed the connection, reconnect (as an
         application's pool would) and carry on."""
         loop = asyncio.get_running_loop()
@@ -631,7 +644,7 @@ class ReadLoad:
         try:
             while not self._stop.is_set():
                 try:
-                    row = await c.row(self.sql)
+                    row = await c.row(sql)
                     self.served.append((loop.time(), on(self.cluster, row)))
                 except (psycopg.Error, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                     self.errors.append((loop.time(), f"{kind}: {type(exc).__name__}: {sqlstate(exc)} {exc}"))
@@ -711,21 +724,35 @@ async def test_lagging_replica_leaves_rotation_and_returns(make_proxy, cluster, 
 async def test_replica_lost_under_read_load(make_proxy, cluster, how) -> None:
     """SIGKILL (connections just drop, or a backend sees the postmaster die and sends
     FATAL first) and a fast shutdown (every backend sends FATAL 57P01 first): reads in
-    flight on replica1 are retried elsewhere, none fails."""
-    proxy = make_proxy(routing={"monitor_interval_ms": INTERVAL_MS})
+    flight on replica1 are retried elsewhere, none fails. replica2 has a tiny weight, so
+    while replica1 is in rotation every read (the long ones included) runs there."""
+    proxy = make_proxy(routing={"monitor_interval_ms": INTERVAL_MS}, backends={"main_replica2": {"weight": 0.001}})
     loop = asyncio.get_running_loop()
     r0 = retries(proxy)
     try:
         async with ReadLoad(proxy, cluster, n=6) as load:
-            await async_wait_until(lambda: load.served_since(0)["replica1"] > 5, timeout=5)
+            await async_wait_until(lambda: load.served_since(0)["replica1"] > 20, timeout=5)
+            assert load.served_since(0)["replica2"] == 0
+            # and a few long reads, so some are surely in flight on replica1 when it goes
+            long_clients = [await connect(proxy, k) for k in ("asyncpg", "psycopg") * 2]
+            long_reads = [asyncio.create_task(c.row(LONG_READ)) for c in long_clients]
+            await async_wait_until(lambda: asyncio.to_thread(_running, cluster, "replica1", "pg_sleep(1)", 4),
+                                   timeout=5, message="the long reads running on replica1")
             if how == "kill":
                 await asyncio.to_thread(cluster.kill_node, "replica1")
             else:
                 await asyncio.to_thread(cluster.stop_node, "replica1", "fast")
             killed_at = loop.time()
+            answers = await asyncio.gather(*long_reads, return_exceptions=True)
+            for c in long_clients:
+                await c.close()
+            failed = [f"{type(a).__name__}: {sqlstate(a)} {a}" for a in answers if isinstance(a, BaseException)]
+            assert failed == [], f"long reads in flight on replica1 failed instead of being retried: {failed}"
+            assert {on(cluster, a) for a in answers} <= {"replica2"}, answers
             await async_wait_until(lambda: not _backend(proxy, "main_replica1").up, timeout=5,
                                    interval=0.01, message="replica1 to be seen down")
             await async_wait_until(lambda: load.served_since(killed_at + 0.5)["replica2"] > 20, timeout=10)
+            # (the long reads waited a second: replica1's connections are all gone by now)
             assert load.served_since(killed_at + 0.5)["replica1"] == 0
             await asyncio.to_thread(cluster.start_node, "replica1")
             await asyncio.to_thread(cluster.wait_streaming, "replica1")
@@ -737,6 +764,29 @@ async def test_replica_lost_under_read_load(make_proxy, cluster, how) -> None:
         print(f"\nreplica1 ({how}): {len(load.served)} reads, {retries(proxy) - r0:g} retried, "
               f"errors {load.errors}")
         assert load.errors == [], load.errors
+    finally:
+        await asyncio.to_thread(_restore, cluster)
+
+
+async def test_read_needing_a_new_connection_to_a_dead_replica_goes_elsewhere(make_proxy, cluster, clients) -> None:
+    """replica1 stopped before the monitor noticed (5 s interval) and before the proxy ever
+    connected to it: a read routed there cannot get a server connection; it must be served
+    by another backend, not fail."""
+    proxy = make_proxy(routing={"monitor_interval_ms": 5000})
+    try:
+        await asyncio.to_thread(cluster.stop_node, "replica1")
+        assert _backend(proxy, "main_replica1").in_rotation  # the proxy does not know yet
+        failures = []
+        served: Counter = Counter()
+        for kind in ("psycopg", "asyncpg") * 3:
+            c = await clients(proxy, kind)
+            try:
+                served[await read_on(c, cluster)] += 1
+            except (psycopg.Error, asyncpg.PostgresError) as exc:
+                failures.append(f"{kind}: {sqlstate(exc)} {exc}")
+        print(f"\nreads with replica1 silently gone: {dict(served)}, failures {failures}")
+        assert failures == [], failures
+        assert "replica1" not in served
     finally:
         await asyncio.to_thread(_restore, cluster)
 
