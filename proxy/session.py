@@ -1002,10 +1002,37 @@ class ClientSession(asyncio.Protocol):
     def _answer_locally(self, buf: bytes, frames: list, analyses: list[Analysis]) -> bool | None:
         """Units the proxy answers without a server: pgsplit commands, a BEGIN whose
         routing waits for the transaction's first statement, standalone DEALLOCATE."""
+        if frames[0][0] == F_PARSE and self._prepare_locally(buf, frames):
+            return True
         for a in analyses:
             if a.effects or a.tx is not None:
                 return self.app.commands.answer(self, buf, frames, analyses)
         return False
+
+    def _prepare_locally(self, buf: bytes, frames: list) -> bool:
+        """Named Parses and a Sync, nothing else: the statements are remembered and
+        prepared on a server when first used (as PgBouncer does). No server connection
+        is held for them: a client that prepares synchronously while other clients of
+        the same thread hold the pool's connections (pgbench -M prepared) cannot
+        deadlock on the pool."""
+        if frames[-1][0] != F_SYNC or len(frames) < 2:
+            return False
+        parses = []
+        for t, s, e in frames[:-1]:
+            if t != F_PARSE:
+                return False
+            name, sql, params = wire.parse_parse(buf[s + 5 : e])
+            if not name:
+                return False
+            parses.append((name, sql, params))
+        for name, sql, params in parses:
+            analysis = self._classify(sql)
+            if any(eff.kind.startswith("pgsplit_") for eff in analysis.effects):
+                return False  # answered by the proxy on each execution, see Commands
+            sname = server_statement_name(sql, params)
+            self.stmts[name] = Stmt(sname, wire.build_parse(sname, sql, params), analysis)
+        self.transport.write(wire.PARSE_COMPLETE * len(parses) + wire.ready_for_query(self.status))
+        return True
 
     def write_local(self, reply: bytes) -> None:
         self.transport.write(reply)
