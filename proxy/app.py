@@ -25,8 +25,8 @@ from proxy.pool import Pool, Pools, PoolSettings
 from proxy.session import ClientSession, State
 from router.classify import Classifier
 from router.lsn import CommitLsnFetcher
-from router.monitor import BackendSpec, Monitor, MonitorSettings, initial_topology
-from router.policy import Decision, SessionFacts, UnitFacts, decide_route
+from router.monitor import BackendSpec, Monitor, MonitorSettings, PollError, initial_topology
+from router.policy import Decision, UnitFacts, startup_backend
 from router.topology import BackendState, Role, TopologyHolder
 
 log = logging.getLogger("pgsplit")
@@ -69,6 +69,8 @@ class Proxy:
         self.topology = TopologyHolder(initial_topology(config.active, specs))
         self.monitor = Monitor(self.topology, specs, monitor_settings(config), self.metrics,
                                on_volatile_functions=self.classifier.set_volatile_functions)
+        self._catalog_databases: set[str] = set()  # databases whose catalog was read
+        self.monitor.databases = lambda: self._catalog_databases
         self.lsn_fetcher = CommitLsnFetcher(self.monitor.primary_insert_lsn)
         self.load: dict[str, int] = {}
         self.sessions: set[ClientSession] = set()
@@ -212,8 +214,7 @@ class Proxy:
         """Borrow a server connection for a freshly authenticated client: check that the
         database exists, apply the client's startup settings, learn the parameter set
         the client is shown."""
-        topo = self.topology.current
-        decision = decide_route(UnitFacts(writes=False), SessionFacts(force_primary=True), topo, self.load)
+        decision = startup_backend(self.topology.current, self.load)
         if decision.error is not None:
             from proxy.errors import RoutingError
 
@@ -240,14 +241,38 @@ class Proxy:
             pool.release(conn)
         if "in_hot_standby" in params:
             params["in_hot_standby"] = "off"  # the proxy accepts writes wherever they run
+        if session.database not in self._catalog_databases:
+            await self._read_catalog(session.database)
         return params
+
+    async def _read_catalog(self, database: str) -> None:
+        """The first client of a database: read its volatile functions before its first
+        statement is routed (later refreshes run in the monitor)."""
+        self._catalog_databases.add(database)
+        try:
+            async with asyncio.timeout(self.config.routing.monitor_timeout_ms / 1000 * 5):
+                await self.monitor.refresh_catalog()
+        except Exception as exc:  # the periodic refresh tries again
+            log.warning("reading the volatile-function catalog of database %r failed: %s", database, exc)
 
     # --- read-your-writes --------------------------------------------------------------------
 
     async def lsn_token(self, session: ClientSession) -> int:
-        if session.consistency == "global":
-            return await self.lsn_fetcher.fetch_current()
-        lsn = await self.lsn_fetcher.fetch_after(session.commit_ticket)
+        """The LSN a replica must have replayed for this session's next read."""
+        try:
+            if session.consistency == "global":
+                return await self.lsn_fetcher.fetch_current()
+            lsn = await self.lsn_fetcher.fetch_after(session.commit_ticket)
+        except (PollError, ConnectionError, OSError, TimeoutError):
+            # The primary does not answer. The monitor's last sample of its WAL position
+            # still serves if that poll was sent after the commit (or the read) began.
+            since = session.commit_time if session.consistency != "global" else asyncio.get_running_loop().time()
+            topo = self.topology.current
+            if topo.primary_lsn is None or topo.primary_lsn_at <= since:
+                raise
+            lsn = topo.primary_lsn
+            if session.consistency == "global":
+                return lsn
         session.token = lsn if session.token is None else max(session.token, lsn)
         session.commit_pending = False
         token = session.token

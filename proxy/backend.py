@@ -76,6 +76,8 @@ class Step:
     rows_seen = False
     retry: Any = None  # what the session needs to re-send this unit elsewhere
     retrying = False
+    delivered = 0  # bytes of replies that reached the client (retry-able steps only)
+    skip = 0  # a retried unit's leading reply bytes the client already has
     rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
     payload = b""  # LOCAL: the answer to emit (its ReadyForQuery is added then)
     callback: Callable[["Step"], None] | None = None
@@ -276,6 +278,14 @@ class ServerConnection(asyncio.Protocol):
     def _to_client(self, data: bytes, step: Step) -> None:
         client = self.client
         if client is not None and data:
+            if step.retry is not None:
+                step.delivered += len(data)
+            if step.skip:  # a retried unit: the client already has these bytes
+                cut = min(step.skip, len(data))
+                step.skip -= cut
+                data = data[cut:]
+                if not data:
+                    return
             step.wrote = True
             client.transport.write(data)
 
@@ -424,7 +434,7 @@ class ServerConnection(asyncio.Protocol):
     def _refused(self, step: Step, data: bytes, pos: int, end: int) -> bool:
         """A replica's error for a unit that can still run elsewhere: nothing of it has
         reached the client, so it is dropped and the session re-sends the unit."""
-        if step.wrote or step.rows_seen or step.retrying:
+        if step.rows_seen or step.retrying:
             return False
         step.error = wire.parse_fields(data[pos + 5 : end])
         if step.retry.wants(step.error):

@@ -54,6 +54,9 @@ class Commands:
                 return False  # in a transaction the server must fail too: see ClientSession._forward
             self._reply(session, buf, frames, answer)
             return True
+        if (analyses and frames[0][0] != wire.F_QUERY and session.status == wire.TX_IDLE and not session.pins
+                and all(a.tx is TxControl.BEGIN and a.statements == 1 for a in analyses)):
+            return self._begin_extended(session, buf, frames)
         if len(frames) != 1 or frames[0][0] != wire.F_QUERY or len(analyses) != 1:
             return False
         a = analyses[0]
@@ -81,6 +84,39 @@ class Commands:
             session.write_local(local.simple(answer, session.status))
             return True
         return False
+
+    def _begin_extended(self, session: "ClientSession", buf: bytes, frames: list) -> bool:
+        """A BEGIN in extended protocol (a driver's prepared "BEGIN"): answered here like
+        a simple-query BEGIN, its routing deferred to the transaction's first statement."""
+        begin = None
+        types = []
+        for t, s, e in frames:
+            body = buf[s + 5 : e]
+            kind = 0
+            if t == wire.F_PARSE:
+                name, sql, params = wire.parse_parse(body)
+                begin = sql
+                if name:
+                    session.register_statement(name, sql, params)
+            elif t == wire.F_BIND:
+                _, name, _ = wire.parse_bind_names(body)
+                st = session.stmts.get(name) if name else None
+                if st is not None:
+                    begin = wire.parse_parse(st.parse[5:])[1]
+            elif t in (wire.F_DESCRIBE, wire.F_CLOSE):
+                kind, _ = wire.parse_target(body)
+            elif t not in (wire.F_EXECUTE, wire.F_SYNC, wire.F_FLUSH):
+                return False
+            types.append((t, kind))
+        executes = any(t == wire.F_EXECUTE for t, _ in types)
+        # asyncpg prepares with Parse/Describe/Flush: those replies need no Sync.
+        if begin is None or types[-1][0] != (wire.F_SYNC if executes else types[-1][0]):
+            return False
+        if executes:
+            session._deferred_begin = begin
+            session.status = wire.TX_IN_BLOCK
+        session.write_local(local.extended(local.Answer(tag="BEGIN"), types, session.status))
+        return True
 
     def evaluate(self, session: "ClientSession", effects) -> local.Answer:
         """Run pgsplit statements; the answer of the last one (or the first error)."""

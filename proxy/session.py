@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from proxy import commands, local, wire
 from proxy.backend import ServerConnection, Step, StepKind, send_cancel
 from proxy.errors import (
-    ProtocolViolation, ProxyError, RoutingError, ServerLost, ServerLostInTransaction,
+    ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerLost, ServerLostInTransaction,
 )
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
 from router.monitor import PollError
@@ -83,10 +83,15 @@ class Stmt:
 
 
 class Retry:
-    """The bytes of an autocommit read sent to a replica, to re-send if it refuses it."""
+    """The bytes of an autocommit read sent to a replica, to re-send elsewhere if the
+    replica refuses it (read-only, recovery conflict) or goes away before any row of it
+    reached the client."""
 
     __slots__ = ("data",)
-    SQLSTATES = frozenset({"25006", "40001"})
+    # 25006 read-only transaction, 40001 recovery conflict, 57P01/57P02/57P03 the server
+    # is shutting down, crashed, or not accepting connections.
+    SQLSTATES = frozenset({"25006", "40001", "57P01", "57P02", "57P03"})
+    MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
 
     def __init__(self, data: bytes):
         self.data = data
@@ -133,6 +138,7 @@ class ClientSession(asyncio.Protocol):
         self.token: int | None = None  # an LSN at or past this session's last commit
         self.commit_pending = False  # a commit finished; its LSN is not fetched yet
         self.commit_ticket = 0
+        self.commit_time = 0.0  # loop time the last commit was seen
         self.min_lsn: int | None = None  # SET pgsplit.min_lsn
         self.units = 0
         self.inbox = None  # handshake input, see proxy.listener
@@ -147,12 +153,15 @@ class ClientSession(asyncio.Protocol):
         self._deferred_begin: bytes | None = None
         self._force_primary_next = False
         self._retry_data: bytes | None = None
+        self._retry_skip = 0  # reply bytes of a retried unit the client already has
+        self._skip_to_sync = False
         self._tx_effects: list = []
         self._tx_failed = False
         self._pause_reasons: set[str] = set()
         self._write_paused = False
         self._memo_sql = b""
         self._memo_analysis: Analysis | None = None
+        self._memo_version = -1
         self._close_reason = ""
         self._pools: dict[str, object] = {}  # pool per backend name, looked up once
         self._unit_key = ("", "")  # (backend name, role) of the attached server, for metrics
@@ -310,6 +319,9 @@ class ClientSession(asyncio.Protocol):
                 if self.server is not None and self._stream_long(buf, pos):
                     return
                 break
+            if self._skip_to_sync:
+                pos = self._skip_group(frames)
+                continue
             if self.server is None:
                 start = self._start_unit(buf, frames)
                 if start < 0:
@@ -329,6 +341,16 @@ class ClientSession(asyncio.Protocol):
             self._stash = buf[pos:] if pos else buf
             if len(self._stash) > STASH_PAUSE:
                 self.pause_reading("stash")
+
+    def _skip_group(self, frames: list) -> int:
+        """After an error the proxy answered for a group still arriving: drop messages up
+        to its Sync, then answer that Sync, as a server skips after an error."""
+        for t, s, e in frames:
+            if t == F_SYNC:
+                self._skip_to_sync = False
+                self.transport.write(wire.ready_for_query(self.status))
+                return e
+        return frames[-1][2]
 
     def _stream_long(self, buf: bytes, pos: int) -> bool:
         """A CopyData too large to wait for whole is passed through as it arrives."""
@@ -354,11 +376,13 @@ class ClientSession(asyncio.Protocol):
     # --- classification ------------------------------------------------------------------
 
     def _classify(self, sql: bytes) -> Analysis:
-        if sql == self._memo_sql and self._memo_analysis is not None:
+        classifier = self.app.classifier
+        if sql == self._memo_sql and self._memo_version == classifier.version:
             return self._memo_analysis
-        analysis = self.app.classifier.classify(sql.decode("utf-8", "replace"))
+        analysis = classifier.classify(sql.decode("utf-8", "replace"))
         self._memo_sql = sql
         self._memo_analysis = analysis
+        self._memo_version = classifier.version
         return analysis
 
     def _scan_unit(self, buf: bytes, frames: list, i: int) -> tuple[int, list[Analysis], bool] | None:
@@ -440,6 +464,7 @@ class ClientSession(asyncio.Protocol):
             # transaction was declared read only.
             read_only = self.default_read_only or any(a.tx is TxControl.SET_TX_READ_ONLY for a in analyses)
             facts = UnitFacts(writes=facts.writes or not read_only, hint=facts.hint)
+        self.units += 1  # the tie-breaker between equally loaded replicas
         token, fetch = self.read_token(facts)
         if not fetch:
             decision = self._decide(facts, token)
@@ -448,14 +473,25 @@ class ClientSession(asyncio.Protocol):
                     self.app.note_consistency(decision)
                 conn = self._borrow_now(decision.backend)
                 if conn is not None:
-                    self._attach(conn, decision.backend, buf[frames[0][1] : end], facts)
+                    self._attach(conn, decision.backend, self._unit_bytes(buf, frames, last), facts)
                     return frames[0][1]
-        self._routing = self.app.spawn(self._route_later(facts, bytes(buf[frames[0][1] : end])))
+        self._routing = self.app.spawn(self._route_later(facts, self._unit_bytes(buf, frames, last)))
         return -1
+
+    @staticmethod
+    def _unit_bytes(buf: bytes, frames: list, last: int) -> bytes:
+        """The bytes of the unit at frames[0]: up to its Sync (or Query), which may come
+        after the Flush it was routed at; as much as has arrived if it has not."""
+        end = frames[-1][2]
+        for t, s, e in frames[last:]:
+            if t == F_SYNC or t == F_QUERY or t == F_FUNCTION_CALL:
+                end = e
+                break
+        start = frames[0][1]
+        return buf if start == 0 and end == len(buf) else buf[start:end]
 
     def _decide(self, facts: UnitFacts, token: int | None, allow_wait: bool = True) -> Decision:
         app = self.app
-        self.units += 1
         return decide_route(facts, self._session_facts(token), app.topology.current, app.load,
                             tiebreak=self.units, allow_wait=allow_wait)
 
@@ -504,14 +540,25 @@ class ClientSession(asyncio.Protocol):
                     decision = await app.wait_for_replica(self, facts, decision.wait_lsn)
                 elif token is not None and decision.error is None:
                     app.note_consistency(decision)
-                if decision.error is not None:
-                    raise RoutingError(*decision.error)
-                backend = decision.backend
-                conn = self.owned.get(backend.name)
-                if conn is None or conn.closed:
-                    conn = await app.pool_for(backend, self.user, self.database).acquire()
+                for attempt in range(3):
+                    if decision.error is not None:
+                        raise RoutingError(*decision.error)
+                    backend = decision.backend
+                    conn = self.owned.get(backend.name)
+                    if conn is not None and not conn.closed:
+                        break
+                    try:
+                        conn = await app.pool_for(backend, self.user, self.database).acquire()
+                    except ConnectionFailure:
+                        if backend.role is not Role.REPLICA or attempt == 2:
+                            raise
+                        # The replica is marked down already (the pool told the monitor):
+                        # ask again, and another backend serves the read.
+                        decision = self._decide(facts, token, allow_wait=False)
+                        continue
                     if app.session_pooling:
                         self.owned[backend.name] = conn
+                    break
             except ProxyError as exc:
                 self._routing = None
                 self._refuse_unit(unit, exc)
@@ -530,20 +577,22 @@ class ClientSession(asyncio.Protocol):
             self.close(f"internal error while routing: {exc}")
 
     def _refuse_unit(self, unit: bytes, error: ProxyError) -> None:
-        """Answer a unit that no backend can run with the error, in the reply shape the
-        client expects, and carry on with what follows it."""
+        """Answer a unit that no backend can run with the error, as a server would: the
+        error, then (after the rest of the group up to Sync is skipped) ReadyForQuery."""
         stash = self._stash
         self._stash = stash[len(unit) :] if stash.startswith(unit) else stash
-        frames, _ = wire.split_messages(unit)
         if error.fatal:
             self.fail(error)
             return
-        types = [(t, unit[s + 5] if t in (F_DESCRIBE, F_CLOSE) and e > s + 5 else 0) for t, s, e in frames]
-        if frames and frames[0][0] == F_QUERY:
-            self.transport.write(local.simple(local.Answer(error=error), self.status))
+        frames, _ = wire.split_messages(unit)
+        if self.status == TX_IN_BLOCK:
+            self.status = TX_FAILED  # (a transaction whose BEGIN is still deferred)
+        reply = error.to_wire()
+        if frames and frames[-1][0] in (F_QUERY, F_SYNC, F_FUNCTION_CALL):
+            reply += wire.ready_for_query(self.status)
         else:
-            reply = local.extended(local.Answer(error=error), types[:1] + [(F_EXECUTE, 0)] + types[1:], self.status)
-            self.transport.write(reply if reply else error.to_wire())
+            self._skip_to_sync = True  # the rest of the group arrives later
+        self.transport.write(reply)
         self.resume()
 
     def _attach(self, conn: ServerConnection, backend: BackendState, unit: bytes, facts: UnitFacts) -> None:
@@ -567,7 +616,8 @@ class ClientSession(asyncio.Protocol):
 
     def _replayed(self, step: Step) -> None:
         if step.error is not None:
-            log.warning("replaying session settings on %s failed: %s", step.error.get("M"), self.server and self.server.backend)
+            log.warning("replaying session settings on %s failed: %s",
+                        self.server.backend if self.server else "?", step.error.get("M"))
             if self.server is not None:
                 self.server.settings_key = ()
             if self.transport is not None and self.state is State.READY:
@@ -633,6 +683,8 @@ class ClientSession(asyncio.Protocol):
         if self._retry_data is not None:
             step.retry = Retry(self._retry_data)
             self._retry_data = None
+        if self._retry_skip:
+            step.skip, self._retry_skip = self._retry_skip, 0
         self.server.steps.append(step)
         self._open = step
         return step
@@ -644,6 +696,8 @@ class ClientSession(asyncio.Protocol):
         out: list[bytes] = []
         run = frames[0][1]  # start of a run of bytes forwarded unchanged
         step = self._open
+        if step is not None and step.retry is not None:
+            self._keep_for_retry(step, buf, frames)
         stop = None
         query_analysis: Analysis | None = None
         for i, (t, s, e) in enumerate(frames):
@@ -712,8 +766,8 @@ class ClientSession(asyncio.Protocol):
                 analysis = self._classify(sql)
                 self._note_analysis(step, analysis)
                 if name:
-                    sname = server_statement_name(sql, params)
-                    st = self.stmts[name] = Stmt(sname, wire.build_parse(sname, sql, params), analysis)
+                    st = self.register_statement(name, sql, params)
+                    sname = st.server_name
                     out.append(buf[run:s])
                     run = e
                     if sname in server.prepared:
@@ -780,6 +834,18 @@ class ClientSession(asyncio.Protocol):
             return local.Answer(error=commands.NotAlone(
                 "pgsplit commands (SET/RESET/SHOW pgsplit.*) must be sent as statements of their own"))
         return self.app.commands.evaluate(self, own)
+
+    def _keep_for_retry(self, step: Step, buf: bytes, frames: list) -> None:
+        """More messages of an open retry-able unit (sent after a Flush): keep them too."""
+        end = frames[-1][2]
+        for t, s, e in frames:
+            if t == F_SYNC or t == F_QUERY:
+                end = e
+                break
+        retry = step.retry
+        retry.data += buf[frames[0][1] : end]
+        if len(retry.data) > Retry.MAX_BYTES:
+            step.retry = None
 
     def _flush_out(self, server: ServerConnection, out: list[bytes], buf: bytes, run: int, end: int) -> None:
         if not out:
@@ -884,6 +950,7 @@ class ClientSession(asyncio.Protocol):
     def _note_commit(self) -> None:
         self.commit_pending = True
         self.commit_ticket = self.app.lsn_fetcher.ticket()
+        self.commit_time = self.transport.get_extra_info("loop", None) and 0.0 or asyncio.get_running_loop().time()
 
     def _unpin(self, unpin: Unpin) -> None:
         if unpin is Unpin.DISCARD_ALL:
@@ -951,7 +1018,9 @@ class ClientSession(asyncio.Protocol):
         data = step.retry.data
         self._release()
         self._stash = data + self._stash
-        self._force_primary_next = True
+        self._retry_skip = step.delivered
+        if (step.error or {}).get("C") in ("25006", "40001"):
+            self._force_primary_next = True  # the replica cannot run it; the primary can
         self.resume()
 
     # --- failures ------------------------------------------------------------------------
@@ -967,12 +1036,13 @@ class ClientSession(asyncio.Protocol):
         pool.discard(server)
         if self.state is not State.READY:
             return
-        if (first is not None and first.retry is not None and not first.wrote and len(pending) == 1
-                and self._open is None):
+        if (first is not None and first.retry is not None and not first.rows_seen and len(pending) == 1
+                and not self._tx_effects and self.status == TX_IDLE):
             log.info("server %s lost during a read; retrying it elsewhere", server.backend)
             self.app.metrics.retries.labels(reason="server_lost").inc()
             self.app.note_backend_failure(server.backend)
             self._stash = first.retry.data + self._stash
+            self._retry_skip = first.delivered
             self.resume()
             return
         if first is not None and first.error is not None and first.error.get("V", first.error.get("S")) in ("FATAL", "PANIC"):
@@ -1009,6 +1079,12 @@ class ClientSession(asyncio.Protocol):
                 return self.app.commands.answer(self, buf, frames, analyses)
         return False
 
+    def register_statement(self, name: bytes, sql: bytes, params: bytes) -> Stmt:
+        """Remember a named statement the client prepared; servers get it when needed."""
+        sname = server_statement_name(sql, params)
+        st = self.stmts[name] = Stmt(sname, wire.build_parse(sname, sql, params), self._classify(sql))
+        return st
+
     def _prepare_locally(self, buf: bytes, frames: list) -> bool:
         """Named Parses and a Sync, nothing else: the statements are remembered and
         prepared on a server when first used (as PgBouncer does). No server connection
@@ -1026,11 +1102,10 @@ class ClientSession(asyncio.Protocol):
                 return False
             parses.append((name, sql, params))
         for name, sql, params in parses:
-            analysis = self._classify(sql)
-            if any(eff.kind.startswith("pgsplit_") for eff in analysis.effects):
+            if any(eff.kind.startswith("pgsplit_") for eff in self._classify(sql).effects):
                 return False  # answered by the proxy on each execution, see Commands
-            sname = server_statement_name(sql, params)
-            self.stmts[name] = Stmt(sname, wire.build_parse(sname, sql, params), analysis)
+        for name, sql, params in parses:
+            self.register_statement(name, sql, params)
         self.transport.write(wire.PARSE_COMPLETE * len(parses) + wire.ready_for_query(self.status))
         return True
 

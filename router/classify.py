@@ -504,6 +504,7 @@ class Classifier:
     Not thread-safe (one per event loop is the intended use)."""
 
     def __init__(self, cache_size: int = 10000, volatile_functions: frozenset[str] = frozenset()) -> None:
+        self.version = 0  # bumped whenever the analyses it gives may change
         self._cache_size = max(0, int(cache_size))
         self._text: OrderedDict[str, Analysis] = OrderedDict()
         self._fp: OrderedDict[str, Analysis] = OrderedDict()
@@ -526,6 +527,7 @@ class Classifier:
         if new == self._volatile:
             return
         self._volatile = new
+        self.version += 1  # callers that memoise analyses compare it
         self.clear_cache()
 
     def clear_cache(self) -> None:

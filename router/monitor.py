@@ -298,9 +298,9 @@ def build_topology(
     if ref is not None and (not history or history[-1][1] < ref):
         history = (*history, (now, ref))
     p_sample = samples.get(previous.primary.name)
-    primary_lsn = previous.primary_lsn
+    primary_lsn, primary_lsn_at = previous.primary_lsn, previous.primary_lsn_at
     if isinstance(p_sample, Sample) and p_sample.current_lsn is not None:
-        primary_lsn = p_sample.current_lsn
+        primary_lsn, primary_lsn_at = p_sample.current_lsn, p_sample.started_at
     primary = _next_primary(previous.primary, p_sample)
     replicas = tuple(_next_replica(r, samples.get(r.name), ref, history, now) for r in previous.replicas)
     # Split brain: more than one backend claims to be a primary. A backend that did not
@@ -314,6 +314,7 @@ def build_topology(
         primary=primary,
         replicas=replicas,
         primary_lsn=primary_lsn,
+        primary_lsn_at=primary_lsn_at,
         split_brain=len(claims) > 1,
         polled_at=now,
     )
@@ -422,10 +423,11 @@ def _poll_error(exc: BaseException, what: str, timeout: float) -> PollError:
     return PollError(f"{what}: {type(exc).__name__}: {_error_text(exc)}")
 
 
-async def _connect(spec: BackendSpec, settings: MonitorSettings, purpose: str) -> asyncpg.Connection:
+async def _connect(spec: BackendSpec, settings: MonitorSettings, purpose: str,
+                   database: str | None = None) -> asyncpg.Connection:
     return await asyncpg.connect(
         host=spec.host, port=spec.port, user=settings.user, password=settings.password,
-        database=settings.dbname, timeout=settings.connect_timeout_s,
+        database=database or settings.dbname, timeout=settings.connect_timeout_s,
         server_settings={"application_name": f"{APPLICATION_NAME} ({purpose})"},
     )
 
@@ -549,6 +551,7 @@ class Monitor:
         self.settings = settings
         self.metrics = metrics
         self.on_volatile_functions = on_volatile_functions
+        self.databases: Callable[[], Iterable[str]] = tuple  # databases clients use (the proxy sets it)
         self._cluster = cluster_name if cluster_name is not None else holder.current.cluster
         self._specs = list(backends)
         initial_topology(self._cluster, self._specs)  # validates the set
@@ -851,15 +854,21 @@ class Monitor:
             await asyncio.sleep(refresh)
 
     async def refresh_catalog(self) -> frozenset[str]:
-        """Read the user functions marked VOLATILE from the primary and hand them to
-        `on_volatile_functions`; return them."""
+        """Read the user functions marked VOLATILE from the primary, in every database
+        clients use (functions live per database; a name volatile in any of them counts),
+        and hand them to `on_volatile_functions`; return them."""
         target = self._primary_spec()
-        conn = await _connect(target, self.settings, "catalog")
-        try:
-            async with asyncio.timeout(max(self.settings.timeout_s, 5.0)):
-                rows = await conn.fetch(VOLATILE_FUNCTIONS_SQL)
-        finally:
-            await _close(conn)
+        rows: list = []
+        for database in sorted(set(self.databases()) | {self.settings.dbname}):
+            try:
+                conn = await _connect(target, self.settings, "catalog", database)
+            except asyncpg.InvalidCatalogNameError:
+                continue  # a database that went away
+            try:
+                async with asyncio.timeout(max(self.settings.timeout_s, 5.0)):
+                    rows += await conn.fetch(VOLATILE_FUNCTIONS_SQL)
+            finally:
+                await _close(conn)
         names = volatile_function_names((r[0], r[1]) for r in rows)
         if self.on_volatile_functions is not None:
             self.on_volatile_functions(names)

@@ -137,3 +137,12 @@ def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = N
     return Decision(None, reason, error=(
         "57P03", f"no backend of cluster {topo.cluster!r} is available: the primary {p.name} is not answering",
     ))
+
+
+def startup_backend(topo: Topology, load: Mapping[str, int]) -> Decision:
+    """Where a freshly authenticated client learns its parameters: the primary when it
+    answers (even in recovery or split brain: nothing is written), else a replica, so
+    that new clients can log in and read while the primary is down."""
+    if topo.primary.up:
+        return Decision(topo.primary, "startup")
+    return _primary(topo, writes=False, reason="startup", load=load)

@@ -49,7 +49,8 @@ class Topology:
     cluster: str
     primary: BackendState
     replicas: tuple[BackendState, ...] = ()
-    primary_lsn: int | None = None  # pg_current_wal_lsn() at the last poll
+    primary_lsn: int | None = None  # pg_current_wal_lsn() at the last poll that reached the primary
+    primary_lsn_at: float = 0.0  # loop time that poll was sent
     split_brain: bool = False
     polled_at: float = 0.0  # loop time of the poll round that built it
     rotation: tuple[BackendState, ...] = field(init=False)
