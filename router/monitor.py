@@ -143,6 +143,15 @@ class Sample:
 class PollError(Exception):
     """A backend did not answer its poll; the message says how."""
 
+    def __init__(self, message: str, *, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out  # slow rather than refused: a busy server looks like this
+
+
+# A primary that only answers slowly is busy more often than dead: writes stop after this
+# many timed-out polls in a row (a refused or broken connection stops them at once).
+PRIMARY_TIMEOUTS_DOWN = 3
+
 
 # --- pure decisions -----------------------------------------------------------------------------
 
@@ -329,8 +338,10 @@ def _next_primary(prev: BackendState, sample: Sample | BaseException | None) -> 
     if sample is None:
         return prev
     if isinstance(sample, BaseException):
-        return replace(prev, up=False, error=_error_text(sample))
-    return replace(prev, up=True, in_recovery=sample.in_recovery, error=None)
+        failures = prev.failures + 1
+        down = not getattr(sample, "timed_out", False) or failures >= PRIMARY_TIMEOUTS_DOWN
+        return replace(prev, up=prev.up and not down, failures=failures, error=_error_text(sample))
+    return replace(prev, up=True, in_recovery=sample.in_recovery, error=None, failures=0)
 
 
 def _next_replica(
@@ -417,7 +428,7 @@ def _lag_reason(b: BackendState) -> str:
 
 def _poll_error(exc: BaseException, what: str, timeout: float) -> PollError:
     if isinstance(exc, TimeoutError):
-        return PollError(f"{what}: no answer within {timeout * 1000:.0f} ms")
+        return PollError(f"{what}: no answer within {timeout * 1000:.0f} ms", timed_out=True)
     if isinstance(exc, asyncpg.PostgresError):
         return PollError(f"{what}: {exc.sqlstate} {_error_text(exc)}")
     return PollError(f"{what}: {type(exc).__name__}: {_error_text(exc)}")

@@ -37,6 +37,7 @@ class BackendState:
     lag_seconds: float | None = None
     in_rotation: bool = True  # replicas: receives reads
     error: str | None = None  # why the monitor could not reach it
+    failures: int = 0  # polls in a row that did not answer
 
     @property
     def address(self) -> tuple[str, int]:
