@@ -19,6 +19,7 @@ from proxy.auth import Verifiers
 from proxy.backend import ServerConnection
 from proxy.commands import Commands
 from proxy.config import Config
+from proxy.dataplane import DataPlane
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
 from proxy.pool import Pool, Pools, PoolSettings
@@ -76,6 +77,7 @@ class Proxy:
         self.sessions: set[ClientSession] = set()
         self.by_key: dict[tuple[int, bytes], ClientSession] = {}
         self.listener = Listener(self)
+        self.dataplane = DataPlane(self)
         self.ssl_context = self._ssl_context(config)
         self.admin = None
         self._tasks: set[asyncio.Task] = set()
@@ -254,6 +256,14 @@ class Proxy:
                 await self.monitor.refresh_catalog()
         except Exception as exc:  # the periodic refresh tries again
             log.warning("reading the volatile-function catalog of database %r failed: %s", database, exc)
+
+    async def switch_cluster(self, name: str):
+        """Make another configured cluster the active backend set (the cutover's swap)."""
+        specs = backend_specs(self.config, name)
+        topology = await self.monitor.retarget(name, specs)
+        self.config = self.config.with_active(name)
+        self.pools.retire_backends({s.name for s in specs})
+        return topology
 
     # --- read-your-writes --------------------------------------------------------------------
 

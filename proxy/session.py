@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 from proxy import commands, local, wire
 from proxy.backend import ServerConnection, Step, StepKind, send_cancel
 from proxy.errors import (
-    ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerLost, ServerLostInTransaction,
+    AdminShutdown, ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerLost,
+    ServerLostInTransaction,
 )
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
 from router.monitor import PollError
@@ -155,6 +156,7 @@ class ClientSession(asyncio.Protocol):
         self._retry_data: bytes | None = None
         self._retry_skip = 0  # reply bytes of a retried unit the client already has
         self._skip_to_sync = False
+        self._aborted: str | None = None  # why the open transaction was rolled back
         self._tx_effects: list = []
         self._tx_failed = False
         self._pause_reasons: set[str] = set()
@@ -323,6 +325,10 @@ class ClientSession(asyncio.Protocol):
                 pos = self._skip_group(frames)
                 continue
             if self.server is None:
+                if self.app.dataplane.holding:  # a cutover is in progress: wait for it
+                    self.app.dataplane.hold_session(self)
+                    pos = frames[0][1]
+                    break
                 start = self._start_unit(buf, frames)
                 if start < 0:
                     pos = frames[0][1]
@@ -453,6 +459,10 @@ class ClientSession(asyncio.Protocol):
             return -1
         last, analyses, fcall = scan
         end = frames[last][2]
+        if self._aborted is not None:
+            unit_end = self._unit_end(frames, last)
+            self._answer_aborted(buf[frames[0][1] : unit_end], analyses)
+            return unit_end
         handled = self._answer_locally(buf, frames[: last + 1], analyses)
         if handled:
             return end
@@ -479,15 +489,16 @@ class ClientSession(asyncio.Protocol):
         return -1
 
     @staticmethod
-    def _unit_bytes(buf: bytes, frames: list, last: int) -> bytes:
-        """The bytes of the unit at frames[0]: up to its Sync (or Query), which may come
-        after the Flush it was routed at; as much as has arrived if it has not."""
-        end = frames[-1][2]
+    def _unit_end(frames: list, last: int) -> int:
+        """Where the unit at frames[0] ends: after its Sync (or Query), which may come
+        after the Flush it was routed at; as far as has arrived if it has not."""
         for t, s, e in frames[last:]:
             if t == F_SYNC or t == F_QUERY or t == F_FUNCTION_CALL:
-                end = e
-                break
-        start = frames[0][1]
+                return e
+        return frames[-1][2]
+
+    def _unit_bytes(self, buf: bytes, frames: list, last: int) -> bytes:
+        start, end = frames[0][1], self._unit_end(frames, last)
         return buf if start == 0 and end == len(buf) else buf[start:end]
 
     def _decide(self, facts: UnitFacts, token: int | None, allow_wait: bool = True) -> Decision:
@@ -576,11 +587,68 @@ class ClientSession(asyncio.Protocol):
             self._routing = None
             self.close(f"internal error while routing: {exc}")
 
+    def abort_transaction(self, reason: str) -> None:
+        """Roll back the client's open transaction (its server connection is closed) and
+        answer everything up to its COMMIT/ROLLBACK as a failed transaction block."""
+        server = self.server
+        if server is not None:
+            self._detach(server)
+            self.owned.pop(server.backend, None)
+            server.pool.discard(server)
+        self._deferred_begin = None
+        self._aborted = reason
+        self.status = TX_FAILED
+
+    def _answer_aborted(self, unit: bytes, analyses: list[Analysis]) -> None:
+        if len(analyses) == 1 and analyses[0].statements == 1 and analyses[0].tx in (
+                TxControl.COMMIT, TxControl.ROLLBACK):
+            self._aborted = None
+            self.status = TX_IDLE
+            frames, _ = wire.split_messages(unit)
+            if frames[0][0] == F_QUERY:
+                self.transport.write(local.simple(local.Answer(tag="ROLLBACK"), TX_IDLE))
+            else:
+                types = [(t, unit[s + 5] if t in (F_DESCRIBE, F_CLOSE) else 0) for t, s, e in frames]
+                self.transport.write(local.extended(local.Answer(tag="ROLLBACK"), types, TX_IDLE))
+            return
+        err = ProxyError("current transaction is aborted, commands ignored until end of transaction block",
+                         detail=self._aborted)
+        err.sqlstate = "25P02"
+        self._reply_error(unit, err)
+
+    def topology_swapped(self, keep: set[str]) -> None:
+        """Another backend set is active: connections to the old one go, and with them
+        the LSN tokens of the old timeline."""
+        self.token = None
+        self.commit_pending = False
+        self.min_lsn = None
+        self._pools.clear()
+        if self.pins:
+            self.fail(AdminShutdown(
+                "terminating connection: a cutover moved the database to another cluster, and this "
+                "session's server-side state (temporary tables, LISTEN, advisory locks or WITH HOLD "
+                "cursors) cannot move with it"))
+            return
+        for name, conn in list(self.owned.items()):
+            if name not in keep:
+                del self.owned[name]
+                if conn is self.server:
+                    self._detach(conn)
+                conn.pool.discard(conn)
+        server = self.server
+        if server is not None and server.backend not in keep and not server.steps and self.status == TX_IDLE:
+            self._detach(server)
+            server.pool.discard(server)
+
     def _refuse_unit(self, unit: bytes, error: ProxyError) -> None:
         """Answer a unit that no backend can run with the error, as a server would: the
         error, then (after the rest of the group up to Sync is skipped) ReadyForQuery."""
         stash = self._stash
         self._stash = stash[len(unit) :] if stash.startswith(unit) else stash
+        self._reply_error(unit, error)
+        self.resume()
+
+    def _reply_error(self, unit: bytes, error: ProxyError) -> None:
         if error.fatal:
             self.fail(error)
             return
@@ -593,7 +661,6 @@ class ClientSession(asyncio.Protocol):
         else:
             self._skip_to_sync = True  # the rest of the group arrives later
         self.transport.write(reply)
-        self.resume()
 
     def _attach(self, conn: ServerConnection, backend: BackendState, unit: bytes, facts: UnitFacts) -> None:
         conn.client = self
