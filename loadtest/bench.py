@@ -659,7 +659,7 @@ class ConnectBudget:
         if est is None:
             seed = self.known.get((target, self.max_clients))
             est = seed * clients / self.max_clients if seed is not None else 0.0
-        extra = 0 if est < max(0.1 * self.duration, 0.15) else math.ceil(est * 1.1 + 0.2)
+        extra = 0 if est < max(0.1 * self.duration, 0.25) else math.ceil(est * 1.1 + 0.2)
         return math.ceil(self.duration) + extra
 
 
