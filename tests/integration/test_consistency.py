@@ -1,0 +1,194 @@
+"""Read-your-writes through pgsplit, measured with the consistency checker
+(loadtest/consistency.py) on the real sandbox cluster.
+
+With a 200 ms apply delay on both replicas a read that follows a write at once can only
+be fresh if the proxy waits for a replica at the session's token or sends the read to the
+primary; `eventual` mode (and `token` mode without the hand-over) must show stale reads in
+the same setup, so the checker is shown to be able to catch them. Without delay, a
+read-heavy mix must still be served mostly by replicas: consistency must not quietly send
+everything to the primary.
+
+Each checker run makes its own tables (cc_<time>_<random>_*), so runs never see each
+other's rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from loadtest.consistency import CheckResult, run_check
+from loadtest.sandbox import Cluster
+from router.lsn import format_lsn, parse_lsn
+from helpers import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+DELAY_MS = 200
+WAIT_MS = 20  # consistency_wait_ms: short, so runs are not dominated by waits
+
+
+@pytest.fixture
+def apply_delay(cluster: Cluster) -> Iterator[int]:
+    """recovery_min_apply_delay = 200 ms on both replicas for one test; 0 again after."""
+    try:
+        for r in cluster.replicas:
+            cluster.set_apply_delay(r, DELAY_MS)
+        yield DELAY_MS
+    finally:
+        for r in cluster.replicas:
+            cluster.set_apply_delay(r, 0)
+        cluster.wait_caught_up()
+
+
+def replicas_caught_up(cluster: Cluster, proxy) -> None:
+    """Until every replica has replayed what the primary has written now, and the proxy's
+    monitor has seen it (so a token up to here lets a replica serve)."""
+    lsn = parse_lsn(cluster.wait_caught_up())
+    wait_until(lambda: proxy.call(lambda: all(
+        r.replay_lsn is not None and r.replay_lsn >= lsn for r in proxy.proxy.topology.current.replicas)),
+        timeout=10, message=f"the proxy to see the replicas at {format_lsn(lsn)}")
+
+
+def describe(res: CheckResult) -> str:
+    return "\n" + res.summary()
+
+
+def assert_no_errors(res: CheckResult, pairs: int) -> None:
+    assert res.errors == 0, describe(res)
+    assert res.pairs == pairs, describe(res)
+    assert all(n > 0 for n in res.pairs_by_kind.values()), describe(res)
+
+
+# --- 200 ms apply delay on both replicas ------------------------------------------------------
+
+
+async def test_session_mode_no_stale_reads_under_apply_delay(make_proxy, apply_delay):
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    res = await run_check(proxy.dsn(), sessions=16, pairs=5000, mode="session", admin_url=proxy.admin_url)
+    assert_no_errors(res, 5000)
+    assert res.stale == 0, describe(res)
+    # Every read-back carried a token: the proxy recorded an outcome for it, and the waits
+    # were bounded by consistency_wait_ms (not by the 200 ms delay).
+    assert res.immediate + res.waits + res.fallbacks >= res.pairs, describe(res)
+    assert res.wait_count > 0 and res.wait_seconds_sum / res.wait_count < 0.1, describe(res)
+
+
+async def test_session_mode_read_after_explicit_transaction(make_proxy, apply_delay, cluster):
+    """The write of an explicit transaction (BEGIN / INSERT / COMMIT as separate
+    statements) must count: the read right after COMMIT sees the row. The session's earlier
+    write (its token already taken by a read) is replayed everywhere first, so that old
+    token alone would let a replica without the transaction serve the read."""
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    conn = await asyncpg.connect(proxy.dsn(), timeout=10, command_timeout=10)
+    table = "cc_explicit_tx"
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int PRIMARY KEY)")
+        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        # A read takes the session's token for that insert; then every replica gets it.
+        assert (await conn.fetchval(f"SELECT count(*) FROM {table}")) == 1
+        replicas_caught_up(cluster, proxy)
+        stale = []
+        await conn.execute("BEGIN")
+        await conn.execute(f"INSERT INTO {table} VALUES (2)")
+        await conn.execute("COMMIT")
+        seen, on_replica = await conn.fetchrow(f"SELECT count(*), pg_is_in_recovery() FROM {table}")
+        if seen != 2:
+            stale.append(f"BEGIN / INSERT / COMMIT: read saw {seen} of 2 rows (on a replica: {on_replica})")
+        replicas_caught_up(cluster, proxy)
+        async with conn.transaction():  # asyncpg: BEGIN, extended-protocol INSERT, COMMIT
+            await conn.execute(f"INSERT INTO {table} VALUES ($1)", 3)
+        seen, on_replica = await conn.fetchrow(f"SELECT count(*), pg_is_in_recovery() FROM {table}")
+        if seen != 3:
+            stale.append(f"asyncpg transaction(): read saw {seen} of 3 rows (on a replica: {on_replica})")
+        assert not stale, "stale reads right after COMMIT:\n" + "\n".join(stale)
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
+async def test_eventual_mode_shows_stale_reads_under_apply_delay(make_proxy, apply_delay):
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    res = await run_check(proxy.dsn(), sessions=16, pairs=1000, mode="eventual", admin_url=proxy.admin_url)
+    assert_no_errors(res, 1000)
+    assert res.stale > 0, describe(res)
+    assert res.reads_on_replica > 0, describe(res)
+    # eventual reads carry no token: nothing waits for one
+    assert res.immediate + res.waits + res.fallbacks == 0, describe(res)
+
+
+async def test_token_mode_cross_connection_with_min_lsn(make_proxy, apply_delay):
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    res = await run_check(proxy.dsn(), sessions=16, pairs=1000, mode="token", cross_connection=True,
+                          set_min_lsn=True, admin_url=proxy.admin_url)
+    assert_no_errors(res, 1000)
+    assert res.stale == 0, describe(res)
+
+
+async def test_token_mode_cross_connection_without_min_lsn_is_stale(make_proxy, apply_delay):
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    res = await run_check(proxy.dsn(), sessions=16, pairs=1000, mode="token", cross_connection=True,
+                          set_min_lsn=False, admin_url=proxy.admin_url)
+    assert_no_errors(res, 1000)
+    assert res.stale > 0, describe(res)
+
+
+async def test_global_mode_cross_connection(make_proxy, apply_delay):
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    res = await run_check(proxy.dsn(), sessions=16, pairs=1000, mode="global", cross_connection=True,
+                          admin_url=proxy.admin_url)
+    assert_no_errors(res, 1000)
+    assert res.stale == 0, describe(res)
+    assert res.immediate + res.waits + res.fallbacks >= res.pairs, describe(res)
+
+
+# --- no delay: reads stay on the replicas -----------------------------------------------------
+
+
+async def test_read_heavy_session_mode_reads_mostly_on_replicas(make_proxy, cluster):
+    cluster.wait_caught_up()
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    res = await run_check(proxy.dsn(), sessions=16, pairs=1000, mode="session", read_heavy=True,
+                          admin_url=proxy.admin_url)
+    assert_no_errors(res, 1000)
+    assert res.reads == 10 * res.pairs, describe(res)  # 1 write : 10 reads
+    assert res.replica_share >= 0.9, describe(res)
+    assert res.stale == 0, describe(res)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_command_line_help():
+    out = subprocess.run([sys.executable, "-m", "loadtest.consistency", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for option in ("--dsn", "--admin", "--sessions", "--pairs", "--mode", "--cross-connection",
+                   "--no-min-lsn", "--read-heavy", "--seconds", "--json"):
+        assert option in out.stdout, option
+
+
+def test_command_line_json_run(make_proxy, cluster):
+    cluster.wait_caught_up()
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    out = subprocess.run(
+        [sys.executable, "-m", "loadtest.consistency", "--dsn", proxy.dsn(), "--admin", proxy.admin_url,
+         "--sessions", "4", "--pairs", "300", "--mode", "session", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90, env=env)
+    assert out.returncode in (0, 1), f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
+    result = json.loads(out.stdout)
+    assert result["mode"] == "session" and result["sessions"] == 4
+    assert result["pairs"] == 300 and result["errors"] == 0, result
+    assert result["reads"] == 300 and 0 <= result["replica_share"] <= 1, result
+    assert set(result["stale_by_kind"]) == {"insert", "update", "tx"}, result
+    assert result["immediate"] is not None and isinstance(result["wait_histogram"], dict), result
+    # the exit status follows the result: 0 only without stale reads and errors
+    assert out.returncode == (0 if result["ok"] else 1), result
+    assert result["ok"] == (result["stale"] == 0 and result["errors"] == 0), result
