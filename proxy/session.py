@@ -159,6 +159,7 @@ class ClientSession(asyncio.Protocol):
         self._aborted: str | None = None  # why the open transaction was rolled back
         self._tx_effects: list = []
         self._tx_failed = False
+        self._tx_wrote = False  # the open transaction (or unit) wrote on the primary
         self._pause_reasons: set[str] = set()
         self._write_paused = False
         self._memo_sql = b""
@@ -973,7 +974,8 @@ class ClientSession(asyncio.Protocol):
         self.status = step.status
         if step.kind is _FORWARD:
             self._record(step.backend, step.role, "write" if step.writes else "read", perf_counter() - step.t0)
-            if step.writes or step.analyses or step.status != TX_IDLE or self._tx_effects or self._tx_failed:
+            if (step.writes or step.analyses or step.status != TX_IDLE or self._tx_wrote or self._tx_effects
+                    or self._tx_failed):
                 self._after_unit(step)
             if step.retrying:
                 self._retry(server, step)
@@ -987,7 +989,12 @@ class ClientSession(asyncio.Protocol):
     def _after_unit(self, step: Step) -> None:
         status = step.status
         ok = step.error is None
-        if step.writes and step.role == "primary" and status == TX_IDLE and ok:
+        if step.writes and step.role == "primary":
+            self._tx_wrote = True
+        if status == TX_IDLE and self._tx_wrote:
+            # A unit or transaction that wrote has ended (committed, or rolled back: a
+            # token that covers a rollback costs one LSN fetch, a missing one a stale read).
+            self._tx_wrote = False
             self._note_commit()
         if status == TX_FAILED:
             self._tx_failed = True
