@@ -229,6 +229,7 @@ class Relay:
         self.stats.active += 1
         s_writer: asyncio.StreamWriter | None = None
         peer = c_writer.get_extra_info("peername")
+        clean = False  # both directions ended with an EOF: flush, then close
         try:
             # the TCP handshake to the far side costs a round trip before any data
             await asyncio.sleep(2 * self._profile.delay_ms / 1000)
@@ -254,6 +255,7 @@ class Relay:
                                                        return_when=asyncio.FIRST_COMPLETED)
                     if any(t.exception() is not None for t in done):
                         break
+                clean = not pending
             finally:
                 for t in pipes:
                     t.cancel()
@@ -262,7 +264,10 @@ class Relay:
             for w in (c_writer, s_writer):
                 if w is not None:
                     self._writers.discard(w)
-                    w.transport.abort()
+                    if clean:
+                        w.close()  # what is still in the transport's buffer goes out first
+                    else:
+                        w.transport.abort()
             self.stats.active -= 1
 
     async def _run_pipe(self, p: _Pipe) -> None:

@@ -160,7 +160,7 @@ async def test_bandwidth_cap(echo_port: int) -> None:
     mbit = size * 8 / elapsed / 1e6
     print(f"\nrelay capped at 40 Mbit/s: {mbit:.1f} Mbit/s through an echo (both ways)")
     # up and down are pipelined, each capped: the echo takes a bit more than 1 MB / 5 MB/s
-    assert 0.2 <= elapsed <= 0.3
+    assert 0.2 <= elapsed <= 0.4
 
 
 async def test_a_slow_receiver_bounds_the_relay_buffer() -> None:
