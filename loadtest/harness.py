@@ -17,7 +17,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,35 @@ def _toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@dataclass
+class NodeSet:
+    """Some nodes of a sandbox `Cluster` as one config cluster, e.g. a cutover's target (a
+    standby of the primary and a cascading standby of it) next to the source (the primary
+    and one replica): ``{"main": NodeSet.of(c, "primary", ["replica1"]),
+    "next": NodeSet.of(c, "next1", ["next2"])}``. `config_text` reads the same attributes
+    of it as of a Cluster (users, md5_users, superuser_password, primary, replicas, nodes)."""
+
+    primary: Any  # loadtest.sandbox.Node
+    replicas: Sequence[Any] = ()
+    users: Mapping[str, str] = field(default_factory=dict)
+    md5_users: Mapping[str, str] = field(default_factory=dict)
+    superuser_password: str = "postgres-secret"
+
+    @classmethod
+    def of(cls, cluster: Any, primary: Any, replicas: Sequence[Any] = ()) -> "NodeSet":
+        """Nodes (or node names) of `cluster`, with its users and superuser password."""
+        return cls(cluster.node(primary), [cluster.node(r) for r in replicas], dict(cluster.users),
+                   dict(cluster.md5_users), cluster.superuser_password)
+
+    @property
+    def nodes(self) -> list[Any]:
+        return [self.primary, *self.replicas]
+
+
 def config_text(clusters: Mapping[str, Any], *, active: str | None = None, port: int = 0, admin_port: int = 0,
                 sections: Mapping[str, Mapping[str, Any]] | None = None,
                 backend_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """A pgsplit config for sandbox clusters: {config cluster name: Cluster}.
+    """A pgsplit config for sandbox clusters: {config cluster name: Cluster or NodeSet}.
 
     Backends are named "<cluster>_<node>" (e.g. main_primary, main_replica1). Users come
     from the first cluster; the monitor logs in as its superuser. `sections` adds or

@@ -8,7 +8,9 @@ Must not know: how a cutover or a pause works (it calls the proxy's methods).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
 from typing import TYPE_CHECKING
 
@@ -41,6 +43,8 @@ class Admin:
         for name in ("pause", "resume", "reload", "cutover"):
             method = getattr(proxy, f"admin_{name}", None)
             routes[f"/v1/{name}"] = self._post(name, method)
+        if getattr(proxy, "start_cutover", None) is not None:
+            routes["/v1/cutover"] = self.cutover  # streams the steps as they happen
         return routes
 
     @web.middleware
@@ -73,6 +77,43 @@ class Admin:
             return web.json_response(result)
 
         return handler
+
+    async def cutover(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/cutover {"target": NAME, "dry_run": bool, "timeout_s": seconds}: newline-
+        delimited JSON, one event per step start and end, then a summary. The cutover runs
+        on if the client hangs up; only what it reads stops."""
+        from router.cutover import CutoverBusy
+
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return web.json_response({"error": "the request body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            task = self.proxy.start_cutover(**body, on_event=events.put_nowait)
+        except CutoverBusy as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"error": f"bad arguments: {exc}"}, status=400)
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        reading = True
+        while (event := await events.get()) is not None:
+            if reading:
+                try:
+                    await response.write(json.dumps(event).encode() + b"\n")
+                except (ConnectionError, RuntimeError) as exc:
+                    reading = False
+                    log.info("the client of POST /v1/cutover went away (%s); the cutover goes on", exc)
+        if reading and not task.cancelled() and task.exception() is not None:
+            failure = {"event": "summary", "result": "failed", "error": f"internal error: {task.exception()!r}"}
+            await response.write(json.dumps(failure).encode() + b"\n")
+        if reading:
+            await response.write_eof()
+        return response
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

@@ -32,6 +32,8 @@ from router.topology import BackendState, Role, TopologyHolder
 
 log = logging.getLogger("pgsplit")
 
+WARM_UP_LOGINS = 4  # a cutover's warm-up opens this many server connections at a time (live traffic goes on)
+
 
 def backend_specs(config: Config, cluster_name: str) -> list[BackendSpec]:
     cluster = config.clusters[cluster_name]
@@ -307,6 +309,141 @@ class Proxy:
         outcome = "waited" if decision.backend is not None and decision.backend.role is Role.REPLICA else "fallback"
         self.metrics.consistency_waits.labels(outcome=outcome).inc()
         return decision
+
+    # --- cutover and pause (the admin API's POST /v1/cutover, /v1/pause, /v1/resume) ----------
+
+    _admin_op: str | None = None  # "cutover" or "pause" while one is in progress: one at a time
+
+    def start_cutover(self, target: str, dry_run: bool = False, timeout_s: float | None = None,
+                      on_event=None) -> asyncio.Task:
+        """Check the request now (ValueError: bad arguments; CutoverBusy: a cutover or a pause
+        is in progress) and run router.cutover in a task of its own, so an admin client that
+        hangs up does not cancel a cutover halfway. The task's result is the summary event."""
+        from router.cutover import ControlAccount, Cutover, CutoverBusy, CutoverSettings, PgControl
+
+        if not isinstance(target, str) or target not in self.config.clusters:
+            raise ValueError(f"{target!r} is not a cluster (known: {', '.join(sorted(self.config.clusters))})")
+        if target == self.config.active:
+            raise ValueError(f"cluster {target!r} is already the active one")
+        if not isinstance(dry_run, bool):
+            raise ValueError("dry_run must be true or false")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or timeout_s <= 0):
+            raise ValueError("timeout_s must be a number of seconds > 0")
+        if self._admin_op == "cutover" or (self._admin_op is not None and not dry_run):
+            raise CutoverBusy(f"a {self._admin_op} is in progress" + (
+                "; POST /v1/resume first" if self._admin_op == "pause" else ""))
+        source = self.config.active
+        specs = backend_specs(self.config, target)
+        c, m = self.config.cutover, self.config.monitor
+        settings = CutoverSettings(
+            pause_timeout_s=c.pause_timeout_s, catchup_timeout_s=c.catchup_timeout_s,
+            cancel_idle_in_transaction=c.idle_in_transaction == "cancel", max_lag_bytes=specs[0].max_lag_bytes,
+            timeout_s=timeout_s, dry_run=dry_run)
+        control = PgControl(backend_specs(self.config, source)[0], specs[0], specs[1:],
+                            ControlAccount(m.user, m.secret(), m.dbname, self.config.pool.connect_timeout_s))
+        cutover = Cutover(source, target, self.dataplane, control, settings, on_event,
+                          warm_up=lambda: self._warm_up(target))
+        if not dry_run:
+            self._admin_op = "cutover"
+        return self.spawn(self._run_cutover(cutover))
+
+    async def _run_cutover(self, cutover) -> dict:
+        try:
+            result = await cutover.run()
+        finally:
+            if not cutover.settings.dry_run:
+                self._admin_op = None
+                if self.config.active != cutover.target:  # warmed-up pools of a target not taken
+                    self.pools.retire_backends({s.name for s in backend_specs(self.config, self.config.active)})
+        if not cutover.settings.dry_run:
+            self.metrics.cutovers.labels(result=result.result.value).inc()
+        if result.pause_seconds is not None:
+            self.metrics.cutover_pause_seconds.observe(result.pause_seconds)
+        return result.to_dict()
+
+    async def _warm_up(self, target: str) -> dict:
+        """Before the pause, open as many server connections to the target cluster per
+        (user, database) as the active one has now: sessions of a hot standby survive its
+        promotion and take writes after it, so held units find connections ready instead
+        of all logging in at once after the swap. A login failure refuses the cutover."""
+        active = {s.name: s for s in backend_specs(self.config, self.config.active)}
+        specs = backend_specs(self.config, target)
+        by_name = {s.name: s for s in specs}
+        want: dict[tuple[str, str, str], int] = {}
+        for pool in self.pools:
+            spec = active.get(pool.address.backend)
+            if spec is None or not pool.total:
+                continue
+            dests = specs[:1] if spec.role is Role.PRIMARY or len(specs) == 1 else specs[1:]
+            for d in dests:
+                key = (d.name, pool.user, pool.database)
+                want[key] = min(self.config.pool.size, want.get(key, 0) + -(-pool.total // len(dests)))
+
+        gate = asyncio.Semaphore(WARM_UP_LOGINS)
+
+        async def login(pool: Pool) -> ServerConnection:
+            async with gate:
+                return await pool.acquire()
+
+        async def fill(key: tuple[str, str, str], n: int) -> int:
+            spec = by_name[key[0]]
+            pool = self.pools.get(spec.name, spec.host, spec.port, key[1], key[2])
+            # all held until every one is open (a released one would be lent again)
+            conns = await asyncio.gather(*(login(pool) for _ in range(max(0, n - pool.total))),
+                                         return_exceptions=True)
+            for conn in conns:
+                if isinstance(conn, ServerConnection):
+                    pool.release(conn)
+            for conn in conns:
+                if isinstance(conn, BaseException):
+                    raise conn
+            return len(conns)
+
+        opened = await asyncio.gather(*(fill(k, n) for k, n in want.items()), return_exceptions=True)
+        for n, key in zip(opened, want):
+            if isinstance(n, BaseException):
+                raise ValueError(f"{key[1]}@{key[2]} cannot log in to {key[0]} of cluster {target!r}: {n}") from n
+        return {"server_connections": sum(opened), "pools": len(want)}
+
+    async def admin_cutover(self, target: str, dry_run: bool = False, timeout_s: float | None = None,
+                            on_event=None) -> dict:
+        """Run a cutover to cluster `target` and return its summary (see start_cutover)."""
+        return await asyncio.shield(self.start_cutover(target, dry_run, timeout_s, on_event))
+
+    async def admin_pause(self, timeout_s: float | None = None) -> dict:
+        """Hold new units and wait for those in flight (and open transactions) to finish;
+        on timeout, undo the pause and fail (ValueError)."""
+        from router.cutover import CutoverBusy
+
+        if self._admin_op is not None:
+            raise CutoverBusy(f"a {self._admin_op} is in progress")
+        self._admin_op = "pause"
+        self.dataplane.hold()
+        try:
+            drained = await self.dataplane.drain(timeout_s or self.config.cutover.pause_timeout_s)
+        except BaseException as exc:
+            self.dataplane.release()
+            self._admin_op = None
+            if isinstance(exc, TimeoutError):
+                raise ValueError(f"not paused: {exc}") from exc
+            raise
+        log.info("traffic paused by the admin API (drained in %.1f ms)", drained.seconds * 1000)
+        return {"paused": True, "drain_seconds": round(drained.seconds, 4),
+                "waited_for_units": drained.waited_for_units}
+
+    async def admin_resume(self) -> dict:
+        """Release the units held since POST /v1/pause."""
+        from router.cutover import CutoverBusy
+
+        if self._admin_op == "cutover":
+            raise CutoverBusy("a cutover is in progress; it resumes traffic itself")
+        if self._admin_op != "pause":
+            raise ValueError("traffic is not paused")
+        paused = self.dataplane.release()
+        self._admin_op = None
+        log.info("traffic resumed by the admin API after %.3f s (%d units held)", paused, self.dataplane.held_units)
+        return {"resumed": True, "pause_seconds": round(paused, 4), "units_held": self.dataplane.held_units}
 
     # --- status --------------------------------------------------------------------------------
 

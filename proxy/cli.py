@@ -1,4 +1,4 @@
-"""The `pgsplit` command: run, demo, status, check-config.
+"""The `pgsplit` command: run, demo, status, cutover, check-config.
 
 Owns: argument parsing, logging set-up, signals, and what a person reads on the terminal.
 `status` talks to a running proxy's admin API (found from -c FILE or --admin URL).
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.error
@@ -190,6 +191,95 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str) -> float:
+    """"30s", "500ms", "2m" or a plain number of seconds -> seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    number, unit = text.strip(), "s"
+    for suffix in ("ms", "s", "m"):
+        if number.endswith(suffix):
+            number, unit = number[: -len(suffix)], suffix
+            break
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30s, 500ms, 2m)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the duration must be > 0")
+    return value
+
+
+def format_event(event: dict) -> str:
+    """One line (or a few) for an event of POST /v1/cutover."""
+    from router.cutover import report_lines
+
+    kind = event.get("event")
+    if kind == "begin":
+        return f"cutover {event['source']} -> {event['target']}" + (" (dry run)" if event["dry_run"] else "")
+    if kind == "step" and event["phase"] == "start":
+        return f"  {event['step']:<10} ..."
+    if kind == "step":
+        detail = event.get("detail") or {}
+        line = f"  {event['step']:<10} {event['outcome']:<7} {event['seconds'] * 1000:9.1f} ms"
+        if event["step"] == "preflight" and "source" in detail:
+            return line + "\n" + "\n".join(f"      {text}" for text in report_lines(detail))
+        return line + ("  " + ", ".join(f"{k}={v}" for k, v in detail.items()) if detail else "")
+    if kind == "summary":
+        pause = event.get("pause_seconds")
+        caught = event.get("bytes_caught_up")
+        lines = ["", f"result       {event['result']}"]
+        if pause is not None:
+            lines.append(f"pause        {pause * 1000:.1f} ms ({event.get('units_held', 0)} units held)")
+        if caught is not None:
+            lines.append(f"caught up    {caught} bytes")
+        if event.get("seconds") is not None:
+            lines.append(f"total        {event['seconds']:.3f} s")
+        if event.get("error"):
+            lines.append(f"error        {event['error']}")
+        return "\n".join(lines)
+    return json.dumps(event)
+
+
+def cmd_cutover(args: argparse.Namespace) -> int:
+    url = admin_url(args) + "/v1/cutover"
+    token = os.environ.get("PGSPLIT_ADMIN_TOKEN")
+    if getattr(args, "config", None) and not args.admin:
+        config = _load(args.config)
+        token = (config.admin.secret() if config is not None else None) or token
+    body = {"target": args.name, "dry_run": args.dry_run}
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    summary = None
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as resp:
+            for line in resp:  # one event per line, printed as it arrives
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if args.json:
+                    print(json.dumps(event), flush=True)
+                else:
+                    print(format_event(event), flush=True)
+                if event.get("event") == "summary":
+                    summary = event
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            detail = ""
+        raise SystemExit(f"{url}: HTTP {exc.code} {detail}".rstrip())
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"cannot reach the pgsplit admin API at {url}: {exc.reason}")
+    if summary is None:
+        print("the proxy ended the stream without a summary", file=sys.stderr)
+        return 1
+    ok = summary["result"] == "success" or (summary["result"] == "dry_run" and (summary.get("report") or {}).get("ok"))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgsplit",
@@ -219,6 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cutover", help="move traffic to another configured cluster, showing each step",
+                       description="Run a cutover to cluster NAME on a running proxy (preflight, pause, fence, "
+                                   "catch-up, promote, swap, resume; rollback on failure before the swap). The "
+                                   "admin token comes from -c FILE or PGSPLIT_ADMIN_TOKEN. Exit status 0 on "
+                                   "success (or a dry run without blockers), 1 otherwise.")
+    p.add_argument("name", metavar="NAME", help="the target cluster ([clusters.NAME])")
+    p.add_argument("--dry-run", action="store_true", help="run the preflight, print its report, change nothing")
+    p.add_argument("--timeout", type=parse_duration, help="cap on how long clients may be held (e.g. 30s, 500ms)")
+    p.add_argument("-c", "--config", help="find the admin API (and its token) from this config file")
+    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
+    p.add_argument("--json", action="store_true", help="print the raw events")
+    p.set_defaults(func=cmd_cutover)
 
     p = sub.add_parser("check-config", help="validate a config file and print the effective config",
                        description="Validate a config file; print the effective config (secrets hidden).")
