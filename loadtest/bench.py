@@ -118,8 +118,8 @@ CLUSTER_SETTINGS = {
 CSV_FIELDS = [
     "round", "target", "workload", "mode", "clients", "tps", "latency_avg_ms", "p50_ms",
     "p99_ms", "failed", "aborted", "transactions", "replica_read_share",
-    "waits_immediate", "waits_waited", "waits_fallback", "connect_ms", "phase", "seq",
-    "duration_s", "pgbench_T", "wall_s", "started_at", "error",
+    "waits_immediate", "waits_waited", "waits_fallback", "wait_seconds", "connect_ms", "phase", "seq",
+    "duration_s", "pgbench_T", "wall_s", "started_at", "loadavg", "error",
 ]
 MEMORY_FIELDS = ["target", "connections", "rss_bytes", "rss0_bytes", "bytes_per_connection",
                  "login_seconds", "error"]
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(and its -memory.csv and -meta.json)")
     p.add_argument("--plan", action="store_true",
                    help="print the plan and an estimate of its duration, run nothing")
+    p.add_argument("--note", metavar="TEXT",
+                   help="a remark printed in the report's Setup section (e.g. what else ran "
+                        "on the machine); with --from-csv it replaces the stored one")
     p.add_argument("--keep", action="store_true",
                    help="keep temporary directories (proxy and competitor logs, pgbench logs)")
     return p
@@ -315,7 +318,9 @@ class Run:
     waits_immediate: float | None = None
     waits_waited: float | None = None
     waits_fallback: float | None = None
+    wait_seconds: float | None = None  # pgsplit_consistency_wait_seconds_sum delta
     connect_ms: float | None = None  # pgbench's "initial connection time"
+    loadavg: float | None = None  # 1-minute load average when the run started
     wall_s: float | None = None
     started_at: str = ""
     error: str = ""
@@ -414,6 +419,7 @@ def run_pgbench(run: Run, port: int, script_args: Sequence[str], logdir: Path,
            "-l", "--log-prefix", prefix,
            "-h", "127.0.0.1", "-p", str(port), "-U", USER, DBNAME]
     run.started_at = dt.datetime.now().isoformat(timespec="seconds")
+    run.loadavg = os.getloadavg()[0]
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_pg_env(),
@@ -479,12 +485,14 @@ class Counters:
     replica_reads: float = 0.0
     all_reads: float = 0.0
     waits: dict[str, float] = dataclasses.field(default_factory=dict)
+    wait_seconds: float = 0.0
 
     def __sub__(self, other: "Counters") -> "Counters":
         keys = set(self.waits) | set(other.waits)
         return Counters(self.replica_reads - other.replica_reads,
                         self.all_reads - other.all_reads,
-                        {k: self.waits.get(k, 0.0) - other.waits.get(k, 0.0) for k in keys})
+                        {k: self.waits.get(k, 0.0) - other.waits.get(k, 0.0) for k in keys},
+                        self.wait_seconds - other.wait_seconds)
 
     @property
     def share(self) -> float | None:
@@ -548,6 +556,8 @@ def start_pgsplit(key: str, label: str, cluster: Any, *, replicas: bool, pool_si
             elif name == "pgsplit_consistency_waits_total":
                 outcome = lab.get("outcome", "")
                 c.waits[outcome] = c.waits.get(outcome, 0.0) + value
+            elif name == "pgsplit_consistency_wait_seconds_sum":
+                c.wait_seconds += value
         return c
 
     def stop() -> None:
@@ -699,7 +709,8 @@ class Recorder:
             status += f" replica reads={run.replica_read_share:.0%}"
         if run.waits_immediate or run.waits_waited or run.waits_fallback:
             status += (f" ryw immediate/waited/fallback={run.waits_immediate:.0f}/"
-                       f"{run.waits_waited:.0f}/{run.waits_fallback:.0f}")
+                       f"{run.waits_waited:.0f}/{run.waits_fallback:.0f} "
+                       f"waited {run.wait_seconds or 0:.2f}s")
         if run.failed:
             status += f" FAILED={run.failed}"
         if run.error:
@@ -727,6 +738,7 @@ def measure(run: Run, target: Target, script_args: Sequence[str], logdir: Path) 
             run.waits_immediate = delta.waits.get("immediate", 0.0)
             run.waits_waited = delta.waits.get("waited", 0.0)
             run.waits_fallback = delta.waits.get("fallback", 0.0)
+            run.wait_seconds = round(delta.wait_seconds, 4)
     return run
 
 
@@ -942,12 +954,17 @@ def machine_info(cluster: Any | None) -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             info[mod] = "?"
-    try:
-        info["git"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                                     capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        info["git"] = "?"
+    info["git"] = git_describe()
     return info
+
+
+def git_describe() -> str:
+    """The pgsplit code a proxy started now runs (a "-dirty" suffix: uncommitted changes)."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -1138,8 +1155,15 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
        "replicas from `loadtest.sandbox` on loopback (fsync off, "
        f"shared_buffers {CLUSTER_SETTINGS['shared_buffers']}); pgbench data `-i -s {plan.get('scale')}` "
        f"(~{15 * int(plan.get('scale') or 0)} MB, fits in RAM). {m.get('pgbench')}.")
-    w_(f"- {m.get('pgbouncer')}; {m.get('pgpool')}; pgsplit {m.get('git')} on Python "
-       f"{m.get('python')} with uvloop {m.get('uvloop')}.")
+    code = meta.get("code") or {}
+    if len(set(code.values())) > 1:  # the proxy code changed while the benchmark ran
+        where = "; ".join(f"{ph}: {c}" for ph, c in code.items())
+        w_(f"- {m.get('pgbouncer')}; {m.get('pgpool')}; pgsplit on Python {m.get('python')} "
+           f"with uvloop {m.get('uvloop')}, started per phase from the code of that moment "
+           f"(git describe) — {where}.")
+    else:
+        w_(f"- {m.get('pgbouncer')}; {m.get('pgpool')}; pgsplit {m.get('git')} on Python "
+           f"{m.get('python')} with uvloop {m.get('uvloop')}.")
     w_(f"- Command: `{meta.get('command')}` — started {meta.get('started')}, took "
        f"{_fmt((meta.get('wall_seconds') or 0) / 60, '.1f')} min.")
     w_(f"- {plan.get('rounds')} interleaved rounds; pgbench `-T {plan.get('duration'):g}` per run, "
@@ -1148,7 +1172,17 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
        "pgbench's `-T` includes the time its clients take to connect (seconds at 128 clients, "
        "see [Connection set-up](#connection-set-up)), so each run's `-T` is the duration plus "
        "an allowance from that target's connection time at that client count; every run "
-       f"measures about {plan.get('duration'):g} s of traffic.\n")
+       f"measures about {plan.get('duration'):g} s of traffic.")
+    loads = [r.loadavg for r in runs if r.loadavg is not None]
+    if loads:
+        busy = statistics.median(loads) > (m.get("nproc") or 2) + 1.5
+        w_(f"- Load average (1 min) at the start of each run: median {statistics.median(loads):.1f}, "
+           f"max {max(loads):.1f}; the benchmark itself accounts for about 2–3"
+           + (" — **other work was running on the machine**: absolute figures are depressed, "
+              "ratios of back-to-back runs less so." if busy else "."))
+    if meta.get("note"):
+        w_(f"- Note: {meta['note']}")
+    w_("")
     w_("Targets (all logins are SCRAM-SHA-256 for user `app`, all over TCP on 127.0.0.1, "
        "`sslmode=disable`):\n")
     w_("| target | what |\n| --- | --- |")
@@ -1322,7 +1356,8 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
            "each run. The last three columns are the `pgsplit_consistency_waits_total` delta "
            "by outcome, per run: *immediate* (a replica had already replayed the session's "
            "last commit), *waited* (the read waited for a replica to get there), *fallback* "
-           "(it went to the primary).\n")
+           "(it went to the primary); *time waiting* is the `pgsplit_consistency_wait_seconds` "
+           "sum delta, added up over all clients (a run lasts clients × duration client-seconds).\n")
         rows = []
         rmodes = [md for md in MODES if any(r.mode == md for r in ryw)]
         for md in rmodes:
@@ -1336,9 +1371,10 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
                              _fmt(_median(r.p99_ms for r in ok), ".2f"),
                              "–" if share is None else f"{share:.1%}"]
                             + [_fmt(_median(getattr(r, f"waits_{o}") for r in ok), ",.0f")
-                               for o in WAIT_OUTCOMES])
+                               for o in WAIT_OUTCOMES]
+                            + [_fmt(_median(r.wait_seconds for r in ok), ".2f")])
         w_(_table(["mode", "target", "tps", "p50 ms", "p99 ms", "reads on replicas",
-                   "immediate", "waited", "fallback"], rows, "llrrrrrrr") + "\n")
+                   "immediate", "waited", "fallback", "time waiting s"], rows, "llrrrrrrrr") + "\n")
         for md in rmodes:
             c = ryw[0].clients
             ratio = res.ratio("ryw", "ryw", md, c, "pgsplit-session", "pgsplit-eventual")
@@ -1373,7 +1409,7 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
     w_("")
     w_("## Reproduce\n")
     w_("```sh\nscripts/install.sh bench          # pgbouncer, pgpool2, matplotlib\n"
-       "python -m loadtest.bench          # ~30 min; --quick for ~3 min, --help for subsets\n"
+       "python -m loadtest.bench          # 25-30 min; --quick: 3-5 min; --help: subsets\n"
        "python -m loadtest.bench --from-csv loadtest/results/<stamp>-runs.csv   # report only\n```\n")
     w_(f"Raw results: `{meta.get('runs_csv', '')}` (one row per pgbench run) and "
        f"`{meta.get('memory_csv', '')}`.\n")
@@ -1432,7 +1468,7 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> int:
     memory_csv = args.results_dir / f"{stamp}-memory.csv"
     meta_path = args.results_dir / f"{stamp}-meta.json"
     command = "python -m loadtest.bench" + ("" if len(sys.argv) <= 1 else " " + shlex.join(sys.argv[1:]))
-    meta: dict[str, Any] = {"command": command, "plan": dataclasses.asdict(plan),
+    meta: dict[str, Any] = {"command": command, "plan": dataclasses.asdict(plan), "note": args.note,
                             "started": dt.datetime.now().isoformat(timespec="seconds"),
                             "runs_csv": _repo_rel(runs_csv), "memory_csv": _repo_rel(memory_csv)}
     t_start = time.monotonic()
@@ -1458,6 +1494,7 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> int:
             if phase not in plan.phases:
                 continue
             t0 = time.monotonic()
+            meta.setdefault("code", {})[phase] = git_describe()
             with contextlib.ExitStack() as stack:
                 targets = fn(cluster, plan, rec, stack, logdir, seq)
                 for t in targets:
@@ -1470,6 +1507,7 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> int:
             print(f"{phase} phase: {meta[f'{phase}_seconds'] / 60:.1f} min", flush=True)
         if "memory" in plan.phases and plan.memory_conns:
             t0 = time.monotonic()
+            meta.setdefault("code", {})["memory"] = git_describe()
             memory = memory_phase(cluster, plan)
             meta["memory_seconds"] = round(time.monotonic() - t0, 1)
     except KeyboardInterrupt:
@@ -1507,6 +1545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     KEEP = args.keep
     if args.from_csv:
         runs, memory, meta = load_results(args.from_csv)
+        if args.note is not None:  # kept with the results, so a later --from-csv has it
+            meta["note"] = args.note
+            meta_path = args.from_csv.with_name(args.from_csv.name.removesuffix("-runs.csv") + "-meta.json")
+            meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         render_report(runs, memory, meta, args.docs, args.img_dir)
         return 0
     plan = make_plan(args)
