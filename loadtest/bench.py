@@ -510,24 +510,6 @@ class Target:
         self.stop, self.counters, self.log, self.errors = stop, counters, log, errors
 
 
-class _PrimaryOnly:
-    """A view of a sandbox cluster without its replicas, for `harness.config_text`."""
-
-    def __init__(self, cluster: Any) -> None:
-        self._cluster = cluster
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cluster, name)
-
-    @property
-    def nodes(self) -> list[Any]:
-        return [self._cluster.primary]
-
-    @property
-    def replicas(self) -> list[Any]:
-        return []
-
-
 _PROXY_ERROR = re.compile(r"\b(ERROR|CRITICAL|Traceback|Exception)\b")
 
 
@@ -537,9 +519,9 @@ def _proxy_errors(text: str) -> list[str]:
 
 def start_pgsplit(key: str, label: str, cluster: Any, *, replicas: bool, pool_size: int,
                   routing: dict[str, Any] | None = None) -> Target:
-    from loadtest.harness import ProxyProcess, config_text
+    from loadtest.harness import NodeSet, ProxyProcess, config_text
 
-    view = cluster if replicas else _PrimaryOnly(cluster)
+    view = cluster if replicas else NodeSet.of(cluster, cluster.primary)
     sections: dict[str, dict[str, Any]] = {"pool": {"size": pool_size}}
     if routing:
         sections["routing"] = dict(routing)
