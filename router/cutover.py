@@ -308,6 +308,10 @@ def build_report(facts: PreflightFacts, *, max_lag_bytes: int) -> PreflightRepor
         elif t.system_identifier is not None and r.system_identifier != t.system_identifier:
             warnings.append(f"replica {r.name} is a standby of another cluster (system identifier "
                             f"{r.system_identifier})")
+        elif r.sender is not None and r.sender != t.address:
+            warnings.append(f"replica {r.name} streams from {r.sender}, not from the target {t.name} "
+                            f"({t.address}): unless that is the target under another name, it will not "
+                            "follow the promotion (point its primary_conninfo at the target)")
     return PreflightReport(facts, versions, blockers, warnings)
 
 
@@ -813,6 +817,12 @@ class Cutover:
             if self.holding:  # never leave clients waiting, whatever went wrong
                 self._release()
             self.result.seconds = self.clock() - t0
+            r = self.result
+            log.log(logging.INFO if r.result in (Result.SUCCESS, Result.DRY_RUN) else logging.WARNING,
+                    "cutover %s -> %s: %s in %.3f s%s%s", self.source, self.target, r.result.value, r.seconds,
+                    "" if r.pause_seconds is None else f", units held {r.pause_seconds * 1000:.0f} ms "
+                                                       f"({r.units_held} units)",
+                    f": {r.error}" if r.error else "")
             try:
                 await self.control.close()
             except Exception:  # noqa: BLE001

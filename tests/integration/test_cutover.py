@@ -345,6 +345,7 @@ async def test_rollback_when_the_target_cannot_catch_up(clusters: list[Cluster])
                                                          "rollback"]
         assert "replay is paused" in summary["error"]
         assert summary["steps"][-1]["detail"]["unfenced"] is True
+        assert summary["units_held"] > 0  # clients were held, then ran on the source
         await asyncio.sleep(0.5)
         assert work.errors == [], work.errors
         assert work.stale == []

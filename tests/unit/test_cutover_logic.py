@@ -173,6 +173,13 @@ def test_schema_differences_block_a_logical_target_but_only_warn_for_a_standby()
     assert any("schemas differ: database app: column public.t.extra" in b for b in none.blockers)
 
 
+def test_a_replica_of_the_target_that_streams_from_elsewhere_is_named() -> None:
+    f = facts(target_replicas=[server("pg5", in_recovery=True, sender="10.0.0.3:5432"),
+                               server("pg6", in_recovery=True, sender="10.0.0.1:5432")])
+    warnings = build_report(f, max_lag_bytes=1024).warnings
+    assert len(warnings) == 1 and warnings[0].startswith("replica pg6 streams from 10.0.0.1:5432, not from the target pg4")
+
+
 def test_replica_warnings_and_report_lines() -> None:
     f = facts(target_replicas=[server("pg5", reachable=False, error="timeout"),
                                server("pg6", in_recovery=False)],
