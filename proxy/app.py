@@ -74,7 +74,8 @@ class Proxy:
                                on_volatile_functions=self.classifier.set_volatile_functions)
         self._catalog_databases: set[str] = set()  # databases whose catalog was read
         self.monitor.databases = lambda: self._catalog_databases
-        self.lsn_fetcher = CommitLsnFetcher(self.monitor.primary_insert_lsn)
+        self.lsn_fetcher = CommitLsnFetcher(self.monitor.primary_commit_lsns)
+        self._async_default: dict[tuple[str, str], bool] = {}  # (user, db): synchronous_commit off
         self.load: dict[str, int] = {}
         self.sessions: set[ClientSession] = set()
         self.by_key: dict[tuple[int, bytes], ClientSession] = {}
@@ -241,6 +242,10 @@ class Proxy:
                     raise ServerError(step.error, fatal=True)
                 conn.settings_key = session.settings_key
             params = dict(conn.params)
+            key = (session.user, session.database)
+            if key not in self._async_default:
+                self._async_default[key] = await _async_commit_default(conn)
+            session.async_default = self._async_default[key]
         finally:
             pool.release(conn)
         if "in_hot_standby" in params:
@@ -273,8 +278,9 @@ class Proxy:
         """The LSN a replica must have replayed for this session's next read."""
         try:
             if session.consistency == "global":
-                return await self.lsn_fetcher.fetch_current()
-            lsn = await self.lsn_fetcher.fetch_after(session.commit_ticket)
+                # Other sessions' commits may be asynchronous: the insert position covers them.
+                return (await self.lsn_fetcher.fetch_current()).covering(True)
+            lsn = (await self.lsn_fetcher.fetch_after(session.commit_ticket)).covering(session.commit_async)
         except (PollError, ConnectionError, OSError, TimeoutError):
             # The primary does not answer. The monitor's last sample of its WAL position
             # still serves if that poll was sent after the commit (or the read) began.
@@ -465,6 +471,20 @@ class Proxy:
             "clients": self.client_counts(), "pool_mode": self.config.pool.mode,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
+
+
+async def _async_commit_default(conn: ServerConnection) -> bool:
+    """Whether this user's commits in this database are asynchronous unless the session
+    says otherwise (synchronous_commit = off from the server, database or role settings)."""
+    done = asyncio.get_running_loop().create_future()
+    conn.swallow(_query(b"SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'"),
+                 done.set_result, rows=True)
+    step = await done
+    if step.error is not None or not step.rows:
+        return True  # unknown: assume the worst (the insert position covers everything)
+    row = step.rows[0]
+    length = int.from_bytes(row[2:6], "big")
+    return row[6 : 6 + length] == b"off"
 
 
 def _query(sql: bytes) -> bytes:

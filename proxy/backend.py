@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("pgsplit.backend")
 
+# Errors of a replica after which a read runs elsewhere: 25006 read-only transaction,
+# 40001 recovery conflict, 57P01/57P02/57P03 shutting down, crashed, not accepting.
+RETRYABLE = frozenset({"25006", "40001", "57P01", "57P02", "57P03"})
+
 # Replies that need more than framing inside a FORWARD step.
 SPECIAL = bytearray(256)
 for _t in (wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_COPY_IN):
@@ -74,7 +78,7 @@ class Step:
     closed = False  # its Sync/Query has been sent
     wrote = False  # some reply already reached the client
     rows_seen = False
-    retry: Any = None  # what the session needs to re-send this unit elsewhere
+    retry: bytes | None = None  # the unit's bytes, kept to re-send it elsewhere
     retrying = False
     delivered = 0  # bytes of replies that reached the client (retry-able steps only)
     skip = 0  # a retried unit's leading reply bytes the client already has
@@ -437,7 +441,7 @@ class ServerConnection(asyncio.Protocol):
         if step.rows_seen or step.retrying:
             return False
         step.error = wire.parse_fields(data[pos + 5 : end])
-        if step.retry.wants(step.error):
+        if step.error.get("C") in RETRYABLE:
             step.retrying = True
         return step.retrying
 

@@ -83,22 +83,10 @@ class Stmt:
         self.local = local
 
 
-class Retry:
-    """The bytes of an autocommit read sent to a replica, to re-send elsewhere if the
-    replica refuses it (read-only, recovery conflict) or goes away before any row of it
-    reached the client."""
-
-    __slots__ = ("data",)
-    # 25006 read-only transaction, 40001 recovery conflict, 57P01/57P02/57P03 the server
-    # is shutting down, crashed, or not accepting connections.
-    SQLSTATES = frozenset({"25006", "40001", "57P01", "57P02", "57P03"})
-    MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def wants(self, error: dict[str, str]) -> bool:
-        return error.get("C") in self.SQLSTATES
+RETRY_MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
+_READ_UNIT = UnitFacts(False, None)
+_WRITE_UNIT = UnitFacts(True, None)
+_NO_TOKEN = SessionFacts(False, None)
 
 
 def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
@@ -139,6 +127,11 @@ class ClientSession(asyncio.Protocol):
         self.token: int | None = None  # an LSN at or past this session's last commit
         self.commit_pending = False  # a commit finished; its LSN is not fetched yet
         self.commit_ticket = 0
+        self.commit_async = False  # the last commit may have returned before its WAL was flushed
+        self.async_commit: bool | None = None  # the session's synchronous_commit = off (None: default)
+        self.async_default = True  # the default for this user and database (first contact reads it)
+        self._tx_async = False  # the open transaction named synchronous_commit (SET LOCAL, set_config)
+        self._startup_async_commit: bool | None = None
         self.commit_time = 0.0  # loop time the last commit was seen
         self.min_lsn: int | None = None  # SET pgsplit.min_lsn
         self.units = 0
@@ -182,6 +175,10 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.state is State.READY:
+            # The common unit (a lone Query, or Bind/Execute/Sync of a prepared statement)
+            # of an idle session takes the short way; anything else the general one.
+            if self.server is None and self._plain and not self._stash and self._fast_unit(data):
+                return
             if self._skip:
                 data = self._pass_long(data)
                 if not data:
@@ -268,7 +265,7 @@ class ClientSession(asyncio.Protocol):
     def _drop_server(self, server: ServerConnection, *, busy: bool) -> None:
         """The client is gone: a busy server is cancelled and closed, an idle one returned."""
         self._detach(server)
-        pool = self.app.pool_of(server)
+        pool = server.pool
         if busy or server.closed or self.pins:
             if busy and not server.closed:
                 self.app.spawn(send_cancel(server.host, server.port, server.process_id, server.secret_key))
@@ -287,6 +284,9 @@ class ClientSession(asyncio.Protocol):
     def set_startup_settings(self, params: dict[str, str]) -> None:
         for name, value in params.items():
             self.startup_settings[name.lower()] = f"SET {name} = {quote_literal(value)}"
+            if name.lower() == "synchronous_commit":
+                self._startup_async_commit = value.strip().lower() in ("off", "false", "0", "no")
+                self.async_commit = self._startup_async_commit
         self.settings = dict(self.startup_settings)
         self._settings_changed()
 
@@ -379,6 +379,87 @@ class ClientSession(asyncio.Protocol):
         if self._stash:
             data, self._stash = self._stash, b""
             self._process(data)
+
+    # --- the short way for the common unit ---------------------------------------------
+
+    @property
+    def _plain(self) -> bool:
+        """Nothing unusual about the session: idle, unpinned, nothing held or pending."""
+        return (self.status == TX_IDLE and not self.pins and self._routing is None and not self._skip
+                and self._deferred_begin is None and self._aborted is None and not self._skip_to_sync
+                and not self.route_primary and not self._force_primary_next and not self._retry_skip
+                and not self.app.session_pooling and not self.app.dataplane.holding)
+
+    def _fast_unit(self, data: bytes) -> bool:
+        """Route and forward a lone Query, or Bind/Execute/Sync of a prepared statement,
+        without the general framing loop. False (nothing done) when the unit is anything
+        else: the general path then handles it from scratch."""
+        n = len(data)
+        t = data[0]
+        if t == F_QUERY:
+            if n < 6 or int.from_bytes(data[1:5], "big") != n - 1 or data[-1] != 0:
+                return False
+            analysis = self._classify(data[5:-1])
+            stmt = None
+        elif t == F_BIND:
+            # Bind, Execute, Sync back to back, nothing else.
+            end_b = 1 + int.from_bytes(data[1:5], "big")
+            if end_b + 15 != n or data[end_b] != F_EXECUTE or data[end_b + 10] != F_SYNC \
+                    or data[end_b + 1 : end_b + 5] != b"\0\0\0\x09" or data[-4:] != b"\0\0\0\x04":
+                return False
+            portal, name, off = wire.parse_bind_names(data[5:end_b])
+            stmt = self.stmts.get(name) if name else None
+            if stmt is None or stmt.local:
+                return False
+            analysis = stmt.analysis
+        else:
+            return False
+        if (analysis.effects or analysis.tx is not None or analysis.pins or analysis.unpins or analysis.executes
+                or analysis.hint is not None or analysis.is_copy_in or analysis.statements != 1
+                or analysis.mentions_sync_commit):
+            return False
+        writes = analysis.route is _WRITE
+        token = None
+        if not writes and self.consistency != "eventual":
+            if self.consistency != "session" or self.commit_pending:
+                return False  # a token to fetch first, or another mode: the general path
+            token = self.token
+        self.units += 1
+        app = self.app
+        decision = decide_route(_WRITE_UNIT if writes else _READ_UNIT,
+                                _NO_TOKEN if token is None else SessionFacts(False, token),
+                                app.topology.current, app.load, tiebreak=self.units)
+        backend = decision.backend
+        if backend is None:
+            return False
+        conn = self._borrow_now(backend)
+        if conn is None:
+            return False
+        if token is not None:
+            app.note_consistency(decision)
+        self._attach(conn, backend, data, None)
+        self._fresh = False
+        step = self._new_step()
+        step.closed = True
+        self._open = None
+        if writes:
+            step.writes = True
+        if stmt is None:
+            step.extended = False
+            conn.transport.write(data)
+            return True
+        step.extended = True
+        if stmt.server_name not in conn.prepared:
+            # Prepared first here: Parse ahead of the Bind, its ParseComplete dropped.
+            conn.add_anchor(step, 0, None)
+            self._register(step, stmt.server_name)
+            step.sent = 3  # Parse, Bind and Execute each complete once
+            conn.transport.write(stmt.parse + wire.build_bind(portal, stmt.server_name, data[5 + off : end_b])
+                                 + data[end_b:])
+        else:
+            step.sent = 2
+            conn.transport.write(wire.build_bind(portal, stmt.server_name, data[5 + off : end_b]) + data[end_b:])
+        return True
 
     # --- classification ------------------------------------------------------------------
 
@@ -576,7 +657,7 @@ class ClientSession(asyncio.Protocol):
                 self._refuse_unit(unit, exc)
                 return
             if self.state is not State.READY:
-                app.pool_of(conn).release(conn)
+                conn.pool.release(conn)
                 return
             self._routing = None
             self._attach(conn, backend, unit, facts)
@@ -720,7 +801,7 @@ class ClientSession(asyncio.Protocol):
         self._detach(server)
         if self.app.session_pooling and not server.closed:
             return  # stays in self.owned
-        self.app.pool_of(server).release(server)
+        server.pool.release(server)
 
     # --- forwarding --------------------------------------------------------------------
 
@@ -749,7 +830,7 @@ class ClientSession(asyncio.Protocol):
         step.backend, step.role = self._unit_key
         step.t0 = perf_counter()
         if self._retry_data is not None:
-            step.retry = Retry(self._retry_data)
+            step.retry = self._retry_data  # the unit's bytes, to re-send if the replica refuses it
             self._retry_data = None
         if self._retry_skip:
             step.skip, self._retry_skip = self._retry_skip, 0
@@ -910,9 +991,8 @@ class ClientSession(asyncio.Protocol):
             if t == F_SYNC or t == F_QUERY:
                 end = e
                 break
-        retry = step.retry
-        retry.data += buf[frames[0][1] : end]
-        if len(retry.data) > Retry.MAX_BYTES:
+        step.retry += buf[frames[0][1] : end]
+        if len(step.retry) > RETRY_MAX_BYTES:
             step.retry = None
 
     def _flush_out(self, server: ServerConnection, out: list[bytes], buf: bytes, run: int, end: int) -> None:
@@ -945,7 +1025,8 @@ class ClientSession(asyncio.Protocol):
     def _note_analysis(self, step: Step, analysis: Analysis) -> None:
         if analysis.route is _WRITE or analysis.tx is TxControl.BEGIN:
             step.writes = True
-        if analysis.effects or analysis.pins or analysis.unpins or analysis.tx is not None:
+        if (analysis.effects or analysis.pins or analysis.unpins or analysis.tx is not None
+                or analysis.mentions_sync_commit):
             if step.analyses is None:
                 step.analyses = []
             step.analyses.append(analysis)
@@ -991,6 +1072,8 @@ class ClientSession(asyncio.Protocol):
         ok = step.error is None
         if step.writes and step.role == "primary":
             self._tx_wrote = True
+        if step.analyses and any(a.mentions_sync_commit for a in step.analyses):
+            self._tx_async = True
         if status == TX_IDLE and self._tx_wrote:
             # A unit or transaction that wrote has ended (committed, or rolled back: a
             # token that covers a rollback costs one LSN fetch, a missing one a stale read).
@@ -1022,6 +1105,9 @@ class ClientSession(asyncio.Protocol):
             self._tx_failed = False
 
     def _note_commit(self) -> None:
+        self.commit_async = self._tx_async or (
+            self.async_commit if self.async_commit is not None else self.async_default)
+        self._tx_async = False
         self.commit_pending = True
         self.commit_ticket = self.app.lsn_fetcher.ticket()
         self.commit_time = self.transport.get_extra_info("loop", None) and 0.0 or asyncio.get_running_loop().time()
@@ -1047,6 +1133,10 @@ class ClientSession(asyncio.Protocol):
                 changed = True
                 if eff.name == "default_transaction_read_only":
                     self.default_read_only = (eff.value or "").lower() in ("on", "true", "1", "yes")
+                elif eff.name == "synchronous_commit":
+                    # A value that is not a plain constant (DEFAULT) counts as off: the
+                    # insert position covers either kind of commit.
+                    self.async_commit = (eff.value or "off").lower() in ("off", "false", "0", "no")
             elif kind == "reset" and eff.name:
                 startup = self.startup_settings.get(eff.name)
                 if startup is None:
@@ -1056,9 +1146,12 @@ class ClientSession(asyncio.Protocol):
                 changed = True
                 if eff.name == "default_transaction_read_only":
                     self.default_read_only = False
+                elif eff.name == "synchronous_commit":
+                    self.async_commit = self._startup_async_commit
             elif kind in ("reset_all", "discard_all"):
                 self.settings = dict(self.startup_settings)
                 self.default_read_only = False
+                self.async_commit = self._startup_async_commit
                 changed = True
                 if kind == "discard_all":
                     self.stmts.clear()
@@ -1089,7 +1182,7 @@ class ClientSession(asyncio.Protocol):
         """A replica refused an autocommit read (read-only or recovery conflict) before
         anything reached the client: run it again on the primary."""
         self.app.metrics.retries.labels(reason=(step.error or {}).get("C", "?")).inc()
-        data = step.retry.data
+        data = step.retry
         self._release()
         self._stash = data + self._stash
         self._retry_skip = step.delivered
@@ -1102,7 +1195,7 @@ class ClientSession(asyncio.Protocol):
     def server_lost(self, server: ServerConnection, exc: Exception | None, pending: list[Step]) -> None:
         """The server connection died while lent to this session; `pending` are the steps
         of this client's units it had not finished."""
-        pool = self.app.pool_of(server)
+        pool = server.pool
         in_tx = self.status != TX_IDLE or self._open is not None
         first = pending[0] if pending else None
         self._detach(server)
@@ -1115,7 +1208,7 @@ class ClientSession(asyncio.Protocol):
             log.info("server %s lost during a read; retrying it elsewhere", server.backend)
             self.app.metrics.retries.labels(reason="server_lost").inc()
             self.app.note_backend_failure(server.backend)
-            self._stash = first.retry.data + self._stash
+            self._stash = first.retry + self._stash
             self._retry_skip = first.delivered
             self.resume()
             return

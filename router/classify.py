@@ -138,6 +138,9 @@ class Analysis:
     # matching PREPARE (whose route is the prepared query's route) instead.
     executes: tuple[str, ...] = ()
     is_copy_in: bool = False  # COPY ... FROM STDIN
+    # The text names synchronous_commit (SET LOCAL, set_config): a commit of its transaction
+    # may return before its WAL is flushed, which read-your-writes must know.
+    mentions_sync_commit: bool = False
     reason: str = ""  # short reason for WRITE, for logs and tests
 
 
@@ -249,6 +252,10 @@ _PF_WORDS = re.compile(
     r"(?<![A-Za-z_\x80-\U0010ffff])(?:into|for)(?![A-Za-z0-9_$\x80-\U0010ffff])", re.I | re.A
 )
 _PG_SPACE = " \t\n\r\f\v"
+
+
+def _mentions_sync_commit(sql: str) -> bool:
+    return "synchronous_commit" in sql.lower()
 
 
 def is_trivial_select(sql: str) -> bool:
@@ -564,7 +571,12 @@ class Classifier:
             if base is not None:
                 self._fp.move_to_end(fp)
                 self._fp_hits += 1
-                return base if hint is None else replace(base, hint=hint)
+                # Literals are not in the fingerprint: set_config('synchronous_commit', ...)
+                # and set_config('work_mem', ...) share one. Look at this text.
+                sync = _mentions_sync_commit(sql)
+                if hint is None and sync == base.mentions_sync_commit:
+                    return base
+                return replace(base, hint=hint, mentions_sync_commit=sync)
         self._misses += 1
         base, fp_ok = self._analyze(sql)
         size = self._cache_size
@@ -590,6 +602,12 @@ class Classifier:
 
     def _analyze(self, sql: str) -> tuple[Analysis, bool]:
         """-> (analysis without hint, may be cached by fingerprint)."""
+        base, fp_ok = self._analyze_text(sql)
+        if _mentions_sync_commit(sql):
+            base = replace(base, mentions_sync_commit=True)
+        return base, fp_ok
+
+    def _analyze_text(self, sql: str) -> tuple[Analysis, bool]:
         if "\x00" in sql:  # PostgreSQL rejects it too; pglast would silently truncate
             return Analysis(route=Route.WRITE, parse_error=True, reason="parse error (NUL in text)"), False
         try:

@@ -33,7 +33,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 
@@ -76,7 +76,11 @@ SELECT pg_is_in_recovery(),
        extract(epoch FROM pg_last_xact_replay_timestamp())::float8,
        extract(epoch FROM now())::float8"""
 REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn()::text"
-INSERT_LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+# A commit that returned with synchronous_commit on (or local, remote_*) is flushed, so the
+# flush position covers it, and it is as far as replicas can get (WAL is streamed up to
+# it). A commit with synchronous_commit = off may not be flushed yet: only the insert
+# position covers it (replicas reach it once the WAL writer flushes).
+COMMIT_LSN_SQL = "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text"
 APPLICATION_NAME = "pgsplit-monitor"
 
 
@@ -138,6 +142,18 @@ class Sample:
             server_now=float(now),
             started_at=started_at,
         )
+
+
+class CommitLsns(NamedTuple):
+    """What a read after a commit waits for (see COMMIT_LSN_SQL)."""
+
+    flush: int
+    insert: int
+
+    def covering(self, async_commit: bool) -> int:
+        """The LSN that covers a commit made before the query: a synchronous one is flushed,
+        an asynchronous one (synchronous_commit = off) only inserted."""
+        return self.insert if async_commit else self.flush
 
 
 class PollError(Exception):
@@ -814,9 +830,9 @@ class Monitor:
             self.holder.install(new)
             self._wake_waiters(new)
 
-    async def primary_insert_lsn(self) -> int:
-        """pg_current_wal_insert_lsn() of the active primary, over a connection of its own
-        (a slow poll never delays it). Errors propagate as PollError."""
+    async def primary_commit_lsns(self) -> CommitLsns:
+        """The active primary's WAL flush and insert positions, over a connection of its
+        own (a slow poll never delays it). Errors propagate as PollError."""
         async with self._lsn_lock:
             target = self._primary_spec()
             stage = "connect"
@@ -829,15 +845,15 @@ class Monitor:
                     self._lsn_target = target
                 stage = "query"
                 async with asyncio.timeout(self.settings.timeout_s):
-                    text = await self._lsn_conn.fetchval(INSERT_LSN_SQL)
+                    row = await self._lsn_conn.fetchrow(COMMIT_LSN_SQL)
             except Exception as exc:
                 conn, self._lsn_conn = self._lsn_conn, None
                 if conn is not None:
                     conn.terminate()
                 timeout = self.settings.connect_timeout_s if stage == "connect" else self.settings.timeout_s
-                raise _poll_error(exc, f"the WAL insert position of primary {target.name} "
+                raise _poll_error(exc, f"the WAL position of primary {target.name} "
                                        f"({target.host}:{target.port}), {stage}", timeout) from exc
-            return parse_lsn(text)
+            return CommitLsns(parse_lsn(row[0]), parse_lsn(row[1]))
 
     def _primary_spec(self) -> BackendSpec:
         return next(s for s in self._specs if s.role is Role.PRIMARY)
