@@ -130,7 +130,7 @@ class DataPlane:
         topology = await proxy.switch_cluster(cluster)
         keep = {b.name for b in topology.backends}
         for session in list(proxy.sessions):
-            session.topology_swapped(keep)
+            session.topology_swapped(keep, topology.primary_lsn)
         return topology
 
     def end_pinned_sessions(self, reason: str) -> int:

@@ -698,10 +698,11 @@ class ClientSession(asyncio.Protocol):
         err.sqlstate = "25P02"
         self._reply_error(unit, err)
 
-    def topology_swapped(self, keep: set[str]) -> None:
-        """Another backend set is active: connections to the old one go, and with them
-        the LSN tokens of the old timeline."""
-        self.token = None
+    def topology_swapped(self, keep: set[str], lsn: int | None) -> None:
+        """Another backend set is active: connections to the old one go, and the LSN
+        tokens of the old timeline become `lsn`, the new primary's position at the swap
+        (it covers every write made before the cutover)."""
+        self.token = lsn
         self.commit_pending = False
         self.min_lsn = None
         self._pools.clear()
@@ -895,6 +896,8 @@ class ClientSession(asyncio.Protocol):
                     st = self.stmts.get(name)
                     if st is not None:
                         self._note_analysis(step, st.analysis)
+                        if st.analysis.executes and step.sent == 0:
+                            run = self._prepare_sql(server, st.analysis, step, out, buf, run, s)
                         if st.local:
                             return self._local_statement_error(buf, s)
                         if st.server_name not in server.prepared:
@@ -914,6 +917,8 @@ class ClientSession(asyncio.Protocol):
                 name, sql, params = wire.parse_parse(buf[s + 5 : e])
                 analysis = self._classify(sql)
                 self._note_analysis(step, analysis)
+                if analysis.executes and step.sent == 0:
+                    run = self._prepare_sql(server, analysis, step, out, buf, run, s)
                 if name:
                     st = self.register_statement(name, sql, params)
                     sname = st.server_name
@@ -953,8 +958,8 @@ class ClientSession(asyncio.Protocol):
                     query_analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
                 analysis, query_analysis = query_analysis, None
                 self._note_analysis(step, analysis)
-                if analysis.executes:
-                    self._prepare_sql(server, analysis, step)
+                if analysis.executes and step.sent == 0:
+                    run = self._prepare_sql(server, analysis, step, out, buf, run, s)
                 step.closed = True
                 self._open = step = None
             elif t == F_COPY_DONE or t == F_COPY_FAIL:
@@ -1031,18 +1036,25 @@ class ClientSession(asyncio.Protocol):
                 step.analyses = []
             step.analyses.append(analysis)
 
-    def _prepare_sql(self, server: ServerConnection, analysis: Analysis, step: Step) -> None:
-        """SQL EXECUTE of a statement the client PREPAREd on another connection: prepare it
-        here first (a step of the proxy's own, answered before the client's)."""
+    def _prepare_sql(self, server: ServerConnection, analysis: Analysis, step: Step, out: list[bytes],
+                     buf: bytes, run: int, s: int) -> int:
+        """SQL EXECUTE (in a Query, or in a Parse) of a statement the client PREPAREd on
+        another connection: prepare it here first, in a step of the proxy's own placed
+        just before the client's, its bytes just before the message at `s`. Returns the
+        new start of the unchanged run."""
         for name in analysis.executes:
             text = self.sql_prepared.get(name)
             if text is None or server.sql_prepared.get(name) == text:
                 continue
             sql = (f'DEALLOCATE "{name}";\n' if name in server.sql_prepared else "") + text
-            server.steps.remove(step)
-            server.swallow(wire.query(sql))
-            server.steps.append(step)
+            prepare = Step(StepKind.SWALLOW)
+            prepare.closed = True
+            server.steps.insert(server.steps.index(step), prepare)
+            out.append(buf[run:s])
+            out.append(wire.query(sql))
+            run = s
             server.sql_prepared[name] = text
+        return run
 
     def _local_statement_error(self, buf: bytes, s: int) -> int | None:
         self.fail(ProtocolViolation("a pgsplit command cannot be prepared together with other statements"))
