@@ -336,13 +336,9 @@ class ServerConnection(asyncio.Protocol):
                     client = self.client
                     if client is not None:
                         client.unit_ready(self, step)
-                    if steps and steps[0].kind is StepKind.LOCAL:
-                        self._run_locals()
-                    if not steps:
-                        if pos < n:
-                            self._unsolicited(data[pos:], 0)
+                    step = self._next_step(data, pos, n)
+                    if step is None:
                         return
-                    step = steps[0]
                     continue
                 if step.anchors or SPECIAL[t]:
                     if end > n:
@@ -368,13 +364,9 @@ class ServerConnection(asyncio.Protocol):
                     emit = pos = end
                     if step.callback is not None:
                         step.callback(step)
-                    if steps and steps[0].kind is StepKind.LOCAL:
-                        self._run_locals()
-                    if not steps:
-                        if pos < n:
-                            self._unsolicited(data[pos:], 0)
+                    step = self._next_step(data, pos, n)
+                    if step is None:
                         return
-                    step = steps[0]
                     continue
                 self._swallowed(step, t, data[pos + 5 : end])
                 emit = end
@@ -393,6 +385,18 @@ class ServerConnection(asyncio.Protocol):
             if emit < pos:
                 self._to_client(data[emit:pos], step)
         self._held = data[pos:]
+
+    def _next_step(self, data: bytes, pos: int, n: int) -> Step | None:
+        """After a ReadyForQuery: the proxy's own answers queued next go out now; None
+        when nothing is in flight any more (what is left of `data` is unsolicited)."""
+        steps = self.steps
+        if steps and steps[0].kind is StepKind.LOCAL:
+            self._run_locals()
+        if steps:
+            return steps[0]
+        if pos < n:
+            self._unsolicited(data[pos:], 0)
+        return None
 
     def _forward_special(self, step: Step, t: int, data: bytes, pos: int, end: int) -> bool:
         """Slow path for a message inside a FORWARD step. Returns True if it is dropped."""
