@@ -4,11 +4,14 @@ major version, another region): logical replication set up, watched and checked.
 Owns: the migration's steps as async functions of plain values (two `Endpoint`s, each a
 superuser control account; a migration ``name``; the ``databases`` to carry) — `plan`,
 `start`, `status`, `verify`, `drift`, `sync_sequences`, `logical_catch_up`, `finish`,
-`reverse` — and their reports (frozen dataclasses). Every failure is a `MigrateError`
-naming the side (source, target, or local for the client programs) and the object.
+`enable`, `reverse` — and their reports (frozen dataclasses with ``to_dict`` for JSON);
+`Watch`, a started migration's status and drift checked every few seconds; `Connections`,
+control connections kept open (and `prepare_cutover`d) for a cutover's pause. Every
+failure is a `MigrateError` naming the side (source, target, or local for the client
+programs) and the object.
 Must not know: the proxy, its config, client sessions. The cutover (router/cutover.py)
-calls `logical_catch_up`, `sync_sequences`, `finish` and `reverse`; the CLI and the admin
-API call the rest.
+calls `logical_catch_up`, `sync_sequences`, `finish`, `enable` and `reverse`; the proxy's
+admin API (`pgsplit migrate`) calls the rest and runs the `Watch`.
 
 What one migration is, per database (logical replication is per database; design.md,
 "Online migration"):
@@ -34,14 +37,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,7 @@ __all__ = [
     "BlockedError",
     "Blocker",
     "CatchUpTimeout",
+    "Connections",
     "DatabaseFacts",
     "DatabasePlan",
     "Endpoint",
@@ -69,12 +75,18 @@ __all__ = [
     "TableCopy",
     "TableFacts",
     "VerifyReport",
+    "Watch",
     "assess",
+    "databases_of",
     "drift",
+    "drop_slots",
+    "enable",
     "find_client_bindir",
     "finish",
     "logical_catch_up",
     "plan",
+    "prepare_cutover",
+    "publisher_conninfo",
     "reverse",
     "schema_fingerprint",
     "slot_name_for",
@@ -83,6 +95,8 @@ __all__ = [
     "sync_sequences",
     "verify",
 ]
+
+_log = logging.getLogger("pgsplit.migrate")
 
 APPLICATION_NAME = "pgsplit-migrate"
 SOURCE, TARGET, LOCAL = "source", "target", "local"
@@ -178,6 +192,27 @@ def _qualified(schema: str, name: str) -> str:
     return f"{_ident(schema)}.{_ident(name)}"
 
 
+def publisher_conninfo(fragment: str, user: str, password: str | None) -> str:
+    """A subscription's CONNECTION from libpq key/value pairs that say where (host, port,
+    sslmode...): the account added, ``{database}`` for the database (each one's name
+    replaces it, as `start`'s ``source_conninfo`` and `reverse`'s ``target_conninfo``
+    expect)."""
+    params = [fragment.strip(), f"user={_conninfo_value(user)}"]
+    if password is not None:
+        params.append(f"password={_conninfo_value(password)}")
+    params.append("dbname={database}")
+    return " ".join(params)
+
+
+async def databases_of(ep: Endpoint) -> list[str]:
+    """The databases a migration carries by default: those of the server that take
+    connections, less the templates and ``postgres`` (PostgreSQL's own)."""
+    async with _connect(ep, SOURCE) as conn:
+        return [r[0] for r in await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+            "AND datname <> 'postgres' ORDER BY 1")]
+
+
 def slot_name_for(name: str, database: str) -> str:
     """The replication slot of migration ``name`` for ``database``: replication slot
     names are [a-z0-9_], at most 63 bytes, and unique in the source cluster."""
@@ -187,22 +222,20 @@ def slot_name_for(name: str, database: str) -> str:
     return raw
 
 
-@contextlib.asynccontextmanager
-async def _connect(ep: Endpoint, side: str, database: str | None = None,
-                   settings: Mapping[str, str] | None = None
-                   ) -> AsyncIterator[asyncpg.Connection]:
+async def _open(ep: Endpoint, side: str, database: str | None,
+                settings: Mapping[str, str] | None,
+                application_name: str = APPLICATION_NAME) -> asyncpg.Connection:
     """A connection to ``database``; without one, to the endpoint's own database for a
     cluster-wide question, or to ``postgres`` when that one does not exist (yet: a
     target database that `start` will create)."""
     dbs = [database] if database else list(dict.fromkeys([ep.database, "postgres"]))
     for db in dbs:
         try:
-            conn = await asyncpg.connect(
+            return await asyncpg.connect(
                 host=ep.host, port=ep.port, user=ep.user, password=ep.password,
                 database=db, timeout=ep.connect_timeout_s,
-                server_settings={"application_name": APPLICATION_NAME, **(settings or {})},
+                server_settings={"application_name": application_name, **(settings or {})},
             )
-            break
         except asyncpg.InvalidCatalogNameError as exc:
             if db != dbs[-1]:
                 continue
@@ -211,6 +244,66 @@ async def _connect(ep: Endpoint, side: str, database: str | None = None,
                 asyncpg.InterfaceError) as exc:
             raise MigrateError(side, f"database {ep.where(db)}",
                                f"cannot connect: {exc or type(exc).__name__}") from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Connections opened with default_transaction_read_only off in their startup packet: a
+# fence (ALTER SYSTEM + reload) does not override a client's own setting, so the control
+# statements on them need no SET first (a round trip less to a far server).
+_WRITABLE: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+
+
+async def _allow_writes(conn: asyncpg.Connection) -> None:
+    """Control DDL and setval must work on a fenced side (default_transaction_read_only)."""
+    if conn not in _WRITABLE:
+        await conn.execute("SET default_transaction_read_only = off")
+
+
+class Connections:
+    """Control connections kept open across calls, one per (endpoint, database): the
+    cutover runs `logical_catch_up`, `sync_sequences`, `finish` and `reverse` back to
+    back while clients wait, and a login to a server in another region costs several
+    round trips. Open them before the pause (`open`, then `prepare_cutover`); pass
+    ``connections=`` to those functions; `close` at the end. A connection found closed
+    is opened again. They are opened writable (default_transaction_read_only off): they
+    carry control statements only, and must keep working on a fenced side."""
+
+    def __init__(self, application_name: str = APPLICATION_NAME) -> None:
+        self.application_name = application_name
+        self._conns: dict[tuple[Endpoint, str | None], asyncpg.Connection] = {}
+
+    async def get(self, ep: Endpoint, side: str,
+                  database: str | None = None) -> asyncpg.Connection:
+        conn = self._conns.get((ep, database))
+        if conn is None or conn.is_closed():
+            conn = await _open(ep, side, database, {"default_transaction_read_only": "off"},
+                               self.application_name)
+            _WRITABLE.add(conn)
+            self._conns[(ep, database)] = conn
+        return conn
+
+    async def open(self, ep: Endpoint, side: str, databases: Sequence[str | None]) -> None:
+        await asyncio.gather(*(self.get(ep, side, db) for db in databases))
+
+    async def close(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:  # noqa: BLE001  a broken connection: just drop it
+                conn.terminate()
+
+
+@contextlib.asynccontextmanager
+async def _connect(ep: Endpoint, side: str, database: str | None = None,
+                   settings: Mapping[str, str] | None = None,
+                   connections: Connections | None = None
+                   ) -> AsyncIterator[asyncpg.Connection]:
+    """`_open`, closed on the way out; from ``connections`` (kept open) when given."""
+    if connections is not None and settings is None:
+        yield await connections.get(ep, side, database)
+        return
+    conn = await _open(ep, side, database, settings)
     try:
         yield conn
     finally:
@@ -391,6 +484,13 @@ class Plan:
     def ok(self) -> bool:
         return not self.blockers
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (the admin API): the fields, ``ok``, blockers as objects."""
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["blockers"] = [{**asdict(b), "text": str(b)} for b in self.blockers]
+        return d
+
     def render(self) -> str:
         """A human-readable report (for `pgsplit migrate plan`)."""
         lines = [f"migration {self.name!r}: source PostgreSQL {self.source_version} -> "
@@ -462,12 +562,21 @@ _SEQUENCES_SQL = """
     WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"""
 
 
+_SUBSCRIPTION_SQL = """
+    SELECT s.oid, s.subenabled, s.subslotname, s.subpublications FROM pg_subscription s
+    JOIN pg_database d ON d.oid = s.subdbid
+    WHERE s.subname = $1 AND d.datname = current_database()"""
+_PUBLICATION_SQL = "SELECT puballtables FROM pg_publication WHERE pubname = $1"
+_ORIGIN_SQL = "SELECT remote_lsn FROM pg_replication_origin_status WHERE external_id = $1"
+_WORKERS_SQL = "SELECT count(*) FROM pg_stat_subscription WHERE subid = $1 AND pid IS NOT NULL"
+_SLOT_SQL = "SELECT slot_type FROM pg_replication_slots WHERE slot_name = $1"
+_SETVAL_SQL = ("SELECT setval(u.seq::regclass, u.v, true) "
+               "FROM unnest($1::text[], $2::bigint[]) AS u(seq, v)")
+
+
 async def _subscription_row(conn: asyncpg.Connection, name: str) -> asyncpg.Record | None:
     """The subscription ``name`` of the connected database (pg_subscription is shared)."""
-    return await conn.fetchrow(
-        "SELECT s.oid, s.subenabled, s.subslotname, s.subpublications FROM pg_subscription s"
-        " JOIN pg_database d ON d.oid = s.subdbid"
-        " WHERE s.subname = $1 AND d.datname = current_database()", name)
+    return await conn.fetchrow(_SUBSCRIPTION_SQL, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,8 +779,10 @@ async def plan(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
         t_facts = await _server_facts(tconn)
     dump_bindir, dump_problem = None, None
     try:
-        dump_bindir = str(find_client_bindir(max(_major(s_facts.version_num),
-                                                 _major(t_facts.version_num)), bindir))
+        # runs `pg_dump --version` of each candidate: not on the event loop's thread
+        dump_bindir = str(await asyncio.to_thread(
+            find_client_bindir, max(_major(s_facts.version_num),
+                                    _major(t_facts.version_num)), bindir))
     except MigrateError as exc:
         dump_problem = Blocker(exc.side, exc.object, exc.problem)
     present = [db for db in dbs if db in s_facts.databases]
@@ -692,6 +803,9 @@ class StartReport:
     schema_seconds: float
     created: tuple[str, ...]  # "<side> <object>" created now (publications, subscriptions)
     schema_diff: tuple[str, ...]  # what still differs after the copy (should be empty)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 async def start(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
@@ -722,8 +836,8 @@ async def start(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
     p = await plan(source, target, name=name, databases=databases, bindir=bindir)
     if p.blockers and not force:
         raise BlockedError(p)
-    dump_bindir = Path(p.dump_bindir) if p.dump_bindir else find_client_bindir(p.dump_major,
-                                                                               bindir)
+    dump_bindir = Path(p.dump_bindir) if p.dump_bindir else await asyncio.to_thread(
+        find_client_bindir, p.dump_major, bindir)
     copied: list[str] = []
     created: list[str] = []
     t_schema = 0.0
@@ -907,6 +1021,40 @@ class Status:
         """{"<database>.<schema>.<table>": state letter}."""
         return {f"{d.database}.{t.table}": t.state for d in self.databases for t in d.tables}
 
+    def state_counts(self) -> dict[str, int]:
+        """Tables per copy state, by name ("ready", "data copy", ...), every state listed."""
+        counts = dict.fromkeys(COPY_STATES.values(), 0)
+        for d in self.databases:
+            for t in d.tables:
+                counts[t.state_name] = counts.get(t.state_name, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: the fields, the totals, per table its state's name and its
+        copy's progress, LSNs as text."""
+        def lsn(v: int | None) -> str | None:
+            return None if v is None else format_lsn(v)
+
+        return {
+            "name": self.name, "taken_at": self.taken_at, "ready": self.ready,
+            "lag_bytes": self.lag_bytes, "lag_seconds": self.lag_seconds,
+            "copy_total_bytes": self.copy_total_bytes, "copy_done_bytes": self.copy_done_bytes,
+            "copy_bytes_per_s": self.copy_bytes_per_s, "apply_bytes_per_s": self.apply_bytes_per_s,
+            "source_wal_bytes_per_s": self.source_wal_bytes_per_s,
+            "eta_seconds": self.eta_seconds, "tables_by_state": self.state_counts(),
+            "databases": [{
+                "database": d.database, "subscription": d.subscription, "slot": d.slot,
+                "enabled": d.enabled, "worker_running": d.worker_running, "ready": d.ready,
+                "slot_active": d.slot_active, "source_lsn": lsn(d.source_lsn),
+                "confirmed_lsn": lsn(d.confirmed_lsn), "received_lsn": lsn(d.received_lsn),
+                "lag_bytes": d.lag_bytes, "receive_lag_bytes": d.receive_lag_bytes,
+                "lag_seconds": d.lag_seconds,
+                "tables": [{"table": t.table, "state": t.state, "state_name": t.state_name,
+                            "source_bytes": t.source_bytes, "copied_bytes": t.copied_bytes}
+                           for t in d.tables],
+            } for d in self.databases],
+        }
+
     def render(self) -> str:
         lines = [f"migration {self.name!r}: "
                  + ("ready" if self.ready else "copying" if any(
@@ -1022,10 +1170,6 @@ _TARGET_RELS_SQL = """
     JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE r.srsubid = $1 ORDER BY 1"""
 
-_TARGET_STATES_SQL = """
-    SELECT r.srrelid::regclass::text AS name, r.srsubstate::text AS state
-    FROM pg_subscription_rel r WHERE r.srsubid = $1"""
-
 
 async def _database_status(source: Endpoint, target: Endpoint, name: str,
                            db: str) -> SubscriptionStatus:
@@ -1118,6 +1262,104 @@ async def drift(source: Endpoint, target: Endpoint, *,
     return schema.diff_databases(s_fps, t_fps)
 
 
+class Watch:
+    """A started migration watched while it runs: every ``interval`` seconds one round of
+    `status` (rates from the round before) and `drift`, then ``on_update(self)``. The
+    latest results stay here (``status``, ``drift``, ``error``, ``checked_at``). A
+    difference in ``drift`` that was not there in the round before is logged at once,
+    naming the object, and again when it is gone. A failed round (a side down, a
+    connection ended by a cutover's fence) sets ``error`` and keeps the last results."""
+
+    def __init__(self, source: Endpoint, target: Endpoint, *, name: str,
+                 databases: Sequence[str], interval: float, label: str = "",
+                 on_update: Any = None) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self.source, self.target = source, target
+        self.name = name
+        self.databases = list(databases)
+        self.interval = interval
+        self.label = label or name
+        self.on_update = on_update
+        self.status: Status | None = None
+        self.drift: list[str] = []
+        self.error: str | None = None
+        self.checked_at: float | None = None  # time.time() of the last good round
+        self.rounds = 0
+        self._task: asyncio.Task[None] | None = None
+        self._round = asyncio.Lock()
+
+    def start(self) -> Watch:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except (MigrateError, OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError):
+                pass  # in ``error``, logged; the next round tries again
+            except Exception:  # noqa: BLE001  a bug must not end the watch silently
+                _log.exception("migration %s: watch round failed", self.label)
+            await asyncio.sleep(self.interval)
+
+    async def check(self) -> tuple[Status, list[str]]:
+        """One round now (the admin API's status asks for a fresh one too); raises what
+        the round raised, after noting it in ``error``."""
+        async with self._round:
+            try:
+                st, lines = await asyncio.gather(
+                    status(self.source, self.target, name=self.name,
+                           databases=self.databases, previous=self.status),
+                    drift(self.source, self.target, databases=self.databases))
+            except (MigrateError, OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                error = str(exc) or type(exc).__name__
+                if error != self.error:
+                    _log.warning("migration %s: watch round failed: %s", self.label, error)
+                self.error = error
+                self._updated()
+                raise
+            self.record(st, lines)
+            return st, lines
+
+    def record(self, st: Status, lines: list[str]) -> None:
+        """Take a round's results: log drift that appeared or went, tell the listener."""
+        if self.error is not None:
+            _log.info("migration %s: watch rounds work again", self.label)
+        self.error = None
+        for line in lines:
+            if line not in self.drift:
+                _log.warning("migration %s: schema drift: %s", self.label, line)
+        for line in self.drift:
+            if line not in lines:
+                _log.info("migration %s: schema drift resolved: %s", self.label, line)
+        self.status, self.drift = st, list(lines)
+        self.checked_at = time.time()
+        self.rounds += 1
+        self._updated()
+
+    def _updated(self) -> None:
+        if self.on_update is not None:
+            try:
+                self.on_update(self)
+            except Exception:  # noqa: BLE001  a broken listener must not stop the watch
+                _log.exception("migration %s: watch listener failed", self.label)
+
+
 # --------------------------------------------------------------------------- sequences
 
 
@@ -1159,20 +1401,25 @@ _SEQUENCE_VALUES_SQL = """
 
 async def sync_sequences(source: Endpoint, target: Endpoint, *,
                          databases: Sequence[str] | None = None,
-                         headroom: int = 0) -> list[SequenceSync]:
+                         headroom: int = 0,
+                         connections: Connections | None = None) -> list[SequenceSync]:
     """Move every sequence of the target past the source's value (``setval(seq, v,
     true)``: the next ``nextval`` returns v + increment), ``headroom`` increments
     further. Logical replication does not carry sequences; run this once the source is
     fenced (the cutover's step 4). Sequences never used on the source, and target
-    sequences already past, are left alone; a target never goes backwards."""
+    sequences already past, are left alone; a target never goes backwards. A target
+    with ``default_transaction_read_only`` on (an old cluster fenced by an earlier
+    cutover, on the way back) is set all the same; one statement per database sets
+    them all (a round trip to a far target is what the clients wait for)."""
     if headroom < 0:
         raise ValueError("headroom must be >= 0")
     out: list[SequenceSync] = []
     for db in _databases(source, databases):
-        async with _connect(source, SOURCE, db) as sconn:
+        async with _connect(source, SOURCE, db, connections=connections) as sconn:
             src = await sconn.fetch(_SEQUENCE_VALUES_SQL)
-        async with _connect(target, TARGET, db) as tconn:
+        async with _connect(target, TARGET, db, connections=connections) as tconn:
             tgt = {r["name"]: r for r in await tconn.fetch(_SEQUENCE_VALUES_SQL)}
+            moves: list[SequenceSync] = []
             for r in src:
                 seq = r["name"]
                 t = tgt.get(seq)
@@ -1187,14 +1434,26 @@ async def sync_sequences(source: Endpoint, target: Endpoint, *,
                 if sequence_is_past(t["last_value"], value, r["increment_by"]):
                     out.append(SequenceSync(db, seq, r["last_value"], t["last_value"], None))
                     continue
-                schema, _, rel = seq.partition(".")
-                try:
-                    await tconn.execute("SELECT setval($1::regclass, $2, true)",
-                                        _qualified(schema, rel), value)
-                except asyncpg.PostgresError as exc:
-                    raise MigrateError(TARGET, f"sequence {seq} (database {db})",
-                                       f"setval({value}) failed: {exc}") from exc
-                out.append(SequenceSync(db, seq, r["last_value"], t["last_value"], value))
+                moves.append(SequenceSync(db, seq, r["last_value"], t["last_value"], value))
+            if not moves:
+                continue
+            names = [_qualified(*m.sequence.split(".", 1)) for m in moves]
+            values = [m.target_after for m in moves]
+            try:
+                await _allow_writes(tconn)
+                await tconn.execute(_SETVAL_SQL, names, values)
+            except asyncpg.PostgresError as exc:
+                # name the sequence that failed: one at a time
+                for m, qualified in zip(moves, names):
+                    try:
+                        await tconn.execute("SELECT setval($1::regclass, $2, true)",
+                                            qualified, m.target_after)
+                    except asyncpg.PostgresError as one:
+                        raise MigrateError(TARGET, f"sequence {m.sequence} (database {db})",
+                                           f"setval({m.target_after}) failed: {one}") from one
+                raise MigrateError(TARGET, f"sequences (database {db})",
+                                   f"setval failed: {exc}") from exc
+            out += moves
     return out
 
 
@@ -1203,12 +1462,21 @@ async def sync_sequences(source: Endpoint, target: Endpoint, *,
 _CATCH_UP_SQL = """
     SELECT s.slot_name, s.confirmed_flush_lsn::text AS confirmed
     FROM pg_replication_slots s WHERE s.slot_name = ANY($1::text[])"""
+# The subscription and its tables not ready yet, in one round trip (states only: sizes
+# would wait for the locks of the tables).
+_CATCH_UP_CHECK_SQL = """
+    SELECT s.oid, s.subenabled, s.subslotname,
+           ARRAY(SELECT r.srrelid::regclass::text FROM pg_subscription_rel r
+                 WHERE r.srsubid = s.oid AND r.srsubstate <> 'r' ORDER BY 1) AS not_ready
+    FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid
+    WHERE s.subname = $1 AND d.datname = current_database()"""
 
 
 async def logical_catch_up(source: Endpoint, target: Endpoint, final_lsn: int | str,
                            timeout: float, *, name: str = "pgsplit",
                            databases: Sequence[str] | None = None,
-                           poll_interval: float = 0.005) -> float:
+                           poll_interval: float = 0.005,
+                           connections: Connections | None = None) -> float:
     """Wait until every database's subscription has applied the source's WAL up to
     ``final_lsn`` (the cutover reads it from the fenced source); return the seconds
     waited, or raise `CatchUpTimeout` naming the slot that is behind.
@@ -1230,7 +1498,8 @@ async def logical_catch_up(source: Endpoint, target: Endpoint, final_lsn: int | 
     positions: dict[str, int | None] = {}  # slot -> confirmed_flush_lsn, last seen
     try:
         async with asyncio.timeout(timeout):
-            await _catch_up(source, target, name, dbs, lsn, poll_interval, slots, positions)
+            await _catch_up(source, target, name, dbs, lsn, poll_interval, slots, positions,
+                            connections)
     except TimeoutError:
         behind = [s for s in slots if positions.get(s) is None or positions[s] < lsn] \
             or list(slots) or [slot_name_for(name, dbs[0])]
@@ -1245,46 +1514,45 @@ async def logical_catch_up(source: Endpoint, target: Endpoint, final_lsn: int | 
 
 async def _catch_up(source: Endpoint, target: Endpoint, name: str, dbs: list[str], lsn: int,
                     poll_interval: float, slots: dict[str, str],
-                    positions: dict[str, int | None]) -> None:
+                    positions: dict[str, int | None],
+                    connections: Connections | None = None) -> None:
     origins: dict[str, str] = {}  # database -> replication origin name
     tconns: dict[str, asyncpg.Connection] = {}
     async with contextlib.AsyncExitStack() as stack:
         for db in dbs:
-            tconn = await stack.enter_async_context(_connect(target, TARGET, db))
-            sub = await _subscription_row(tconn, name)
+            tconn = await stack.enter_async_context(_connect(target, TARGET, db,
+                                                             connections=connections))
+            sub = await tconn.fetchrow(_CATCH_UP_CHECK_SQL, name)
             obj = f"subscription {name} (database {db})"
             if sub is None:
                 raise MigrateError(TARGET, obj, "does not exist")
             if not sub["subenabled"]:
                 raise MigrateError(TARGET, obj, "is disabled: nothing would be applied")
-            # states only: sizes would wait for the locks of the tables
-            not_ready = [r["name"] for r in await tconn.fetch(_TARGET_STATES_SQL, sub["oid"])
-                         if r["state"] != "r"]
+            not_ready = list(sub["not_ready"])
             if not_ready:
                 raise MigrateError(TARGET, obj, "tables still in their initial copy: "
                                                 + ", ".join(not_ready[:10]))
             slots[sub["subslotname"] or slot_name_for(name, db)] = db
             origins[db] = f"pg_{sub['oid']}"
             tconns[db] = tconn
-        sconn = await stack.enter_async_context(_connect(source, SOURCE))
+        sconn = await stack.enter_async_context(_connect(source, SOURCE,
+                                                         connections=connections))
         done: set[str] = set()
         while True:
-            rows = {r["slot_name"]: r["confirmed"]
-                    for r in await sconn.fetch(_CATCH_UP_SQL, list(slots))}
-            for slot, db in slots.items():
-                if db in done:
-                    continue
+            # both sides at once: the target may be a round trip away in another region
+            todo = [(slot, db) for slot, db in slots.items() if db not in done]
+            source_rows, *applied = await asyncio.gather(
+                sconn.fetch(_CATCH_UP_SQL, [slot for slot, _ in todo]),
+                *(tconns[db].fetchval(_ORIGIN_SQL, origins[db]) for _, db in todo))
+            rows = {r["slot_name"]: r["confirmed"] for r in source_rows}
+            for (slot, db), remote in zip(todo, applied):
                 if slot not in rows:
                     raise MigrateError(SOURCE, f"replication slot {slot}",
                                        f"does not exist (subscription {name}, database {db})")
                 confirmed = positions[slot] = _lsn(rows[slot])
-                if confirmed is not None and confirmed >= lsn:
-                    done.add(db)
-                    continue
-                applied = _lsn(await tconns[db].fetchval(
-                    "SELECT remote_lsn FROM pg_replication_origin_status "
-                    "WHERE external_id = $1", origins[db]))
-                if applied is not None and applied >= lsn:
+                remote = _lsn(remote)
+                if (confirmed is not None and confirmed >= lsn) or \
+                        (remote is not None and remote >= lsn):
                     done.add(db)
             if len(done) == len(slots):
                 return
@@ -1310,6 +1578,12 @@ class RangeDiff:
                 else "row counts differ")
         return (f"keys ({lo}, {hi}]: source {self.source_rows} rows, target "
                 f"{self.target_rows} rows, {what}")
+
+
+def _json_key(key: tuple[Any, ...] | None) -> list[Any] | None:
+    if key is None:
+        return None
+    return [v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for v in key]
 
 
 def _key_text(key: tuple[Any, ...]) -> str:
@@ -1350,6 +1624,21 @@ class VerifyReport:
     def differences(self) -> list[str]:
         """One line per difference: database, table, key range (or problem)."""
         return [line for t in self.tables for line in t.describe()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: per table its counts and differing key ranges (key values
+        that JSON has no type for as text), and the difference lines."""
+        return {
+            "equal": self.equal, "seconds": self.seconds, "differences": self.differences,
+            "tables": [{
+                "database": t.database, "table": t.table, "equal": t.equal,
+                "key_columns": list(t.key_columns), "source_rows": t.source_rows,
+                "target_rows": t.target_rows, "chunks": t.chunks, "problems": list(t.problems),
+                "differences": [{"key_from": _json_key(d.key_from), "key_to": _json_key(d.key_to),
+                                 "source_rows": d.source_rows, "target_rows": d.target_rows,
+                                 "text": str(d)} for d in t.differences],
+            } for t in self.tables],
+        }
 
     def table(self, name: str, database: str | None = None) -> TableCheck:
         for t in self.tables:
@@ -1443,7 +1732,7 @@ async def _key_columns(conn: asyncpg.Connection, table: str) -> list[str]:
 async def verify(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
                  databases: Sequence[str] | None = None, tables: Sequence[str] | None = None,
                  chunk_rows: int = 10_000, rechecks: int = 2,
-                 recheck_timeout: float = 10.0) -> VerifyReport:
+                 recheck_timeout: float = 10.0, hold_writes: bool = True) -> VerifyReport:
     """Compare every table's rows on both sides: row counts and a checksum per chunk of
     ``chunk_rows`` keys in primary-key order (each chunk one short statement on each
     side, so a big table never holds one long snapshot). Tables without a primary key
@@ -1459,7 +1748,13 @@ async def verify(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
     yet (or has applied later ones): each differing range is read again up to
     ``rechecks`` times, the target after it has applied the source's LSN read after the
     source's side (`logical_catch_up` of subscription ``name``, at most
-    ``recheck_timeout``), and reported only if it still differs. Key ranges are ordered
+    ``recheck_timeout``), and reported only if it still differs. A range the
+    application writes all the time never reads the same twice that way: with
+    ``hold_writes`` the last recheck runs in a transaction on the source that holds
+    ``LOCK TABLE ... IN SHARE MODE`` (waiting at most ``recheck_timeout`` for it) while
+    it reads the range, waits for the target and reads the target's: the application's
+    writes to that table wait meanwhile (milliseconds on one host, about a round trip
+    more to a far target), they do not fail. Key ranges are ordered
     by each side's collation; text keys under different collations may show spurious
     ranges (the row counts still tell).
 
@@ -1487,7 +1782,8 @@ async def verify(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
                     continue
                 checks.append(await _verify_table(
                     source, target, name, db, sconn, tconn, full,
-                    _qualified(*s_tables[full]), chunk_rows, rechecks, recheck_timeout))
+                    _qualified(*s_tables[full]), chunk_rows, rechecks, recheck_timeout,
+                    hold_writes))
             if tables is None:
                 for full in sorted(t_tables - set(s_tables)):
                     checks.append(TableCheck(db, full, (), 0, 0, 0,
@@ -1498,7 +1794,7 @@ async def verify(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
 async def _verify_table(source: Endpoint, target: Endpoint, name: str, db: str,
                         sconn: asyncpg.Connection, tconn: asyncpg.Connection, full: str,
                         table: str, chunk_rows: int, rechecks: int,
-                        recheck_timeout: float) -> TableCheck:
+                        recheck_timeout: float, hold_writes: bool) -> TableCheck:
     s_cols = [r["attname"] for r in await sconn.fetch(_COLUMNS_SQL, table)]
     t_cols = {r["attname"] for r in await tconn.fetch(_COLUMNS_SQL, table)}
     columns = [c for c in s_cols if c in t_cols]
@@ -1540,18 +1836,32 @@ async def _verify_table(source: Endpoint, target: Endpoint, name: str, db: str,
                 break
             lo = hi
         results[-1][4:] = await pending
-    for _ in range(rechecks):
+    for attempt in range(rechecks):
         differing = [r for r in results if r[2:4] != r[4:6]]
         if not differing:
             break
+        # The last recheck holds the table's writes on the source for a moment, so that
+        # a range written all the time (a counter, the open end of a serial key) is
+        # compared at one point of its history on both sides.
+        hold = hold_writes and attempt == rechecks - 1
         for r in differing:
-            # the source first, then the target once it has applied what the source had
-            r[2:4] = await side_range(sconn, r[0], r[1])
-            lsn = await sconn.fetchval("SELECT pg_current_wal_lsn()::text")
-            with contextlib.suppress(MigrateError):  # not replicating: compare what is there
-                await logical_catch_up(source, target, lsn, recheck_timeout, name=name,
-                                       databases=[db])
-            r[4:6] = await side_range(tconn, r[0], r[1])
+            async with contextlib.AsyncExitStack() as stack:
+                if hold:
+                    await stack.enter_async_context(sconn.transaction())
+                    await sconn.execute(f"SET LOCAL lock_timeout = "
+                                        f"{int(recheck_timeout * 1000)}")
+                    try:
+                        async with sconn.transaction():  # a savepoint: usable after a timeout
+                            await sconn.execute(f"LOCK TABLE {table} IN SHARE MODE")
+                    except asyncpg.LockNotAvailableError:
+                        pass  # compared without the lock, as the earlier rechecks were
+                # the source first, then the target once it has applied what the source had
+                r[2:4] = await side_range(sconn, r[0], r[1])
+                lsn = await sconn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+                with contextlib.suppress(MigrateError):  # not replicating: compare what is there
+                    await logical_catch_up(source, target, lsn, recheck_timeout, name=name,
+                                           databases=[db])
+                r[4:6] = await side_range(tconn, r[0], r[1])
     diffs = tuple(RangeDiff(r[0], r[1], r[2], r[4]) for r in results if r[2:4] != r[4:6])
     return TableCheck(db, full, tuple(keys), sum(r[2] for r in results),
                       sum(r[4] for r in results), len(results), diffs, tuple(problems))
@@ -1586,37 +1896,101 @@ async def _drop_subscription(conn: asyncpg.Connection, name: str, db: str,
 async def _drop_publication(conn: asyncpg.Connection, name: str, db: str,
                             side: str) -> list[str]:
     obj = f"publication {name} (database {db})"
-    if not await conn.fetchval("SELECT 1 FROM pg_publication WHERE pubname = $1", name):
+    if await conn.fetchval(_PUBLICATION_SQL, name) is None:
         return [f"{side} {obj}: already gone"]
     # a fenced side (default_transaction_read_only) still takes this control DDL
-    await conn.execute("SET default_transaction_read_only = off")
+    await _allow_writes(conn)
     await _exec(conn, f"DROP PUBLICATION {_ident(name)}", side, obj)
     return [f"{side} {obj}: dropped"]
 
 
 async def finish(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
                  databases: Sequence[str] | None = None,
-                 drop_publication: bool = True) -> list[str]:
+                 drop_publication: bool = True, drop: bool = True,
+                 timeout: float = 10.0, wait: bool = True,
+                 connections: Connections | None = None) -> list[str]:
     """End the forward replication after a cutover: disable and drop the subscription on
     the target (which drops its slot on the source; if the source cannot be reached the
     slot is left there and the returned notes say so), then drop the publication on the
-    source (``drop_publication``). Idempotent; returns what was done, one line each."""
+    source (``drop_publication``). Idempotent; returns what was done, one line each.
+
+    ``drop=False`` only disables the subscription and (``wait``) waits up to ``timeout``
+    until its workers have exited: nothing more is applied, and `enable` undoes it. That
+    is what the cutover does while clients wait (a rollback can still go back to the
+    migration as it was); the rest, dropping, comes after the swap. Without ``wait`` it
+    is one statement: the workers exit on their own within milliseconds (the cutover
+    drops the subscription, which waits for them, before anything could come back)."""
     notes: list[str] = []
     for db in _databases(source, databases):
-        async with _connect(target, TARGET, db) as tconn:
-            notes += await _drop_subscription(tconn, name, db, TARGET)
-        if drop_publication:
+        async with _connect(target, TARGET, db, connections=connections) as tconn:
+            if drop:
+                notes += await _drop_subscription(tconn, name, db, TARGET)
+            elif not wait:
+                await _allow_writes(tconn)
+                await _exec(tconn, f"ALTER SUBSCRIPTION {_ident(name)} DISABLE", TARGET,
+                            f"subscription {name} (database {db})")
+                notes.append(f"{TARGET} subscription {name} (database {db}): disabled")
+            else:
+                notes += await _disable_subscription(tconn, name, db, timeout)
+        if drop and drop_publication:
             try:
-                async with _connect(source, SOURCE, db) as sconn:
+                async with _connect(source, SOURCE, db, connections=connections) as sconn:
                     notes += await _drop_publication(sconn, name, db, SOURCE)
             except MigrateError as exc:
                 notes.append(f"{exc} (publication {name} left on the source)")
     return notes
 
 
+async def _disable_subscription(conn: asyncpg.Connection, name: str, db: str,
+                                timeout: float) -> list[str]:
+    sub = await _subscription_row(conn, name)
+    obj = f"subscription {name} (database {db})"
+    if sub is None:
+        raise MigrateError(TARGET, obj, "does not exist")
+    if sub["subenabled"]:
+        await _allow_writes(conn)
+        await _exec(conn, f"ALTER SUBSCRIPTION {_ident(name)} DISABLE", TARGET, obj)
+    # The apply worker notices at its next catalog check and exits; until it has, it
+    # could still apply what reaches it (a reverse subscription's changes coming round).
+    deadline = time.monotonic() + timeout
+    while await conn.fetchval(_WORKERS_SQL, sub["oid"]):
+        if time.monotonic() > deadline:
+            raise MigrateError(TARGET, obj, f"workers still running {timeout:g}s after "
+                                            "ALTER SUBSCRIPTION ... DISABLE")
+        await asyncio.sleep(0.002)
+    return [f"{TARGET} {obj}: disabled" + ("" if sub["subenabled"] else " already")]
+
+
+async def enable(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
+                 databases: Sequence[str] | None = None,
+                 connections: Connections | None = None) -> list[str]:
+    """Enable subscription ``name`` again (undoes ``finish(drop=False)``: a cutover that
+    rolled back after disabling it). Its slot kept the changes since."""
+    notes: list[str] = []
+    for db in _databases(source, databases):
+        async with _connect(target, TARGET, db, connections=connections) as tconn:
+            sub = await _subscription_row(tconn, name)
+            obj = f"subscription {name} (database {db})"
+            if sub is None:
+                raise MigrateError(TARGET, obj, "does not exist")
+            if not sub["subenabled"]:
+                await _allow_writes(tconn)
+                await _exec(tconn, f"ALTER SUBSCRIPTION {_ident(name)} ENABLE", TARGET, obj)
+                notes.append(f"{TARGET} {obj}: enabled")
+    return notes
+
+
+_REVERSE_STATE_SQL = """
+    SELECT (SELECT puballtables FROM pg_publication WHERE pubname = $1) AS pub,
+           (SELECT slot_type FROM pg_replication_slots WHERE slot_name = $2) AS slot,
+           (SELECT s.subenabled FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid
+             WHERE s.subname = $3 AND d.datname = current_database()) AS forward_enabled"""
+
+
 async def reverse(source: Endpoint, target: Endpoint, *, name: str = "pgsplit_reverse",
                   databases: Sequence[str] | None = None, forward_name: str = "pgsplit",
-                  target_conninfo: str | None = None, timeout: float = 60.0) -> list[str]:
+                  target_conninfo: str | None = None, timeout: float = 60.0,
+                  connections: Connections | None = None, subscribe: bool = True) -> list[str]:
     """Replicate back from the new cluster (``target``) to the old one (``source``), so
     that the old one can be switched back to without losing what was written on the new
     one: a publication ``name`` FOR ALL TABLES in each target database and a subscription
@@ -1630,41 +2004,116 @@ async def reverse(source: Endpoint, target: Endpoint, *, name: str = "pgsplit_re
     what the source uses to reach the target ({database} is replaced), default the
     target endpoint's. Idempotent; returns what was done.
 
+    ``subscribe=False`` does the target's half only, the publication and the slot
+    (``pg_create_logical_replication_slot``): that is all that must exist before writes
+    resume on the target, since the slot keeps every change from then on. A later call
+    (``subscribe=True``) creates the subscription on that slot (``create_slot =
+    false``). The cutover splits it so: the subscription's login to the target, several
+    round trips when it is far, happens after the clients resumed.
+
     The reverse is the same machinery with the sides swapped: ``status(target, source,
     name=name)``, ``logical_catch_up(target, source, lsn, t, name=name)``,
     ``finish(target, source, name=name)``. A fenced old cluster
     (``default_transaction_read_only``) still applies what it receives."""
     notes: list[str] = []
     for db in _databases(source, databases):
-        async with _connect(target, TARGET, db) as tconn:
-            fwd = await _subscription_row(tconn, forward_name)
-            if fwd is not None and fwd["subenabled"]:
+        slot = slot_name_for(name, db)
+        if not subscribe:
+            async with _connect(target, TARGET, db, connections=connections) as tconn:
+                notes += await _reverse_slot(tconn, name, db, slot, forward_name, timeout)
+            continue
+        async with _connect(target, TARGET, db, connections=connections) as tconn:
+            state = await tconn.fetchrow(_REVERSE_STATE_SQL, name, slot, forward_name)
+            if state["forward_enabled"]:
                 raise MigrateError(TARGET, f"subscription {forward_name} (database {db})",
                                    "is still enabled: finish() it before reverse(), or "
                                    "changes would replicate in a circle")
-            pub = await tconn.fetchrow("SELECT puballtables FROM pg_publication "
-                                       "WHERE pubname = $1", name)
-            if pub is None:
-                await tconn.execute("SET default_transaction_read_only = off")
+            if state["pub"] is None:
+                await _allow_writes(tconn)
                 await _exec(tconn, f"CREATE PUBLICATION {_ident(name)} FOR ALL TABLES",
                             TARGET, f"publication {name} (database {db})")
                 notes.append(f"{TARGET} publication {name} (database {db}): created")
-            elif not pub["puballtables"]:
+            elif not state["pub"]:
                 raise MigrateError(TARGET, f"publication {name} (database {db})",
                                    "exists but is not FOR ALL TABLES")
-        async with _connect(source, SOURCE, db) as sconn:
+            # made by an earlier reverse(subscribe=False): the subscription streams from it
+            slot_exists = state["slot"] is not None
+        async with _connect(source, SOURCE, db, connections=connections) as sconn:
             if await _subscription_row(sconn, name) is not None:
                 notes.append(f"{SOURCE} subscription {name} (database {db}): exists")
                 continue
             conninfo = (target_conninfo.replace("{database}", db) if target_conninfo
                         else target.conninfo(db))
-            slot = slot_name_for(name, db)
-            await sconn.execute("SET default_transaction_read_only = off")
+            await _allow_writes(sconn)
             await _exec(sconn,
                         f"CREATE SUBSCRIPTION {_ident(name)} CONNECTION {_literal(conninfo)}"
                         f" PUBLICATION {_ident(name)} WITH (slot_name = {_literal(slot)},"
-                        " copy_data = false)",
+                        f" copy_data = false, create_slot = {'false' if slot_exists else 'true'})",
                         SOURCE, f"subscription {name} (database {db})", timeout=timeout)
             notes.append(f"{SOURCE} subscription {name} (database {db}): created, slot "
-                         f"{slot} on the target")
+                         f"{slot} on the target"
+                         + (" (it was there already)" if slot_exists else ""))
     return notes
+
+
+async def _reverse_slot(conn: asyncpg.Connection, name: str, db: str, slot: str,
+                        forward_name: str, timeout: float) -> list[str]:
+    """The target's half of `reverse` in two statements (each a round trip to a far
+    target, while clients wait): the publication, then the slot, created only while the
+    forward subscription is not enabled."""
+    notes: list[str] = []
+    obj = f"publication {name} (database {db})"
+    await _allow_writes(conn)
+    try:
+        await conn.execute(f"CREATE PUBLICATION {_ident(name)} FOR ALL TABLES")
+        notes.append(f"{TARGET} {obj}: created")
+    except asyncpg.DuplicateObjectError:
+        if not await conn.fetchval(_PUBLICATION_SQL, name):
+            raise MigrateError(TARGET, obj, "exists but is not FOR ALL TABLES") from None
+    except asyncpg.PostgresError as exc:
+        raise MigrateError(TARGET, obj, f"{exc.sqlstate}: {exc}") from exc
+    # execute(): the simple protocol, one round trip; its tag says whether a row came
+    tag = await conn.execute(
+        f"SELECT pg_create_logical_replication_slot({_literal(slot)}, 'pgoutput') "
+        "WHERE NOT EXISTS (SELECT 1 FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+        f"WHERE s.subname = {_literal(forward_name)} AND d.datname = current_database() "
+        "AND s.subenabled) "
+        f"AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {_literal(slot)})",
+        timeout=timeout)
+    if tag == "SELECT 1":
+        return notes + [f"{TARGET} replication slot {slot}: created"]
+    if await conn.fetchval(_SLOT_SQL, slot) is None:
+        raise MigrateError(TARGET, f"subscription {forward_name} (database {db})",
+                           "is still enabled: finish() it before reverse(), or changes would "
+                           "replicate in a circle")
+    return notes + [f"{TARGET} replication slot {slot}: exists"]
+
+
+async def drop_slots(ep: Endpoint, side: str, slots: Sequence[str], *,
+                     connections: Connections | None = None) -> list[str]:
+    """Drop the replication slots named that exist and are inactive (a reverse that a
+    rolled-back cutover began: its slot without a subscription would hold WAL back)."""
+    async with _connect(ep, side, connections=connections) as conn:
+        dropped = [r[0] for r in await conn.fetch(
+            "SELECT slot_name::text, pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = ANY($1::name[]) AND NOT active", list(slots))]
+    return [f"{side} replication slot {s}: dropped" for s in dropped]
+
+
+async def prepare_cutover(source: Endpoint, target: Endpoint, connections: Connections, *,
+                          name: str, databases: Sequence[str]) -> None:
+    """Before a cutover's pause: ask, on ``connections``, every question with parameters
+    that `logical_catch_up` and `sync_sequences` ask while clients wait, so that asyncpg
+    has their statements prepared (its cache is by text) and each costs one round trip
+    then, not two (`finish(drop=False, wait=False)` and `reverse(subscribe=False)` send
+    plain statements); and make sure the connections are open. Changes nothing."""
+    sconn = await connections.get(source, SOURCE)
+    await sconn.fetch(_CATCH_UP_SQL, [slot_name_for(name, db) for db in databases])
+    for db in databases:
+        tconn = await connections.get(target, TARGET, db)
+        sdb = await connections.get(source, SOURCE, db)
+        sub = await tconn.fetchrow(_CATCH_UP_CHECK_SQL, name)
+        await tconn.fetchval(_ORIGIN_SQL, f"pg_{sub['oid'] if sub is not None else 0}")
+        await tconn.fetch(_SEQUENCE_VALUES_SQL)
+        await tconn.execute(_SETVAL_SQL, [], [])  # no sequence: nothing set
+        await sdb.fetch(_SEQUENCE_VALUES_SQL)
