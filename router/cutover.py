@@ -25,15 +25,22 @@ Order of operations (each step is logged and timed; an event goes out at its sta
    reloaded) and every other client backend that could write is terminated and gone, so
    no other proxy or direct client writes to it any more.
 4. catch-up: the source's WAL position after the fence is final; the target (and its own
-   standbys) must have replayed (physical) or applied (logical, a later step) it within
-   `catchup_timeout_s`.
-5. promote: a physical standby is promoted and confirmed out of recovery.
+   standbys) must have replayed it (physical) within `catchup_timeout_s`. A logical
+   subscriber (router.migrate) must have applied it; then its sequences are moved past
+   the source's, its subscription disabled, the reverse replication created if asked,
+   and a target fenced by an earlier cutover unfenced (`PgControl.catch_up_logical`).
+5. promote: a physical standby is promoted and confirmed out of recovery (a logical
+   target is a primary already: skipped).
 6. swap: the data plane installs the target's backend set (one assignment, generation + 1):
    connections to the old set retired, LSN tokens reset, session state replayed later.
 7. resume: held units run on the new primary.
+8. finish (logical targets), clients running meanwhile: the disabled forward
+   subscription, its slot and publication dropped, the reverse subscription created on
+   the old primary (on the slot the catch-up made); a failure is reported, not rolled back.
 
-Any failure before the swap rolls back: unfence the source (if the fence had begun) and
-release the held units, which run on the source again. The fence comes before the
+Any failure before the swap rolls back: undo what a logical catch-up changed (enable the
+subscription, drop the reverse, fence the target again), unfence the source (if the fence
+had begun) and release the held units, which run on the source again. The fence comes before the
 promotion and the swap after it, so at no moment are there two writable primaries behind
 the proxy: while the target is promoted and the source fenced, every unit is held.
 """
@@ -50,6 +57,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from router import migrate
 from router.lsn import format_lsn, parse_lsn
 from router.monitor import BackendSpec
 from router.schema import Fingerprint, diff_databases, fingerprint
@@ -93,6 +101,7 @@ class Step(enum.Enum):
     PROMOTE = "promote"
     SWAP = "swap"
     RESUME = "resume"
+    FINISH = "finish"  # logical targets: drop the old subscription, after the resume
     ROLLBACK = "rollback"
 
 
@@ -139,6 +148,16 @@ class ControlAccount:
 
 
 @dataclass(frozen=True, slots=True)
+class LogicalOptions:
+    """What a cutover to a logical subscriber does besides catching up (router.migrate)."""
+
+    reverse: bool = False  # leave a reverse publication/subscription (new -> old) to come back by
+    reverse_name: str = "pgsplit_reverse"  # its name (publication, subscription; slot per database)
+    reverse_conninfo: str | None = None  # how the old primary reaches the new one ({database} replaced)
+    sequence_headroom: int = 0  # increments past the source's last value
+
+
+@dataclass(frozen=True, slots=True)
 class CutoverSettings:
     pause_timeout_s: float = 10.0
     catchup_timeout_s: float = 30.0
@@ -182,6 +201,9 @@ class ReplicationFacts:
     lag_bytes: int | None = None
     replay_lag_s: float | None = None  # pg_stat_replication.replay_lag (direct physical)
     detail: str | None = None
+    subscription: str | None = None  # logical: the subscription's name (one per database)
+    databases: list[str] = field(default_factory=list)  # logical: databases it carries
+    tables_not_ready: list[str] = field(default_factory=list)  # logical: still in their initial copy
 
 
 @dataclass
@@ -193,6 +215,7 @@ class PreflightFacts:
     schema_digests: dict[str, dict[str, str]] = field(default_factory=dict)  # side -> db -> digest
     schema_errors: list[str] = field(default_factory=list)
     target_replicas: list[ServerFacts] = field(default_factory=list)
+    source_table_databases: list[str] | None = None  # databases with tables on the source
 
 
 @dataclass
@@ -266,8 +289,13 @@ def build_report(facts: PreflightFacts, *, max_lag_bytes: int) -> PreflightRepor
         warnings.append(f"the source {s.name} already has default_transaction_read_only = on "
                         "(a fence left over?); a rollback resets it to the server default")
     if t.reachable and t.read_only:
-        blockers.append(f"the target {t.name} has default_transaction_read_only = on in its configuration: "
-                        "it would refuse writes after the swap (ALTER SYSTEM RESET it there first)")
+        if rep.kind == "logical":
+            # e.g. the old cluster on the way back, fenced by the cutover that left it
+            warnings.append(f"the target {t.name} has default_transaction_read_only = on (the fence of an "
+                            "earlier cutover?): it is reset after the catch-up, before the swap")
+        else:
+            blockers.append(f"the target {t.name} has default_transaction_read_only = on in its configuration: "
+                            "it would refuse writes after the swap (ALTER SYSTEM RESET it there first)")
 
     if s.reachable and t.reachable:
         if rep.kind is None:
@@ -275,8 +303,22 @@ def build_report(facts: PreflightFacts, *, max_lag_bytes: int) -> PreflightRepor
                             + (f": {rep.detail}" if rep.detail else "")
                             + "; nothing would carry the last writes over")
         elif rep.kind == "logical":
-            blockers.append(f"the target {t.name} is a logical subscriber of the source ({rep.via}); "
-                            "the logical catch-up (apply LSN, sequence sync) is not implemented yet")
+            sub = rep.subscription or "?"
+            if rep.status == "disabled":
+                blockers.append(f"the subscription {sub} on the target {t.name} is disabled: nothing would be "
+                                f"applied (ALTER SUBSCRIPTION {sub} ENABLE)")
+            elif rep.status != "streaming":
+                warnings.append(f"the subscription {sub} on the target {t.name} has no apply worker running "
+                                "(restarting after an error? see the target's log): the catch-up waits for it")
+            if rep.tables_not_ready:
+                listed = ", ".join(rep.tables_not_ready[:10]) + (
+                    f" ... ({len(rep.tables_not_ready) - 10} more)" if len(rep.tables_not_ready) > 10 else "")
+                blockers.append(f"tables still in their initial copy on the target {t.name}: {listed} "
+                                "(pgsplit migrate status shows the progress)")
+            for db in facts.source_table_databases or []:
+                if db not in rep.databases:
+                    blockers.append(f"database {db} has tables on the source but the target {t.name} has no "
+                                    f"subscription {sub} there: its rows would not be carried over")
         if rep.kind == "physical":
             if s.system_identifier != t.system_identifier:
                 blockers.append(f"the target {t.name} is a standby of another cluster (system identifier "
@@ -390,8 +432,16 @@ SELECT r.application_name, r.state, extract(epoch FROM r.replay_lag)::float8
   FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid
  WHERE s.slot_name = $1"""
 _SUBSCRIPTIONS_SQL = """\
-SELECT s.subname, s.subslotname, s.subenabled, st.pid IS NOT NULL
-  FROM pg_subscription s LEFT JOIN pg_stat_subscription st ON st.subid = s.oid AND st.relid IS NULL"""
+SELECT s.subname, s.subslotname, s.subenabled,
+       EXISTS (SELECT 1 FROM pg_stat_subscription st
+                WHERE st.subid = s.oid AND st.relid IS NULL AND st.pid IS NOT NULL),
+       d.datname
+  FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid ORDER BY s.subname, d.datname"""
+_NOT_READY_SQL = """\
+SELECT r.srrelid::regclass::text FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
+ WHERE s.subname = $1 AND r.srsubstate <> 'r' ORDER BY 1"""
+_CONFIRMED_SQL = """\
+SELECT min(confirmed_flush_lsn)::text FROM pg_replication_slots WHERE slot_name = ANY($1::text[])"""
 _LOGICAL_SLOTS_SQL = """\
 SELECT slot_name, confirmed_flush_lsn::text, active FROM pg_replication_slots
  WHERE slot_type = 'logical' AND slot_name = ANY($1::text[])"""
@@ -407,7 +457,8 @@ _TERMINATE_WRITERS_SQL = f"""\
 WITH writers AS MATERIALIZED (
   SELECT pid FROM pg_stat_activity
    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
-     AND NOT (usename = current_user AND application_name LIKE '{MONITOR_APPLICATION_PREFIX}%'))
+     AND NOT (usename = current_user AND (application_name LIKE '{MONITOR_APPLICATION_PREFIX}%'
+                                          OR application_name = '{APPLICATION_NAME}')))
 SELECT pid FROM writers WHERE pg_terminate_backend(pid)"""
 
 
@@ -423,15 +474,26 @@ class PgControl:
     the schema fingerprints and the target's replicas."""
 
     def __init__(self, source: BackendSpec, target: BackendSpec, target_replicas: Sequence[BackendSpec],
-                 account: ControlAccount):
+                 account: ControlAccount, logical: LogicalOptions | None = None):
         self.source = source
         self.target = target
         self.target_replicas = list(target_replicas)
         self.account = account
+        self.logical = logical or LogicalOptions()
         self.src: asyncpg.Connection | None = None
         self.tgt: asyncpg.Connection | None = None
         self.replicas: dict[str, asyncpg.Connection] = {}  # the target's standbys that answered
         self.kind: str | None = None
+        self.target_read_only = False  # default_transaction_read_only = on in the target's configuration
+        self.terminate_writers: Any = None  # asyncpg PreparedStatement of _TERMINATE_WRITERS_SQL on src
+        # a logical target: its subscription, and what the catch-up changed (for a rollback)
+        self.subscription: str | None = None
+        self.databases: list[str] = []
+        self.mig: migrate.Connections | None = None
+        self.mig_sequences: migrate.Connections | None = None
+        self.disabled = False  # the subscription was disabled
+        self.reversed = False  # the reverse replication was (being) created
+        self.target_unfenced = False  # the target's default_transaction_read_only was reset
 
     async def _connect(self, spec: BackendSpec, database: str | None = None) -> asyncpg.Connection:
         a = self.account
@@ -440,6 +502,10 @@ class PgControl:
                                      server_settings={"application_name": APPLICATION_NAME})
 
     async def close(self) -> None:
+        for conns in (self.mig, self.mig_sequences):
+            if conns is not None:
+                await conns.close()
+        self.mig = self.mig_sequences = None
         for conn in (self.src, self.tgt, *self.replicas.values()):
             if conn is not None and not conn.is_closed():
                 try:
@@ -483,6 +549,7 @@ class PgControl:
         (source, self.src), (target, self.tgt) = await asyncio.gather(self._server(self.source),
                                                                      self._server(self.target))
         facts = PreflightFacts(source, target)
+        self.target_read_only = bool(target.read_only)
         for spec in self.target_replicas:
             r, conn = await self._server(spec)
             if conn is not None and r.in_recovery and r.system_identifier == target.system_identifier:
@@ -495,13 +562,20 @@ class PgControl:
         facts.replication = await self._replication(facts)
         self.kind = facts.replication.kind
         await self._schema(facts)
-        # Parse the statements the paused steps run now (asyncpg keeps them prepared), so
-        # none of them costs an extra round trip while clients wait.
-        for sql in (_SHOW_READ_ONLY, _TERMINATE_WRITERS_SQL, _LEFT_SQL, _INSERT_LSN_SQL, _WRITE_LSN_SQL):
-            await self.src.prepare(sql)
+        # Run the statements the paused steps run once now: asyncpg prepares a statement
+        # the first time it runs and keeps it by its text (Connection.prepare() does not
+        # fill that cache), so none of them costs an extra round trip while clients wait,
+        # a whole round trip to a far target. The one that is not harmless is prepared.
+        for sql in (_SHOW_READ_ONLY, _INSERT_LSN_SQL, _WRITE_LSN_SQL):
+            await self.src.fetchval(sql)
+        await self.src.fetchval(_LEFT_SQL, [])
+        self.terminate_writers = await self.src.prepare(_TERMINATE_WRITERS_SQL)
         for conn in (self.tgt, *self.replicas.values()):
             for sql in (_REPLAY_LSN_SQL, _IN_RECOVERY_SQL):
-                await conn.prepare(sql)
+                await conn.fetchval(sql)
+        if not target.in_recovery:  # a logical target, a primary: its WAL position and the unfence
+            for sql in (_SHOW_READ_ONLY, _WRITE_LSN_SQL):
+                await self.tgt.fetchval(sql)
         return facts
 
     async def _replication(self, facts: PreflightFacts) -> ReplicationFacts:
@@ -523,31 +597,74 @@ class PgControl:
             return rep
         subs = await self.tgt.fetch(_SUBSCRIPTIONS_SQL)
         slots = {r[0]: r for r in await self.src.fetch(_LOGICAL_SLOTS_SQL, [r[1] for r in subs if r[1]])} if subs else {}
-        for name, slot, enabled, running in subs:
-            if slot in slots:
-                confirmed = parse_lsn(slots[slot][1]) if slots[slot][1] else None
-                lag = max(0, s.wal_lsn - confirmed) if confirmed is not None and s.wal_lsn is not None else None
-                return ReplicationFacts("logical", via=f"subscription {name}, slot {slot}",
-                                        status="streaming" if running else ("enabled" if enabled else "disabled"),
-                                        lag_bytes=lag)
-        return ReplicationFacts(detail=f"{t.name} is a primary (not in recovery) with no subscription "
-                                       f"to a slot of {s.name}")
+        # a subscription of the source's: one per database, the same name in each (router.migrate)
+        found: dict[str, list[Any]] = {}
+        for row in subs:
+            if row[1] in slots:
+                found.setdefault(row[0], []).append(row)
+        if not found:
+            return ReplicationFacts(detail=f"{t.name} is a primary (not in recovery) with no subscription "
+                                           f"to a slot of {s.name}")
+        name, rows = next(iter(found.items()))
+        lags = []
+        for row in rows:
+            confirmed = parse_lsn(slots[row[1]][1]) if slots[row[1]][1] else None
+            lags.append(max(0, s.wal_lsn - confirmed) if confirmed is not None and s.wal_lsn is not None else None)
+        status = ("disabled" if not all(r[2] for r in rows) else "streaming" if all(r[3] for r in rows)
+                  else "enabled")
+        via = f"subscription {name}, slot{'s' if len(rows) > 1 else ''} {', '.join(r[1] for r in rows)}"
+        rep = ReplicationFacts("logical", via=via, status=status,
+                               lag_bytes=None if None in lags else max(lags),
+                               subscription=name, databases=[r[4] for r in rows])
+        self.subscription, self.databases = name, list(rep.databases)
+        await self._open_migration_connections()
+        for db in rep.databases:
+            conn = await self.mig.get(self._endpoint(self.target), "target", db)
+            rep.tables_not_ready += [f"{db}.{r[0]}" for r in await conn.fetch(_NOT_READY_SQL, name)]
+        for conns in (self.mig, self.mig_sequences):
+            await migrate.prepare_cutover(self._endpoint(self.source), self._endpoint(self.target), conns,
+                                          name=name, databases=self.databases)
+        await self.src.fetchval(_CONFIRMED_SQL, [])
+        return rep
+
+    # --- logical targets (router.migrate) ------------------------------------------------------
+
+    def _endpoint(self, spec: BackendSpec) -> "migrate.Endpoint":
+        a = self.account
+        return migrate.Endpoint(spec.host, spec.port, a.user, a.password, a.dbname, a.connect_timeout_s)
+
+    async def _open_migration_connections(self) -> None:
+        """router.migrate's connections for the catch-up, opened now, before the pause: the
+        source's survive the fence (they carry this module's application_name), and a
+        far target's logins do not add round trips while clients wait."""
+        self.mig = migrate.Connections(APPLICATION_NAME)
+        self.mig_sequences = migrate.Connections(APPLICATION_NAME)  # the sequence sync runs next to the catch-up
+        dbs: list[str | None] = [None, *self.databases]
+        await asyncio.gather(self.mig.open(self._endpoint(self.source), "source", dbs),
+                             self.mig.open(self._endpoint(self.target), "target", dbs),
+                             self.mig_sequences.open(self._endpoint(self.source), "source", self.databases),
+                             self.mig_sequences.open(self._endpoint(self.target), "target", self.databases))
 
     async def _schema(self, facts: PreflightFacts) -> None:
         prints: dict[str, dict[str, Fingerprint]] = {"source": {}, "target": {}}
+        # Across major versions, what only the version changes is left out (PostgreSQL 18
+        # lists every NOT NULL as a constraint too): the migration's own comparison.
+        majors = facts.source.major, facts.target.major
+        take = migrate.schema_fingerprint if None not in majors and majors[0] != majors[1] else fingerprint
         for side, spec, conn in (("source", self.source, self.src), ("target", self.target, self.tgt)):
             for (db,) in await conn.fetch(_DATABASES_SQL):
                 try:
                     if db == self.account.dbname:
-                        prints[side][db] = await fingerprint(conn)
+                        prints[side][db] = await take(conn)
                     else:
                         other = await self._connect(spec, db)
                         try:
-                            prints[side][db] = await fingerprint(other)
+                            prints[side][db] = await take(other)
                         finally:
                             await other.close()
                 except Exception as exc:  # noqa: BLE001  reported; the rest is still compared
                     facts.schema_errors.append(f"schema of database {db} on the {side} not read: {_error(exc)}")
+        facts.source_table_databases = sorted(db for db, fp in prints["source"].items() if fp.count("table"))
         facts.schema_differences = diff_databases(prints["source"], prints["target"])
         facts.schema_digests = {side: {db: fp.digest for db, fp in p.items()} for side, p in prints.items()}
 
@@ -575,7 +692,8 @@ class PgControl:
         # the new default, and a session may have SET it off: end them all. Waiting until
         # they are gone matters: a commit in progress finishes (and writes WAL) before its
         # backend exits, and the final LSN must come after it.
-        pids = [r[0] for r in await src.fetch(_TERMINATE_WRITERS_SQL)]
+        terminate = self.terminate_writers
+        pids = [r[0] for r in await (terminate.fetch() if terminate is not None else src.fetch(_TERMINATE_WRITERS_SQL))]
         deadline = time.monotonic() + timeout
         while pids:
             left = await src.fetchval(_LEFT_SQL, pids)
@@ -588,13 +706,24 @@ class PgControl:
                 "terminate_seconds": round(time.monotonic() - t1, 4)}
 
     async def unfence(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {}
+        if self.disabled or self.reversed or self.target_unfenced:
+            # The migration as it was before the catch-up (its subscription enabled, no
+            # reverse): a later cutover can try again. A failure here is named, and the
+            # source is unfenced all the same (clients must not stay held).
+            try:
+                detail["logical"] = await self._undo_logical()
+            except Exception as exc:  # noqa: BLE001
+                detail["logical_error"] = _error(exc)
+                log.warning("cutover rollback: undoing the logical catch-up failed: %s "
+                            "(check the subscription %s on %s)", _error(exc), self.subscription, self.target.name)
         src = self.src
         if src is None or src.is_closed():
             src = self.src = await self._connect(self.source)
         await src.execute("ALTER SYSTEM RESET default_transaction_read_only")
         await src.execute("SELECT pg_reload_conf()")
         await self._wait_setting(src, "off", 10.0)
-        return {"read_only": False}
+        return {"read_only": False, **detail}
 
     # --- catch-up and promotion ------------------------------------------------------------
 
@@ -648,11 +777,135 @@ class PgControl:
             await asyncio.sleep(POLL_S)
 
     async def catch_up_logical(self, lsn: int, timeout: float) -> dict[str, Any]:
-        """Hook for the online migration: wait until the subscription has applied `lsn`
-        (the slot's confirmed_flush_lsn on the source, or pg_stat_subscription's
-        latest_end_lsn on the target, >= lsn), then set every sequence on the target past
-        the source's last_value. The preflight refuses logical targets until then."""
-        raise CutoverError("the logical catch-up is not implemented yet")
+        """A logical subscriber of the source (router.migrate), source fenced, clients held:
+
+        1. wait until the subscription has applied `lsn` in every database it carries
+           (`migrate.logical_catch_up`);
+        2. meanwhile, move every sequence of the target past the source's
+           (`migrate.sync_sequences`): logical replication does not carry them;
+        3. disable the subscription (`migrate.finish(drop=False)`): nothing more comes
+           from the old side; dropping it (and its slot and publication) waits until after
+           the swap (`finish_logical`), so a rollback until then finds the migration as it
+           was (`unfence` enables it again);
+        4. with `LogicalOptions.reverse`, the target's half of the way back
+           (`migrate.reverse(subscribe=False)`): a publication and a slot on the target,
+           the slot starting at the target's WAL position now, before any client writes
+           there (the subscription on the source, which logs in to the target, comes
+           after the resume, in `finish_logical`);
+        5. a target with default_transaction_read_only on (fenced by an earlier cutover)
+           is unfenced;
+        6. the target's own standbys replay the target's WAL position after all that.
+
+        Each uses router.migrate's connections opened (and its statements prepared) by
+        the preflight: to a target in another region every round trip is what clients
+        wait for."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.001, deadline - time.monotonic())
+
+        src_ep, tgt_ep = self._endpoint(self.source), self._endpoint(self.target)
+        name, dbs, conns = self.subscription, self.databases, self.mig
+        if name is None or conns is None:
+            raise CutoverError("the preflight found no subscription of the source on the target")
+        slots = [migrate.slot_name_for(name, db) for db in dbs]
+        before = await self.src.fetchval(_CONFIRMED_SQL, slots)
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+
+        async def timed(what: str, coro: Any) -> Any:
+            try:
+                return await coro
+            finally:
+                timings[what] = round(time.monotonic() - t0, 4)
+
+        # The source is fenced: its sequences are final already, so they are moved while
+        # the subscription applies the last changes (on connections of their own).
+        try:
+            waited, synced = await asyncio.gather(
+                timed("apply", migrate.logical_catch_up(src_ep, tgt_ep, lsn, left(), name=name, databases=dbs,
+                                                        poll_interval=POLL_S, connections=conns)),
+                timed("sequences", migrate.sync_sequences(src_ep, tgt_ep, databases=dbs,
+                                                          headroom=self.logical.sequence_headroom,
+                                                          connections=self.mig_sequences)))
+        except migrate.MigrateError as exc:
+            raise CutoverError(str(exc)) from exc
+        t2 = time.monotonic()
+        detail: dict[str, Any] = {
+            "final_lsn": format_lsn(lsn), "subscription": name, "databases": dbs,
+            "bytes": max(0, lsn - parse_lsn(before)) if before else None,
+            "apply_wait_seconds": round(waited, 4), "sequences_moved": sum(1 for q in synced if q.changed)}
+        self.disabled = True
+        await migrate.finish(src_ep, tgt_ep, name=name, databases=dbs, drop=False, wait=False,
+                             connections=conns)
+        t3 = time.monotonic()
+        if self.logical.reverse:
+            # the target's half (publication, slot) now; the subscription after the resume
+            self.reversed = True
+            detail["reverse"] = await migrate.reverse(
+                src_ep, tgt_ep, name=self.logical.reverse_name, databases=dbs, forward_name=name,
+                target_conninfo=self.logical.reverse_conninfo, timeout=left(), connections=conns,
+                subscribe=False)
+        t4 = time.monotonic()
+        if self.target_read_only:
+            self.target_unfenced = True
+            await self._set_read_only(self.tgt, False, left())
+            detail["target_unfenced"] = True
+        # The swap resets every session's token: a first read may go to any replica of
+        # the target, which must have what the target has now.
+        if self.replicas:
+            target_lsn = parse_lsn(await self.tgt.fetchval(_WRITE_LSN_SQL))
+            for rname, conn in self.replicas.items():
+                await self._replayed(rname, conn, target_lsn, deadline)
+            detail["replicas"] = sorted(self.replicas)
+        detail["seconds"] = {**timings, "disable": round(t3 - t2, 4), "reverse": round(t4 - t3, 4),
+                             "unfence_target_and_replicas": round(time.monotonic() - t4, 4)}
+        return detail
+
+    async def _set_read_only(self, conn: asyncpg.Connection, on: bool, timeout: float) -> None:
+        await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on" if on
+                           else "ALTER SYSTEM RESET default_transaction_read_only")
+        await conn.execute("SELECT pg_reload_conf()")
+        await self._wait_setting(conn, "on" if on else "off", timeout)
+
+    async def finish_logical(self) -> dict[str, Any]:
+        """After the swap, clients running on the target: the disabled forward subscription
+        dropped (its slot on the old primary with it) and the publication there
+        (`migrate.finish`); then, with the reverse, its subscription on the old primary, on
+        the slot the catch-up created (`migrate.reverse`). A failure is named; the
+        cutover stands."""
+        src_ep, tgt_ep = self._endpoint(self.source), self._endpoint(self.target)
+        # Dropped first: DROP SUBSCRIPTION waits for its workers to be gone, so nothing the
+        # reverse brings to the old primary can come round again.
+        detail: dict[str, Any] = {"notes": await migrate.finish(
+            src_ep, tgt_ep, name=self.subscription, databases=self.databases, connections=self.mig)}
+        if self.logical.reverse:
+            detail["reverse"] = await migrate.reverse(
+                src_ep, tgt_ep, name=self.logical.reverse_name, databases=self.databases,
+                forward_name=self.subscription, target_conninfo=self.logical.reverse_conninfo,
+                connections=self.mig)
+        return detail
+
+    async def _undo_logical(self) -> list[str]:
+        """A rollback after the logical catch-up began: what it changed, undone."""
+        src_ep, tgt_ep = self._endpoint(self.source), self._endpoint(self.target)
+        notes: list[str] = []
+        if self.reversed:
+            notes += await migrate.finish(tgt_ep, src_ep, name=self.logical.reverse_name,
+                                          databases=self.databases, connections=self.mig)
+            notes += await migrate.drop_slots(
+                tgt_ep, "target", [migrate.slot_name_for(self.logical.reverse_name, db) for db in self.databases],
+                connections=self.mig)
+            self.reversed = False
+        if self.target_unfenced:
+            await self._set_read_only(self.tgt, True, 10.0)
+            notes.append(f"target {self.target.name}: default_transaction_read_only = on again")
+            self.target_unfenced = False
+        if self.disabled:
+            notes += await migrate.enable(src_ep, tgt_ep, name=self.subscription, databases=self.databases,
+                                          connections=self.mig)
+            self.disabled = False
+        return notes
 
     async def promote(self, timeout: float) -> dict[str, Any]:
         tgt = self.tgt
@@ -865,6 +1118,14 @@ class Cutover:
         await self._step(Step.SWAP, self._swap)
         await self._step(Step.RESUME, self._resume)
         self.result.result = Result.SUCCESS
+        finish = getattr(self.control, "finish_logical", None)
+        if kind == "logical" and finish is not None:
+            # Clients run on the target: a failure here is named, the cutover stands.
+            try:
+                await self._step(Step.FINISH, finish)
+            except _StepFailed as exc:
+                log.warning("cutover %s -> %s: the old subscription was not dropped (%s); drop it on the "
+                            "target, and its slot on the source, by hand", self.source, self.target, exc)
 
     async def _preflight(self) -> dict[str, Any]:
         facts = await self.control.preflight()
