@@ -48,6 +48,7 @@ __all__ = [
     "ConfigError",
     "CutoverConfig",
     "ListenConfig",
+    "MigrationConfig",
     "MonitorConfig",
     "PoolConfig",
     "Problem",
@@ -317,6 +318,38 @@ class CutoverConfig(BaseModel):
     idle_in_transaction: Literal["abort", "cancel"] = "abort"
 
 
+_CONNINFO_OWN_KEYS = re.compile(r"(?:^|\s)(password|user|dbname)\s*=")
+
+
+class MigrationConfig(BaseModel):
+    """Online migration to another configured cluster ([migration]; `pgsplit migrate`)."""
+
+    model_config = _FROZEN
+
+    # The databases a migration carries; empty: every database of the source that takes
+    # connections, except templates and `postgres`.
+    databases: tuple[Name, ...] = ()
+    # How often a started migration's lag, copy states and schema drift are checked.
+    watch_interval_s: PositiveFloat = 5.0
+    # Rows per checksum chunk of `pgsplit migrate verify`.
+    verify_chunk_rows: PositiveInt = 10000
+    # Cluster name -> how the other side's subscription reaches that cluster's primary
+    # (libpq key/value pairs, e.g. "host=10.1.0.5 port=5432 sslmode=require"); the
+    # [monitor] user and password and the database are added. Default: the primary's
+    # host and port as the proxy reaches it.
+    conninfo: dict[Name, Name] = {}
+
+    @field_validator("conninfo")
+    @classmethod
+    def _no_own_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = [((name, ), f"must not set {m.group(1)} (the [monitor] account and each "
+                               "database are added)")
+                    for name, text in value.items() if (m := _CONNINFO_OWN_KEYS.search(text))]
+        if problems:
+            _fail(problems)
+        return value
+
+
 class Config(BaseModel):
     """The whole file. Immutable: a reload or a cutover makes a new one."""
 
@@ -333,6 +366,7 @@ class Config(BaseModel):
     pool: PoolConfig = PoolConfig()
     monitor: MonitorConfig = MonitorConfig()
     cutover: CutoverConfig = CutoverConfig()
+    migration: MigrationConfig = MigrationConfig()
 
     _users_by_name: dict[str, UserConfig] = PrivateAttr(default_factory=dict)
 
@@ -378,6 +412,11 @@ class Config(BaseModel):
                 elif replica in listed:
                     problems.append((loc, f"{replica!r} is listed twice"))
                 listed.add(replica)
+
+        for cname in self.migration.conninfo:
+            if cname not in self.clusters:
+                problems.append((("migration", "conninfo", cname),
+                                 f"{cname!r} is not a cluster (known: {', '.join(sorted(self.clusters))})"))
 
         if problems:
             _fail(problems)
@@ -607,4 +646,9 @@ def describe(config: Config) -> str:
         out += _toml_table(f"[clusters.{_dotted([name])}]", cluster) + [""]
     for section in ("routing", "pool", "monitor", "cutover"):
         out += _toml_table(f"[{section}]", data[section]) + [""]
+    migration = dict(data["migration"])
+    conninfo = migration.pop("conninfo")
+    out += _toml_table("[migration]", migration) + [""]
+    if conninfo:
+        out += _toml_table("[migration.conninfo]", conninfo) + [""]
     return "\n".join(out).rstrip("\n") + "\n"

@@ -370,3 +370,38 @@ def test_models_are_usable_directly() -> None:
     assert user.secret() == "pw"
     with pytest.raises(ValidationError, match="password or password_env"):
         UserConfig(name="u")  # type: ignore[call-arg]
+
+
+def test_migration_defaults_and_keys() -> None:
+    config = parse(MINIMAL)
+    m = config.migration
+    assert (m.databases, m.watch_interval_s, m.verify_chunk_rows, m.conninfo) == ((), 5.0, 10000, {})
+    config = parse(MINIMAL + '[clusters.next]\nprimary = "pg2"\n'
+                   '[migration]\ndatabases = ["app", "billing"]\nwatch_interval_s = 0.5\nverify_chunk_rows = 500\n'
+                   '[migration.conninfo]\nmain = "host=10.1.0.5 port=7001 sslmode=require"\n')
+    m = config.migration
+    assert m.databases == ("app", "billing") and m.watch_interval_s == 0.5 and m.verify_chunk_rows == 500
+    assert m.conninfo == {"main": "host=10.1.0.5 port=7001 sslmode=require"}
+
+
+def test_migration_problems_name_the_key() -> None:
+    base = MINIMAL + '[clusters.next]\nprimary = "pg2"\n'
+    assert problems(base + '[migration.conninfo]\nnext = "host=h password=x"\n') == [
+        "test.toml: migration.conninfo.next: must not set password (the [monitor] account and each database "
+        "are added)"]
+    assert problems(base + '[migration.conninfo]\nother = "host=h"\n') == [
+        "test.toml: migration.conninfo.other: 'other' is not a cluster (known: main, next)"]
+    assert problems(base + "[migration]\nwatch_interval_s = 0\n") == [
+        "test.toml: migration.watch_interval_s: Input should be greater than 0"]
+    assert problems(base + '[migration]\ndatabases = [""]\n') == [
+        "test.toml: migration.databases.0: must not be empty"]
+    assert problems(base + "[migration]\nbogus = 1\n") == ["test.toml: migration.bogus: unknown key"]
+
+
+def test_describe_renders_the_migration_section_and_reparses() -> None:
+    config = parse(MINIMAL + '[clusters.next]\nprimary = "pg2"\n[migration]\ndatabases = ["app"]\n'
+                   '[migration.conninfo]\nnext = "host=far port=6000"\n')
+    text = describe(config)
+    assert '[migration]\ndatabases = ["app"]\nwatch_interval_s = 5.0\nverify_chunk_rows = 10000\n' in text
+    assert '[migration.conninfo]\nnext = "host=far port=6000"\n' in text
+    assert parse(text.replace('"********"', f'"{SECRET}"')) == config
