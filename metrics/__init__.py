@@ -146,6 +146,26 @@ class Metrics:
         self.client_disconnects = Counter(
             "pgsplit_client_disconnects", "Client connections ended, by reason", ["reason"], registry=r,
         )
+        self.migration_lag_bytes = Gauge(
+            "pgsplit_migration_lag_bytes",
+            "Source WAL not yet applied by a watched online migration's subscription (the largest, if several)",
+            registry=r,
+        )
+        self.migration_tables = Gauge(
+            "pgsplit_migration_tables", "Tables of watched online migrations by initial-copy state", ["state"],
+            registry=r,
+        )
+        self.schema_drift = Gauge(
+            "pgsplit_schema_drift", "1 while the schemas of a watched migration's two sides differ", registry=r,
+        )
+
+    def set_migration(self, lag_bytes: int, tables_by_state: Mapping[str, int], drift: bool) -> None:
+        """The migration gauges from the watched migrations (none: all zero, no states)."""
+        self.migration_lag_bytes.set(lag_bytes)
+        self.migration_tables.clear()
+        for state, n in tables_by_state.items():
+            self.migration_tables.labels(state=state.replace(" ", "_")).set(n)
+        self.schema_drift.set(1 if drift else 0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
