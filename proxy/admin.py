@@ -1,4 +1,5 @@
-"""The HTTP side of the proxy (aiohttp): /metrics, /healthz and the admin API.
+"""The HTTP side of the proxy (aiohttp): /metrics, /healthz and the admin API (status,
+pause, resume, reload, cutover, migrate).
 
 Owns: routes, the token check for POST requests, JSON shapes. Loopback-only by default;
 bound elsewhere, the config requires a token, and every POST must carry it as
@@ -23,6 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("pgsplit.admin")
 
+MIGRATE_ACTIONS = ("plan", "start", "status", "verify")
+
 
 class Admin:
     def __init__(self, proxy: "Proxy"):
@@ -35,6 +38,9 @@ class Admin:
         app.router.add_get("/v1/status", self.status)
         for path, handler in self.post_routes().items():
             app.router.add_post(path, handler)
+        for action in MIGRATE_ACTIONS:
+            app.router.add_post(f"/v1/migrate/{action}", self._migrate(action))
+        app.router.add_get("/v1/migrate/status", self.migrate_status)
         self.app = app
 
     def post_routes(self) -> dict:
@@ -114,6 +120,45 @@ class Admin:
         if reading:
             await response.write_eof()
         return response
+
+    def _migrate(self, action: str):
+        """POST /v1/migrate/ACTION {"target": NAME, ...}: the proxy's admin_migrate_ACTION.
+        400: bad arguments (an unknown cluster...); 409: the migration step failed or was
+        refused (``side``, ``object``; a refused start carries the plan and its blockers)."""
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                body = await request.json() if request.can_read_body else {}
+            except ValueError:
+                return web.json_response({"error": "the request body is not JSON"}, status=400)
+            if not isinstance(body, dict):
+                return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+            return await self._run_migrate(action, body)
+
+        return handler
+
+    async def migrate_status(self, request: web.Request) -> web.Response:
+        """GET /v1/migrate/status?target=NAME."""
+        return await self._run_migrate("status", dict(request.query))
+
+    async def _run_migrate(self, action: str, body: dict) -> web.Response:
+        from router.migrate import BlockedError, MigrateError
+
+        method = getattr(self.proxy, f"admin_migrate_{action}", None)
+        if method is None:
+            return web.json_response({"error": f"migrate {action} is not available in this version"}, status=501)
+        if "target" not in body:
+            return web.json_response({"error": "bad arguments: \"target\" (a cluster name) is required"},
+                                     status=400)
+        try:
+            result = await method(**body)
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"error": f"bad arguments: {exc}"}, status=400)
+        except BlockedError as exc:
+            return web.json_response({"error": f"refused: {exc}", "side": exc.side, "object": exc.object,
+                                      "plan": exc.plan.to_dict(), "text": exc.plan.render()}, status=409)
+        except MigrateError as exc:
+            return web.json_response({"error": str(exc), "side": exc.side, "object": exc.object}, status=409)
+        return web.json_response(result)
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

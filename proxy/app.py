@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 
@@ -88,6 +89,8 @@ class Proxy:
         self.started_at = time.time()
         self.metrics.client_counts = self.client_counts
         self.metrics.server_counts = self.pools.counts
+        self.migration_watches: dict[str, object] = {}  # target cluster -> router.migrate.Watch
+        self._migration_locks: dict[str, asyncio.Lock] = {}
 
     # --- configuration ---------------------------------------------------------------------
 
@@ -134,6 +137,8 @@ class Proxy:
             self._sweeper.cancel()
         if self.admin is not None:
             await self.admin.stop()
+        for watch in list(self.migration_watches.values()):
+            await watch.stop()
         await self.monitor.stop()
         await self.lsn_fetcher.aclose()
         self.pools.close()
@@ -321,11 +326,13 @@ class Proxy:
     _admin_op: str | None = None  # "cutover" or "pause" while one is in progress: one at a time
 
     def start_cutover(self, target: str, dry_run: bool = False, timeout_s: float | None = None,
-                      on_event=None) -> asyncio.Task:
+                      on_event=None, reverse: bool = False) -> asyncio.Task:
         """Check the request now (ValueError: bad arguments; CutoverBusy: a cutover or a pause
         is in progress) and run router.cutover in a task of its own, so an admin client that
-        hangs up does not cancel a cutover halfway. The task's result is the summary event."""
-        from router.cutover import ControlAccount, Cutover, CutoverBusy, CutoverSettings, PgControl
+        hangs up does not cancel a cutover halfway. The task's result is the summary event.
+        `reverse`: a logical target (an online migration's) replicates back to the source
+        afterwards, so a later cutover back loses nothing written in between."""
+        from router.cutover import ControlAccount, Cutover, CutoverBusy, CutoverSettings, LogicalOptions, PgControl
 
         if not isinstance(target, str) or target not in self.config.clusters:
             raise ValueError(f"{target!r} is not a cluster (known: {', '.join(sorted(self.config.clusters))})")
@@ -333,6 +340,8 @@ class Proxy:
             raise ValueError(f"cluster {target!r} is already the active one")
         if not isinstance(dry_run, bool):
             raise ValueError("dry_run must be true or false")
+        if not isinstance(reverse, bool):
+            raise ValueError("reverse must be true or false")
         if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                       or timeout_s <= 0):
             raise ValueError("timeout_s must be a number of seconds > 0")
@@ -346,8 +355,11 @@ class Proxy:
             pause_timeout_s=c.pause_timeout_s, catchup_timeout_s=c.catchup_timeout_s,
             cancel_idle_in_transaction=c.idle_in_transaction == "cancel", max_lag_bytes=specs[0].max_lag_bytes,
             timeout_s=timeout_s, dry_run=dry_run)
+        logical = LogicalOptions(reverse=reverse, reverse_name=self.migration_name(source),
+                                 reverse_conninfo=self._publisher_conninfo(target))
         control = PgControl(backend_specs(self.config, source)[0], specs[0], specs[1:],
-                            ControlAccount(m.user, m.secret(), m.dbname, self.config.pool.connect_timeout_s))
+                            ControlAccount(m.user, m.secret(), m.dbname, self.config.pool.connect_timeout_s),
+                            logical)
         cutover = Cutover(source, target, self.dataplane, control, settings, on_event,
                           warm_up=lambda: self._warm_up(target))
         if not dry_run:
@@ -366,6 +378,8 @@ class Proxy:
             self.metrics.cutovers.labels(result=result.result.value).inc()
         if result.pause_seconds is not None:
             self.metrics.cutover_pause_seconds.observe(result.pause_seconds)
+        if self.config.active == cutover.target:
+            await self._migration_cut_over(cutover.source, cutover.target, cutover.control)
         return result.to_dict()
 
     async def _warm_up(self, target: str) -> dict:
@@ -450,6 +464,165 @@ class Proxy:
         self._admin_op = None
         log.info("traffic resumed by the admin API after %.3f s (%d units held)", paused, self.dataplane.held_units)
         return {"resumed": True, "pause_seconds": round(paused, 4), "units_held": self.dataplane.held_units}
+
+    # --- online migration (pgsplit migrate; /v1/migrate/*) ------------------------------------
+    #
+    # A migration goes from the active cluster's primary to the primary of cluster `target`
+    # (router.migrate, over the [monitor] account); its publication, subscription and slots
+    # are named after the target (`migration_name`). A started one is watched: lag, copy
+    # states and schema drift every `migration.watch_interval_s`, into the metrics.
+
+    @staticmethod
+    def migration_name(target: str) -> str:
+        """The publication/subscription of a migration to cluster `target`: a migration to
+        "next" is "pgsplit_next"; the reverse of a cutover main -> next is a migration to
+        "main", "pgsplit_main", so a cutover back finds it by that name."""
+        return "pgsplit_" + re.sub(r"[^a-z0-9_]", "_", target.lower())
+
+    def _control_endpoint(self, cluster: str):
+        from router.migrate import Endpoint
+
+        spec = backend_specs(self.config, cluster)[0]
+        m = self.config.monitor
+        return Endpoint(spec.host, spec.port, m.user, m.secret(), m.dbname, self.config.pool.connect_timeout_s)
+
+    def _publisher_conninfo(self, cluster: str) -> str | None:
+        """How the other side's subscription reaches `cluster`'s primary, from
+        [migration.conninfo] (None: as the proxy reaches it)."""
+        from router.migrate import publisher_conninfo
+
+        fragment = self.config.migration.conninfo.get(cluster)
+        if fragment is None:
+            return None
+        return publisher_conninfo(fragment, self.config.monitor.user, self.config.monitor.secret())
+
+    async def _migration(self, target: str) -> dict:
+        """The migration to `target` as the config says it: ValueError for a bad name."""
+        from router import migrate
+
+        if not isinstance(target, str) or target not in self.config.clusters:
+            raise ValueError(f"{target!r} is not a cluster (known: {', '.join(sorted(self.config.clusters))})")
+        source = self.config.active
+        if target == source:
+            raise ValueError(f"cluster {target!r} is the active one: a migration goes from it, not to it")
+        src = self._control_endpoint(source)
+        dbs = list(self.config.migration.databases) or await migrate.databases_of(src)
+        if not dbs:
+            raise migrate.MigrateError("source", f"cluster {source}",
+                                       "has no database to migrate (set migration.databases)")
+        return {"source": source, "target": target, "name": self.migration_name(target), "databases": dbs,
+                "src": src, "tgt": self._control_endpoint(target)}
+
+    @staticmethod
+    def _migration_head(m: dict) -> dict:
+        return {k: m[k] for k in ("source", "target", "name", "databases")}
+
+    async def admin_migrate_plan(self, target: str) -> dict:
+        """What `start` would do and what blocks it (router.migrate.plan)."""
+        from router import migrate
+
+        m = await self._migration(target)
+        plan = await migrate.plan(m["src"], m["tgt"], name=m["name"], databases=m["databases"])
+        return {**self._migration_head(m), "plan": plan.to_dict(), "text": plan.render()}
+
+    async def admin_migrate_start(self, target: str) -> dict:
+        """Copy the schema, start the publication and subscription (router.migrate.start;
+        refused with the plan's blockers), then watch it. Idempotent: a migration that
+        runs already is kept, and watched from now on."""
+        from router import migrate
+
+        m = await self._migration(target)
+        lock = self._migration_locks.setdefault(target, asyncio.Lock())
+        async with lock:
+            report = await migrate.start(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
+                                         source_conninfo=self._publisher_conninfo(m["source"]))
+            log.info("migration %s -> %s started (%s): %s", m["source"], target, m["name"],
+                     "; ".join(report.created) or "everything existed already")
+            watch = self._watch_migration(m)
+        try:
+            st, drift = await watch.check()
+            first = {"status": st.to_dict(), "drift": drift}
+        except migrate.MigrateError as exc:
+            first = {"error": str(exc)}
+        return {**self._migration_head(m), "start": report.to_dict(), **first,
+                "watch_interval_s": watch.interval}
+
+    async def admin_migrate_status(self, target: str) -> dict:
+        """Per table the copy state, the lag, rates and ETA (from the round before, when
+        watched), and the schema drift, asked now."""
+        from router import migrate
+
+        m = await self._migration(target)
+        watch = self.migration_watches.get(target)
+        if watch is not None and watch.source == m["src"] and watch.name == m["name"]:
+            st, drift = await watch.check()
+        else:
+            st, drift = await asyncio.gather(
+                migrate.status(m["src"], m["tgt"], name=m["name"], databases=m["databases"]),
+                migrate.drift(m["src"], m["tgt"], databases=m["databases"]))
+            watch = None
+        return {**self._migration_head(m), "status": st.to_dict(), "text": st.render(), "drift": drift,
+                "watching": watch is not None, "watch_interval_s": self.config.migration.watch_interval_s}
+
+    async def admin_migrate_verify(self, target: str, tables: list[str] | None = None,
+                                   chunk_rows: int | None = None) -> dict:
+        """Row counts and chunked checksums of every table on both sides
+        (router.migrate.verify); the differing tables and key ranges by name."""
+        from router import migrate
+
+        if tables is not None and (not isinstance(tables, list) or not all(isinstance(t, str) for t in tables)):
+            raise ValueError("tables must be a list of \"schema.table\" names")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                       or chunk_rows < 1):
+            raise ValueError("chunk_rows must be a whole number >= 1")
+        m = await self._migration(target)
+        report = await migrate.verify(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
+                                      tables=tables, chunk_rows=chunk_rows or self.config.migration.verify_chunk_rows)
+        log.info("migration %s -> %s: verify %s in %.1f s%s", m["source"], target,
+                 "equal" if report.equal else "DIFFERENT", report.seconds,
+                 "".join(f"; {line}" for line in report.differences[:20]))
+        return {**self._migration_head(m), "verify": report.to_dict(), "text": report.render()}
+
+    def _watch_migration(self, m: dict):
+        from router.migrate import Watch
+
+        old = self.migration_watches.get(m["target"])
+        if old is not None and old.source == m["src"] and old.name == m["name"] and old.running:
+            return old
+        if old is not None:
+            self.spawn(old.stop())
+        watch = Watch(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
+                      interval=self.config.migration.watch_interval_s,
+                      label=f"{m['source']} -> {m['target']}", on_update=self._migration_metrics)
+        self.migration_watches[m["target"]] = watch.start()
+        return watch
+
+    def _migration_metrics(self, _watch=None) -> None:
+        """The metrics of every watched migration: the largest lag, tables per copy state,
+        drift if any has some."""
+        watches = list(self.migration_watches.values())
+        lag, states, drift = 0, {}, False
+        for w in watches:
+            if w.status is not None:
+                lag = max(lag, w.status.lag_bytes)
+                for state, n in w.status.state_counts().items():
+                    states[state] = states.get(state, 0) + n
+            drift = drift or bool(w.drift)
+        self.metrics.set_migration(lag, states, drift)
+
+    async def _migration_cut_over(self, source: str, target: str, control) -> None:
+        """After a cutover to `target`: its migration is over (no longer watched); with a
+        reverse replication, the migration back to `source` is watched instead."""
+        watch = self.migration_watches.pop(target, None)
+        if watch is not None:
+            await watch.stop()
+        if getattr(control, "kind", None) == "logical" and control.logical.reverse:
+            try:
+                m = await self._migration(source)
+                self._watch_migration(m)
+            except Exception as exc:  # noqa: BLE001  the cutover stands; status can still be asked
+                log.warning("watching the reverse migration %s -> %s failed: %s", target, source, exc)
+        self._migration_metrics()
 
     # --- status --------------------------------------------------------------------------------
 
