@@ -537,6 +537,8 @@ async def test_cutover_back_loses_nothing(story: Story) -> None:
     assert any(line.startswith("      warning  the target main_primary has default_transaction_read_only = on")
                for line in lines), out.stdout
     assert "result       success" in lines
+    pause = next(line for line in lines if line.startswith("pause        "))
+    print(f"\ncutover back 18 -> 15 (same host, no reverse), by the CLI: {pause.split(maxsplit=1)[1]}")
     await async_wait_until(lambda: work.count(src.primary.port) >= n15 + CLIENTS, timeout=10,
                            message="writes on the old primary again")
     await asyncio.sleep(0.5)
