@@ -61,8 +61,9 @@ def monitor_settings(config: Config) -> MonitorSettings:
 
 
 class Proxy:
-    def __init__(self, config: Config, *, metrics: Metrics | None = None):
+    def __init__(self, config: Config, *, metrics: Metrics | None = None, config_path: str | None = None):
         self.config = config
+        self.config_path = config_path  # what SIGHUP and POST /v1/reload read again
         self.metrics = metrics or Metrics()
         self.verifiers = Verifiers({u.name: u.secret() for u in config.users})
         self.classifier = Classifier(config.routing.classify_cache_size)
@@ -430,6 +431,12 @@ class Proxy:
                             on_event=None) -> dict:
         """Run a cutover to cluster `target` and return its summary (see start_cutover)."""
         return await asyncio.shield(self.start_cutover(target, dry_run, timeout_s, on_event))
+
+    async def admin_reload(self) -> dict:
+        """POST /v1/reload: read the config file again (see proxy.reload)."""
+        from proxy.reload import reload_file
+
+        return await reload_file(self)
 
     async def admin_pause(self, timeout_s: float | None = None) -> dict:
         """Hold new units and wait for those in flight (and open transactions) to finish;

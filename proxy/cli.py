@@ -32,16 +32,17 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def serve(config: Config, *, ready=None) -> None:
-    """Run a proxy until SIGINT/SIGTERM."""
+async def serve(config: Config, *, ready=None, config_path: str | None = None) -> None:
+    """Run a proxy until SIGINT/SIGTERM; SIGHUP reloads the config file."""
     from proxy.app import Proxy
 
-    proxy = Proxy(config)
+    proxy = Proxy(config, config_path=config_path)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: proxy.spawn(_reload(proxy)))
     if ready is not None:
         ready(proxy)
     try:
@@ -51,6 +52,15 @@ async def serve(config: Config, *, ready=None) -> None:
         await proxy.stop()
 
 
+async def _reload(proxy) -> None:
+    from proxy.reload import ReloadRefused
+
+    try:
+        await proxy.admin_reload()
+    except ReloadRefused as exc:
+        log.error("%s", exc)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy import loop
 
@@ -58,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     setup_logging(args.log_level or config.log_level)
-    loop.run(serve(config))
+    loop.run(serve(config, config_path=args.config))
     return 0
 
 
@@ -226,6 +236,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = http_json(admin_url(args) + "/v1/reload", method="POST", body={}, token=_admin_token(args))
+    print("reloaded: " + (", ".join(result["applied"]) or "no change"))
+    if result["needs_restart"]:
+        print("needs a restart to take effect: " + ", ".join(result["needs_restart"]))
+    return 0
+
+
 def parse_duration(text: str) -> float:
     """"30s", "500ms", "2m" or a plain number of seconds -> seconds."""
     units = {"ms": 0.001, "s": 1.0, "m": 60.0}
@@ -276,10 +294,7 @@ def format_event(event: dict) -> str:
 
 def cmd_cutover(args: argparse.Namespace) -> int:
     url = admin_url(args) + "/v1/cutover"
-    token = os.environ.get("PGSPLIT_ADMIN_TOKEN")
-    if getattr(args, "config", None) and not args.admin:
-        config = _load(args.config)
-        token = (config.admin.secret() if config is not None else None) or token
+    token = _admin_token(args)
     body = {"target": args.name, "dry_run": args.dry_run}
     if args.timeout is not None:
         body["timeout_s"] = args.timeout
@@ -486,10 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the proxy", description="Run the proxy with a config file.")
+    p = sub.add_parser("run", help="run the proxy",
+                       description="Run the proxy with a config file. SIGHUP (or pgsplit reload) reads the "
+                                   "file again; SIGINT/SIGTERM stop the proxy.")
     p.add_argument("-c", "--config", required=True, help="the TOML config file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log_level")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("reload", help="make a running proxy read its config file again",
+                       description="Ask a running proxy to read its config file again (as SIGHUP does). An "
+                                   "invalid file changes nothing; listen, admin and pool.mode need a restart, "
+                                   "and another active cluster needs a cutover.")
+    p.add_argument("-c", "--config", help="find the admin API (and its token) from this config file")
+    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("demo", help="start a local sandbox cluster and the proxy in front of it",
                        description="Start a primary and streaming replicas on this machine (one with an "

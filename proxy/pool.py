@@ -55,6 +55,9 @@ class Pool:
         self.closed = False
         self._on_connect = on_connect  # hook: (backend, exception or None)
 
+    def set_password(self, password: str | None) -> None:
+        self._password = password
+
     @property
     def total(self) -> int:
         return len(self.idle) + len(self.busy) + self.opening
@@ -241,7 +244,16 @@ class Pools:
         return iter(list(self._pools.values()))
 
     def update_passwords(self, passwords: dict[str, str]) -> None:
+        """New logins use these; open connections stay (the server already trusts them)."""
         self._passwords = passwords
+        for pool in self:
+            pool.set_password(passwords.get(pool.user))
+
+    def update_settings(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        for pool in self:
+            pool.settings = settings
+            pool._lifetime = settings.server_lifetime_s
 
     def sweep(self) -> None:
         now = time.monotonic()
