@@ -375,6 +375,7 @@ class Proxy:
                 self._admin_op = None
                 if self.config.active != cutover.target:  # warmed-up pools of a target not taken
                     self.pools.retire_backends({s.name for s in backend_specs(self.config, self.config.active)})
+                    await self.monitor.unstage()
         if not cutover.settings.dry_run:
             self.metrics.cutovers.labels(result=result.result.value).inc()
         if result.pause_seconds is not None:
@@ -421,11 +422,14 @@ class Proxy:
                     raise conn
             return len(conns)
 
-        opened = await asyncio.gather(*(fill(k, n) for k, n in want.items()), return_exceptions=True)
+        # The monitor logs in too, so the swap costs it one poll rather than logins.
+        staged, *opened = await asyncio.gather(self.monitor.stage(target, specs),
+                                               *(fill(k, n) for k, n in want.items()), return_exceptions=True)
         for n, key in zip(opened, want):
             if isinstance(n, BaseException):
                 raise ValueError(f"{key[1]}@{key[2]} cannot log in to {key[0]} of cluster {target!r}: {n}") from n
-        return {"server_connections": sum(opened), "pools": len(want)}
+        return {"server_connections": sum(opened), "pools": len(want),
+                "monitor_logins": staged if isinstance(staged, int) else 0}
 
     async def admin_cutover(self, target: str, dry_run: bool = False, timeout_s: float | None = None,
                             on_event=None) -> dict:

@@ -506,6 +506,11 @@ class _Probe:
             return None  # sent before the data plane saw it fail: says nothing about now
         return self.latest
 
+    async def connect(self) -> None:
+        """Log in now (a staged probe: see Monitor.stage)."""
+        async with self.lock:
+            await self._connection()
+
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
             self.conn = None
@@ -583,6 +588,7 @@ class Monitor:
         self._specs = list(backends)
         initial_topology(self._cluster, self._specs)  # validates the set
         self._probes = [_Probe(s, settings) for s in self._specs]
+        self._staged: tuple[str, list[_Probe]] | None = None  # logged in ahead of a retarget
         self._epoch = 0  # +1 per retarget: results of an older set are dropped
         self._history: list[tuple[float, int]] = []
         self._round_lock = asyncio.Lock()
@@ -622,6 +628,7 @@ class Monitor:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(p.close() for p in self._probes), return_exceptions=True)
+        await self.unstage()
         async with self._lsn_lock:
             conn, self._lsn_conn = self._lsn_conn, None
         await _close(conn)
@@ -903,6 +910,31 @@ class Monitor:
 
     # --- cutover --------------------------------------------------------------------------------
 
+    async def stage(self, cluster_name: str, backends: Sequence[BackendSpec]) -> int:
+        """Log in to a backend set that a retarget may switch to soon (a cutover's warm-up),
+        so that the switch costs one poll instead of a login per backend: several round
+        trips each, while clients are held. Returns how many logins succeeded; a failed
+        one is simply tried again at the switch."""
+        await self.unstage()
+        probes = [_Probe(s, self.settings) for s in backends]
+        self._staged = (cluster_name, probes)
+        done = await asyncio.gather(*(p.connect() for p in probes), return_exceptions=True)
+        return sum(1 for d in done if not isinstance(d, BaseException))
+
+    async def unstage(self) -> None:
+        """Close the connections of a staged set that was not switched to."""
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            await asyncio.gather(*(p.close() for p in staged[1]), return_exceptions=True)
+
+    def _take_staged(self, cluster_name: str, specs: Sequence[BackendSpec]) -> list[_Probe]:
+        staged, self._staged = self._staged, None
+        ready = {p.spec: p for p in staged[1]} if staged is not None and staged[0] == cluster_name else {}
+        probes = [ready.pop(s, None) or _Probe(s, self.settings) for s in specs]
+        for p in ready.values():  # staged for backends no longer configured
+            self._spawn(p.close(), "pgsplit-monitor-unstage")
+        return probes
+
     async def retarget(self, cluster_name: str, backends: Sequence[BackendSpec], *,
                        generation: int | None = None) -> Topology:
         """Switch to another backend set: poll it once, install its first snapshot with
@@ -913,7 +945,7 @@ class Monitor:
             old_probes, old_specs = self._probes, self._specs
             self._epoch += 1
             self._cluster, self._specs = cluster_name, specs
-            self._probes = [_Probe(s, self.settings) for s in specs]
+            self._probes = self._take_staged(cluster_name, specs)
             self._history = []
             gen = generation if generation is not None else self.holder.current.generation + 1
             base = initial_topology(cluster_name, specs, gen)

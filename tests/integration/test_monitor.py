@@ -446,6 +446,41 @@ async def test_retarget_installs_the_new_set_with_the_next_generation(
     assert 'backend="replica2"' not in text and 'pgsplit_topology_generation 2.0' in text
 
 
+async def poll_sessions(cluster: Cluster, node: str) -> set[int]:
+    rows = await asyncio.to_thread(cluster.sql, node, "SELECT pid FROM pg_stat_activity "
+                                   "WHERE application_name LIKE 'pgsplit-monitor (poll)%'")
+    return {pid for (pid,) in rows}
+
+
+async def test_a_staged_set_is_switched_to_without_logging_in_again(
+    cluster: Cluster, make_monitor: MakeMonitor,
+) -> None:
+    """A cutover's warm-up stages the target set: the switch (made while clients are held)
+    then polls over connections opened before it instead of logging in (several round
+    trips to a distant target). A staged set that is not switched to is logged out."""
+    m = await make_monitor()
+    specs = [BackendSpec("p", cluster.primary.host, cluster.primary.port, Role.PRIMARY),
+             BackendSpec("r1", cluster.node("replica1").host, cluster.node("replica1").port, Role.REPLICA)]
+    before = await poll_sessions(cluster, "replica1")  # the running set's own poller
+    assert await m.stage("next", specs) == 2
+    staged = await poll_sessions(cluster, "replica1") - before
+    assert len(staged) == 1
+    await m.unstage()
+    for _ in range(50):
+        if not staged & await poll_sessions(cluster, "replica1"):
+            break
+        await asyncio.sleep(0.05)
+    assert not staged & await poll_sessions(cluster, "replica1"), "an unstaged login stayed open"
+
+    assert await m.stage("next", specs) == 2
+    staged = await poll_sessions(cluster, "replica1") - before
+    t = await m.retarget("next", specs)
+    assert t.cluster == "next" and all(b.up for b in t.backends)
+    await until(m.holder, lambda t2: t2.polled_at > t.polled_at, 2.0)
+    now = await poll_sessions(cluster, "replica1")
+    assert staged <= now <= staged | before, (staged, before, now)  # no other login
+
+
 async def test_flush_position_misses_an_asynchronous_commit_that_the_insert_position_covers(
         cluster: Cluster, make_monitor: MakeMonitor) -> None:
     """Why read-your-writes fetches both positions: a commit with synchronous_commit = off
