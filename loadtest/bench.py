@@ -119,7 +119,8 @@ CSV_FIELDS = [
     "round", "target", "workload", "mode", "clients", "tps", "latency_avg_ms", "p50_ms",
     "p99_ms", "failed", "aborted", "transactions", "replica_read_share",
     "waits_immediate", "waits_waited", "waits_fallback", "wait_seconds", "connect_ms", "phase", "seq",
-    "duration_s", "pgbench_T", "wall_s", "started_at", "loadavg", "error",
+    "duration_s", "pgbench_T", "wall_s", "started_at", "loadavg", "idle_cpu",
+    "error",
 ]
 MEMORY_FIELDS = ["target", "connections", "rss_bytes", "rss0_bytes", "bytes_per_connection",
                  "login_seconds", "error"]
@@ -321,6 +322,7 @@ class Run:
     wait_seconds: float | None = None  # pgsplit_consistency_wait_seconds_sum delta
     connect_ms: float | None = None  # pgbench's "initial connection time"
     loadavg: float | None = None  # 1-minute load average when the run started
+    idle_cpu: float | None = None  # CPU busy share just before the run, the benchmark idle
     wall_s: float | None = None
     started_at: str = ""
     error: str = ""
@@ -409,6 +411,24 @@ def _pgbench_error(stderr: str, rc: int, run: Run) -> str:
     return msg[:400]
 
 
+def busy_share(seconds: float = 0.1) -> float | None:
+    """The machine's CPU busy share over a short window (from /proc/stat). Taken between
+    runs, while every target is idle, it shows other work on the machine; the load
+    average cannot, since the benchmark's own 128-client runs keep it high for minutes."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return None
+    return 1 - (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
+
+
 def run_pgbench(run: Run, port: int, script_args: Sequence[str], logdir: Path,
                 keep_logs: bool = False) -> Run:
     """Run pgbench once and fill in `run` (tps, latency, percentiles, failures)."""
@@ -420,6 +440,7 @@ def run_pgbench(run: Run, port: int, script_args: Sequence[str], logdir: Path,
            "-h", "127.0.0.1", "-p", str(port), "-U", USER, DBNAME]
     run.started_at = dt.datetime.now().isoformat(timespec="seconds")
     run.loadavg = os.getloadavg()[0]
+    run.idle_cpu = busy_share()
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_pg_env(),
@@ -1155,13 +1176,13 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
        "see [Connection set-up](#connection-set-up)), so each run's `-T` is the duration plus "
        "an allowance from that target's connection time at that client count; every run "
        f"measures about {plan.get('duration'):g} s of traffic.")
-    loads = [r.loadavg for r in runs if r.loadavg is not None]
-    if loads:
-        busy = statistics.median(loads) > (m.get("nproc") or 2) + 1.5
-        w_(f"- Load average (1 min) at the start of each run: median {statistics.median(loads):.1f}, "
-           f"max {max(loads):.1f}; the benchmark itself accounts for about 2–3"
+    shares = [r.idle_cpu for r in runs if r.idle_cpu is not None]
+    if shares:
+        busy = statistics.median(shares) > 0.25
+        w_(f"- CPU busy in the 0.1 s before each run, while the benchmark and its targets were idle: "
+           f"median {100 * statistics.median(shares):.0f} %, max {100 * max(shares):.0f} %"
            + (" — **other work was running on the machine**: absolute figures are depressed, "
-              "ratios of back-to-back runs less so." if busy else "."))
+              "ratios of back-to-back runs less so." if busy else " (a quiet machine)."))
     if meta.get("note"):
         w_(f"- Note: {meta['note']}")
     w_("")
