@@ -347,7 +347,9 @@ async def test_start_under_load_copies_and_streams(story: Story) -> None:
     schema_s = float(re.search(r"  schema copied: app \((\S+) s\)", out.stdout).group(1))
     copy_s = t_ready - t0 - schema_s
     assert body["watching"] and body["drift"] == []
-    assert "r" in states and len(states) > 1, states  # seen while copying, then ready
+    # ready at the end; the states seen on the way depend on how fast the copy ran (on a
+    # quiet machine it can be over before the first status)
+    assert "r" in states and (len(states) > 1 or len(samples) == 1), (states, len(samples))
     # the streaming lag under load, a few seconds of it
     lags: list[tuple[int, float]] = []
     t_stream = loop.time()
