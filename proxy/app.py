@@ -16,6 +16,7 @@ import ssl
 import time
 
 from metrics import Metrics
+from proxy import wire
 from proxy.auth import Verifiers
 from proxy.backend import ServerConnection
 from proxy.commands import Commands
@@ -241,7 +242,7 @@ class Proxy:
         try:
             if conn.settings_key != session.settings_key:
                 done = asyncio.get_running_loop().create_future()
-                conn.swallow(_query(session.replay_sql()), done.set_result)
+                conn.swallow(wire.query(session.replay_sql()), done.set_result)
                 step = await done
                 if step.error is not None:
                     conn.settings_key = ()
@@ -661,20 +662,12 @@ async def _async_commit_default(conn: ServerConnection) -> bool:
     """Whether this user's commits in this database are asynchronous unless the session
     says otherwise (synchronous_commit = off from the server, database or role settings)."""
     done = asyncio.get_running_loop().create_future()
-    conn.swallow(_query(b"SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'"),
+    conn.swallow(wire.query(b"SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'"),
                  done.set_result, rows=True)
     step = await done
     if step.error is not None or not step.rows:
         return True  # unknown: assume the worst (the insert position covers everything)
-    row = step.rows[0]
-    length = int.from_bytes(row[2:6], "big")
-    return row[6 : 6 + length] == b"off"
-
-
-def _query(sql: bytes) -> bytes:
-    from proxy import wire
-
-    return wire.query(sql)
+    return wire.parse_data_row(step.rows[0])[0] == b"off"
 
 
 def _shutdown() -> ProxyError:

@@ -442,6 +442,27 @@ def data_row(values: list[str | None]) -> bytes:
     return message(B_DATA_ROW, body)
 
 
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """A DataRow's column values (None for NULL)."""
+    if len(body) < 2:
+        raise ProtocolViolation("DataRow shorter than its column count")
+    values: list[bytes | None] = []
+    pos = 2
+    for _ in range(int.from_bytes(body[:2], "big")):
+        if pos + 4 > len(body):
+            raise ProtocolViolation("DataRow ends inside a column length")
+        n = int.from_bytes(body[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if n < 0:
+            values.append(None)
+            continue
+        if pos + n > len(body):
+            raise ProtocolViolation("DataRow ends inside a column value")
+        values.append(body[pos : pos + n])
+        pos += n
+    return values
+
+
 def command_complete(tag: str) -> bytes:
     return message(B_COMMAND_COMPLETE, _cstr(tag))
 

@@ -671,6 +671,7 @@ PARSERS = [
     wire.parse_command_tag,
     wire.parse_sasl_initial,
     wire.parse_sasl_mechanisms,
+    wire.parse_data_row,
 ]
 
 
@@ -698,3 +699,16 @@ def test_fuzz_startup_round_trip(code, params):
     assert got.minor == code & 0xFFFF
     assert got.params == {k: v for k, v in params.items() if not k.startswith("_pq_.")}
     assert got.unknown_options == tuple(k for k in params if k.startswith("_pq_."))
+
+
+@FUZZ
+@given(st.lists(st.none() | st.text(max_size=20), max_size=6))
+def test_fuzz_data_row_round_trip(values):
+    row = wire.data_row(values)
+    assert wire.parse_data_row(row[5:]) == [None if v is None else v.encode() for v in values]
+
+
+@pytest.mark.parametrize("body", [b"", b"\0", b"\0\1", b"\0\1\0\0\0", b"\0\1\0\0\0\3ab"])
+def test_data_row_cut_short_is_a_protocol_violation(body):
+    with pytest.raises(ProtocolViolation):
+        wire.parse_data_row(body)
