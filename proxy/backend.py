@@ -78,6 +78,7 @@ class Step:
     closed = False  # its Sync/Query has been sent
     wrote = False  # some reply already reached the client
     rows_seen = False
+    rows_out = False  # a DataRow reached the client (retry-able steps only): no retry then
     retry: bytes | None = None  # the unit's bytes, kept to re-send it elsewhere
     retrying = False
     delivered = 0  # bytes of replies that reached the client (retry-able steps only)
@@ -85,6 +86,7 @@ class Step:
     rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
     payload = b""  # LOCAL: the answer to emit (its ReadyForQuery is added then)
     callback: Callable[["Step"], None] | None = None
+    server: "ServerConnection | None" = None  # SWALLOW: the connection, for a callback that needs it
     # The unit of work a FORWARD step answers (set by the session)
     backend = ""
     role = ""
@@ -284,6 +286,7 @@ class ServerConnection(asyncio.Protocol):
         if client is not None and data:
             if step.retry is not None:
                 step.delivered += len(data)
+                step.rows_out = step.rows_seen  # rows seen so far are in these bytes
             if step.skip:  # a retried unit: the client already has these bytes
                 cut = min(step.skip, len(data))
                 step.skip -= cut
@@ -442,8 +445,8 @@ class ServerConnection(asyncio.Protocol):
     def _refused(self, step: Step, data: bytes, pos: int, end: int) -> bool:
         """A replica's error for a unit that can still run elsewhere: nothing of it has
         reached the client, so it is dropped and the session re-sends the unit."""
-        if step.rows_seen or step.retrying:
-            return False
+        if step.rows_out or step.retrying:
+            return False  # (rows only seen, still in this chunk, are dropped with the error)
         step.error = wire.parse_fields(data[pos + 5 : end])
         if step.error.get("C") in RETRYABLE:
             step.retrying = True

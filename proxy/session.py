@@ -34,7 +34,8 @@ from proxy.errors import (
     ServerLostInTransaction,
 )
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
-from router.monitor import PollError
+from router.lsn import parse_lsn
+from router.monitor import COMMIT_LSN_SQL, CommitLsns, PollError
 from router.policy import Decision, SessionFacts, UnitFacts, decide_route
 from router.topology import BackendState, Role
 
@@ -87,6 +88,8 @@ RETRY_MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
 _READ_UNIT = UnitFacts(False, None)
 _WRITE_UNIT = UnitFacts(True, None)
 _NO_TOKEN = SessionFacts(False, None)
+_TOKEN_MODES = frozenset(("session", "token"))  # modes whose reads wait for the session's own commits
+_COMMIT_LSNS = wire.query(COMMIT_LSN_SQL)
 
 
 def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
@@ -447,19 +450,35 @@ class ClientSession(asyncio.Protocol):
         if stmt is None:
             step.extended = False
             conn.transport.write(data)
-            return True
-        step.extended = True
-        if stmt.server_name not in conn.prepared:
+        elif stmt.server_name not in conn.prepared:
             # Prepared first here: Parse ahead of the Bind, its ParseComplete dropped.
+            step.extended = True
             conn.add_anchor(step, 0, None)
             self._register(step, stmt.server_name)
             step.sent = 3  # Parse, Bind and Execute each complete once
             conn.transport.write(stmt.parse + wire.build_bind(portal, stmt.server_name, data[5 + off : end_b])
                                  + data[end_b:])
         else:
+            step.extended = True
             step.sent = 2
             conn.transport.write(wire.build_bind(portal, stmt.server_name, data[5 + off : end_b]) + data[end_b:])
+        if writes and self.consistency in _TOKEN_MODES:
+            # The WAL position, read right behind the write on its connection: the next
+            # read has its token without a round trip of its own (router.lsn fetches it
+            # when this one fails).
+            lsn_step = conn.swallow(_COMMIT_LSNS, self._commit_lsns_read, rows=True)
+            lsn_step.server = conn
         return True
+
+    def _commit_lsns_read(self, step: Step) -> None:
+        server = step.server
+        if step.error is None and step.rows:
+            flush, insert = wire.parse_data_row(step.rows[0])
+            lsn = CommitLsns(parse_lsn(flush.decode()), parse_lsn(insert.decode())).covering(self.commit_async)
+            self.token = lsn if self.token is None else max(self.token, lsn)
+            self.commit_pending = False
+        if not server.closed:
+            self._settle(server)
 
     # --- classification ------------------------------------------------------------------
 
@@ -816,6 +835,8 @@ class ClientSession(asyncio.Protocol):
             if self.status != TX_IDLE or self.pins:
                 return Boundary.GO
             return Boundary.ROUTE
+        if server.steps[-1].callback == self._commit_lsns_read:
+            return Boundary.WAIT  # the unit is routed afresh once the token has arrived
         if self.backend.role is Role.PRIMARY or self.pins:
             return Boundary.GO
         scan = self._scan_unit(buf, frames, i)
@@ -1073,6 +1094,11 @@ class ClientSession(asyncio.Protocol):
             if step.retrying:
                 self._retry(server, step)
                 return
+        self._settle(server)
+
+    def _settle(self, server: ServerConnection) -> None:
+        """Nothing more in flight on the attached connection: give it back if the session
+        is idle, and go on with the bytes that waited."""
         if server is not self.server or server.steps or self._open is not None:
             return
         if self.status == TX_IDLE and not self.pins and self._routing is None:
@@ -1215,7 +1241,7 @@ class ClientSession(asyncio.Protocol):
         pool.discard(server)
         if self.state is not State.READY:
             return
-        if (first is not None and first.retry is not None and not first.rows_seen and len(pending) == 1
+        if (first is not None and first.retry is not None and not first.rows_out and len(pending) == 1
                 and not self._tx_effects and self.status == TX_IDLE):
             log.info("server %s lost during a read; retrying it elsewhere", server.backend)
             self.app.metrics.retries.labels(reason="server_lost").inc()

@@ -113,6 +113,30 @@ async def test_session_mode_read_after_explicit_transaction(make_proxy, apply_de
         await conn.close()
 
 
+async def test_an_autocommit_write_brings_its_own_token(make_proxy, apply_delay):
+    """The WAL position is read on the write's own connection, right behind it: the read
+    that follows needs no LSN fetch of its own, and is still never stale (a token taken
+    too early would let a 200 ms-delayed replica serve it)."""
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
+    conn = await asyncpg.connect(proxy.dsn(), timeout=10, command_timeout=10)
+    table = "cc_own_token"
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int PRIMARY KEY)")
+        await conn.fetchval(f"SELECT count(*) FROM {table}")
+        fetches = proxy.call(lambda: proxy.proxy.lsn_fetcher.queries_sent)
+        stale = []
+        for i in range(1, 21):
+            await conn.execute(f"INSERT INTO {table} VALUES ({i})")  # simple protocol, autocommit
+            seen = await conn.fetchval(f"SELECT count(*) FROM {table}")
+            if seen != i:
+                stale.append((i, seen))
+        assert stale == [], f"stale reads (rows written, rows seen): {stale}"
+        assert proxy.call(lambda: proxy.proxy.lsn_fetcher.queries_sent) == fetches
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
 async def test_eventual_mode_shows_stale_reads_under_apply_delay(make_proxy, apply_delay):
     proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": WAIT_MS})
     res = await run_check(proxy.dsn(), sessions=16, pairs=1000, mode="eventual", admin_url=proxy.admin_url)
