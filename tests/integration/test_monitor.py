@@ -303,7 +303,10 @@ async def test_wait_for_lsn_returns_quickly_after_a_write(
     times = []
     for _ in range(20):
         await write_wal(primary_conn, 1)
-        lsn = parse_lsn(await primary_conn.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
+        # The flush position, as a synchronous commit's token: the insert position can be
+        # ahead of flushed WAL (anything else writing), which no replica has until the
+        # WAL writer flushes it, up to wal_writer_delay (200 ms) later.
+        lsn = parse_lsn(await primary_conn.fetchval("SELECT pg_current_wal_flush_lsn()::text"))
         start = loop.time()
         assert await m.wait_for_lsn(lsn, 2.0)
         times.append(loop.time() - start)

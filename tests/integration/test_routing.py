@@ -724,6 +724,38 @@ async def test_lagging_replica_leaves_rotation_and_returns(make_proxy, cluster, 
         await asyncio.to_thread(_restore, cluster)
 
 
+async def test_a_read_whose_replica_backend_ends_after_a_buffered_row_is_retried(make_proxy, cluster) -> None:
+    """A server buffers rows until the statement ends; a backend terminated in between
+    sends its first row and its FATAL 57P01 in one write. No row has reached the client
+    then, so the read is re-run elsewhere and the client sees nothing of it (before: the
+    row and the error went through, and the connection ended)."""
+    proxy = make_proxy(routing={"monitor_interval_ms": INTERVAL_MS})
+    marker = f"buffered_{uuid.uuid4().hex[:8]}"
+    sql = f"SELECT 1 AS n UNION ALL SELECT 2 FROM pg_sleep(1) /* {marker} */"
+    conn = await asyncpg.connect(f"postgresql://app:app-secret@127.0.0.1:{proxy.port}/app", ssl=False, timeout=10)
+    r0 = retries(proxy)
+    try:
+        read = asyncio.create_task(conn.fetch(sql))
+        victims: list[tuple[str, int]] = []
+
+        def find() -> bool:
+            for node in ("replica1", "replica2"):
+                victims.extend((node, pid) for (pid,) in cluster.sql(
+                    node, "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+                    f"%{marker}%"))
+            return bool(victims)
+
+        await async_wait_until(lambda: asyncio.to_thread(find), timeout=5, message="the read running on a replica")
+        node, pid = victims[0]
+        assert cluster.sql(node, "SELECT pg_terminate_backend(%s)", pid)[0][0]
+        rows = await asyncio.wait_for(read, 10)
+        assert [r["n"] for r in rows] == [1, 2]
+        assert retries(proxy) == r0 + 1  # (counted as server_lost: the connection ended)
+        assert await conn.fetchval("SELECT 1") == 1  # the client's connection lives on
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("how", ["kill", "stop-fast"])
 async def test_replica_lost_under_read_load(make_proxy, cluster, how) -> None:
     """SIGKILL (connections just drop, or a backend sees the postmaster die and sends
