@@ -61,6 +61,7 @@ def describe(res: CheckResult) -> str:
 
 
 def assert_no_errors(res: CheckResult, pairs: int) -> None:
+    print(describe(res))  # the record (pytest -s)
     assert res.errors == 0, describe(res)
     assert res.pairs == pairs, describe(res)
     assert all(n > 0 for n in res.pairs_by_kind.values()), describe(res)
