@@ -90,6 +90,7 @@ _WRITE_UNIT = UnitFacts(True, None)
 _NO_TOKEN = SessionFacts(False, None)
 _TOKEN_MODES = frozenset(("session", "token"))  # modes whose reads wait for the session's own commits
 _COMMIT_LSNS = wire.query(COMMIT_LSN_SQL)
+_DESCRIBE_PORTAL = b"D\0\0\0\x06P\0"  # Describe of the unnamed portal
 
 
 def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
@@ -394,8 +395,8 @@ class ClientSession(asyncio.Protocol):
                 and not self.app.session_pooling and not self.app.dataplane.holding)
 
     def _fast_unit(self, data: bytes) -> bool:
-        """Route and forward a lone Query, or Bind/Execute/Sync of a prepared statement,
-        without the general framing loop. False (nothing done) when the unit is anything
+        """Route and forward a lone Query, or Bind/[Describe]/Execute/Sync of a prepared or
+        an unnamed statement, without the general framing loop. False (nothing done) when the unit is anything
         else: the general path then handles it from scratch."""
         n = len(data)
         t = data[0]
@@ -404,17 +405,34 @@ class ClientSession(asyncio.Protocol):
                 return False
             analysis = self._classify(data[5:-1])
             stmt = None
-        elif t == F_BIND:
-            # Bind, Execute, Sync back to back, nothing else.
-            end_b = 1 + int.from_bytes(data[1:5], "big")
-            if end_b + 15 != n or data[end_b] != F_EXECUTE or data[end_b + 10] != F_SYNC \
-                    or data[end_b + 1 : end_b + 5] != b"\0\0\0\x09" or data[-4:] != b"\0\0\0\x04":
+        elif t == F_BIND or t == F_PARSE:
+            # Bind, Execute, Sync back to back (asyncpg), or Bind, Describe portal, Execute,
+            # Sync (libpq, so psql, pgbench, psycopg), of a statement the session prepared;
+            # or the same behind an unnamed Parse (libpq's PQexecParams). Nothing else.
+            start_b = 0
+            if t == F_PARSE:
+                start_b = 1 + int.from_bytes(data[1:5], "big")
+                if n < 7 or data[5] != 0 or start_b + 7 > n or data[start_b] != F_BIND \
+                        or data[start_b + 5 : start_b + 7] != b"\0\0":  # unnamed portal and statement
+                    return False
+            end_b = start_b + 1 + int.from_bytes(data[start_b + 1 : start_b + 5], "big")
+            described = data[end_b : end_b + 7] == _DESCRIBE_PORTAL
+            x = end_b + 7 if described else end_b  # the Execute
+            if x + 15 != n or data[x] != F_EXECUTE or data[x + 10] != F_SYNC \
+                    or data[x + 1 : x + 5] != b"\0\0\0\x09" or data[-4:] != b"\0\0\0\x04":
                 return False
-            portal, name, off = wire.parse_bind_names(data[5:end_b])
-            stmt = self.stmts.get(name) if name else None
-            if stmt is None or stmt.local:
-                return False
-            analysis = stmt.analysis
+            if t == F_PARSE:
+                end_sql = data.find(b"\0", 6, start_b)
+                if end_sql < 0:
+                    return False
+                analysis = self._classify(data[6:end_sql])
+                stmt = None
+            else:
+                portal, name, off = wire.parse_bind_names(data[5:end_b])
+                stmt = self.stmts.get(name) if name else None
+                if stmt is None or stmt.local:
+                    return False
+                analysis = stmt.analysis
         else:
             return False
         if (analysis.effects or analysis.tx is not None or analysis.pins or analysis.unpins or analysis.executes
@@ -427,17 +445,19 @@ class ClientSession(asyncio.Protocol):
             if self.consistency != "session" or self.commit_pending:
                 return False  # a token to fetch first, or another mode: the general path
             token = self.token
-        self.units += 1
         app = self.app
+        # (the tie-breaker counts only units sent here: one handed to the general path
+        # must get the same choice there, where it waits for a connection if need be)
         decision = decide_route(_WRITE_UNIT if writes else _READ_UNIT,
                                 _NO_TOKEN if token is None else SessionFacts(False, token),
-                                app.topology.current, app.load, tiebreak=self.units)
+                                app.topology.current, app.load, tiebreak=self.units + 1)
         backend = decision.backend
         if backend is None:
             return False
         conn = self._borrow_now(backend)
         if conn is None:
             return False
+        self.units += 1
         if token is not None:
             app.note_consistency(decision)
         self._attach(conn, backend, data, None)
@@ -448,19 +468,24 @@ class ClientSession(asyncio.Protocol):
         if writes:
             step.writes = True
         if stmt is None:
-            step.extended = False
+            if t == F_PARSE:
+                self._unnamed = analysis  # for later Binds of the unnamed statement
+                step.extended = True
+                step.sent = 4 if described else 3  # Parse, Bind, Describe and Execute complete once each
+            else:
+                step.extended = False
             conn.transport.write(data)
         elif stmt.server_name not in conn.prepared:
             # Prepared first here: Parse ahead of the Bind, its ParseComplete dropped.
             step.extended = True
             conn.add_anchor(step, 0, None)
             self._register(step, stmt.server_name)
-            step.sent = 3  # Parse, Bind and Execute each complete once
+            step.sent = 4 if described else 3  # Parse, Bind, Describe and Execute complete once each
             conn.transport.write(stmt.parse + wire.build_bind(portal, stmt.server_name, data[5 + off : end_b])
                                  + data[end_b:])
         else:
             step.extended = True
-            step.sent = 2
+            step.sent = 3 if described else 2
             conn.transport.write(wire.build_bind(portal, stmt.server_name, data[5 + off : end_b]) + data[end_b:])
         if writes and self.consistency in _TOKEN_MODES:
             # The WAL position, read right behind the write on its connection: the next
