@@ -68,12 +68,9 @@ class Admin:
         async def handler(request: web.Request) -> web.Response:
             if method is None:
                 return web.json_response({"error": f"{name} is not available in this version"}, status=501)
-            try:
-                body = await request.json() if request.can_read_body else {}
-            except ValueError:
-                return web.json_response({"error": "the request body is not JSON"}, status=400)
-            if not isinstance(body, dict):
-                return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+            body = await _json_object(request)
+            if isinstance(body, web.Response):
+                return body
             try:
                 result = await method(**body)
             except TypeError as exc:
@@ -90,12 +87,9 @@ class Admin:
         on if the client hangs up; only what it reads stops."""
         from router.cutover import CutoverBusy
 
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return web.json_response({"error": "the request body is not JSON"}, status=400)
-        if not isinstance(body, dict):
-            return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
         events: asyncio.Queue = asyncio.Queue()
         try:
             task = self.proxy.start_cutover(**body, on_event=events.put_nowait)
@@ -126,12 +120,9 @@ class Admin:
         400: bad arguments (an unknown cluster...); 409: the migration step failed or was
         refused (``side``, ``object``; a refused start carries the plan and its blockers)."""
         async def handler(request: web.Request) -> web.Response:
-            try:
-                body = await request.json() if request.can_read_body else {}
-            except ValueError:
-                return web.json_response({"error": "the request body is not JSON"}, status=400)
-            if not isinstance(body, dict):
-                return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+            body = await _json_object(request)
+            if isinstance(body, web.Response):
+                return body
             return await self._run_migrate(action, body)
 
         return handler
@@ -188,3 +179,14 @@ class Admin:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.proxy.status())
+
+
+async def _json_object(request: web.Request) -> dict | web.Response:
+    """A POST's JSON object body ({} when empty), or the 400 answer to send instead."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return web.json_response({"error": "the request body is not JSON"}, status=400)
+    if not isinstance(body, dict):
+        return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+    return body

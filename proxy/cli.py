@@ -493,6 +493,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_options(p: argparse.ArgumentParser, json_help: str | None = None, *, token: bool = True) -> None:
+    """-c/--admin (and --json) of the commands that talk to a running proxy."""
+    p.add_argument("-c", "--config", help="find the admin API" + (" (and its token)" if token else "")
+                   + " from this config file")
+    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
+    if json_help is not None:
+        p.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgsplit",
@@ -512,8 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ask a running proxy to read its config file again (as SIGHUP does). An "
                                    "invalid file changes nothing; listen, admin and pool.mode need a restart, "
                                    "and another active cluster needs a cutover.")
-    p.add_argument("-c", "--config", help="find the admin API (and its token) from this config file")
-    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
+    _admin_options(p)
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("demo", help="start a local sandbox cluster and the proxy in front of it",
@@ -531,9 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show backends, roles, lag, rotation and connections",
                        description="Ask a running proxy's admin API for its status.")
-    p.add_argument("-c", "--config", help="find the admin API from this config file")
-    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
-    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    _admin_options(p, json_help="print the raw JSON", token=False)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("cutover", help="move traffic to another configured cluster, showing each step",
@@ -547,9 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reverse", action="store_true",
                    help="a logical target (pgsplit migrate): replicate back to the current cluster afterwards, "
                         "so that a cutover back loses nothing written in between")
-    p.add_argument("-c", "--config", help="find the admin API (and its token) from this config file")
-    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
-    p.add_argument("--json", action="store_true", help="print the raw events")
+    _admin_options(p, json_help="print the raw events")
     p.set_defaults(func=cmd_cutover)
 
     p = sub.add_parser("migrate", help="online migration to another configured cluster (logical replication)",
@@ -561,9 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with blockers, verify 1 if the sides differ, 0 otherwise.")
     p.add_argument("action", choices=["plan", "start", "status", "verify"])
     p.add_argument("name", metavar="NAME", help="the target cluster ([clusters.NAME])")
-    p.add_argument("-c", "--config", help="find the admin API (and its token) from this config file")
-    p.add_argument("--admin", help=f"admin API URL (default {DEFAULT_ADMIN})")
-    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    _admin_options(p, json_help="print the raw JSON answer")
     p.add_argument("--table", action="append", metavar="SCHEMA.TABLE", help="verify: only this table (repeatable)")
     p.add_argument("--chunk-rows", type=int, help="verify: rows per checksum chunk (default migration.verify_chunk_rows)")
     p.add_argument("--timeout", type=parse_duration, default=3600.0,

@@ -270,8 +270,8 @@ def test_psycopg_copy(proxy):
 def test_psycopg_libpq18_asks_for_protocol_3_2(proxy):
     """libpq 18 with max_protocol_version=latest asks for 3.2; against PostgreSQL 15 it is
     told 3.0 (NegotiateProtocolVersion) and continues. Through the proxy it must too."""
-    if psycopg.pq.version() < 180000:  # pragma: no cover
-        pytest.skip("needs libpq 18")
+    # psycopg[binary] >= 3.3.9 (pyproject.toml) bundles libpq 18
+    assert psycopg.pq.version() >= 180000, f"libpq {psycopg.pq.version()}: install psycopg[binary] >= 3.3.9"
     with psycopg.connect(proxy.dsn(max_protocol_version="latest"), autocommit=True, connect_timeout=10) as conn:
         assert conn.pgconn.protocol_version == 3
         assert conn.execute("SELECT 'negotiated'").fetchone() == ("negotiated",)
