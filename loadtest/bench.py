@@ -10,7 +10,7 @@ it imports nothing from proxy/ or router/.
 The machine is small and shared by pgbench, PostgreSQL and the proxy under test, so a
 single figure means little. Every comparison is interleaved: round after round, each
 (workload, mode, clients) combination runs on every target back to back, in an order
-rotated from one combination and round to the next; the report quotes medians over
+rotated (and reversed every other time) from one combination and round to the next; the report quotes medians over
 rounds and ratios computed per round between runs that ran side by side.
 
 Phases:
@@ -679,8 +679,12 @@ class ConnectBudget:
 
 
 def rotated(items: Sequence[Any], k: int) -> list[Any]:
-    k %= max(1, len(items))
-    return list(items[k:]) + list(items[:k])
+    """The k-th order of `items`: rotated by k, and reversed for odd k, so that no target
+    always runs first, or always right after the same other one (whose writes leave
+    autovacuum and checkpoints behind)."""
+    n = max(1, len(items))
+    order = list(items[k % n:]) + list(items[:k % n])
+    return order[::-1] if k % 2 else order
 
 
 class Recorder:
@@ -1204,7 +1208,8 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
        "`routing.consistency = session` (the default) |\n")
     w_("Order: within a round, each (workload, mode, clients) combination runs on every target "
        "back to back; the target order is rotated by one from one combination to the next "
-       "and from one round to the next, so no target always runs first or last. Tables show "
+       "and from one round to the next, and reversed every other time, so no target always "
+       "runs first, last, or right after the same other target. Tables show "
        "medians over rounds; a ratio is the median over rounds of the per-round ratio of two "
        "runs that ran side by side. Runs that aborted are left out (and listed below).\n")
     if "pgbouncer" in targets and "prepared" in modes:
