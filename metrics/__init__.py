@@ -51,11 +51,14 @@ class FastHistogram:
 
 
 class UnitStats:
-    """Units of work by (backend, role, kind), and their durations by role."""
+    """Units of work by (backend, role, kind), their durations by role, and reads that
+    carried a read-your-writes token by outcome."""
 
     def __init__(self) -> None:
         self.units: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, FastHistogram] = {}
+        # pgsplit_consistency_waits_total: bumped once per such read, so a plain dict
+        self.consistency: dict[str, int] = {"immediate": 0, "waited": 0, "fallback": 0}
 
     def record(self, backend: str, role: str, kind: str, seconds: float) -> None:
         key = (backend, role, kind)
@@ -91,6 +94,14 @@ class _ScrapeCollector(Collector):
         for role, h in sorted(self._stats.durations.items()):
             hist.add_metric([role], h.buckets(), h.total)
         yield hist
+        waits = CounterMetricFamily(
+            "pgsplit_consistency_waits",
+            "Reads that needed a replica at the session's LSN, by outcome (immediate, waited, fallback)",
+            labels=["outcome"],
+        )
+        for outcome, n in self._stats.consistency.items():
+            waits.add_metric([outcome], n)
+        yield waits
         clients = GaugeMetricFamily(
             "pgsplit_client_connections", "Client connections by state", labels=["state"]
         )
@@ -127,10 +138,6 @@ class Metrics:
         self.replica_in_rotation = Gauge("pgsplit_replica_in_rotation", "1 if the replica receives reads", ["backend"], registry=r)
         self.topology_generation = Gauge("pgsplit_topology_generation", "Generation of the installed backend set", registry=r)
         self.split_brain = Gauge("pgsplit_split_brain", "1 while two backends of the active set claim to be primary", registry=r)
-        self.consistency_waits = Counter(
-            "pgsplit_consistency_waits", "Reads that needed a replica at the session's LSN, by outcome (immediate, waited, fallback)",
-            ["outcome"], registry=r,
-        )
         self.consistency_wait_seconds = Histogram(
             "pgsplit_consistency_wait_seconds", "Time reads waited for a replica to reach the session's LSN",
             buckets=WAIT_BUCKETS, registry=r,

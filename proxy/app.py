@@ -308,9 +308,9 @@ class Proxy:
     def note_consistency(self, decision: Decision) -> None:
         """A read that carried a token was routed without waiting."""
         if decision.backend is not None and decision.backend.role is Role.REPLICA:
-            self.metrics.consistency_waits.labels(outcome="immediate").inc()
+            self.metrics.units.consistency["immediate"] += 1
         else:
-            self.metrics.consistency_waits.labels(outcome="fallback").inc()
+            self.metrics.units.consistency["fallback"] += 1
 
     async def wait_for_replica(self, session: ClientSession, facts: UnitFacts, lsn: int) -> Decision:
         wait_s = self.config.routing.consistency_wait_ms / 1000
@@ -320,7 +320,7 @@ class Proxy:
         waited = time.perf_counter() - t0
         self.metrics.consistency_wait_seconds.observe(waited)
         outcome = "waited" if decision.backend is not None and decision.backend.role is Role.REPLICA else "fallback"
-        self.metrics.consistency_waits.labels(outcome=outcome).inc()
+        self.metrics.units.consistency[outcome] += 1
         return decision
 
     # --- cutover and pause (the admin API's POST /v1/cutover, /v1/pause, /v1/resume) ----------
