@@ -450,7 +450,8 @@ class ClientSession(asyncio.Protocol):
         # must get the same choice there, where it waits for a connection if need be)
         decision = decide_route(_WRITE_UNIT if writes else _READ_UNIT,
                                 _NO_TOKEN if token is None else SessionFacts(False, token),
-                                app.topology.current, app.load, tiebreak=self.units + 1)
+                                app.topology.current, app.load, tiebreak=self.units + 1,
+                                allow_wait=token is None or app.config.routing.consistency_wait_ms > 0)
         backend = decision.backend
         if backend is None:
             return False
@@ -502,6 +503,7 @@ class ClientSession(asyncio.Protocol):
             lsn = CommitLsns(parse_lsn(flush.decode()), parse_lsn(insert.decode())).covering(self.commit_async)
             self.token = lsn if self.token is None else max(self.token, lsn)
             self.commit_pending = False
+            self.app.monitor.want_lsn(lsn)  # the replicas report its replay before the next read asks
         if not server.closed:
             self._settle(server)
 
@@ -629,8 +631,8 @@ class ClientSession(asyncio.Protocol):
 
     def _decide(self, facts: UnitFacts, token: int | None, allow_wait: bool = True) -> Decision:
         app = self.app
-        return decide_route(facts, self._session_facts(token), app.topology.current, app.load,
-                            tiebreak=self.units, allow_wait=allow_wait)
+        return decide_route(facts, self._session_facts(token), app.topology.current, app.load, tiebreak=self.units,
+                            allow_wait=allow_wait and app.config.routing.consistency_wait_ms > 0)
 
     def read_token(self, facts: UnitFacts) -> tuple[int | None, bool]:
         """The LSN a replica must have replayed for this unit, and whether it must be

@@ -17,7 +17,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 
-__all__ = ["CommitLsnFetcher", "LsnFetchError", "format_lsn", "parse_lsn"]
+__all__ = ["CommitLsnFetcher", "LsnFetchError", "format_lsn", "parse_lsn", "REPLAY_WAIT_SQL"]
 
 MAX_LSN = (1 << 64) - 1
 
@@ -44,6 +44,24 @@ def format_lsn(lsn: int) -> str:
     if not 0 <= lsn <= MAX_LSN:
         raise ValueError(f"invalid LSN {lsn}: outside 0..2**64-1")
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+# A query a hot standby runs to wait, on its own side, until it has replayed $1 (pg_lsn
+# text), for at most $2 milliseconds. Its one row is the replay position as soon as that
+# reaches $1, or once the time is up; NULL on a server not in recovery. So the answer comes
+# one round trip after the replay, not a poll interval later. Plain SQL (no PL/pgSQL), with
+# parameters so that one prepared statement serves every wait: the CASE looks before it
+# naps (pg_sleep rounds a nap up to 1 ms), LIMIT 1 stops at the first row that passes, and
+# generate_series, which only bounds the naps, sits in a select list so that its rows come
+# one at a time (in FROM they would all be built first).
+REPLAY_WAIT_SQL = (
+    "SELECT pg_catalog.pg_last_wal_replay_lsn()::text"
+    " FROM (SELECT pg_catalog.generate_series(1, 4 * $2::int + 1)) AS naps"
+    " WHERE CASE WHEN pg_catalog.pg_last_wal_replay_lsn() >= $1::text::pg_lsn"
+    " OR pg_catalog.clock_timestamp() >= pg_catalog.statement_timestamp() + $2::int * interval '1 ms'"
+    " OR pg_catalog.pg_last_wal_replay_lsn() IS NULL"
+    " THEN true ELSE pg_catalog.pg_sleep(0.0005) IS NULL END LIMIT 1"
+)
 
 
 class LsnFetchError(ConnectionError):

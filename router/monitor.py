@@ -22,8 +22,11 @@ A round (every `interval_s`, 100 ms by default):
 3. the samples are turned into a new `Topology` (`build_topology`), installed with one
    assignment; state changes are logged and gauges updated; LSN waiters are woken.
 
-While a session waits for a replica to reach its LSN (`wait_for_lsn`), the replicas in
-rotation are also asked `pg_last_wal_replay_lsn()` every `fast_interval_s` (5 ms).
+Read-your-writes: sessions announce each commit's LSN (`want_lsn`) and may wait for a
+replica to replay it (`wait_for_lsn`). Between rounds, each replica in rotation that is
+behind the highest LSN wanted runs one query at a time that returns as soon as it has
+replayed it (router.lsn.REPLAY_WAIT_SQL), on a connection of its own: its replay position
+is known one round trip after the replay, with no polling in between.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import asyncpg
 
 from router.classify import VOLATILE_FUNCTIONS_SQL, volatile_function_names
-from router.lsn import format_lsn, parse_lsn
+from router.lsn import REPLAY_WAIT_SQL, format_lsn, parse_lsn
 from router.topology import BackendState, Role, Topology, TopologyHolder
 
 if TYPE_CHECKING:
@@ -75,7 +78,6 @@ SELECT pg_is_in_recovery(),
        pg_last_wal_receive_lsn()::text,
        extract(epoch FROM pg_last_xact_replay_timestamp())::float8,
        extract(epoch FROM now())::float8"""
-REPLAY_LSN_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 # A commit that returned with synchronous_commit on (or local, remote_*) is flushed, so the
 # flush position covers it, and it is as far as replicas can get (WAL is streamed up to
 # it). A commit with synchronous_commit = off may not be flushed yet: only the insert
@@ -109,7 +111,6 @@ class MonitorSettings:
     timeout_s: float = 1.0  # routing.monitor_timeout_ms: a backend silent this long is down
     catalog_refresh_s: float = 60.0
     connect_timeout_s: float = 5.0  # for (re)connecting; the round never waits for it
-    fast_interval_s: float = 0.005  # replay-LSN polling while someone waits for an LSN
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,6 +477,7 @@ class _Probe:
         self.settings = settings
         self.conn: asyncpg.Connection | None = None
         self.lock = asyncio.Lock()  # one query at a time on the connection
+        self.replay_conn: asyncpg.Connection | None = None  # Monitor._learn's
         self.task: asyncio.Task[None] | None = None
         self.task_started = 0.0
         self.latest: Sample | PollError | None = None
@@ -540,21 +542,22 @@ class _Probe:
             result = _poll_error(exc, stage, self.settings.connect_timeout_s if stage == "connect" else timeout)
         self.latest, self.latest_started = result, started
 
-    async def replay_lsn(self) -> int | None:
-        """pg_last_wal_replay_lsn(), if the connection is free; None otherwise or on error."""
-        conn = self.conn
-        if conn is None or conn.is_closed() or self.lock.locked():
-            return None
-        async with self.lock:
-            try:
-                async with asyncio.timeout(self.settings.timeout_s):
-                    text = await conn.fetchval(REPLAY_LSN_SQL)
-            except asyncio.CancelledError:
-                self.drop_connection()
-                raise
-            except Exception:  # noqa: BLE001  the regular poll reports health
-                self.drop_connection()
-                return None
+    async def replay_wait(self, lsn: int, timeout_ms: int) -> int | None:
+        """The replica's replay position once it reaches `lsn`, or after `timeout_ms`
+        (router.lsn.REPLAY_WAIT_SQL), asked on a connection of its own so that the regular
+        poll never queues behind it. None when the server is not in recovery. Errors
+        propagate; the connection is dropped then."""
+        try:
+            if self.replay_conn is None or self.replay_conn.is_closed():
+                self.replay_conn = None
+                self.replay_conn = await _connect(self.spec, self.settings, "replay")
+            async with asyncio.timeout(self.settings.timeout_s + timeout_ms / 1000):
+                text = await self.replay_conn.fetchval(REPLAY_WAIT_SQL, format_lsn(lsn), timeout_ms)
+        except BaseException:
+            conn, self.replay_conn = self.replay_conn, None
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+            raise
         return None if text is None else parse_lsn(text)
 
     async def close(self) -> None:
@@ -563,6 +566,8 @@ class _Probe:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         conn, self.conn = self.conn, None
+        await _close(conn)
+        conn, self.replay_conn = self.replay_conn, None
         await _close(conn)
 
 
@@ -595,7 +600,8 @@ class Monitor:
         self._started = False
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._fast_task: asyncio.Task[None] | None = None
+        self._wanted = 0  # the highest LSN sessions announced (want_lsn)
+        self._learning: dict[str, asyncio.Task[None]] = {}  # replica -> its _learn task
         self._confirm_task: asyncio.Task[None] | None = None
         self._waiters: dict[int, tuple[int, asyncio.Future[bool]]] = {}
         self._waiter_seq = 0
@@ -604,7 +610,7 @@ class Monitor:
         self._lsn_lock = asyncio.Lock()
         self._catalog_ok: bool | None = None
         self.rounds = 0  # poll rounds installed (tests and status)
-        self.fast_polls = 0  # replay-LSN polls of the replicas in rotation for LSN waiters
+        self.replay_waits = 0  # replay-wait queries sent by _learn (tests and status)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -771,9 +777,15 @@ class Monitor:
 
     # --- read-your-writes -----------------------------------------------------------------------
 
+    def want_lsn(self, lsn: int) -> None:
+        """A session committed up to `lsn` and will read soon: have the replicas behind it
+        report as soon as they replay it. Cheap when nothing new is wanted (every commit)."""
+        if lsn > self._wanted:
+            self._wanted = lsn
+            self._learn_all()
+
     async def wait_for_lsn(self, lsn: int, timeout: float) -> bool:
-        """True as soon as a replica in rotation has replayed `lsn`; False after `timeout`.
-        While anyone waits, replicas in rotation are polled every `fast_interval_s`."""
+        """True as soon as a replica in rotation has replayed `lsn`; False after `timeout`."""
         if _reached(self.holder.current, lsn):
             return True
         if timeout <= 0 or self._stopped:
@@ -782,8 +794,7 @@ class Monitor:
         self._waiter_seq += 1
         key = self._waiter_seq
         self._waiters[key] = (lsn, fut)
-        if self._started and (self._fast_task is None or self._fast_task.done()):
-            self._fast_task = self._spawn(self._fast_loop(), "pgsplit-monitor-fast")
+        self.want_lsn(lsn)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
@@ -802,26 +813,40 @@ class Monitor:
             if lsn <= best and not fut.done():
                 fut.set_result(True)
 
-    async def _fast_loop(self) -> None:
-        interval = self.settings.fast_interval_s
-        in_flight: dict[str, asyncio.Task[None]] = {}
-        while self._waiters:
-            rotation = {r.name for r in self.holder.current.rotation}
-            polled = False
-            for p in self._probes:
-                task = in_flight.get(p.name)
-                if p.name in rotation and (task is None or task.done()):
-                    # Each replica's answer is installed as it comes: a slow one holds
-                    # back nobody (the next tick skips it while its query runs).
-                    in_flight[p.name] = self._spawn(self._fast_poll(p, self._epoch), "pgsplit-monitor-fast-poll")
-                    polled = True
-            self.fast_polls += polled
-            await asyncio.sleep(interval)
+    def _learn_all(self) -> None:
+        if not self._started or self._stopped:
+            return
+        wanted = self._wanted
+        for r in self.holder.current.rotation:
+            if (r.replay_lsn is None or r.replay_lsn < wanted) and r.name not in self._learning:
+                probe = next((p for p in self._probes if p.name == r.name), None)
+                if probe is not None:
+                    self._learning[r.name] = self._spawn(self._learn(probe, self._epoch), "pgsplit-monitor-replay")
 
-    async def _fast_poll(self, probe: _Probe, epoch: int) -> None:
-        lsn = await probe.replay_lsn()
-        if lsn is not None and epoch == self._epoch:
-            self._install_replay({probe.name: lsn})
+    async def _learn(self, probe: _Probe, epoch: int) -> None:
+        """One replica's replay-wait queries, one at a time, each for the highest LSN wanted
+        when it starts (commits that come meanwhile share the next one), until the replica
+        has replayed everything wanted or leaves rotation. A wait lasts at most one round:
+        the rounds keep reporting a replica that falls behind."""
+        timeout_ms = max(1, int(self.settings.interval_s * 1000))
+        try:
+            while not self._stopped and epoch == self._epoch:
+                target = self._wanted
+                b = self.holder.current.backend(probe.name)
+                if b is None or not b.in_rotation or not b.up or (b.replay_lsn is not None and b.replay_lsn >= target):
+                    return
+                self.replay_waits += 1
+                lsn = await probe.replay_wait(target, timeout_ms)
+                if lsn is None or epoch != self._epoch:
+                    return  # not in recovery: the rounds will say what it is
+                self._install_replay({probe.name: lsn})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001  the rounds report health; waiters time out
+            log.debug("replay wait on %s failed: %s", probe.name, exc)
+        finally:
+            if self._learning.get(probe.name) is asyncio.current_task():
+                del self._learning[probe.name]
 
     def _install_replay(self, replay: Mapping[str, int | None]) -> None:
         topo = self.holder.current  # read-modify-install with no await in between

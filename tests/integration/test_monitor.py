@@ -20,7 +20,7 @@ import pytest
 from helpers import async_wait_until
 from loadtest.sandbox import Cluster
 from metrics import Metrics
-from router.lsn import CommitLsnFetcher, parse_lsn
+from router.lsn import REPLAY_WAIT_SQL, CommitLsnFetcher, format_lsn, parse_lsn
 from router.monitor import BackendSpec, Monitor, MonitorSettings, initial_topology
 from router.topology import Role, Topology, TopologyHolder
 
@@ -314,7 +314,57 @@ async def test_wait_for_lsn_returns_quickly_after_a_write(
         await asyncio.sleep(0.013)  # land at different points of the regular interval
     times.sort()
     print(f"\nwait_for_lsn after a write: median {times[10] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms")
-    assert times[10] < 0.03 and times[-1] < INTERVAL
+    assert times[10] < 0.015 and times[-1] < INTERVAL
+
+
+async def test_a_wanted_lsn_is_learnt_between_rounds(
+    cluster: Cluster, make_monitor: MakeMonitor, primary_conn: asyncpg.Connection,
+) -> None:
+    """want_lsn (every commit of a session that reads its writes) has the replicas report
+    the replay themselves: known long before the next round, with nobody waiting."""
+    await asyncio.to_thread(cluster.wait_caught_up)
+    m = await make_monitor(interval_s=5.0)  # no round in between
+    await asyncio.sleep(0.2)
+    rounds = m.rounds
+    loop = asyncio.get_running_loop()
+    for _ in range(10):
+        await write_wal(primary_conn, 1)
+        lsn = parse_lsn(await primary_conn.fetchval("SELECT pg_current_wal_flush_lsn()::text"))
+        start = loop.time()
+        m.want_lsn(lsn)
+        await async_wait_until(lambda: all(r.replay_lsn is not None and r.replay_lsn >= lsn
+                                           for r in m.holder.current.rotation), timeout=1.0,
+                               message="both replicas reported the replay")
+        assert loop.time() - start < 0.1
+    assert m.rounds == rounds
+    assert 10 <= m.replay_waits <= 40, m.replay_waits  # about one query per replica and commit
+
+
+async def test_the_replay_wait_query_ends_at_the_replay_or_its_timeout(
+    cluster: Cluster, primary_conn: asyncpg.Connection,
+) -> None:
+    await asyncio.to_thread(cluster.wait_caught_up)
+    replica = await asyncpg.connect(cluster.node("replica2").dsn(user="postgres", password=cluster.superuser_password))
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.to_thread(cluster.pause_replay, "replica2")
+        await write_wal(primary_conn, 1)
+        lsn = parse_lsn(await primary_conn.fetchval("SELECT pg_current_wal_flush_lsn()::text"))
+        start = loop.time()
+        reached = parse_lsn(await replica.fetchval(REPLAY_WAIT_SQL, format_lsn(lsn), 300))
+        assert reached < lsn and 0.3 <= loop.time() - start < 0.45
+        waiter = asyncio.create_task(replica.fetchval(REPLAY_WAIT_SQL, format_lsn(lsn), 5000))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await asyncio.to_thread(cluster.resume_replay, "replica2")
+        assert parse_lsn(await waiter) >= lsn
+        # A server not in recovery cannot say: NULL, at once.
+        start = loop.time()
+        assert await primary_conn.fetchval(REPLAY_WAIT_SQL, format_lsn(lsn), 5000) is None
+        assert loop.time() - start < 0.1
+    finally:
+        await replica.close()
+        await restore(cluster)
 
 
 async def test_wait_for_lsn_times_out_while_replay_is_paused(
@@ -334,7 +384,7 @@ async def test_wait_for_lsn_times_out_while_replay_is_paused(
         elapsed = loop.time() - start
         assert 0.3 <= elapsed < 0.45
         assert len(m.holder.current.rotation) == 2  # lagging a little, still in rotation
-        assert m.fast_polls > 20, m.fast_polls  # polled every ~5 ms while waiting
+        assert 1 <= m.replay_waits <= 2 * 4, m.replay_waits  # a wait query per replica and round
         assert m.rounds - rounds <= 4  # the regular rounds kept their pace
         # Resumed: a waiter is released as soon as a replica replays the write.
         waiter = asyncio.create_task(m.wait_for_lsn(lsn, 5.0))
