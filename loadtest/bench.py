@@ -20,9 +20,9 @@ Phases:
   log (-l), so the 1-client runs give the latency added by each proxy.
 - memory: RSS of a fresh pgsplit and a fresh PgBouncer holding N idle client
   connections that completed a real SCRAM login; bytes per connection.
-- ryw: a custom script (1 UPDATE, 10 SELECTs of random accounts) through two pgsplit
-  processes that differ only in `routing.consistency` (session vs eventual), with the
-  share of reads served by replicas from pgsplit's metrics.
+- ryw: a custom script (1 UPDATE, 10 SELECTs of random accounts) through three pgsplit
+  processes that differ only in `[routing]` (session; session with consistency_wait_ms = 0;
+  eventual), with the share of reads served by replicas from pgsplit's metrics.
 
 Run ``python -m loadtest.bench --help``; ``--quick`` for a ~3-minute development run,
 ``--plan`` to print what would run and an estimate of the time it takes.
@@ -91,7 +91,13 @@ TARGETS = {
 RYW_TARGETS = {
     "direct": "PostgreSQL (direct)",
     "pgsplit-session": "pgsplit, consistency = session",
+    "pgsplit-session-nowait": "pgsplit, consistency = session, consistency_wait_ms = 0",
     "pgsplit-eventual": "pgsplit, consistency = eventual",
+}
+RYW_ROUTING = {  # the [routing] of each pgsplit target of the read-your-writes phase
+    "pgsplit-session": {"consistency": "session"},
+    "pgsplit-session-nowait": {"consistency": "session", "consistency_wait_ms": 0},
+    "pgsplit-eventual": {"consistency": "eventual"},
 }
 # (numerator, denominator) pairs quoted in the report
 RATIOS = [
@@ -623,9 +629,9 @@ def start_targets(keys: Sequence[str], cluster: Any, plan: Plan, stack: contextl
             t = start_pgsplit(key, label, cluster, replicas=key == "pgsplit-replicas",
                               pool_size=plan.pool_size)
             stack.callback(_stopper(t))
-        elif key in ("pgsplit-session", "pgsplit-eventual"):
+        elif key in RYW_ROUTING:
             t = start_pgsplit(key, label, cluster, replicas=True, pool_size=plan.pool_size,
-                              routing={"consistency": key.split("-", 1)[1]})
+                              routing=RYW_ROUTING[key])
             stack.callback(_stopper(t))
         else:
             raise BenchError(f"unknown target {key}")
@@ -1355,10 +1361,12 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
         w_("## Cost of read-your-writes\n")
         w_(f"A custom pgbench script: one `UPDATE pgbench_accounts` of a random account, then "
            f"10 `SELECT`s of random accounts, all autocommit, {plan.get('ryw_clients')} clients, "
-           f"`-T {plan.get('ryw_duration'):g}`. Two pgsplit processes with replicas that differ "
-           "only in `routing.consistency`: `session` (each read after the session's write may "
+           f"`-T {plan.get('ryw_duration'):g}`. Three pgsplit processes with replicas that differ "
+           "only in `[routing]`: `session` (each read after the session's write may "
            "use a replica only once it has replayed that commit, waiting up to "
-           "`consistency_wait_ms`, else the primary) and `eventual` (lag filtering only). "
+           "`consistency_wait_ms` = 50, else the primary), the same with "
+           "`consistency_wait_ms = 0` (such a read goes to the primary at once), and "
+           "`eventual` (lag filtering only). "
            "Direct to the primary for reference. tps counts whole scripts (11 statements). "
            "Replica share = replica reads / all reads from the `pgsplit_units_total` delta of "
            "each run. The last three columns are the `pgsplit_consistency_waits_total` delta "
@@ -1387,8 +1395,10 @@ def render_report(runs: Sequence[Run], memory: Sequence[MemoryResult], meta: dic
             c = ryw[0].clients
             ratio = res.ratio("ryw", "ryw", md, c, "pgsplit-session", "pgsplit-eventual")
             if ratio is not None:
+                nowait = res.ratio("ryw", "ryw", md, c, "pgsplit-session-nowait", "pgsplit-eventual")
                 w_(f"- `-M {md}`: tps session / eventual = **{ratio:.2f}** "
-                   f"(pgsplit session / direct = {_fmt(res.ratio('ryw', 'ryw', md, c, 'pgsplit-session', 'direct'), '.2f')}).")
+                   f"(with `consistency_wait_ms = 0`: {_fmt(nowait, '.2f')}; "
+                   f"pgsplit session / direct = {_fmt(res.ratio('ryw', 'ryw', md, c, 'pgsplit-session', 'direct'), '.2f')}).")
         w_("")
 
     # --- errors
