@@ -215,7 +215,9 @@ class Proxy:
 
     def _connected(self, backend: str, error: Exception | None) -> None:
         self.metrics.server_connects.labels(backend=backend, result="ok" if error is None else "error").inc()
-        if isinstance(error, ConnectionFailure):  # not a login refused for one user
+        # Not a login refused for one user (53300, 28000, ...); 57P03 is the server refusing
+        # everyone (shutting down, starting up).
+        if isinstance(error, ConnectionFailure) or (isinstance(error, ServerError) and error.sqlstate == "57P03"):
             self.note_backend_failure(backend)
 
     def note_backend_failure(self, backend: str) -> None:

@@ -127,6 +127,7 @@ class ServerConnection(asyncio.Protocol):
         self.generation = 0
         self.closed = False
         self.copy_in_absorb = False  # an extended COPY swallowed the Sync sent after Execute
+        self.ahead = b""  # requests swallowed `ahead`, written with the next `send`
         self.pool = None  # the pool that owns it (proxy.pool sets it)
         self.on_lost: Callable[["ServerConnection", Exception | None], None] | None = None
         self._held = b""
@@ -255,15 +256,29 @@ class ServerConnection(asyncio.Protocol):
         if step.kind is StepKind.LOCAL and len(steps) == 1:
             self._run_locals()
 
-    def swallow(self, request: bytes, callback: Callable[[Step], None] | None = None, *, rows: bool = False) -> Step:
-        """Send a request of the proxy's own; its replies never reach a client."""
+    def swallow(self, request: bytes, callback: Callable[[Step], None] | None = None, *, rows: bool = False,
+                ahead: bool = False) -> Step:
+        """Send a request of the proxy's own; its replies never reach a client. `ahead`:
+        it prepares the unit about to be sent, and goes out with it in one write (`send`)."""
         step = Step(StepKind.SWALLOW, callback)
         step.closed = True
         if rows:
             step.rows = []
         self.steps.append(step)
-        self.transport.write(request)
+        if ahead:
+            self.ahead += request
+        else:
+            self.send(request)
         return step
+
+    def send(self, data: bytes) -> None:
+        """Write requests; those swallowed `ahead` go first, in the same write (one
+        syscall, and the server reads them together). Every write of requests comes
+        here, so the bytes keep the order of the steps."""
+        if self.ahead:
+            data = self.ahead + data
+            self.ahead = b""
+        self.transport.write(data)
 
     def add_anchor(self, step: Step, index: int, insert: bytes | None) -> None:
         """Drop the reply completing `index` (insert=None), or insert bytes before it."""

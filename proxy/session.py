@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from proxy import commands, local, wire
 from proxy.backend import ServerConnection, Step, StepKind, send_cancel
 from proxy.errors import (
-    AdminShutdown, ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerLost,
+    AdminShutdown, ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerError, ServerLost,
     ServerLostInTransaction,
 )
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
@@ -306,7 +306,7 @@ class ClientSession(asyncio.Protocol):
         """Forward the rest of a long client message (CopyData) already partly sent."""
         n = min(self._skip, len(data))
         if self.server is not None:
-            self.server.transport.write(data[:n] if n < len(data) else data)
+            self.server.send(data[:n] if n < len(data) else data)
         self._skip -= n
         return data[n:]
 
@@ -370,7 +370,7 @@ class ClientSession(asyncio.Protocol):
         length = wire.header_length(buf, pos)
         if length < 64 * 1024:
             return False
-        self.server.transport.write(buf[pos:] if pos else buf)
+        self.server.send(buf[pos:] if pos else buf)
         self._skip = 1 + length - (len(buf) - pos)
         return True
 
@@ -475,19 +475,19 @@ class ClientSession(asyncio.Protocol):
                 step.sent = 4 if described else 3  # Parse, Bind, Describe and Execute complete once each
             else:
                 step.extended = False
-            conn.transport.write(data)
+            conn.send(data)
         elif stmt.server_name not in conn.prepared:
             # Prepared first here: Parse ahead of the Bind, its ParseComplete dropped.
             step.extended = True
             conn.add_anchor(step, 0, None)
             self._register(step, stmt.server_name)
             step.sent = 4 if described else 3  # Parse, Bind, Describe and Execute complete once each
-            conn.transport.write(stmt.parse + wire.build_bind(portal, stmt.server_name, data[5 + off : end_b])
+            conn.send(stmt.parse + wire.build_bind(portal, stmt.server_name, data[5 + off : end_b])
                                  + data[end_b:])
         else:
             step.extended = True
             step.sent = 3 if described else 2
-            conn.transport.write(wire.build_bind(portal, stmt.server_name, data[5 + off : end_b]) + data[end_b:])
+            conn.send(wire.build_bind(portal, stmt.server_name, data[5 + off : end_b]) + data[end_b:])
         if writes and self.consistency in _TOKEN_MODES:
             # The WAL position, read right behind the write on its connection: the next
             # read has its token without a round trip of its own (router.lsn fetches it
@@ -688,12 +688,17 @@ class ClientSession(asyncio.Protocol):
                         break
                     try:
                         conn = await app.pool_for(backend, self.user, self.database).acquire()
-                    except ConnectionFailure:
+                    except (ConnectionFailure, ServerError) as exc:
                         if backend.role is not Role.REPLICA or attempt == 2:
                             raise
-                        # The replica is marked down already (the pool told the monitor):
-                        # ask again, and another backend serves the read.
+                        # The replica is marked down already if it failed as a whole (the
+                        # pool told the monitor): ask again, and another backend serves the
+                        # read. A login it refused (a ServerError: 57P03 while it shuts down,
+                        # or this user's limit or pg_hba) is not the client's failure either.
+                        log.info("session %s: %s; reading elsewhere", self.process_id, exc)
                         decision = self._decide(facts, token, allow_wait=False)
+                        if decision.backend is backend:  # (a refusal for this user only)
+                            decision = self._decide(UnitFacts(facts.writes, Role.PRIMARY), token)
                         continue
                     if app.session_pooling:
                         self.owned[backend.name] = conn
@@ -803,9 +808,9 @@ class ClientSession(asyncio.Protocol):
             conn.transport.pause_reading()
         if conn.settings_key != self.settings_key:
             conn.settings_key = self.settings_key
-            conn.swallow(wire.query(self.replay_sql()), self._replayed)
+            conn.swallow(wire.query(self.replay_sql()), self._replayed, ahead=True)
         if self._deferred_begin is not None:
-            conn.swallow(wire.query(self._deferred_begin), self._began)
+            conn.swallow(wire.query(self._deferred_begin), self._began, ahead=True)
             self._deferred_begin = None
         self._retry_data = unit if (backend.role is Role.REPLICA and self.status == TX_IDLE
                                     and self.app.config.routing.retry_reads_on_replica_error) else None
@@ -1051,13 +1056,13 @@ class ClientSession(asyncio.Protocol):
     def _flush_out(self, server: ServerConnection, out: list[bytes], buf: bytes, run: int, end: int) -> None:
         if not out:
             if run == 0 and end == len(buf):
-                server.transport.write(buf)
+                server.send(buf)
             elif end > run:
-                server.transport.write(buf[run:end])
+                server.send(buf[run:end])
             return
         if end > run:
             out.append(buf[run:end])
-        server.transport.write(b"".join(out))
+        server.send(b"".join(out))
 
     def _register(self, step: Step, name: bytes) -> None:
         self.server.prepared.add(name)

@@ -757,6 +757,26 @@ async def test_a_read_whose_replica_backend_ends_after_a_buffered_row_is_retried
         await conn.close()
 
 
+async def test_a_replica_that_refuses_logins_does_not_end_client_sessions(make_proxy, cluster, clients) -> None:
+    """A replica that answers the pool's login with a FATAL error (here pg_hba.conf
+    rejects the user; 57P03 while it shuts down is the common case) is its own failure:
+    the read goes elsewhere and the client's session carries on."""
+    replica = cluster.node("replica1")
+    hba = replica.datadir / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text(f"host all app 127.0.0.1/32 reject\n{original}")
+    cluster.sql(replica, "SELECT pg_reload_conf()")
+    try:
+        proxy = make_proxy(routing={"monitor_interval_ms": 2000})  # the monitor logs in as postgres: "up"
+        client = await clients(proxy, "asyncpg")
+        served = Counter([await read_on(client, cluster) for _ in range(20)])
+        assert served["replica1"] == 0 and sum(served.values()) == 20, served
+        assert served["replica2"] > 0, served
+    finally:
+        hba.write_text(original)
+        cluster.sql(replica, "SELECT pg_reload_conf()")
+
+
 @pytest.mark.parametrize("how", ["kill", "stop-fast"])
 async def test_replica_lost_under_read_load(make_proxy, cluster, how) -> None:
     """SIGKILL (connections just drop, or a backend sees the postmaster die and sends
