@@ -20,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +33,7 @@ import pytest
 from helpers import async_wait_until
 from loadtest.harness import NodeSet, ProxyProcess, ProxyThread, config_text
 from loadtest.sandbox import Cluster
+from workload import Workload
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = int(os.environ.get("PGSPLIT_CUTOVER_CLIENTS", "20"))
@@ -127,103 +126,6 @@ async def post(admin_url: str, path: str, body: dict | None = None) -> tuple[int
 # --- the workload ------------------------------------------------------------------------------
 
 
-@dataclass
-class Client:
-    """One application connection: a mix of autocommit writes, reads of its own writes and
-    explicit transactions, each acknowledged write recorded with the port that took it."""
-
-    index: int
-    conn: asyncpg.Connection
-    seq: int = 0
-    acked: list[tuple[int, int]] = field(default_factory=list)  # (seq, server port)
-    ops: list[tuple[float, float, str]] = field(default_factory=list)  # (start, end, kind)
-    errors: list[str] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        rng = random.Random(self.index)
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            r = rng.random()
-            t0 = loop.time()
-            kind = "write" if r < 0.45 else "read" if r < 0.8 else "tx"
-            try:
-                if kind == "write":
-                    self.seq += 1
-                    port = await self.conn.fetchval(
-                        "INSERT INTO acks (client, seq) VALUES ($1, $2) RETURNING inet_server_port()",
-                        self.index, self.seq)
-                    self.acked.append((self.seq, port))
-                elif kind == "read":
-                    n = await self.conn.fetchval("SELECT count(*) FROM acks WHERE client = $1", self.index)
-                    if n != len(self.acked):
-                        self.stale.append(f"client {self.index} read {n} of its {len(self.acked)} rows")
-                else:
-                    self.seq += 1
-                    async with self.conn.transaction():
-                        await self.conn.execute("INSERT INTO acks (client, seq) VALUES ($1, $2)", self.index, self.seq)
-                        await self.conn.execute("UPDATE counters SET n = n + 1 WHERE client = $1", self.index)
-                        port = await self.conn.fetchval("SELECT inet_server_port()")
-                    self.acked.append((self.seq, port))
-            except Exception as exc:  # noqa: BLE001  every client-visible error is a failure
-                self.errors.append(f"client {self.index} {kind}: {type(exc).__name__}: {exc}")
-                if self.conn.is_closed():
-                    return
-            self.ops.append((t0, loop.time(), kind))
-            await asyncio.sleep(THINK_S)
-
-
-class Workload:
-    def __init__(self, dsn: str, n: int):
-        self.dsn = dsn
-        self.n = n
-        self.clients: list[Client] = []
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task] = []
-
-    async def start(self) -> "Workload":
-        conns = await asyncio.gather(*(asyncpg.connect(self.dsn, timeout=10) for _ in range(self.n)))
-        self.clients = [Client(i, c) for i, c in enumerate(conns)]
-        self.tasks = [asyncio.create_task(c.run(self.stop)) for c in self.clients]
-        await async_wait_until(lambda: all(len(c.ops) >= 5 for c in self.clients), timeout=30,
-                               message="every client to run a few statements")
-        return self
-
-    async def finish(self) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks)
-
-    async def close(self) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*(c.conn.close(timeout=5) for c in self.clients if not c.conn.is_closed()),
-                             return_exceptions=True)
-
-    @property
-    def errors(self) -> list[str]:
-        return [e for c in self.clients for e in c.errors]
-
-    @property
-    def stale(self) -> list[str]:
-        return [e for c in self.clients for e in c.stale]
-
-    def acked(self, ports: set[int] | None = None) -> set[tuple[int, int]]:
-        return {(c.index, seq) for c in self.clients for seq, port in c.acked if ports is None or port in ports}
-
-    def longest_wait(self, t0: float, t1: float) -> float:
-        """The longest statement that overlapped [t0, t1]: what a client saw of the pause."""
-        return max((end - start for c in self.clients for start, end, _ in c.ops if end >= t0 and start <= t1),
-                   default=0.0)
-
-    def finished_after(self, t: float, until: float) -> float:
-        """How long after `t` the last statement in flight at `t` ended."""
-        return max((end - t for c in self.clients for start, end, _ in c.ops if start < t < end), default=0.0)
-
-    def ops_per_second(self, t0: float, t1: float) -> float:
-        n = sum(1 for c in self.clients for start, end, _ in c.ops if t0 <= end <= t1)
-        return n / (t1 - t0)
-
-
 # --- the tests ---------------------------------------------------------------------------------
 
 
@@ -235,10 +137,10 @@ async def test_cutover_under_load(clusters: list[Cluster]) -> None:
     proc = ProxyProcess(text).start()
     admin = f"http://127.0.0.1:{proc.admin_port}"
     dsn = f"postgresql://app:app-secret@127.0.0.1:{proc.port}/app?sslmode=disable"
-    work = Workload(dsn, CLIENTS)
+    work = Workload(dsn, CLIENTS, THINK_S)
     loop = asyncio.get_running_loop()
     try:
-        await work.start()
+        await work.start(warm_ops=5)
         conns = [cl.conn for cl in work.clients]
         primaries = [c.primary] + [c.node(f"hop{i}") for i in range(1, CHAIN + 1)]
         figures = []
@@ -247,7 +149,6 @@ async def test_cutover_under_load(clusters: list[Cluster]) -> None:
             events: list[tuple[float, dict]] = []
             t0 = loop.time()
             summary = await post_cutover(admin, {"target": f"hop{i}"}, events)
-            t1 = loop.time()
             assert summary["result"] == "success", summary
             steps = [e["step"] for _, e in events if e["event"] == "step" and e["phase"] == "end"]
             assert steps == ["preflight", "warm-up", "pause", "fence", "catch-up", "promote", "swap", "resume"]
@@ -256,11 +157,11 @@ async def test_cutover_under_load(clusters: list[Cluster]) -> None:
                                         and e["phase"] == "end") > 0.02
             # clients keep writing on the new primary
             new_port = primaries[i].port
-            await async_wait_until(lambda: sum(1 for cl in work.clients for _, p in cl.acked if p == new_port) >= CLIENTS,
+            await async_wait_until(lambda: work.count(new_port) >= CLIENTS,
                                    timeout=10, message=f"writes on the new primary hop{i}")
             paused = next(t for t, e in events if e.get("step") == "pause" and e["phase"] == "start")
             resumed = next(t for t, e in events if e.get("step") == "resume" and e["phase"] == "end")
-            after = work.finished_after(resumed, t1)
+            after = work.finished_after(resumed)
             before = (work.longest_wait(t0 - 1.0, t0 - 0.01),  # steady state, for comparison
                       work.longest_wait(t0, paused - 0.05))  # preflight and warm-up, under load
             figures.append((summary["pause_seconds"], work.longest_wait(paused, resumed), summary["units_held"],
@@ -307,7 +208,7 @@ async def test_rollback_when_the_target_cannot_catch_up(clusters: list[Cluster])
     clusters.append(c)
     text = config_text(hop_clusters(c, 1, []), sections={"cutover": {"catchup_timeout_s": 1.5, "pause_timeout_s": 0.5}})
     proxy = ProxyThread(text).start()
-    work = Workload(proxy.dsn(), 8)
+    work = Workload(proxy.dsn(), 8, THINK_S)
     try:
         await work.start()
         admin = proxy.admin_url
@@ -351,7 +252,7 @@ async def test_rollback_when_the_target_cannot_catch_up(clusters: list[Cluster])
         assert work.stale == []
         assert not fenced(c, "primary")
         assert proxy.call(lambda: proxy.proxy.topology.current.cluster) == "main"
-        assert all(p == source_port for cl in work.clients for _, p in cl.acked)
+        assert all(p == source_port for cl in work.clients for _, _, p in cl.acked)
         held_ran = [end for cl in work.clients for start, end, kind in cl.ops if start < t1 and end > t1 - 0.05]
         assert held_ran, "no statement was held and then ran on the source"
         conn = await asyncpg.connect(proxy.dsn())

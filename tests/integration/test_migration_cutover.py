@@ -34,19 +34,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
-import asyncpg
 import psycopg
 import pytest
 
@@ -55,6 +52,7 @@ from loadtest.consistency import run_check
 from loadtest.harness import NodeSet, ProxyProcess, ProxyThread, config_text
 from loadtest.relay import LinkProfile, RelayThread
 from loadtest.sandbox import Cluster, find_bindir
+from workload import Workload
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -130,106 +128,6 @@ async def post_cutover(admin: str, body: dict) -> tuple[dict, list[tuple[float, 
 # --- the workload ------------------------------------------------------------------------------
 
 
-@dataclass
-class Client:
-    """One application connection: autocommit inserts, reads of its own rows (read-your-
-    writes), explicit transactions; every acknowledged write kept as (seq, id, port)."""
-
-    index: int
-    conn: asyncpg.Connection
-    seq: int = 0
-    acked: list[tuple[int, int, int]] = field(default_factory=list)
-    ops: list[tuple[float, float, str]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        rng = random.Random(self.index)
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            r = rng.random()
-            t0 = loop.time()
-            kind = "write" if r < 0.45 else "read" if r < 0.8 else "tx"
-            try:
-                if kind == "write":
-                    self.seq += 1
-                    row = await self.conn.fetchrow(
-                        "INSERT INTO acks (client, seq) VALUES ($1, $2) RETURNING id, inet_server_port()",
-                        self.index, self.seq)
-                    self.acked.append((self.seq, row[0], row[1]))
-                elif kind == "read":
-                    n = await self.conn.fetchval("SELECT count(*) FROM acks WHERE client = $1", self.index)
-                    if n != len(self.acked):
-                        self.stale.append(f"client {self.index} read {n} of its {len(self.acked)} rows")
-                else:
-                    self.seq += 1
-                    async with self.conn.transaction():
-                        ident = await self.conn.fetchval(
-                            "INSERT INTO acks (client, seq) VALUES ($1, $2) RETURNING id", self.index, self.seq)
-                        await self.conn.execute("UPDATE counters SET n = n + 1 WHERE client = $1", self.index)
-                        port = await self.conn.fetchval("SELECT inet_server_port()")
-                    self.acked.append((self.seq, ident, port))
-            except Exception as exc:  # noqa: BLE001  every client-visible error is a failure
-                self.errors.append(f"client {self.index} {kind}: {type(exc).__name__}: {exc}")
-                if self.conn.is_closed():
-                    return
-            self.ops.append((t0, loop.time(), kind))
-            await asyncio.sleep(THINK_S)
-
-
-class Workload:
-    def __init__(self, dsn: str, n: int = CLIENTS):
-        self.dsn, self.n = dsn, n
-        self.clients: list[Client] = []
-        self.conns: list[asyncpg.Connection] = []
-        self.observer: asyncpg.Connection | None = None  # opened with the clients, asks questions between them
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task] = []
-
-    async def start(self) -> "Workload":
-        *self.conns, self.observer = await asyncio.gather(
-            *(asyncpg.connect(self.dsn, timeout=10) for _ in range(self.n + 1)))
-        self.clients = [Client(i, c) for i, c in enumerate(self.conns)]
-        self.tasks = [asyncio.create_task(c.run(self.stop)) for c in self.clients]
-        await async_wait_until(lambda: all(len(c.ops) >= 3 for c in self.clients), timeout=30,
-                               message="every client to run a few statements")
-        return self
-
-    async def close(self) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*(c.close(timeout=5) for c in [*self.conns, self.observer]
-                               if c is not None and not c.is_closed()), return_exceptions=True)
-
-    @property
-    def errors(self) -> list[str]:
-        return [e for c in self.clients for e in c.errors]
-
-    @property
-    def stale(self) -> list[str]:
-        return [e for c in self.clients for e in c.stale]
-
-    def acked(self, port: int | None = None) -> set[tuple[int, int]]:
-        return {(c.index, seq) for c in self.clients for seq, _, p in c.acked if port is None or p == port}
-
-    def ids(self, port: int) -> list[int]:
-        return [i for c in self.clients for _, i, p in c.acked if p == port]
-
-    def count(self, port: int) -> int:
-        return sum(1 for c in self.clients for _, _, p in c.acked if p == port)
-
-    def longest_wait(self, t0: float, t1: float) -> float:
-        return max((end - start for c in self.clients for start, end, _ in c.ops if end >= t0 and start <= t1),
-                   default=0.0)
-
-    def ops_per_second(self, t0: float, t1: float) -> float:
-        return sum(1 for c in self.clients for _, end, _ in c.ops if t0 <= end <= t1) / (t1 - t0)
-
-    def same_connections(self) -> bool:
-        return all(c.conn is self.conns[i] and not c.conn.is_closed() for i, c in enumerate(self.clients)) \
-            and not self.observer.is_closed()
-
-
 def acks_on(c: Cluster) -> set[tuple[int, int]]:
     return {(a, b) for a, b in c.sql(c.primary, "SELECT client, seq FROM acks", dbname="app")}
 
@@ -271,7 +169,8 @@ async def story() -> AsyncIterator[Story]:
                                      "cutover": {"catchup_timeout_s": 15},
                                      "migration": {"databases": ["app"], "watch_interval_s": 0.5}})
         proc = ProxyProcess(text).start()
-        work = await Workload(f"postgresql://app:app-secret@127.0.0.1:{proc.port}/app?sslmode=disable").start()
+        work = await Workload(f"postgresql://app:app-secret@127.0.0.1:{proc.port}/app?sslmode=disable",
+                              CLIENTS, THINK_S).start()
         yield Story(src, dst, proc, work)
     except BaseException:
         if proc is not None:
@@ -506,7 +405,7 @@ async def test_cutover_to_18_under_load_with_reverse(story: Story) -> None:
     # every write acknowledged by the source is on the target, and the source is fenced
     assert fenced(src)
     on_source = acks_on(src)
-    assert work.acked(src.primary.port) <= acks_on(dst)
+    assert work.acked({src.primary.port}) <= acks_on(dst)
     # sequences: the target's next values come after every value the source handed out
     src_last = src.sql(src.primary, "SELECT last_value FROM pg_sequences WHERE sequencename = 'acks_id_seq'",
                        dbname="app")[0][0]
@@ -630,7 +529,7 @@ async def test_across_a_40ms_relay() -> None:
         await async_wait_until(ready, timeout=120, interval=0.5, message="the far target's initial copy")
         print(f"initial copy through the relay: {time.monotonic() - t0:.1f} s to ready; "
               f"{relay_src.stats.bytes_down / 1e6:.1f} MB from the source through it")
-        work = await Workload(proxy.dsn()).start()
+        work = await Workload(proxy.dsn(), CLIENTS, THINK_S).start()
         await asyncio.sleep(1.0)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
