@@ -317,7 +317,8 @@ class Proxy:
     async def wait_for_replica(self, session: ClientSession, facts: UnitFacts, lsn: int) -> Decision:
         wait_s = self.config.routing.consistency_wait_ms / 1000
         t0 = time.perf_counter()
-        reached = await self.monitor.wait_for_lsn(lsn, wait_s) if wait_s > 0 else False
+        if wait_s > 0:
+            await self.monitor.wait_for_lsn(lsn, wait_s)  # (the decision below sees what it saw)
         decision = session._decide(facts, lsn, allow_wait=False)
         waited = time.perf_counter() - t0
         self.metrics.consistency_wait_seconds.observe(waited)

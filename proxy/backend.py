@@ -24,7 +24,7 @@ import enum
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from proxy import wire
 from proxy.auth import BackendAuth
