@@ -181,7 +181,10 @@ class ClientSession(asyncio.Protocol):
         if self.state is State.READY:
             # The common unit (a lone Query, or Bind/Execute/Sync of a prepared statement)
             # of an idle session takes the short way; anything else the general one.
-            if self.server is None and self._plain and not self._stash and self._fast_unit(data):
+            if self.server is None:
+                if self._plain and not self._stash and self._fast_unit(data):
+                    return
+            elif self.status == TX_IN_BLOCK and self._in_transaction_unit(data):
                 return
             if self._skip:
                 data = self._pass_long(data)
@@ -494,6 +497,31 @@ class ClientSession(asyncio.Protocol):
             # when this one fails).
             lsn_step = conn.swallow(_COMMIT_LSNS, self._commit_lsns_read, rows=True)
             lsn_step.server = conn
+        return True
+
+    def _in_transaction_unit(self, data: bytes) -> bool:
+        """A lone Query inside the transaction of the attached connection, with nothing in
+        flight and nothing for the proxy to track (no SET, transaction control, pin,
+        EXECUTE or COPY FROM): forwarded as it is, as the general path would. False
+        (nothing done) otherwise."""
+        server = self.server
+        if (data[0] != F_QUERY or server.steps or self._open is not None or self._stash or self._skip
+                or self._skip_to_sync or self._aborted is not None or self._routing is not None):
+            return False
+        n = len(data)
+        if n < 6 or int.from_bytes(data[1:5], "big") != n - 1 or data[-1] != 0:
+            return False
+        analysis = self._classify(data[5:-1])
+        if (analysis.effects or analysis.tx is not None or analysis.pins or analysis.unpins or analysis.executes
+                or analysis.is_copy_in or analysis.statements != 1 or analysis.mentions_sync_commit):
+            return False
+        self._fresh = False
+        step = self._new_step()
+        if analysis.route is _WRITE:
+            step.writes = True
+        step.closed = True
+        self._open = None
+        server.send(data)
         return True
 
     def _commit_lsns_read(self, step: Step) -> None:
