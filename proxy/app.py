@@ -315,10 +315,9 @@ class Proxy:
             self.metrics.units.consistency["fallback"] += 1
 
     async def wait_for_replica(self, session: ClientSession, facts: UnitFacts, lsn: int) -> Decision:
-        wait_s = self.config.routing.consistency_wait_ms / 1000
+        # (only reached with consistency_wait_ms > 0: the policy offers no wait otherwise)
         t0 = time.perf_counter()
-        if wait_s > 0:
-            await self.monitor.wait_for_lsn(lsn, wait_s)  # (the decision below sees what it saw)
+        await self.monitor.wait_for_lsn(lsn, self.config.routing.consistency_wait_ms / 1000)
         decision = session._decide(facts, lsn, allow_wait=False)
         waited = time.perf_counter() - t0
         self.metrics.consistency_wait_seconds.observe(waited)

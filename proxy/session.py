@@ -93,6 +93,19 @@ _COMMIT_LSNS = wire.query(COMMIT_LSN_SQL)
 _DESCRIBE_PORTAL = b"D\0\0\0\x06P\0"  # Describe of the unnamed portal
 
 
+def _is_lone_query(data: bytes) -> bool:
+    """`data` is exactly one whole Query message."""
+    n = len(data)
+    return n >= 6 and data[0] == F_QUERY and int.from_bytes(data[1:5], "big") == n - 1 and data[-1] == 0
+
+
+def _needs_tracking(a: Analysis) -> bool:
+    """Statements only the general path handles: SET and other effects, transaction
+    control, pins, SQL EXECUTE, COPY FROM, several statements, synchronous_commit."""
+    return bool(a.effects or a.tx is not None or a.pins or a.unpins or a.executes or a.is_copy_in
+                or a.statements != 1 or a.mentions_sync_commit)
+
+
 def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
     """The proxy's name for a statement: derived from its text and parameter types, so
     every pooled connection that has it prepared can serve every client that uses it."""
@@ -404,7 +417,7 @@ class ClientSession(asyncio.Protocol):
         n = len(data)
         t = data[0]
         if t == F_QUERY:
-            if n < 6 or int.from_bytes(data[1:5], "big") != n - 1 or data[-1] != 0:
+            if not _is_lone_query(data):
                 return False
             analysis = self._classify(data[5:-1])
             stmt = None
@@ -438,9 +451,7 @@ class ClientSession(asyncio.Protocol):
                 analysis = stmt.analysis
         else:
             return False
-        if (analysis.effects or analysis.tx is not None or analysis.pins or analysis.unpins or analysis.executes
-                or analysis.hint is not None or analysis.is_copy_in or analysis.statements != 1
-                or analysis.mentions_sync_commit):
+        if _needs_tracking(analysis) or analysis.hint is not None:
             return False
         writes = analysis.route is _WRITE
         token = None
@@ -505,15 +516,11 @@ class ClientSession(asyncio.Protocol):
         EXECUTE or COPY FROM): forwarded as it is, as the general path would. False
         (nothing done) otherwise."""
         server = self.server
-        if (data[0] != F_QUERY or server.steps or self._open is not None or self._stash or self._skip
-                or self._skip_to_sync or self._aborted is not None or self._routing is not None):
-            return False
-        n = len(data)
-        if n < 6 or int.from_bytes(data[1:5], "big") != n - 1 or data[-1] != 0:
+        if (server.steps or self._open is not None or self._stash or self._skip or self._skip_to_sync
+                or self._aborted is not None or self._routing is not None or not _is_lone_query(data)):
             return False
         analysis = self._classify(data[5:-1])
-        if (analysis.effects or analysis.tx is not None or analysis.pins or analysis.unpins or analysis.executes
-                or analysis.is_copy_in or analysis.statements != 1 or analysis.mentions_sync_commit):
+        if _needs_tracking(analysis):
             return False
         self._fresh = False
         step = self._new_step()
