@@ -794,7 +794,10 @@ class Monitor:
         self._waiter_seq += 1
         key = self._waiter_seq
         self._waiters[key] = (lsn, fut)
-        self.want_lsn(lsn)
+        # Also when nothing new is wanted: a replica whose replay-wait ended (an error, out
+        # of rotation for a while) is asked again for what is still missing.
+        self._wanted = max(self._wanted, lsn)
+        self._learn_all()
         try:
             async with asyncio.timeout(timeout):
                 return await fut
