@@ -106,6 +106,23 @@ def _needs_tracking(a: Analysis) -> bool:
                 or a.statements != 1 or a.mentions_sync_commit)
 
 
+class _Extended:
+    """An extended-protocol unit the short paths take (ClientSession._extended_unit): its
+    analysis and, for a Bind of a prepared statement, the pieces to rebuild the Bind with
+    the server's name."""
+
+    __slots__ = ("analysis", "stmt", "described", "portal", "bind_rest", "tail")
+
+    def __init__(self, analysis: Analysis, stmt: "Stmt | None", described: bool,
+                 portal: bytes = b"", bind_rest: bytes = b"", tail: bytes = b""):
+        self.analysis = analysis
+        self.stmt = stmt  # None: behind an unnamed Parse
+        self.described = described
+        self.portal = portal
+        self.bind_rest = bind_rest  # the Bind's body after the portal and statement names
+        self.tail = tail  # [Describe,] Execute, Sync
+
+
 def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
     """The proxy's name for a statement: derived from its text and parameter types, so
     every pooled connection that has it prepared can serve every client that uses it."""
@@ -410,47 +427,80 @@ class ClientSession(asyncio.Protocol):
                 and not self.route_primary and not self._force_primary_next and not self._retry_skip
                 and not self.app.session_pooling and not self.app.dataplane.holding)
 
-    def _fast_unit(self, data: bytes) -> bool:
-        """Route and forward a lone Query, or Bind/[Describe]/Execute/Sync of a prepared or
-        an unnamed statement, without the general framing loop. False (nothing done) when the unit is anything
-        else: the general path then handles it from scratch."""
-        n = len(data)
+    def _short_unit(self, data: bytes) -> "tuple[Analysis, _Extended | None] | None":
+        """(analysis, None) for a lone Query, (analysis, its parts) for an
+        `_extended_unit`, None for any other unit: the shapes the short paths take."""
+        if data[0] == F_QUERY:
+            return (self._classify(data[5:-1]), None) if _is_lone_query(data) else None
+        ext = self._extended_unit(data)
+        return None if ext is None else (ext.analysis, ext)
+
+    def _extended_unit(self, data: bytes) -> "_Extended | None":
+        """`data` as Bind, [Describe portal,] Execute, Sync of a statement the session
+        prepared (libpq sends the Describe: psql, pgbench, psycopg; asyncpg does not), or
+        the same behind an unnamed Parse (libpq's PQexecParams). None for anything else."""
         t = data[0]
-        if t == F_QUERY:
-            if not _is_lone_query(data):
-                return False
-            analysis = self._classify(data[5:-1])
-            stmt = None
-        elif t == F_BIND or t == F_PARSE:
-            # Bind, Execute, Sync back to back (asyncpg), or Bind, Describe portal, Execute,
-            # Sync (libpq, so psql, pgbench, psycopg), of a statement the session prepared;
-            # or the same behind an unnamed Parse (libpq's PQexecParams). Nothing else.
-            start_b = 0
-            if t == F_PARSE:
-                start_b = 1 + int.from_bytes(data[1:5], "big")
-                if n < 7 or data[5] != 0 or start_b + 7 > n or data[start_b] != F_BIND \
-                        or data[start_b + 5 : start_b + 7] != b"\0\0":  # unnamed portal and statement
-                    return False
-            end_b = start_b + 1 + int.from_bytes(data[start_b + 1 : start_b + 5], "big")
-            described = data[end_b : end_b + 7] == _DESCRIBE_PORTAL
-            x = end_b + 7 if described else end_b  # the Execute
-            if x + 15 != n or data[x] != F_EXECUTE or data[x + 10] != F_SYNC \
-                    or data[x + 1 : x + 5] != b"\0\0\0\x09" or data[-4:] != b"\0\0\0\x04":
-                return False
-            if t == F_PARSE:
-                end_sql = data.find(b"\0", 6, start_b)
-                if end_sql < 0:
-                    return False
-                analysis = self._classify(data[6:end_sql])
-                stmt = None
-            else:
-                portal, name, off = wire.parse_bind_names(data[5:end_b])
-                stmt = self.stmts.get(name) if name else None
-                if stmt is None or stmt.local:
-                    return False
-                analysis = stmt.analysis
+        if t != F_BIND and t != F_PARSE:
+            return None
+        n = len(data)
+        start_b = 0
+        if t == F_PARSE:
+            start_b = 1 + int.from_bytes(data[1:5], "big")
+            if n < 7 or data[5] != 0 or start_b + 7 > n or data[start_b] != F_BIND \
+                    or data[start_b + 5 : start_b + 7] != b"\0\0":  # unnamed portal and statement
+                return None
+        end_b = start_b + 1 + int.from_bytes(data[start_b + 1 : start_b + 5], "big")
+        described = data[end_b : end_b + 7] == _DESCRIBE_PORTAL
+        x = end_b + 7 if described else end_b  # the Execute
+        if x + 15 != n or data[x] != F_EXECUTE or data[x + 10] != F_SYNC \
+                or data[x + 1 : x + 5] != b"\0\0\0\x09" or data[-4:] != b"\0\0\0\x04":
+            return None
+        if t == F_PARSE:
+            end_sql = data.find(b"\0", 6, start_b)
+            if end_sql < 0:
+                return None
+            return _Extended(self._classify(data[6:end_sql]), None, described)
+        portal, name, off = wire.parse_bind_names(data[5:end_b])
+        stmt = self.stmts.get(name) if name else None
+        if stmt is None or stmt.local:
+            return None
+        return _Extended(stmt.analysis, stmt, described, portal, data[5 + off : end_b], data[end_b:])
+
+    def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "_Extended | None") -> None:
+        """Write a lone Query (`ext` None) or an `_extended_unit` to the attached
+        connection, under a new step."""
+        step = self._new_step()
+        step.closed = True
+        self._open = None
+        if analysis.route is _WRITE:
+            step.writes = True
+        if ext is None:
+            conn.send(data)
+            return
+        step.extended = True
+        stmt = ext.stmt
+        if stmt is None:  # behind an unnamed Parse
+            self._unnamed = analysis  # for later Binds of the unnamed statement
+            step.sent = 4 if ext.described else 3  # Parse, Bind, Describe and Execute complete once each
+            conn.send(data)
+        elif stmt.server_name not in conn.prepared:
+            # Prepared first here: Parse ahead of the Bind, its ParseComplete dropped.
+            conn.add_anchor(step, 0, None)
+            self._register(step, stmt.server_name)
+            step.sent = 4 if ext.described else 3
+            conn.send(stmt.parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail)
         else:
+            step.sent = 3 if ext.described else 2
+            conn.send(wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail)
+
+    def _fast_unit(self, data: bytes) -> bool:
+        """Route and forward a lone Query or an `_extended_unit` of an idle session,
+        without the general framing loop. False (nothing done) when the unit is anything
+        else: the general path then handles it from scratch."""
+        unit = self._short_unit(data)
+        if unit is None:
             return False
+        analysis, ext = unit
         if _needs_tracking(analysis) or analysis.hint is not None:
             return False
         writes = analysis.route is _WRITE
@@ -477,31 +527,7 @@ class ClientSession(asyncio.Protocol):
             app.note_consistency(decision)
         self._attach(conn, backend, data, None)
         self._fresh = False
-        step = self._new_step()
-        step.closed = True
-        self._open = None
-        if writes:
-            step.writes = True
-        if stmt is None:
-            if t == F_PARSE:
-                self._unnamed = analysis  # for later Binds of the unnamed statement
-                step.extended = True
-                step.sent = 4 if described else 3  # Parse, Bind, Describe and Execute complete once each
-            else:
-                step.extended = False
-            conn.send(data)
-        elif stmt.server_name not in conn.prepared:
-            # Prepared first here: Parse ahead of the Bind, its ParseComplete dropped.
-            step.extended = True
-            conn.add_anchor(step, 0, None)
-            self._register(step, stmt.server_name)
-            step.sent = 4 if described else 3  # Parse, Bind, Describe and Execute complete once each
-            conn.send(stmt.parse + wire.build_bind(portal, stmt.server_name, data[5 + off : end_b])
-                                 + data[end_b:])
-        else:
-            step.extended = True
-            step.sent = 3 if described else 2
-            conn.send(wire.build_bind(portal, stmt.server_name, data[5 + off : end_b]) + data[end_b:])
+        self._send_unit(conn, data, analysis, ext)
         if writes and self.consistency in _TOKEN_MODES:
             # The WAL position, read right behind the write on its connection: the next
             # read has its token without a round trip of its own (router.lsn fetches it
@@ -511,24 +537,22 @@ class ClientSession(asyncio.Protocol):
         return True
 
     def _in_transaction_unit(self, data: bytes) -> bool:
-        """A lone Query inside the transaction of the attached connection, with nothing in
-        flight and nothing for the proxy to track (no SET, transaction control, pin,
-        EXECUTE or COPY FROM): forwarded as it is, as the general path would. False
-        (nothing done) otherwise."""
+        """A lone Query or an `_extended_unit` inside the transaction of the attached
+        connection, with nothing in flight and nothing for the proxy to track (no SET,
+        transaction control, pin, EXECUTE or COPY FROM): forwarded as the general path
+        would. False (nothing done) otherwise."""
         server = self.server
         if (server.steps or self._open is not None or self._stash or self._skip or self._skip_to_sync
-                or self._aborted is not None or self._routing is not None or not _is_lone_query(data)):
+                or self._aborted is not None or self._routing is not None):
             return False
-        analysis = self._classify(data[5:-1])
+        unit = self._short_unit(data)
+        if unit is None:
+            return False
+        analysis, ext = unit
         if _needs_tracking(analysis):
             return False
         self._fresh = False
-        step = self._new_step()
-        if analysis.route is _WRITE:
-            step.writes = True
-        step.closed = True
-        self._open = None
-        server.send(data)
+        self._send_unit(server, data, analysis, ext)
         return True
 
     def _commit_lsns_read(self, step: Step) -> None:

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from loadtest.sandbox import Cluster
+from rawclient import RawClient, message
 from where import WHERE_SQL, UnitCounter, on
 
 MODES = ["transaction", "session"]
@@ -220,6 +221,35 @@ async def test_psycopg_prepared_statements_alternate_primary_and_replica(make_pr
     print(f"\n{mode}: {dict(total)}")
     assert total[cluster.primary.name] == 4 * 25
     assert sum(total[r] for r in replica_names(cluster)) == 4 * 25
+
+
+def test_prepared_statement_first_used_inside_a_transaction(make_proxy, cluster) -> None:
+    # A named statement prepared (the proxy answers the Parse itself) and first run inside
+    # a transaction, on a server connection that has never seen it: the proxy prepares it
+    # there ahead of the Bind and drops that ParseComplete, so the client sees exactly what
+    # PostgreSQL would answer. libpq's shape: Bind, Describe portal, Execute, Sync.
+    proxy = make_proxy(pool={"size": 2})
+    offset = int(time.time() * 1000) % 100000
+    sql = f"SELECT $1::int + {offset}, pg_is_in_recovery()"  # a text no server has prepared yet
+
+    def run(value: bytes) -> bytes:  # Bind s1 (one text parameter), Describe portal, Execute, Sync
+        bind = b"\0s1\0" + b"\0\0" + b"\0\1" + len(value).to_bytes(4, "big") + value + b"\0\0"
+        return message(b"B", bind) + message(b"D", b"P\0") + message(b"E", b"\0\0\0\0\0") + message(b"S")
+
+    with RawClient("127.0.0.1", proxy.port) as client:
+        client.login("app", "app-secret", "app")
+        client.send(message(b"P", b"s1\0" + sql.encode() + b"\0" + b"\0\0") + message(b"S"))
+        assert [client.read_message()[0] for _ in range(2)] == ["1", "Z"]
+        assert client.query("BEGIN").status == "T"
+        assert client.scalar("SELECT pg_is_in_recovery()") == "f"  # attached to the primary
+        for value in (b"41", b"7"):  # prepared there by the first, already there for the second
+            client.send(run(value))
+            replies = [client.read_message() for _ in range(5)]
+            assert [t for t, _ in replies] == ["2", "T", "D", "C", "Z"], replies
+            assert replies[2][1] == (b"\0\2" + len(str(int(value) + offset)).to_bytes(4, "big")
+                                     + str(int(value) + offset).encode() + b"\0\0\0\1f"), replies[2]
+            assert replies[4][1] == b"T"
+        assert client.query("COMMIT").status == "I"
 
 
 # --- SET follows the client -----------------------------------------------------------------
