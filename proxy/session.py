@@ -100,9 +100,15 @@ def _is_lone_query(data: bytes) -> bool:
 
 
 def _needs_tracking(a: Analysis) -> bool:
-    """Statements only the general path handles: SET and other effects, transaction
-    control, pins, SQL EXECUTE, COPY FROM, several statements, synchronous_commit."""
-    return bool(a.effects or a.tx is not None or a.pins or a.unpins or a.executes or a.is_copy_in
+    """Statements only the general path handles from an idle session: transaction control
+    and what `_tracked_in_transaction` lists."""
+    return a.tx is not None or _tracked_in_transaction(a)
+
+
+def _tracked_in_transaction(a: Analysis) -> bool:
+    """Statements only the general path handles inside a transaction: SET and other
+    effects, pins, SQL EXECUTE, COPY FROM, several statements, synchronous_commit."""
+    return bool(a.effects or a.pins or a.unpins or a.executes or a.is_copy_in
                 or a.statements != 1 or a.mentions_sync_commit)
 
 
@@ -466,7 +472,7 @@ class ClientSession(asyncio.Protocol):
             return None
         return _Extended(stmt.analysis, stmt, described, portal, data[5 + off : end_b], data[end_b:])
 
-    def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "_Extended | None") -> None:
+    def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "_Extended | None") -> Step:
         """Write a lone Query (`ext` None) or an `_extended_unit` to the attached
         connection, under a new step."""
         step = self._new_step()
@@ -476,7 +482,7 @@ class ClientSession(asyncio.Protocol):
             step.writes = True
         if ext is None:
             conn.send(data)
-            return
+            return step
         step.extended = True
         stmt = ext.stmt
         if stmt is None:  # behind an unnamed Parse
@@ -492,6 +498,7 @@ class ClientSession(asyncio.Protocol):
         else:
             step.sent = 3 if ext.described else 2
             conn.send(wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail)
+        return step
 
     def _fast_unit(self, data: bytes) -> bool:
         """Route and forward a lone Query or an `_extended_unit` of an idle session,
@@ -538,9 +545,9 @@ class ClientSession(asyncio.Protocol):
 
     def _in_transaction_unit(self, data: bytes) -> bool:
         """A lone Query or an `_extended_unit` inside the transaction of the attached
-        connection, with nothing in flight and nothing for the proxy to track (no SET,
-        transaction control, pin, EXECUTE or COPY FROM): forwarded as the general path
-        would. False (nothing done) otherwise."""
+        connection, with nothing in flight and nothing `_tracked_in_transaction` (COMMIT
+        and ROLLBACK are fine: their analysis goes with the step, as on the general path):
+        forwarded as the general path would. False (nothing done) otherwise."""
         server = self.server
         if (server.steps or self._open is not None or self._stash or self._skip or self._skip_to_sync
                 or self._aborted is not None or self._routing is not None):
@@ -549,10 +556,12 @@ class ClientSession(asyncio.Protocol):
         if unit is None:
             return False
         analysis, ext = unit
-        if _needs_tracking(analysis):
+        if _tracked_in_transaction(analysis):
             return False
         self._fresh = False
-        self._send_unit(server, data, analysis, ext)
+        step = self._send_unit(server, data, analysis, ext)
+        if analysis.tx is not None:  # COMMIT, ROLLBACK, SAVEPOINT...: seen at its ReadyForQuery
+            self._note_analysis(step, analysis)
         return True
 
     def _commit_lsns_read(self, step: Step) -> None:

@@ -312,6 +312,28 @@ async def test_set_search_path_follows_the_client(make_proxy, cluster, custom_sc
         assert used_by_custom & used_by_plain
 
 
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
+async def test_set_inside_a_transaction_follows_only_if_committed(make_proxy, cluster, end) -> None:
+    # The SET runs inside a transaction on the primary; the reads after it run on replica
+    # connections, where the proxy replays the session's settings: those of a committed
+    # transaction, never those of one rolled back.
+    proxy = make_proxy(pool={"size": 2})
+    conn = await asyncpg.connect(asyncpg_dsn(proxy), ssl=False, timeout=10)
+    try:
+        default = await conn.fetchval("SHOW work_mem")
+        await conn.execute("BEGIN")
+        assert await conn.fetchval("SELECT pg_is_in_recovery()") is False
+        await conn.execute("SET work_mem = '7MB'")
+        assert await conn.fetchval("SELECT 1") == 1  # a plain statement between SET and the end
+        await conn.execute(end)
+        want = "7MB" if end == "COMMIT" else default
+        for _ in range(4):
+            row = await conn.fetchrow("SELECT current_setting('work_mem'), pg_is_in_recovery()")
+            assert tuple(row) == (want, True), (end, tuple(row))
+    finally:
+        await conn.close(timeout=5)
+
+
 # --- waiting for a pool ---------------------------------------------------------------------
 
 
