@@ -216,7 +216,8 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state is State.READY:
             # The common unit (a lone Query, or Bind/Execute/Sync of a prepared statement)
-            # of an idle session takes the short way; anything else the general one.
+            # of an idle session or inside a transaction takes a short way; anything else
+            # the general one.
             if self.server is None:
                 if self._plain and not self._stash and self._fast_unit(data):
                     return
@@ -427,11 +428,17 @@ class ClientSession(asyncio.Protocol):
 
     @property
     def _plain(self) -> bool:
-        """Nothing unusual about the session: idle, unpinned, nothing held or pending."""
-        return (self.status == TX_IDLE and not self.pins and self._routing is None and not self._skip
-                and self._deferred_begin is None and self._aborted is None and not self._skip_to_sync
-                and not self.route_primary and not self._force_primary_next and not self._retry_skip
-                and not self.app.session_pooling and not self.app.dataplane.holding)
+        """Nothing unusual about the session: idle, or in a transaction the proxy has
+        answered BEGIN for and not yet routed (not declared read only); unpinned, nothing
+        held or pending."""
+        if self._deferred_begin is None:
+            if self.status != TX_IDLE:
+                return False
+        elif self.default_read_only:
+            return False
+        return (not self.pins and self._routing is None and not self._skip and self._aborted is None
+                and not self._skip_to_sync and not self.route_primary and not self._force_primary_next
+                and not self._retry_skip and not self.app.session_pooling and not self.app.dataplane.holding)
 
     def _short_unit(self, data: bytes) -> "tuple[Analysis, _Extended | None] | None":
         """(analysis, None) for a lone Query, (analysis, its parts) for an
@@ -501,16 +508,19 @@ class ClientSession(asyncio.Protocol):
         return step
 
     def _fast_unit(self, data: bytes) -> bool:
-        """Route and forward a lone Query or an `_extended_unit` of an idle session,
-        without the general framing loop. False (nothing done) when the unit is anything
-        else: the general path then handles it from scratch."""
+        """Route and forward a lone Query or an `_extended_unit` of an idle session, or
+        the first statement of a transaction whose BEGIN the proxy answered (it goes to the
+        primary, the BEGIN ahead of it), without the general framing loop. False (nothing
+        done) when the unit is anything else: the general path then handles it from
+        scratch."""
         unit = self._short_unit(data)
         if unit is None:
             return False
         analysis, ext = unit
         if _needs_tracking(analysis) or analysis.hint is not None:
             return False
-        writes = analysis.route is _WRITE
+        in_tx = self._deferred_begin is not None
+        writes = in_tx or analysis.route is _WRITE
         token = None
         if not writes and self.consistency != "eventual":
             if self.consistency != "session" or self.commit_pending:
@@ -535,7 +545,7 @@ class ClientSession(asyncio.Protocol):
         self._attach(conn, backend, data, None)
         self._fresh = False
         self._send_unit(conn, data, analysis, ext)
-        if writes and self.consistency in _TOKEN_MODES:
+        if writes and not in_tx and self.consistency in _TOKEN_MODES:
             # The WAL position, read right behind the write on its connection: the next
             # read has its token without a round trip of its own (router.lsn fetches it
             # when this one fails).

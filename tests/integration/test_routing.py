@@ -330,6 +330,24 @@ async def test_asyncpg_readonly_transaction_runs_on_a_replica(proxy, cluster, cl
     assert on(cluster, row) == cluster.primary.name
 
 
+@pytest.mark.parametrize("kind", ["psycopg", "asyncpg"])
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
+async def test_first_statement_of_a_transaction_runs_inside_it(proxy, cluster, clients, schema, kind, end) -> None:
+    # The proxy answers BEGIN itself and sends it ahead of the transaction's first
+    # statement: that statement must be part of the transaction (undone by ROLLBACK), and
+    # see the transaction's start time, not its own.
+    c = await clients(proxy, kind)
+    tag = f"first-{uuid.uuid4().hex[:8]}"
+    with routed(proxy, replica=0, retried=0):
+        await c.rows("BEGIN")
+        await c.rows(f"INSERT INTO rt_items (v, on_replica) VALUES ('{tag}', pg_is_in_recovery())")
+        in_tx = await c.row("SELECT now() <> statement_timestamp(), pg_current_xact_id_if_assigned() IS NOT NULL")
+        await c.rows(end)
+    assert in_tx == (True, True), in_tx
+    kept = cluster.sql(cluster.primary, f"SELECT count(*) FROM rt_items WHERE v = '{tag}'", user="app", dbname="app")
+    assert kept == [(1 if end == "COMMIT" else 0,)], (end, kept)
+
+
 @pytest.mark.parametrize("mode", ["ACCESS SHARE", "EXCLUSIVE"])
 @pytest.mark.parametrize("kind", ["psycopg", "asyncpg"])
 async def test_lock_in_a_transaction_runs_on_the_primary(proxy, cluster, clients, schema, kind, mode) -> None:
