@@ -496,15 +496,13 @@ class ClientSession(asyncio.Protocol):
             self._unnamed = analysis  # for later Binds of the unnamed statement
             step.sent = 4 if ext.described else 3  # Parse, Bind, Describe and Execute complete once each
             conn.send(data)
-        elif stmt.server_name not in conn.prepared:
-            # Prepared first here: Parse ahead of the Bind, its ParseComplete dropped.
-            conn.add_anchor(step, 0, None)
-            self._register(step, stmt.server_name)
-            step.sent = 4 if ext.described else 3
-            conn.send(stmt.parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail)
-        else:
-            step.sent = 3 if ext.described else 2
-            conn.send(wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail)
+            return step
+        parse = b""
+        if stmt.server_name not in conn.prepared:  # prepared first here, ahead of the Bind
+            self._prepare_here(step, stmt)
+            parse = stmt.parse
+        step.sent += 3 if ext.described else 2  # Bind, Describe and Execute complete once each
+        conn.send(parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail)
         return step
 
     def _fast_unit(self, data: bytes) -> bool:
@@ -1154,6 +1152,11 @@ class ClientSession(asyncio.Protocol):
         where its Bind/Describe would have failed."""
         out.append(buf[run:s])
         out.append(st.parse)
+        self._prepare_here(step, st)
+
+    def _prepare_here(self, step: Step, st: Stmt) -> None:
+        """Account for `st`'s Parse going out in `step` ahead of its use: its
+        ParseComplete is dropped, the name is prepared on this connection."""
         self.server.add_anchor(step, step.sent, None)
         self._register(step, st.server_name)
         step.sent += 1
