@@ -16,6 +16,8 @@ import asyncpg
 
 from helpers import async_wait_until
 
+STUCK_S = 30.0  # a statement with no answer this long is a failure of its own (a cutover holds units < 1 s)
+
 
 @dataclass
 class Client:
@@ -39,30 +41,39 @@ class Client:
             t0 = loop.time()
             kind = "write" if r < 0.45 else "read" if r < 0.8 else "tx"
             try:
-                if kind == "write":
-                    self.seq += 1
-                    row = await self.conn.fetchrow(
-                        "INSERT INTO acks (client, seq) VALUES ($1, $2) RETURNING id, inet_server_port()",
-                        self.index, self.seq)
-                    self.acked.append((self.seq, row[0], row[1]))
-                elif kind == "read":
-                    n = await self.conn.fetchval("SELECT count(*) FROM acks WHERE client = $1", self.index)
-                    if n != len(self.acked):
-                        self.stale.append(f"client {self.index} read {n} of its {len(self.acked)} rows")
-                else:
-                    self.seq += 1
-                    async with self.conn.transaction():
-                        ident = await self.conn.fetchval(
-                            "INSERT INTO acks (client, seq) VALUES ($1, $2) RETURNING id", self.index, self.seq)
-                        await self.conn.execute("UPDATE counters SET n = n + 1 WHERE client = $1", self.index)
-                        port = await self.conn.fetchval("SELECT inet_server_port()")
-                    self.acked.append((self.seq, ident, port))
+                async with asyncio.timeout(STUCK_S):
+                    await self._one(kind)
+            except TimeoutError:
+                # Reported, and this client stops: its connection is in an unknown state.
+                self.errors.append(f"client {self.index} {kind}: no answer in {STUCK_S:g} s")
+                return
             except Exception as exc:  # noqa: BLE001  every client-visible error is a failure
                 self.errors.append(f"client {self.index} {kind}: {type(exc).__name__}: {exc}")
                 if self.conn.is_closed():
                     return
             self.ops.append((t0, loop.time(), kind))
             await asyncio.sleep(self.think_s)
+
+    async def _one(self, kind: str) -> None:
+        """One statement, or one transaction, of `kind`."""
+        if kind == "write":
+            self.seq += 1
+            row = await self.conn.fetchrow(
+                "INSERT INTO acks (client, seq) VALUES ($1, $2) RETURNING id, inet_server_port()",
+                self.index, self.seq)
+            self.acked.append((self.seq, row[0], row[1]))
+        elif kind == "read":
+            n = await self.conn.fetchval("SELECT count(*) FROM acks WHERE client = $1", self.index)
+            if n != len(self.acked):
+                self.stale.append(f"client {self.index} read {n} of its {len(self.acked)} rows")
+        else:
+            self.seq += 1
+            async with self.conn.transaction():
+                ident = await self.conn.fetchval(
+                    "INSERT INTO acks (client, seq) VALUES ($1, $2) RETURNING id", self.index, self.seq)
+                await self.conn.execute("UPDATE counters SET n = n + 1 WHERE client = $1", self.index)
+                port = await self.conn.fetchval("SELECT inet_server_port()")
+            self.acked.append((self.seq, ident, port))
 
 
 class Workload:
@@ -92,10 +103,18 @@ class Workload:
         await asyncio.gather(*self.tasks)
 
     async def close(self) -> None:
+        """Stop the clients (each within STUCK_S of its last statement) and close every
+        connection, ending those that do not close in time."""
         self.stop.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*(c.close(timeout=5) for c in [*self.conns, self.observer]
-                               if c is not None and not c.is_closed()), return_exceptions=True)
+        if self.tasks:
+            _, late = await asyncio.wait(self.tasks, timeout=STUCK_S + 5)
+            for task in late:  # (cannot happen while the timeouts above hold)
+                task.cancel()
+        conns = [c for c in [*self.conns, self.observer] if c is not None and not c.is_closed()]
+        for conn, result in zip(conns, await asyncio.gather(*(c.close(timeout=5) for c in conns),
+                                                            return_exceptions=True)):
+            if isinstance(result, BaseException):
+                conn.terminate()
 
     @property
     def errors(self) -> list[str]:
