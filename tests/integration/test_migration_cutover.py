@@ -83,9 +83,12 @@ def with_app(c: Cluster, script: str) -> None:
         c.sql(c.primary, statement, user="app", dbname="app")
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # what it printed so far says where it stopped
+        pytest.fail(f"pgsplit {' '.join(args)}: no exit in {timeout:g} s; it printed:\n{exc.stdout}\n{exc.stderr}")
 
 
 def fenced(c: Cluster) -> bool:
@@ -401,7 +404,7 @@ async def test_cutover_to_18_under_load_with_reverse(story: Story) -> None:
     assert work.errors == [], "\n".join(work.errors[:20])
     assert work.stale == [], "\n".join(work.stale[:20])
     assert work.same_connections()
-    assert (await work.observer.fetchval("SELECT version()")).startswith("PostgreSQL 18")
+    assert (await work.observer.fetchval("SELECT version()", timeout=10)).startswith("PostgreSQL 18")
     # every write acknowledged by the source is on the target, and the source is fenced
     assert fenced(src)
     on_source = acks_on(src)
@@ -444,7 +447,7 @@ async def test_cutover_back_loses_nothing(story: Story) -> None:
                            message="writes on the old primary again")
     await asyncio.sleep(0.5)
     assert work.same_connections()
-    assert (await work.observer.fetchval("SELECT version()")).startswith("PostgreSQL 15")
+    assert (await work.observer.fetchval("SELECT version()", timeout=10)).startswith("PostgreSQL 15")
     await work.close()
     assert work.errors == [], "\n".join(work.errors[:20])
     assert work.stale == [], "\n".join(work.stale[:20])
