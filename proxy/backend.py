@@ -84,6 +84,7 @@ class Step:
     delivered = 0  # bytes of replies that reached the client (retry-able steps only)
     skip = 0  # a retried unit's leading reply bytes the client already has
     rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
+    lsn = 0  # SWALLOW: the LSN a replay check waits for
     payload = b""  # LOCAL: the answer to emit (its ReadyForQuery is added then)
     callback: Callable[["Step"], None] | None = None
     server: "ServerConnection | None" = None  # SWALLOW: the connection, for a callback that needs it
@@ -257,9 +258,11 @@ class ServerConnection(asyncio.Protocol):
             self._run_locals()
 
     def swallow(self, request: bytes, callback: Callable[[Step], None] | None = None, *, rows: bool = False,
-                ahead: bool = False) -> Step:
+                ahead: bool = False, written: bool = False) -> Step:
         """Send a request of the proxy's own; its replies never reach a client. `ahead`:
-        it prepares the unit about to be sent, and goes out with it in one write (`send`)."""
+        it prepares the unit about to be sent, and goes out with it in one write (`send`).
+        `written`: the caller wrote it already, behind the unit just queued, in that
+        unit's write."""
         step = Step(StepKind.SWALLOW, callback)
         step.closed = True
         if rows:
@@ -267,7 +270,7 @@ class ServerConnection(asyncio.Protocol):
         self.steps.append(step)
         if ahead:
             self.ahead += request
-        else:
+        elif not written:
             self.send(request)
         return step
 

@@ -34,9 +34,9 @@ from proxy.errors import (
     ServerLostInTransaction,
 )
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
-from router.lsn import parse_lsn
+from router.lsn import REPLAY_WAIT_SQL, format_lsn, parse_lsn
 from router.monitor import COMMIT_LSN_SQL, CommitLsns, PollError
-from router.policy import Decision, SessionFacts, UnitFacts, decide_route
+from router.policy import Decision, SessionFacts, UnitFacts, decide_route, replica_to_check
 from router.topology import BackendState, Role
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,6 +91,23 @@ _NO_TOKEN = SessionFacts(False, None)
 _TOKEN_MODES = frozenset(("session", "token"))  # modes whose reads wait for the session's own commits
 _COMMIT_LSNS = wire.query(COMMIT_LSN_SQL)
 _DESCRIBE_PORTAL = b"D\0\0\0\x06P\0"  # Describe of the unnamed portal
+# The replay check ahead of a read (router.lsn.REPLAY_WAIT_SQL), prepared once per server
+# connection under a name no client statement gets (theirs are "pgsplit_" + hex digits).
+_REPLAY_WAIT = b"pgsplit_replay_wait"
+_REPLAY_WAIT_PARSE = wire.build_parse(_REPLAY_WAIT, REPLAY_WAIT_SQL.encode())
+_EXECUTE_SYNC = wire.message(F_EXECUTE, b"\0\0\0\0\0") + wire.SYNC  # unnamed portal, all rows
+
+
+def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> bytes:
+    """Bind and Execute of the replay check for `lsn` (prepared here first if need be)."""
+    parse = b""
+    if _REPLAY_WAIT not in conn.prepared:
+        conn.prepared.add(_REPLAY_WAIT)
+        parse = _REPLAY_WAIT_PARSE
+    rest = b"\0\0\0\x02"  # no parameter formats (text), two parameters
+    for value in (format_lsn(lsn).encode(), str(timeout_ms).encode()):
+        rest += len(value).to_bytes(4, "big") + value
+    return parse + wire.build_bind(b"", _REPLAY_WAIT, rest + b"\0\0") + _EXECUTE_SYNC
 
 
 def _is_lone_query(data: bytes) -> bool:
@@ -479,30 +496,32 @@ class ClientSession(asyncio.Protocol):
             return None
         return _Extended(stmt.analysis, stmt, described, portal, data[5 + off : end_b], data[end_b:])
 
-    def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "_Extended | None") -> Step:
+    def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "_Extended | None",
+                   trailer: bytes = b"") -> Step:
         """Write a lone Query (`ext` None) or an `_extended_unit` to the attached
-        connection, under a new step."""
+        connection, under a new step; `trailer` (a request of the proxy's own) goes in the
+        same write, behind it."""
         step = self._new_step()
         step.closed = True
         self._open = None
         if analysis.route is _WRITE:
             step.writes = True
         if ext is None:
-            conn.send(data)
+            conn.send(data + trailer)
             return step
         step.extended = True
         stmt = ext.stmt
         if stmt is None:  # behind an unnamed Parse
             self._unnamed = analysis  # for later Binds of the unnamed statement
             step.sent = 4 if ext.described else 3  # Parse, Bind, Describe and Execute complete once each
-            conn.send(data)
+            conn.send(data + trailer)
             return step
         parse = b""
         if stmt.server_name not in conn.prepared:  # prepared first here, ahead of the Bind
             self._prepare_here(step, stmt)
             parse = stmt.parse
         step.sent += 3 if ext.described else 2  # Bind, Describe and Execute complete once each
-        conn.send(parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail)
+        conn.send(parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail + trailer)
         return step
 
     def _fast_unit(self, data: bytes) -> bool:
@@ -532,23 +551,35 @@ class ClientSession(asyncio.Protocol):
                                 app.topology.current, app.load, tiebreak=self.units + 1,
                                 allow_wait=token is None or app.config.routing.consistency_wait_ms > 0)
         backend = decision.backend
+        check = decision.wait_lsn
+        if check is not None:
+            # No replica is known to have the session's writes yet: the read goes to one
+            # behind a query that waits there until it has replayed them (at most
+            # consistency_wait_ms), and runs again on the primary if that was not enough.
+            backend = replica_to_check(app.topology.current, app.load, self.units + 1)
         if backend is None:
             return False
         conn = self._borrow_now(backend)
         if conn is None:
             return False
         self.units += 1
-        if token is not None:
+        if token is not None and check is None:
             app.note_consistency(decision)
         self._attach(conn, backend, data, None)
         self._fresh = False
-        self._send_unit(conn, data, analysis, ext)
-        if writes and not in_tx and self.consistency in _TOKEN_MODES:
-            # The WAL position, read right behind the write on its connection: the next
-            # read has its token without a round trip of its own (router.lsn fetches it
-            # when this one fails).
-            lsn_step = conn.swallow(_COMMIT_LSNS, self._commit_lsns_read, rows=True)
-            lsn_step.server = conn
+        if check is not None:
+            wait = conn.swallow(_replay_wait_request(conn, check, app.config.routing.consistency_wait_ms),
+                                self._replay_checked, rows=True, ahead=True)
+            wait.server, wait.lsn, wait.t0 = conn, check, perf_counter()
+            self._send_unit(conn, data, analysis, ext).retry = data
+        elif writes and not in_tx and self.consistency in _TOKEN_MODES:
+            # The WAL position, read right behind the write on its connection and in the
+            # same write: the next read has its token without a round trip of its own
+            # (router.lsn fetches it when this one fails).
+            self._send_unit(conn, data, analysis, ext, _COMMIT_LSNS)
+            conn.swallow(_COMMIT_LSNS, self._commit_lsns_read, rows=True, written=True).server = conn
+        else:
+            self._send_unit(conn, data, analysis, ext)
         return True
 
     def _in_transaction_unit(self, data: bytes) -> bool:
@@ -572,6 +603,29 @@ class ClientSession(asyncio.Protocol):
             self._note_analysis(step, analysis)
         return True
 
+    def _replay_checked(self, wait: Step) -> None:
+        """The replay check ahead of a read: the replica has the session's writes (it is
+        noted, for the reads after it), or the read behind it, whose replies have not
+        reached the client, runs again on the primary."""
+        server = wait.server
+        replayed = None
+        if wait.error is None and wait.rows:
+            text = wire.parse_data_row(wait.rows[0])[0]
+            replayed = None if text is None else parse_lsn(text.decode())
+        app = self.app
+        if wait.error is not None:
+            server.prepared.discard(_REPLAY_WAIT)  # (a DISCARD ALL, say): prepared again next time
+        if replayed is not None and replayed >= wait.lsn:
+            app.monitor.note_replay(server.backend, replayed)
+            app.metrics.units.consistency["waited"] += 1
+            app.metrics.consistency_wait_seconds.observe(perf_counter() - wait.t0)
+        elif server.steps and server.steps[0].retry is not None:
+            read = server.steps[0]
+            read.retrying = True
+            read.error = read.error or {"C": "replica_behind"}
+            self._force_primary_next = True
+            app.metrics.units.consistency["fallback"] += 1
+
     def _commit_lsns_read(self, step: Step) -> None:
         server = step.server
         if step.error is None and step.rows:
@@ -579,7 +633,10 @@ class ClientSession(asyncio.Protocol):
             lsn = CommitLsns(parse_lsn(flush.decode()), parse_lsn(insert.decode())).covering(self.commit_async)
             self.token = lsn if self.token is None else max(self.token, lsn)
             self.commit_pending = False
-            self.app.monitor.want_lsn(lsn)  # the replicas report its replay before the next read asks
+            if not self.app.config.routing.consistency_wait_ms:
+                # Reads never wait on a replica (nor check one): the monitor asks the
+                # replicas to report its replay, so that they serve the reads after it.
+                self.app.monitor.want_lsn(lsn)
         if not server.closed:
             self._settle(server)
 

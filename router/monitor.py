@@ -851,6 +851,10 @@ class Monitor:
             if self._learning.get(probe.name) is asyncio.current_task():
                 del self._learning[probe.name]
 
+    def note_replay(self, name: str, lsn: int) -> None:
+        """Replica `name` has replayed `lsn` (a read's replay check said so)."""
+        self._install_replay({name: lsn})
+
     def _install_replay(self, replay: Mapping[str, int | None]) -> None:
         topo = self.holder.current  # read-modify-install with no await in between
         new = topo

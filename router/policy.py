@@ -85,6 +85,12 @@ def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebre
                     token=token, load=load, tiebreak=tiebreak)
 
 
+def replica_to_check(topo: Topology, load: Mapping[str, int], tiebreak: int = 0) -> BackendState | None:
+    """For a read told to wait (`wait_lsn`): the replica in rotation to ask to wait for
+    the token itself, before the read runs there (the least loaded, as for any read)."""
+    return _pick(topo.rotation, load, tiebreak)
+
+
 def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebreak: int) -> BackendState | None:
     """Least outstanding units per unit of weight; ties broken by the caller's counter."""
     if not candidates:

@@ -22,12 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psycopg
 import pytest
 
 from loadtest.consistency import CheckResult, run_check
 from loadtest.sandbox import Cluster
 from router.lsn import format_lsn, parse_lsn
 from helpers import wait_until
+from where import metric_value, retries
 
 ROOT = Path(__file__).resolve().parents[2]
 DELAY_MS = 200
@@ -136,6 +138,70 @@ async def test_an_autocommit_write_brings_its_own_token(make_proxy, apply_delay)
     finally:
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
         await conn.close()
+
+
+def waited(proxy) -> float:
+    text = proxy.call(lambda: proxy.proxy.metrics.exposition().decode())
+    return metric_value(text, "pgsplit_consistency_waits_total", {"outcome": "waited"})
+
+
+async def replica_connections_open(conn) -> set[int]:
+    """Reads before the session's first write (no token), so that both replicas' pools
+    have a connection: the short path takes only a pooled connection idle at that moment.
+    The ports of the replicas that served them."""
+    ports = set()
+    for _ in range(10):
+        port, on_replica = await (await conn.execute("SELECT inet_server_port(), pg_is_in_recovery()")).fetchone()
+        if on_replica:
+            ports.add(port)
+    return ports
+
+
+async def write_then_read(proxy, table: str, n: int) -> list[tuple[int, int, bool]]:
+    """n times: an autocommit INSERT, then at once a count of the rows on the same
+    session; (rows written, rows seen, seen on a replica) for each. psycopg sends each
+    statement as an unnamed Parse, Bind, Describe, Execute, Sync: the short path's shape."""
+    async with await psycopg.AsyncConnection.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+        assert len(await replica_connections_open(conn)) == 2, "reads without a token reached no replica"
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        out = []
+        for i in range(1, n + 1):
+            await conn.execute(f"INSERT INTO {table} VALUES ({i})")
+            seen, on_replica = await (await conn.execute(f"SELECT count(*), pg_is_in_recovery() FROM {table}")).fetchone()
+            out.append((i, seen, on_replica))
+        await conn.execute(f"DROP TABLE {table}")
+        return out
+
+
+async def test_a_read_after_a_write_waits_for_replay_on_the_replica(make_proxy, cluster):
+    """No replica is known to have the write yet when the read comes: it goes to a
+    replica behind a query that waits there (at most consistency_wait_ms) until the
+    replica has replayed the session's writes, and is served there, fresh."""
+    cluster.wait_caught_up()
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": 200})
+    waits = waited(proxy)
+    rows = await write_then_read(proxy, "cc_replay_wait", 20)
+    assert [(i, seen) for i, seen, _ in rows if seen != i] == [], rows
+    on_replica = sum(1 for _, _, r in rows if r)
+    assert on_replica >= 18, rows  # (a replica slower than 200 ms at times: the primary serves)
+    assert waited(proxy) - waits >= on_replica - 2, "reads served by replicas without a replay check"
+    assert retries(proxy, "replica_behind") == 20 - on_replica
+
+
+async def test_a_read_checked_on_a_lagging_replica_runs_again_on_the_primary(make_proxy, apply_delay):
+    """With replay 200 ms behind and consistency_wait_ms 50, the replay check ahead of the
+    read says the replica does not have the write: the read's rows from the replica are
+    dropped before the client sees any, and it runs again on the primary."""
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": 50})
+    before = retries(proxy, "replica_behind")
+    rows = await write_then_read(proxy, "cc_replay_behind", 10)
+    assert [(i, seen) for i, seen, _ in rows if seen != i] == [], f"stale reads: {rows}"
+    assert not any(r for _, _, r in rows), rows
+    # Each read was checked on a replica and run again (one whose replica's pooled
+    # connection was not idle just then went the general way: the proxy waited, then
+    # the primary).
+    assert retries(proxy, "replica_behind") - before >= 8
 
 
 async def test_eventual_mode_shows_stale_reads_under_apply_delay(make_proxy, apply_delay):

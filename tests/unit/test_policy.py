@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.policy import Decision, SessionFacts, UnitFacts, decide_route
+from router.policy import Decision, SessionFacts, UnitFacts, decide_route, replica_to_check
 from router.topology import BackendState, Role, Topology
 
 # Hypothesis' pytest plugin imports libcst (hypothesis.extra._patching) to print a patch for a
@@ -291,3 +291,21 @@ def test_property_decision_is_well_formed(unit, session, t, load, tiebreak, allo
         assert d.backend.up and d.backend in t.backends
     if d.wait_lsn is not None:
         assert allow_wait and d.wait_lsn == session.token
+
+
+def test_replica_to_check_is_the_least_loaded_in_rotation():
+    t = topo(None, replica(2, replay_lsn=100), replica(3, replay_lsn=50), replica(4, in_rotation=False))
+    assert replica_to_check(t, {"pg2": 3, "pg3": 1}).name == "pg3"
+    assert replica_to_check(t, {"pg2": 1, "pg3": 3}).name == "pg2"
+    assert {replica_to_check(t, {}, tiebreak=k).name for k in range(4)} == {"pg2", "pg3"}
+    assert replica_to_check(topo(None, replica(2, up=False)), {}) is None
+    assert replica_to_check(topo(), {}) is None
+
+
+@PROPS
+@given(units, sessions, snapshots(), loads, st.integers(0, 100))
+def test_property_a_wait_always_has_a_replica_to_check(unit, session, t, load, tiebreak):
+    d = decide_route(unit, session, t, load, tiebreak=tiebreak, allow_wait=True)
+    if d.wait_lsn is not None:
+        r = replica_to_check(t, load, tiebreak)
+        assert r is not None and r in t.rotation, (d, r)
