@@ -87,8 +87,14 @@ def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebre
 
 def replica_to_check(topo: Topology, load: Mapping[str, int], tiebreak: int = 0) -> BackendState | None:
     """For a read told to wait (`wait_lsn`): the replica in rotation to ask to wait for
-    the token itself, before the read runs there (the least loaded, as for any read)."""
-    return _pick(topo.rotation, load, tiebreak)
+    the token itself, before the read runs there. The one furthest along (likeliest to
+    get there first; one held back by an apply delay would only make the read wait and
+    go to the primary), the least loaded of those that are level."""
+    rotation = topo.rotation
+    if len(rotation) < 2:
+        return rotation[0] if rotation else None
+    furthest = max(r.replay_lsn or 0 for r in rotation)
+    return _pick(tuple(r for r in rotation if (r.replay_lsn or 0) == furthest), load, tiebreak)
 
 
 def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebreak: int) -> BackendState | None:

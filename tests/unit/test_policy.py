@@ -293,11 +293,15 @@ def test_property_decision_is_well_formed(unit, session, t, load, tiebreak, allo
         assert allow_wait and d.wait_lsn == session.token
 
 
-def test_replica_to_check_is_the_least_loaded_in_rotation():
-    t = topo(None, replica(2, replay_lsn=100), replica(3, replay_lsn=50), replica(4, in_rotation=False))
-    assert replica_to_check(t, {"pg2": 3, "pg3": 1}).name == "pg3"
-    assert replica_to_check(t, {"pg2": 1, "pg3": 3}).name == "pg2"
-    assert {replica_to_check(t, {}, tiebreak=k).name for k in range(4)} == {"pg2", "pg3"}
+def test_replica_to_check_is_the_furthest_along_then_the_least_loaded():
+    ahead = topo(None, replica(2, replay_lsn=100), replica(3, replay_lsn=50), replica(4, replay_lsn=900, in_rotation=False))
+    assert replica_to_check(ahead, {"pg2": 3, "pg3": 1}).name == "pg2"  # further along beats less loaded
+    assert replica_to_check(topo(None, replica(2), replica(3, replay_lsn=1)), {}).name == "pg3"  # unknown is last
+    level = topo(None, replica(2, replay_lsn=100), replica(3, replay_lsn=100))
+    assert replica_to_check(level, {"pg2": 3, "pg3": 1}).name == "pg3"
+    assert replica_to_check(level, {"pg2": 1, "pg3": 3}).name == "pg2"
+    assert {replica_to_check(level, {}, tiebreak=k).name for k in range(4)} == {"pg2", "pg3"}
+    assert replica_to_check(topo(None, replica(2, up=False), replica(3)), {}).name == "pg3"
     assert replica_to_check(topo(None, replica(2, up=False)), {}) is None
     assert replica_to_check(topo(), {}) is None
 
