@@ -372,6 +372,8 @@ class ServerConnection(asyncio.Protocol):
                     emit = pos
                     if self._forward_special(step, t, data, pos, end):
                         emit = end  # dropped
+                elif end > n:
+                    break  # an ordinary message cut short: streamed through below
                 elif t == _D:
                     step.rows_seen = True
                 else:
@@ -395,7 +397,8 @@ class ServerConnection(asyncio.Protocol):
         # Out of complete messages: forward or drop what precedes the incomplete one.
         if step.kind is StepKind.FORWARD and not step.retrying:
             if pos + 5 <= n and data[pos] not in (_Z, _E, _S, _G) and not step.anchors and step.retry is None:
-                # A long ordinary message (a big DataRow): stream it through now.
+                # An ordinary message cut short (a big DataRow, or a read that ended
+                # mid-message): what has come goes through now, the rest as it arrives.
                 self._to_client(data[emit:] if emit else data, step)
                 self._skip = end - n
                 if data[pos] == _D:
