@@ -104,10 +104,9 @@ def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> b
     if _REPLAY_WAIT not in conn.prepared:
         conn.prepared.add(_REPLAY_WAIT)
         parse = _REPLAY_WAIT_PARSE
-    rest = b"\0\0\0\x02"  # no parameter formats (text), two parameters
-    for value in (format_lsn(lsn).encode(), str(timeout_ms).encode()):
-        rest += len(value).to_bytes(4, "big") + value
-    return parse + wire.build_bind(b"", _REPLAY_WAIT, rest + b"\0\0") + _EXECUTE_SYNC
+    # no parameter format codes (all text), the parameters, no result format codes (text)
+    rest = b"\0\0" + wire.text_values([format_lsn(lsn), str(timeout_ms)]) + b"\0\0"
+    return parse + wire.build_bind(b"", _REPLAY_WAIT, rest) + _EXECUTE_SYNC
 
 
 def _is_lone_query(data: bytes) -> bool:

@@ -431,7 +431,9 @@ def row_description(columns: list[str]) -> bytes:
     return message(B_ROW_DESCRIPTION, body)
 
 
-def data_row(values: list[str | None]) -> bytes:
+def text_values(values: list[str | None]) -> bytes:
+    """A count, then each value as length + bytes (-1: NULL): a DataRow's body, and the
+    parameters of a Bind in text format."""
     body = struct.pack("!h", len(values))
     for v in values:
         if v is None:
@@ -439,7 +441,11 @@ def data_row(values: list[str | None]) -> bytes:
         else:
             raw = v.encode()
             body += _I32.pack(len(raw)) + raw
-    return message(B_DATA_ROW, body)
+    return body
+
+
+def data_row(values: list[str | None]) -> bytes:
+    return message(B_DATA_ROW, text_values(values))
 
 
 def parse_data_row(body: bytes) -> list[bytes | None]:
