@@ -27,6 +27,17 @@ SETTINGS = ("route", "consistency", "min_lsn")
 SHOWABLE = SETTINGS + ("last_lsn", "backend")
 
 
+_BEGIN_REPLY = local.simple(local.Answer(tag="BEGIN"), wire.TX_IN_BLOCK)
+
+
+def defer_begin(session: "ClientSession", sql: bytes) -> None:
+    """Answer a lone BEGIN (`sql`) of an idle session: it goes to a server ahead of the
+    transaction's first statement, which decides where the transaction runs."""
+    session._deferred_begin = sql
+    session.status = wire.TX_IN_BLOCK
+    session.write_local(_BEGIN_REPLY)
+
+
 class NotAlone(FeatureNotSupported):
     fatal = False
 
@@ -64,9 +75,7 @@ class Commands:
             return False
         if a.tx is TxControl.BEGIN and session.status == wire.TX_IDLE and not session.pins:
             t, s, e = frames[0]
-            session._deferred_begin = wire.parse_query(buf[s + 5 : e])
-            session.status = wire.TX_IN_BLOCK
-            session.write_local(local.simple(local.Answer(tag="BEGIN"), wire.TX_IN_BLOCK))
+            defer_begin(session, wire.parse_query(buf[s + 5 : e]))
             return True
         if session._deferred_begin is not None and a.tx in (TxControl.COMMIT, TxControl.ROLLBACK):
             session._deferred_begin = None

@@ -534,6 +534,10 @@ class ClientSession(asyncio.Protocol):
             return False
         analysis, ext = unit
         if _needs_tracking(analysis) or analysis.hint is not None:
+            if (analysis.tx is TxControl.BEGIN and ext is None and self._deferred_begin is None
+                    and analysis.statements == 1 and not analysis.effects and analysis.hint is None):
+                commands.defer_begin(self, wire.parse_query(data[5:]))  # as the general path would
+                return True
             return False
         in_tx = self._deferred_begin is not None
         writes = in_tx or analysis.route is _WRITE
