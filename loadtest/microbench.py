@@ -1,9 +1,12 @@
 """CPU cost of the proxy's hot path per unit of work, without sockets.
 
 Drives a real ClientSession and ServerConnection through fake transports: the client's
-bytes go in, the server's canned replies come back, and the time per round trip is the
-proxy's own Python work (no syscalls, no other processes). Use it to compare changes to
-the hot path; the end-to-end figures come from loadtest.bench.
+bytes go in, the server's canned replies come back, and the time per round trip (and per
+pgbench tpcb-like transaction) is the proxy's own Python work (no syscalls, no other
+processes). Use it to compare changes to the hot path; the end-to-end figures come from
+loadtest.bench. Times on shared 2-core machines vary by tens of percent from run to run;
+instruction counts do not (`valgrind --tool=callgrind` of two runs with different
+--units: the difference over the extra units is the cost of one).
 
     python -m loadtest.microbench [--units 200000] [--profile]
 """
@@ -111,6 +114,47 @@ def run(units: int, replicas: bool, mode: str) -> float:
     return elapsed / units * 1e6
 
 
+# pgbench's tpcb-like transaction in simple protocol, and the server's replies to what the
+# proxy sends for each statement (the proxy answers the BEGIN and sends it with the UPDATE).
+TPCB = [
+    ("BEGIN;", None),
+    ("UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 7;", ["BEGIN", "UPDATE 1"]),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 7;", ["SELECT 1"]),
+    ("UPDATE pgbench_tellers SET tbalance = tbalance + 5 WHERE tid = 3;", ["UPDATE 1"]),
+    ("UPDATE pgbench_branches SET bbalance = bbalance + 5 WHERE bid = 1;", ["UPDATE 1"]),
+    ("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 7, 5, CURRENT_TIMESTAMP);",
+     ["INSERT 0 1"]),
+    ("END;", ["COMMIT"]),
+]
+
+
+def run_tpcb(transactions: int) -> float:
+    """Time per tpcb-like transaction (simple protocol, primary only), in microseconds."""
+    app, session, servers = build(False)
+    steps = []
+    for sql, tags in TPCB:
+        reply = None
+        if tags is not None:
+            reply = b"".join(
+                (wire.row_description(["abalance"]) + wire.data_row(["5"]) if tag.startswith("SELECT") else b"")
+                + wire.command_complete(tag) + wire.ready_for_query(wire.TX_IDLE if tag == "COMMIT" else wire.TX_IN_BLOCK)
+                for tag in tags)
+        steps.append((wire.query(sql), reply))
+    outs = [session.transport.out] + [conn.transport.out for conn in servers.values()]
+    t0 = time.perf_counter()
+    for _ in range(transactions):
+        for out in outs:
+            out.clear()
+        for request, reply in steps:
+            session.data_received(request)
+            if reply is not None:
+                session.server.data_received(reply)
+    elapsed = time.perf_counter() - t0
+    if session.server is not None or session.status != wire.TX_IDLE:
+        raise RuntimeError("the tpcb-like transaction did not end")
+    return elapsed / transactions * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=100000)
@@ -123,6 +167,9 @@ def main() -> None:
                 run(2000, replicas, mode)  # warm caches
                 us = run(args.units, replicas, mode)
                 print(f"{'replicas' if replicas else 'primary only':<13} {mode:<9} {us:6.2f} us/unit")
+        run_tpcb(200)
+        us = run_tpcb(max(1, args.units // 7))
+        print(f"{'primary only':<13} {'tpcb-like':<9} {us:6.2f} us/transaction (simple protocol, 7 statements)")
 
     if args.profile:
         import cProfile
