@@ -1337,10 +1337,13 @@ class ClientSession(asyncio.Protocol):
 
     def _apply_effects(self, analysis: Analysis) -> None:
         changed = False
+        # What the attached server carries on top of its own login values: a RESET puts it
+        # back at those, not at the values this client logged in with (replayed as SETs).
+        on_server = dict(self.settings)
         for eff in analysis.effects:
             kind = eff.kind
             if kind == "set" and eff.name:
-                self.settings[eff.name] = eff.text
+                self.settings[eff.name] = on_server[eff.name] = eff.text
                 changed = True
                 if eff.name == "default_transaction_read_only":
                     self.default_read_only = (eff.value or "").lower() in ("on", "true", "1", "yes")
@@ -1349,6 +1352,7 @@ class ClientSession(asyncio.Protocol):
                     # insert position covers either kind of commit.
                     self.async_commit = (eff.value or "off").lower() in ("off", "false", "0", "no")
             elif kind == "reset" and eff.name:
+                on_server.pop(eff.name, None)
                 startup = self.startup_settings.get(eff.name)
                 if startup is None:
                     self.settings.pop(eff.name, None)
@@ -1360,6 +1364,7 @@ class ClientSession(asyncio.Protocol):
                 elif eff.name == "synchronous_commit":
                     self.async_commit = self._startup_async_commit
             elif kind in ("reset_all", "discard_all"):
+                on_server.clear()
                 self.settings = dict(self.startup_settings)
                 self.default_read_only = False
                 self.async_commit = self._startup_async_commit
@@ -1368,6 +1373,11 @@ class ClientSession(asyncio.Protocol):
                     self.stmts.clear()
                     self.sql_prepared.clear()
                     self.sql_prepared_analysis.clear()
+                    if self.server is not None:
+                        # The server session lost every prepared statement, other clients'
+                        # too: they are prepared there again when next needed.
+                        self.server.prepared.clear()
+                        self.server.sql_prepared.clear()
             elif kind == "prepare" and eff.name:
                 self.sql_prepared[eff.name] = eff.text
                 if self.server is not None:
@@ -1387,7 +1397,9 @@ class ClientSession(asyncio.Protocol):
         if changed:
             self._settings_changed()
             if self.server is not None:
-                self.server.settings_key = self.settings_key  # the server ran them itself
+                # The server ran them itself; where that left it other than the session's
+                # settings, the next unit that gets it (this session's too) replays them.
+                self.server.settings_key = tuple(sorted(on_server.items()))
 
     def _retry(self, server: ServerConnection, step: Step) -> None:
         """A replica refused an autocommit read (read-only or recovery conflict) before

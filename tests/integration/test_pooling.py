@@ -334,6 +334,49 @@ async def test_set_inside_a_transaction_follows_only_if_committed(make_proxy, cl
         await conn.close(timeout=5)
 
 
+# --- one client's DISCARD ALL / RESET ALL on a shared server connection ---------------------
+
+
+def test_a_discard_all_on_a_shared_connection_leaves_other_clients_statements_working(make_proxy, cluster) -> None:
+    # One primary connection for both clients: a's statement is prepared on it, then b's
+    # DISCARD ALL drops every statement of that server session. a's next execution must
+    # still work (the proxy prepares it there again), and so must b's own afterwards.
+    proxy = make_proxy(pool={"size": 1})
+    sql = "SELECT %s::int + 1, pg_backend_pid()"
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0, connect_timeout=10) as a, \
+            psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0, connect_timeout=10) as b:
+        for conn in (a, b):
+            conn.execute("SET pgsplit.route = 'primary'")
+        first = a.execute(sql, (1,)).fetchone()
+        assert first[0] == 2
+        b.execute(sql, (5,)).fetchone()
+        b.execute("DISCARD ALL")
+        again = a.execute(sql, (2,)).fetchone()
+        assert again == (3, first[1])  # the same server connection, the statement prepared again
+        b.execute("SET pgsplit.route = 'primary'")  # (DISCARD ALL reset it with the rest)
+        assert b.execute(sql, (6,)).fetchone() == (7, first[1])
+
+
+@pytest.mark.parametrize("reset", ["RESET ALL", "DISCARD ALL"])
+def test_a_reset_on_a_shared_connection_does_not_drop_other_clients_settings(make_proxy, cluster, reset) -> None:
+    # Both clients log in with the same application_name, so they carry the same settings;
+    # b's RESET ALL puts the server connection back to the proxy's own login values, and
+    # a's next unit there must get its settings replayed again.
+    proxy = make_proxy(pool={"size": 1})
+    dsn = proxy.dsn(application_name="pl_reset_client")
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as a, \
+            psycopg.connect(dsn, autocommit=True, connect_timeout=10) as b:
+        for conn in (a, b):
+            conn.execute("SET pgsplit.route = 'primary'")
+        show = "SELECT current_setting('application_name'), pg_backend_pid()"
+        name, pid = a.execute(show).fetchone()
+        assert name == "pl_reset_client"
+        b.execute(reset)
+        b.execute("SET pgsplit.route = 'primary'")
+        for conn in (a, b):
+            assert conn.execute(show).fetchone() == ("pl_reset_client", pid)
+
+
 # --- waiting for a pool ---------------------------------------------------------------------
 
 
