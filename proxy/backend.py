@@ -274,6 +274,13 @@ class ServerConnection(asyncio.Protocol):
             self.send(request)
         return step
 
+    def forget_statements(self) -> None:
+        """The server session dropped every prepared statement (a client's DISCARD ALL or
+        DEALLOCATE ALL ran here): each is prepared again when next needed, other clients'
+        included."""
+        self.prepared.clear()
+        self.sql_prepared.clear()
+
     def send(self, data: bytes) -> None:
         """Write requests; those swallowed `ahead` go first, in the same write (one
         syscall, and the server reads them together). Every write of requests comes

@@ -88,7 +88,7 @@ class Commands:
             if eff.kind == "deallocate" and eff.name not in session.sql_prepared:
                 answer = local.Answer(error=_undefined_prepared(eff.name))
             else:
-                session._apply_effects(a)
+                session._apply_effects(a, None)  # the server, if one is attached, never saw it
                 answer = local.Answer(tag="DEALLOCATE ALL" if eff.kind == "deallocate_all" else "DEALLOCATE")
             session.write_local(local.simple(answer, session.status))
             return True

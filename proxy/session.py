@@ -617,7 +617,8 @@ class ClientSession(asyncio.Protocol):
             replayed = None if text is None else parse_lsn(text.decode())
         app = self.app
         if wait.error is not None:
-            server.prepared.discard(_REPLAY_WAIT)  # (a DISCARD ALL, say): prepared again next time
+            # dropped where the proxy could not see it: prepared again next time
+            server.prepared.discard(_REPLAY_WAIT)
         if replayed is not None and replayed >= wait.lsn:
             app.monitor.note_replay(server.backend, replayed)
             app.metrics.units.consistency["waited"] += 1
@@ -1304,14 +1305,14 @@ class ClientSession(asyncio.Protocol):
                     if in_tx:
                         self._tx_effects.append((a, ok))
                     elif ok:
-                        self._apply_effects(a)
+                        self._apply_effects(a, self.server)
         if status == TX_IDLE and (self._tx_effects or self._tx_failed):
             committed = ok and not self._tx_failed and not any(
                 a.tx is TxControl.ROLLBACK for a in (analyses or ()))
             if committed:
                 for a, a_ok in self._tx_effects:
                     if a_ok:
-                        self._apply_effects(a)
+                        self._apply_effects(a, self.server)
             self._tx_effects = []
             self._tx_failed = False
 
@@ -1335,9 +1336,11 @@ class ClientSession(asyncio.Protocol):
         elif unpin is Unpin.CLOSE_ALL:
             self.pins.discard(Pin.HOLD_CURSOR)
 
-    def _apply_effects(self, analysis: Analysis) -> None:
+    def _apply_effects(self, analysis: Analysis, server: ServerConnection | None) -> None:
+        """The session effects of statements that succeeded: run by `server`, or answered
+        here (None), when only the proxy's side of the session changes."""
         changed = False
-        # What the attached server carries on top of its own login values: a RESET puts it
+        # What `server` carries on top of its own login values: a RESET puts it
         # back at those, not at the values this client logged in with (replayed as SETs).
         on_server = dict(self.settings)
         for eff in analysis.effects:
@@ -1373,33 +1376,30 @@ class ClientSession(asyncio.Protocol):
                     self.stmts.clear()
                     self.sql_prepared.clear()
                     self.sql_prepared_analysis.clear()
-                    if self.server is not None:
-                        # The server session lost every prepared statement, other clients'
-                        # too: they are prepared there again when next needed.
-                        self.server.prepared.clear()
-                        self.server.sql_prepared.clear()
+                    if server is not None:
+                        server.forget_statements()
             elif kind == "prepare" and eff.name:
                 self.sql_prepared[eff.name] = eff.text
-                if self.server is not None:
-                    self.server.sql_prepared[eff.name] = eff.text
+                if server is not None:
+                    server.sql_prepared[eff.name] = eff.text
                 inner = self.app.classifier.classify(eff.text)
                 self.sql_prepared_analysis[eff.name] = inner
             elif kind == "deallocate" and eff.name:
                 self.sql_prepared.pop(eff.name, None)
                 self.sql_prepared_analysis.pop(eff.name, None)
-                if self.server is not None:
-                    self.server.sql_prepared.pop(eff.name, None)
+                if server is not None:
+                    server.sql_prepared.pop(eff.name, None)
             elif kind == "deallocate_all":
                 self.sql_prepared.clear()
                 self.sql_prepared_analysis.clear()
-                if self.server is not None:
-                    self.server.sql_prepared.clear()
+                if server is not None:
+                    server.forget_statements()
         if changed:
             self._settings_changed()
-            if self.server is not None:
+            if server is not None:
                 # The server ran them itself; where that left it other than the session's
                 # settings, the next unit that gets it (this session's too) replays them.
-                self.server.settings_key = tuple(sorted(on_server.items()))
+                server.settings_key = tuple(sorted(on_server.items()))
 
     def _retry(self, server: ServerConnection, step: Step) -> None:
         """A replica refused an autocommit read (read-only or recovery conflict) before

@@ -337,10 +337,13 @@ async def test_set_inside_a_transaction_follows_only_if_committed(make_proxy, cl
 # --- one client's DISCARD ALL / RESET ALL on a shared server connection ---------------------
 
 
-def test_a_discard_all_on_a_shared_connection_leaves_other_clients_statements_working(make_proxy, cluster) -> None:
+@pytest.mark.parametrize("drop", ["DISCARD ALL", "DEALLOCATE ALL; SELECT 1"])
+def test_a_discard_all_on_a_shared_connection_leaves_other_clients_statements_working(make_proxy, cluster,
+                                                                                       drop) -> None:
     # One primary connection for both clients: a's statement is prepared on it, then b's
-    # DISCARD ALL drops every statement of that server session. a's next execution must
-    # still work (the proxy prepares it there again), and so must b's own afterwards.
+    # DISCARD ALL (or a DEALLOCATE ALL that reaches the server: not alone, so the proxy
+    # does not answer it) drops every statement of that server session. a's next execution
+    # must still work (the proxy prepares it there again), and so must b's own afterwards.
     proxy = make_proxy(pool={"size": 1})
     sql = "SELECT %s::int + 1, pg_backend_pid()"
     with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0, connect_timeout=10) as a, \
@@ -350,7 +353,7 @@ def test_a_discard_all_on_a_shared_connection_leaves_other_clients_statements_wo
         first = a.execute(sql, (1,)).fetchone()
         assert first[0] == 2
         b.execute(sql, (5,)).fetchone()
-        b.execute("DISCARD ALL")
+        psycopg.ClientCursor(b).execute(drop)  # simple protocol: several statements may go
         again = a.execute(sql, (2,)).fetchone()
         assert again == (3, first[1])  # the same server connection, the statement prepared again
         b.execute("SET pgsplit.route = 'primary'")  # (DISCARD ALL reset it with the rest)
