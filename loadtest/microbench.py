@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import time
 
 from proxy import wire
@@ -116,13 +117,14 @@ def run(units: int, replicas: bool, mode: str) -> float:
 
 # pgbench's tpcb-like transaction in simple protocol, and the server's replies to what the
 # proxy sends for each statement (the proxy answers the BEGIN and sends it with the UPDATE).
+# Like pgbench, every transaction draws new constants (scale 10).
 TPCB = [
     ("BEGIN;", None),
-    ("UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 7;", ["BEGIN", "UPDATE 1"]),
-    ("SELECT abalance FROM pgbench_accounts WHERE aid = 7;", ["SELECT 1"]),
-    ("UPDATE pgbench_tellers SET tbalance = tbalance + 5 WHERE tid = 3;", ["UPDATE 1"]),
-    ("UPDATE pgbench_branches SET bbalance = bbalance + 5 WHERE bid = 1;", ["UPDATE 1"]),
-    ("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 7, 5, CURRENT_TIMESTAMP);",
+    ("UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};", ["BEGIN", "UPDATE 1"]),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};", ["SELECT 1"]),
+    ("UPDATE pgbench_tellers SET tbalance = tbalance + {delta} WHERE tid = {tid};", ["UPDATE 1"]),
+    ("UPDATE pgbench_branches SET bbalance = bbalance + {delta} WHERE bid = {bid};", ["UPDATE 1"]),
+    ("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ({tid}, {bid}, {aid}, {delta}, CURRENT_TIMESTAMP);",
      ["INSERT 0 1"]),
     ("END;", ["COMMIT"]),
 ]
@@ -131,21 +133,27 @@ TPCB = [
 def run_tpcb(transactions: int) -> float:
     """Time per tpcb-like transaction (simple protocol, primary only), in microseconds."""
     app, session, servers = build(False)
-    steps = []
-    for sql, tags in TPCB:
+    replies = []
+    for _sql, tags in TPCB:
         reply = None
         if tags is not None:
             reply = b"".join(
                 (wire.row_description(["abalance"]) + wire.data_row(["5"]) if tag.startswith("SELECT") else b"")
                 + wire.command_complete(tag) + wire.ready_for_query(wire.TX_IDLE if tag == "COMMIT" else wire.TX_IN_BLOCK)
                 for tag in tags)
-        steps.append((wire.query(sql), reply))
+        replies.append(reply)
+    draw = random.Random(1)
+    variants = []
+    for _ in range(1000):
+        values = dict(aid=draw.randint(1, 1000000), tid=draw.randint(1, 100), bid=draw.randint(1, 10),
+                      delta=draw.randint(-5000, 5000))
+        variants.append([(wire.query(sql.format(**values)), reply) for (sql, _), reply in zip(TPCB, replies)])
     outs = [session.transport.out] + [conn.transport.out for conn in servers.values()]
     t0 = time.perf_counter()
-    for _ in range(transactions):
+    for i in range(transactions):
         for out in outs:
             out.clear()
-        for request, reply in steps:
+        for request, reply in variants[i % 1000]:
             session.data_received(request)
             if reply is not None:
                 session.server.data_received(reply)
