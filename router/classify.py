@@ -601,7 +601,7 @@ class Classifier:
             self._pf_hits += 1
             return _PLAIN_READ
         # Simple protocol inlines constants: the same statement comes back with new ones.
-        shape = literal_shape(sql)
+        shape = literal_shape(sql) if len(sql) <= _MAX_TEXT_KEY else None  # keys stay small
         if shape is not None:
             base = self._shape.get(shape)
             if base is not None:

@@ -94,3 +94,11 @@ def test_constants_alone_are_not_parsed_again() -> None:
     assert (info.misses, info.fingerprint_hits, info.shape_hits, info.shape_size) == (2, 0, 198, 2)
     c.set_volatile_functions(frozenset({"f"}))  # new volatile functions: the shapes go too
     assert c.cache_info().shape_size == 0
+
+
+def test_long_texts_are_not_kept_by_shape() -> None:
+    c = Classifier()
+    values = ", ".join(["(1, 'x')"] * 2000)  # a bulk INSERT: its shape would be as long
+    for n in range(3):
+        c.classify(f"INSERT INTO h (a, b) VALUES ({n}, 'y'), {values}")
+    assert c.cache_info().shape_size == 0 and c.cache_info().fingerprint_hits == 2
