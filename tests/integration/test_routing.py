@@ -473,7 +473,9 @@ async def test_volatile_user_function_runs_on_the_primary(make_proxy, cluster, c
                    "AS 'SELECT pg_is_in_recovery()'", dbname="app")
     cluster.sql(p, "GRANT EXECUTE ON FUNCTION app_touch(), app_peek() TO app", dbname="app")
     cluster.wait_caught_up()
-    proxy = make_proxy(routing={"catalog_refresh_s": 0.5}, monitor=monitor)
+    # (the STABLE read follows a "write", so it waits for a replica to replay it: room for
+    # a loaded machine, where 50 ms could send it to the primary)
+    proxy = make_proxy(routing={"catalog_refresh_s": 0.5, "consistency_wait_ms": 5000}, monitor=monitor)
     # The catalog of a database is read when the first client of it logs in.
     c = await clients(proxy, kind)
     assert _volatile_known(proxy, "app_touch")
