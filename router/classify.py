@@ -642,9 +642,9 @@ class Classifier:
 
     @staticmethod
     def _reuse(base: Analysis, sql: str, hint: Route | None) -> Analysis:
-        """A cached analysis of another text with the same fingerprint, for `sql`.
-        Literals are not in the fingerprint: set_config('synchronous_commit', ...) and
-        set_config('work_mem', ...) share one. Look at this text."""
+        """A cached analysis of another text with the same fingerprint (or shape), for
+        `sql`. Constants are in neither: set_config('synchronous_commit', ...) and
+        set_config('work_mem', ...) share both. Look at this text."""
         sync = _mentions_sync_commit(sql)
         if hint is None and sync == base.mentions_sync_commit:
             return base
