@@ -81,6 +81,7 @@ class Step:
     rows_out = False  # a DataRow reached the client (retry-able steps only): no retry then
     retry: bytes | None = None  # the unit's bytes, kept to re-send it elsewhere
     retrying = False
+    quiet_ready = False  # its ReadyForQuery answers a Sync of the proxy's own: not forwarded
     delivered = 0  # bytes of replies that reached the client (retry-able steps only)
     skip = 0  # a retried unit's leading reply bytes the client already has
     rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked
@@ -357,7 +358,11 @@ class ServerConnection(asyncio.Protocol):
                         emit = pos
                         self._emit_inserts(step)
                     if not step.retrying:
-                        self._to_client(data[emit:end] if emit or end != n else data, step)
+                        if step.quiet_ready:
+                            if emit < pos:
+                                self._to_client(data[emit:pos], step)
+                        else:
+                            self._to_client(data[emit:end] if emit or end != n else data, step)
                     emit = pos = end
                     self.status = step.status = data[end - 1]
                     steps.popleft()

@@ -24,6 +24,7 @@ import asyncio
 import enum
 import hashlib
 import logging
+import select
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -51,13 +52,28 @@ F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL = wire.F_COPY_DATA, wire.F_COPY_DONE, wire
 TX_IDLE, TX_IN_BLOCK, TX_FAILED = wire.TX_IDLE, wire.TX_IN_BLOCK, wire.TX_FAILED
 
 _FORWARD = StepKind.FORWARD
+_MAY_WRITE = frozenset({F_QUERY, F_PARSE, F_BIND})
+_IGNORED_WHEN_IDLE = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_FLUSH})
 _WRITE = Route.WRITE
 UNIT_END = frozenset({F_QUERY, F_SYNC, F_FLUSH, F_FUNCTION_CALL, F_TERMINATE})
 OPENS_STEP = frozenset({F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE, F_CLOSE, F_QUERY, F_SYNC, F_FUNCTION_CALL})
 CLIENT_TYPES = wire.FRONTEND_TYPES
 MAX_UNROUTED = 1 << 20  # a unit larger than this is routed before its Sync arrives
 STASH_PAUSE = 4 << 20  # stop reading the client while this much waits for a route
+GATHER_MIN = 64 << 10  # a message still missing more than this is gathered in pieces
+PAUSED_CHECK_S = 1.0  # how often a client whose reading is paused is checked for a hang-up
+FRAME_BATCH = 4096  # messages framed at a time (a longer unit is routed as a large one)
 _STATEMENT_KIND = 0x53  # 'S' in Close/Describe
+
+
+def peer_hung_up(transport: asyncio.BaseTransport) -> bool:
+    """The other end of `transport` closed or reset the connection (without reading it)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 class State(enum.Enum):
@@ -193,6 +209,8 @@ class ClientSession(asyncio.Protocol):
         self.units = 0
         self.inbox = None  # handshake input, see proxy.listener
         self._stash = b""
+        self._parts: list[bytes] = []  # a message gathered in pieces (see _hold)
+        self._missing = 0  # bytes of it still to come
         self._skip = 0  # bytes of a long client message still to pass through
         self._open: Step | None = None  # the step receiving the current unit's messages
         self._fresh = False  # a server was just attached for the unit that follows
@@ -243,7 +261,11 @@ class ClientSession(asyncio.Protocol):
                 data = self._pass_long(data)
                 if not data:
                     return
-            if self._stash:
+            if self._missing:
+                data = self._gather(data)
+                if data is None:
+                    return
+            elif self._stash:
                 data = self._stash + data
                 self._stash = b""
             self._process(data)
@@ -278,7 +300,19 @@ class ClientSession(asyncio.Protocol):
     def pause_reading(self, reason: str = "server") -> None:
         if not self._pause_reasons and self.transport is not None:
             self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(PAUSED_CHECK_S, self._check_paused)
         self._pause_reasons.add(reason)
+
+    def _check_paused(self) -> None:
+        """While reading is paused the event loop does not see the client go away: look
+        at the socket every PAUSED_CHECK_S, and end the session (cancelling what it runs)
+        once the client has hung up."""
+        if not self._pause_reasons or self.state is State.CLOSED or self.transport is None:
+            return
+        if peer_hung_up(self.transport):
+            self.close("client went away while its input was held back")
+            return
+        asyncio.get_running_loop().call_later(PAUSED_CHECK_S, self._check_paused)
 
     def resume_reading(self, reason: str = "server") -> None:
         self._pause_reasons.discard(reason)
@@ -329,6 +363,7 @@ class ClientSession(asyncio.Protocol):
         if busy or server.closed or self.pins:
             if busy and not server.closed:
                 self.app.spawn(send_cancel(server.host, server.port, server.process_id, server.secret_key))
+                server.abort()  # what the client left unsent to it goes too (a graceful close waits for it)
             pool.discard(server)
         else:
             pool.release(server)
@@ -367,14 +402,17 @@ class ClientSession(asyncio.Protocol):
         return data[n:]
 
     def _process(self, buf: bytes) -> None:
-        """Route new units and forward messages, until the bytes run out or must wait."""
+        """Route new units and forward messages, until the bytes run out or must wait.
+
+        The bytes are framed once, a batch of messages at a time, and every step below
+        walks the frames by index: the work per message stays constant however many
+        messages the client pipelined (re-framing the rest after each unit made a long
+        pipeline cost the square of its length)."""
         pos = 0
         n = len(buf)
-        while pos < n and self.state is State.READY:
-            if self._routing is not None:
-                break
+        while pos < n and self.state is State.READY and self._routing is None:
             try:
-                frames, complete = wire.split_messages(buf, pos, valid_types=CLIENT_TYPES)
+                frames, complete = wire.split_messages(buf, pos, valid_types=CLIENT_TYPES, limit=FRAME_BATCH)
             except wire.ProtocolViolation as exc:
                 self.fail(ProtocolViolation(str(exc)))
                 return
@@ -382,42 +420,93 @@ class ClientSession(asyncio.Protocol):
                 if self.server is not None and self._stream_long(buf, pos):
                     return
                 break
+            i = self._walk(buf, frames)
+            if i < len(frames):
+                pos = frames[i][1]
+                break
+            pos = complete
+        if pos < n and self.state is State.READY:
+            self._hold(buf, pos)
+
+    def _walk(self, buf: bytes, frames: list) -> int:
+        """Run the units of `frames`; returns the index of the first frame that must
+        wait (len(frames) when all went)."""
+        i = 0
+        nf = len(frames)
+        while i < nf and self.state is State.READY and self._routing is None:
             if self._skip_to_sync:
-                pos = self._skip_group(frames)
+                i = self._skip_group(frames, i)
                 continue
             if self.server is None:
                 if self.app.dataplane.holding:  # a cutover is in progress: wait for it
                     self.app.dataplane.hold_session(self)
-                    pos = frames[0][1]
-                    break
-                start = self._start_unit(buf, frames)
+                    return i
+                start = self._start_unit(buf, frames, i)
                 if start < 0:
-                    pos = frames[0][1]
-                    break
+                    return i
                 if self.server is None:  # answered here, or nothing to run
-                    pos = start
+                    i = start
                     continue
-            stop = self._forward(buf, frames)
+                i = start
+            stop = self._forward(buf, frames, i)
             if stop is None:
-                pos = complete
-                continue
-            pos = stop
+                return nf
+            i = stop
             if self.server is not None:
-                break  # waiting on the units in flight
-        if pos < n and self.state is State.READY:
-            self._stash = buf[pos:] if pos else buf
-            if len(self._stash) > STASH_PAUSE:
-                self.pause_reading("stash")
+                return i  # waiting on the units in flight
+        return i
 
-    def _skip_group(self, frames: list) -> int:
+    def _hold(self, buf: bytes, pos: int) -> None:
+        """Keep the bytes from `pos` until they can go on. A message that has not fully
+        arrived is gathered in pieces (`_gather`: linear in its size, and reading goes on
+        until it is whole); complete messages that wait for a route or for the units in
+        flight stop the reading once they pass STASH_PAUSE."""
+        rest = buf[pos:] if pos else buf
+        n = len(rest)
+        if n >= 5:
+            missing = 1 + wire.header_length(rest, 0) - n
+            if missing > GATHER_MIN and not self._complete_waiting(rest):
+                self._stash = rest
+                self._parts = [rest]
+                self._missing = missing
+                return
+        self._stash = rest
+        if n > STASH_PAUSE and self._complete_waiting(rest):
+            self.pause_reading("stash")
+
+    @staticmethod
+    def _complete_waiting(rest: bytes) -> bool:
+        """`rest` starts with a whole message (not just the head of one)."""
+        return len(rest) >= 5 and 1 + wire.header_length(rest, 0) <= len(rest)
+
+    def _gather(self, data: bytes) -> bytes | None:
+        """More of a message that has not fully arrived; the whole of what is held once it
+        has (None until then)."""
+        self._parts.append(data)
+        self._missing -= len(data)
+        if self._missing > 0:
+            return None
+        data = b"".join(self._parts)
+        self._parts = []
+        self._missing = 0
+        self._stash = b""
+        return data
+
+    def _requeue(self, data: bytes) -> None:
+        """A unit to run again, ahead of the bytes that wait."""
+        if self._missing:
+            self._parts[0] = data + self._parts[0]
+        self._stash = data + self._stash
+
+    def _skip_group(self, frames: list, i: int) -> int:
         """After an error the proxy answered for a group still arriving: drop messages up
         to its Sync, then answer that Sync, as a server skips after an error."""
-        for t, s, e in frames:
-            if t == F_SYNC:
+        for j in range(i, len(frames)):
+            if frames[j][0] == F_SYNC:
                 self._skip_to_sync = False
                 self.transport.write(wire.ready_for_query(self.status))
-                return e
-        return frames[-1][2]
+                return j + 1
+        return len(frames)
 
     def _stream_long(self, buf: bytes, pos: int) -> bool:
         """A CopyData too large to wait for whole is passed through as it arrives."""
@@ -436,7 +525,7 @@ class ClientSession(asyncio.Protocol):
             return
         if self._pause_reasons:
             self.resume_reading("stash")
-        if self._stash:
+        if self._stash and not self._missing:
             data, self._stash = self._stash, b""
             self._process(data)
 
@@ -682,7 +771,8 @@ class ClientSession(asyncio.Protocol):
                 fcall = True
             if t in UNIT_END:
                 return j, analyses, fcall
-        if frames[-1][2] - frames[i][1] > MAX_UNROUTED:
+        if len(buf) - frames[i][1] > MAX_UNROUTED or len(frames) >= FRAME_BATCH:
+            # (bytes of a message still arriving count: a large Bind behind its Parse)
             return len(frames) - 1, analyses, fcall
         return None
 
@@ -710,27 +800,31 @@ class ClientSession(asyncio.Protocol):
             return SessionFacts(True, token)
         return SessionFacts(bool(self.pins) or self.route_primary, token)
 
-    def _start_unit(self, buf: bytes, frames: list) -> int:
-        """Route the unit at frames[0]; returns the position to continue from, or -1 to
-        wait (for more bytes, or for an asynchronous route)."""
-        t, s, e = frames[0]
-        if t in (F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_FLUSH):
-            return e  # after a failed COPY the server drops these too; Flush has nothing to flush
+    def _start_unit(self, buf: bytes, frames: list, i: int) -> int:
+        """Route the unit at frames[i]; returns the index to continue from (i itself when
+        the unit is to be forwarded on the connection just attached), or -1 to wait (for
+        more bytes, or for an asynchronous route)."""
+        t = frames[i][0]
+        if t in _IGNORED_WHEN_IDLE:
+            # after a failed COPY the server drops these too; Flush has nothing to flush
+            i += 1
+            while i < len(frames) and frames[i][0] in _IGNORED_WHEN_IDLE:
+                i += 1
+            return i
         if t == F_TERMINATE:
             self.close("client sent Terminate")
-            return len(buf)
-        scan = self._scan_unit(buf, frames, 0)
+            return len(frames)
+        scan = self._scan_unit(buf, frames, i)
         if scan is None:
             return -1
         last, analyses, fcall = scan
-        end = frames[last][2]
         if self._aborted is not None:
-            unit_end = self._unit_end(frames, last)
-            self._answer_aborted(buf[frames[0][1] : unit_end], analyses)
-            return unit_end
-        handled = self._answer_locally(buf, frames[: last + 1], analyses)
+            unit_last = self._unit_last(frames, last)
+            self._answer_aborted(buf[frames[i][1] : frames[unit_last][2]], analyses)
+            return unit_last + 1
+        handled = self._answer_locally(buf, frames[i : last + 1], analyses)
         if handled:
-            return end
+            return last + 1
         if handled is None:
             return -1
         facts = self._unit_facts(analyses, fcall)
@@ -741,6 +835,7 @@ class ClientSession(asyncio.Protocol):
             facts = UnitFacts(writes=facts.writes or not read_only, hint=facts.hint)
         self.units += 1  # the tie-breaker between equally loaded replicas
         token, fetch = self.read_token(facts)
+        unit = self._unit_bytes(buf, frames, i, last)
         if not fetch:
             decision = self._decide(facts, token)
             if decision.error is None and decision.wait_lsn is None:
@@ -748,22 +843,24 @@ class ClientSession(asyncio.Protocol):
                     self.app.note_consistency(decision)
                 conn = self._borrow_now(decision.backend)
                 if conn is not None:
-                    self._attach(conn, decision.backend, self._unit_bytes(buf, frames, last), facts)
-                    return frames[0][1]
-        self._routing = self.app.spawn(self._route_later(facts, self._unit_bytes(buf, frames, last)))
+                    self._attach(conn, decision.backend, unit, facts)
+                    return i
+        self._routing = self.app.spawn(self._route_later(facts, unit))
         return -1
 
     @staticmethod
-    def _unit_end(frames: list, last: int) -> int:
-        """Where the unit at frames[0] ends: after its Sync (or Query), which may come
-        after the Flush it was routed at; as far as has arrived if it has not."""
-        for t, s, e in frames[last:]:
+    def _unit_last(frames: list, last: int) -> int:
+        """The index of the last frame of the unit that ends at (or after) frames[last]:
+        its Sync (or Query), which may come after the Flush it was routed at; as far as
+        has arrived if it has not."""
+        for j in range(last, len(frames)):
+            t = frames[j][0]
             if t == F_SYNC or t == F_QUERY or t == F_FUNCTION_CALL:
-                return e
-        return frames[-1][2]
+                return j
+        return len(frames) - 1
 
-    def _unit_bytes(self, buf: bytes, frames: list, last: int) -> bytes:
-        start, end = frames[0][1], self._unit_end(frames, last)
+    def _unit_bytes(self, buf: bytes, frames: list, i: int, last: int) -> bytes:
+        start, end = frames[i][1], frames[self._unit_last(frames, last)][2]
         return buf if start == 0 and end == len(buf) else buf[start:end]
 
     def _decide(self, facts: UnitFacts, token: int | None, allow_wait: bool = True) -> Decision:
@@ -1029,18 +1126,34 @@ class ClientSession(asyncio.Protocol):
         self._open = step
         return step
 
-    def _forward(self, buf: bytes, frames: list) -> int | None:
-        """Forward complete client messages to the attached server. Returns None when all
-        were forwarded, else the position of the first one that must wait."""
+    def _forward(self, buf: bytes, frames: list, first: int) -> int | None:
+        """Forward the complete client messages from frames[first] to the attached server.
+        Returns None when all were forwarded, else the index of the first one that must
+        wait."""
         server = self.server
         out: list[bytes] = []
-        run = frames[0][1]  # start of a run of bytes forwarded unchanged
+        run = frames[first][1]  # start of a run of bytes forwarded unchanged
         step = self._open
         if step is not None and step.retry is not None:
-            self._keep_for_retry(step, buf, frames)
+            self._keep_for_retry(step, buf, frames, first)
         stop = None
         query_analysis: Analysis | None = None
-        for i, (t, s, e) in enumerate(frames):
+        for i in range(first, len(frames)):
+            t, s, e = frames[i]
+            if step is not None and t in _MAY_WRITE and self._leaves_replica(step, buf, t, s, e):
+                # A statement that needs the primary, in a group left open (Flush) on a
+                # replica: the proxy ends the group there with a Sync of its own (its
+                # ReadyForQuery is not forwarded) and routes the rest afresh once it is
+                # answered. Sent on, the replica would refuse it, and COPY data pipelined
+                # behind it would be lost with the refusal.
+                out.append(buf[run:s])
+                out.append(wire.SYNC)
+                run = s
+                step.closed = step.extended = step.quiet_ready = True
+                step.retry = None
+                self._open = step = None
+                stop = i
+                break
             if step is None and t in OPENS_STEP:
                 if t == F_SYNC and server.copy_in_absorb and self._copy_done:
                     server.copy_in_absorb = False  # answered by the step that ran the COPY
@@ -1048,7 +1161,7 @@ class ClientSession(asyncio.Protocol):
                     continue
                 b = self._boundary(buf, frames, i)
                 if b is not Boundary.GO:
-                    stop = s
+                    stop = i
                     if b is Boundary.ROUTE:
                         self._release()
                     break
@@ -1164,9 +1277,27 @@ class ClientSession(asyncio.Protocol):
                 self._flush_out(server, out, buf, run, s)
                 self.close("client sent Terminate")
                 return None
-        end = stop if stop is not None else frames[-1][2]
+        end = frames[stop][1] if stop is not None else frames[-1][2]
         self._flush_out(server, out, buf, run, end)
         return stop
+
+    def _leaves_replica(self, step: Step, buf: bytes, t: int, s: int, e: int) -> bool:
+        """The Query, Parse or Bind at `s` needs the primary, and the group it would join
+        is open on a replica with nothing gone wrong in it yet."""
+        if self.backend is None or self.backend.role is not Role.REPLICA or step.error is not None or self.pins:
+            return False
+        if t == F_QUERY:
+            analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+        elif t == F_PARSE:
+            analysis = self._classify(wire.parse_parse(buf[s + 5 : e])[1])
+        else:
+            name = wire.parse_bind_names(buf[s + 5 : e])[1]
+            st = self.stmts.get(name) if name else None
+            analysis = st.analysis if st is not None else None
+            if analysis is None:
+                return False
+        facts = self._unit_facts([analysis], False)
+        return facts.writes or facts.hint is Role.PRIMARY
 
     def _own_answer(self, analysis: Analysis) -> local.Answer | None:
         """The proxy's answer to a Query with pgsplit statements, else None. In a failed
@@ -1179,14 +1310,10 @@ class ClientSession(asyncio.Protocol):
                 "pgsplit commands (SET/RESET/SHOW pgsplit.*) must be sent as statements of their own"))
         return self.app.commands.evaluate(self, own)
 
-    def _keep_for_retry(self, step: Step, buf: bytes, frames: list) -> None:
+    def _keep_for_retry(self, step: Step, buf: bytes, frames: list, first: int) -> None:
         """More messages of an open retry-able unit (sent after a Flush): keep them too."""
-        end = frames[-1][2]
-        for t, s, e in frames:
-            if t == F_SYNC or t == F_QUERY:
-                end = e
-                break
-        step.retry += buf[frames[0][1] : end]
+        end = frames[self._unit_last(frames, first)][2]
+        step.retry += buf[frames[first][1] : end]
         if len(step.retry) > RETRY_MAX_BYTES:
             step.retry = None
 
@@ -1407,7 +1534,7 @@ class ClientSession(asyncio.Protocol):
         self.app.metrics.retries.labels(reason=(step.error or {}).get("C", "?")).inc()
         data = step.retry
         self._release()
-        self._stash = data + self._stash
+        self._requeue(data)
         self._retry_skip = step.delivered
         if (step.error or {}).get("C") in ("25006", "40001"):
             self._force_primary_next = True  # the replica cannot run it; the primary can
@@ -1431,7 +1558,7 @@ class ClientSession(asyncio.Protocol):
             log.info("server %s lost during a read; retrying it elsewhere", server.backend)
             self.app.metrics.retries.labels(reason="server_lost").inc()
             self.app.note_backend_failure(server.backend)
-            self._stash = first.retry + self._stash
+            self._requeue(first.retry)
             self._retry_skip = first.delivered
             self.resume()
             return

@@ -212,17 +212,17 @@ def header_length(buf: bytes | bytearray | memoryview, pos: int) -> int:
 
 
 def split_messages(
-    buf: bytes | bytearray, pos: int = 0, *, valid_types: frozenset[int] | None = None
+    buf: bytes | bytearray, pos: int = 0, *, valid_types: frozenset[int] | None = None, limit: int = 0,
 ) -> tuple[list[tuple[int, int, int]], int]:
-    """Frame complete messages in buf from pos.
+    """Frame complete messages in buf from pos (at most `limit` of them, when given).
 
-    Returns ([(type, start, end), ...], position of the first incomplete byte).
+    Returns ([(type, start, end), ...], position after the last one framed).
     Raises ProtocolViolation on a length below 4 or above MAX_MESSAGE, or on a type byte
     outside valid_types when given.
     """
     out = []
     n = len(buf)
-    while pos + 5 <= n:
+    while pos + 5 <= n and (not limit or len(out) < limit):
         t = buf[pos]
         length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
         if length < 4 or length > MAX_MESSAGE:

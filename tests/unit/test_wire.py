@@ -279,6 +279,17 @@ def test_split_from_a_position():
     assert frames == [(0x51, 4, 4 + len(q))] and pos == 4 + len(q)
 
 
+def test_split_at_most_limit_messages():
+    buf = b"".join(wire.query(f"SELECT {i}") for i in range(10))
+    everything, end = wire.split_messages(buf)
+    pos, batches = 0, []
+    while pos < len(buf):
+        frames, pos = wire.split_messages(buf, pos, limit=3)
+        assert 0 < len(frames) <= 3
+        batches += frames
+    assert batches == everything and pos == end == len(buf)
+
+
 def test_split_at_every_boundary_gives_same_frames():
     whole = stream_of_messages()
     expected = [(t, bytes(whole[s:e])) for t, s, e in split_messages(whole)[0]]
