@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Callable
@@ -52,6 +53,9 @@ for _t in b"123CIstTn":
 COMPLETES = bytes(COMPLETES)
 
 _Z, _E, _S, _D, _G = wire.B_READY, wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_DATA_ROW, wire.B_COPY_IN
+
+# A client's named statement as the servers know it (proxy.session.server_statement_name).
+_SERVER_STATEMENT = re.compile(rb"pgsplit_[0-9a-f]{20}")
 
 
 class StepKind(enum.Enum):
@@ -435,8 +439,11 @@ class ServerConnection(asyncio.Protocol):
         if anchors:
             self._emit_inserts(step)
         if t == _E:
+            body = data[pos + 5 : end]
+            renamed = self._client_names(body) if b"pgsplit_" in body else None
+            fields = wire.parse_fields(renamed or body)
             if step.error is None:
-                step.error = wire.parse_fields(data[pos + 5 : end])
+                step.error = fields
             if anchors:
                 del anchors[:]  # the server skips everything up to Sync
             if step.regs:
@@ -445,6 +452,10 @@ class ServerConnection(asyncio.Protocol):
                     if index >= step.done:
                         self.prepared.discard(name)
                 step.regs = None
+            if renamed:
+                if not step.retrying:
+                    self._to_client(wire.message(_E, renamed), step)
+                return True
             return step.retrying
         if t == _S:
             name, value = wire.parse_parameter_status(data[pos + 5 : end])
@@ -469,6 +480,18 @@ class ServerConnection(asyncio.Protocol):
         elif t == _D:
             step.rows_seen = True
         return step.retrying
+
+    def _client_names(self, body: bytes) -> bytes | None:
+        """An ErrorResponse that names the proxy's statement (`prepared statement
+        "pgsplit_..." does not exist`, a Bind's parameter count...), naming the client's
+        own instead, as PostgreSQL would have; None when it names none of the client's.
+        (A client that prepared the same text under two names may see either.)"""
+        stmts = getattr(self.client, "stmts", None)
+        if not stmts:
+            return None
+        names = {st.server_name: name for name, st in stmts.items()}
+        renamed = _SERVER_STATEMENT.sub(lambda m: names.get(m.group(), m.group()), body)
+        return renamed if renamed != body else None
 
     def _refused(self, step: Step, data: bytes, pos: int, end: int) -> bool:
         """A replica's error for a unit that can still run elsewhere: nothing of it has
