@@ -3,7 +3,9 @@
 pgsplit prepares a client's named statement on a server under a name of its own
 (`pgsplit_` + a hash of the text), so that pooled connections share it. What the server
 says about that statement must still make sense to the client: an error names the
-client's statement, as PostgreSQL would.
+client's statement, as PostgreSQL would, and a statement whose cached plan a schema change
+invalidated ("cached plan must not change result type") is prepared afresh when the
+driver prepares it again, as asyncpg does on its own.
 """
 
 from __future__ import annotations
@@ -72,3 +74,54 @@ def test_bind_error_names_the_clients_statement_as_postgresql_does(proxy, cluste
     assert expected["M"] == 'bind message supplies 0 parameters, but prepared statement "my_stmt" requires 1'
     assert (got["C"], got["M"]) == (expected["C"], expected["M"])
 
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_asyncpg_recovers_from_a_changed_result_type(make_proxy, mode):
+    """asyncpg's own recovery (its test_cache_invalidation): a cached statement whose
+    table's column changed type fails with 0A000 on the server; asyncpg prepares it again
+    and runs it once more, which must work through pgsplit as it does on PostgreSQL. The
+    stale server statement is closed, so no other client inherits it."""
+    # transaction mode: one server connection, so every try meets the stale statement
+    proxy = make_proxy(pool={"mode": mode, "size": 1 if mode == "transaction" else 5})
+    conn, other = await connect(proxy), await connect(proxy)
+    table = f"stale_plan_{mode}"
+    query = f"SELECT * FROM {table}"
+
+    async def rows(c) -> list[tuple]:
+        return [tuple(r) for r in await c.fetch(query)]
+
+    try:
+        await other.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int, b int);"
+                            f" INSERT INTO {table} VALUES (1, 2)")
+        assert await rows(conn) == [(1, 2)]
+        await other.execute(f"ALTER TABLE {table} ALTER COLUMN b TYPE text")
+        assert await rows(conn) == [(1, "2")]  # failed once inside, re-prepared by asyncpg
+        assert await rows(conn) == [(1, "2")]
+
+        # An explicitly prepared statement is not re-prepared by asyncpg (nor on
+        # PostgreSQL); after its failure a new client, and a new prepare, work.
+        stmt = await conn.prepare(query)
+        assert [tuple(r) for r in await stmt.fetch()] == [(1, "2")]  # (ends the prepare's transaction)
+        await other.execute(f"ALTER TABLE {table} ALTER COLUMN a TYPE bigint")
+        with pytest.raises(asyncpg.InvalidCachedStatementError):
+            await stmt.fetch()
+        fresh = await connect(proxy)
+        try:
+            assert await rows(fresh) == [(1, "2")]
+        finally:
+            await fresh.close(timeout=5)
+        assert [tuple(r) for r in await (await conn.prepare(query)).fetch()] == [(1, "2")]
+
+        # A prepare (Parse, Describe, Flush) that meets the stale statement: pgsplit
+        # answered the Parse from the statement the connection has, and the Describe
+        # fails, where PostgreSQL would have parsed afresh. The statement is closed
+        # after the unit's Sync, so the next prepare works.
+        await other.execute(f"ALTER TABLE {table} ALTER COLUMN a TYPE int")
+        with pytest.raises(asyncpg.InvalidCachedStatementError):
+            await conn.prepare(query)
+        assert [tuple(r) for r in await (await conn.prepare(query)).fetch()] == [(1, "2")]
+        assert await rows(conn) == [(1, "2")]
+        await other.execute(f"DROP TABLE {table}")
+    finally:
+        await conn.close(timeout=5)
+        await other.close(timeout=5)
