@@ -1,7 +1,8 @@
 """The admin API's answers to bad requests, through HTTP against a running pgsplit.
 
-Numbers the admin API takes (a pause's or a cutover's `timeout_s`) must be finite and
-positive: anything else gets 400 with a JSON error naming the field, and changes nothing.
+Numbers the admin API takes (a pause's or a cutover's `timeout_s`, a verify's
+`chunk_rows`) must be finite and positive: anything else gets 400 with a JSON error naming
+the field, and changes nothing.
 The token check follows RFC 7235: the `Bearer` scheme is matched in any case.
 """
 
@@ -59,6 +60,13 @@ async def test_cutover_refuses_a_timeout_that_is_not_seconds(make_proxy, value):
     status, body = await post_raw(proxy.admin_url + "/v1/cutover", f'{{"target": "main", "timeout_s": {value}}}')
     assert status == 400, body
     assert "timeout_s must be a finite number of seconds > 0" in body["error"], body
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "1.5", "NaN", "1e400", '"10"', "true"])
+async def test_verify_refuses_chunk_rows_that_are_not_a_whole_number(make_proxy, value):
+    proxy = make_proxy()
+    status, body = await post_raw(proxy.admin_url + "/v1/migrate/verify", f'{{"target": "main", "chunk_rows": {value}}}')
+    assert status == 400 and "chunk_rows must be a whole number >= 1" in body["error"], body
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
