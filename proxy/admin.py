@@ -1,9 +1,10 @@
 """The HTTP side of the proxy (aiohttp): /metrics, /healthz and the admin API (status,
 pause, resume, reload, cutover, migrate).
 
-Owns: routes, the token check for POST requests, JSON shapes. Loopback-only by default;
-bound elsewhere, the config requires a token, and every POST must carry it as
-`Authorization: Bearer <token>`. The token is compared in constant time and never logged.
+Owns: routes, the token check for POST requests, JSON shapes, the check of the numbers a
+request carries. Loopback-only by default; bound elsewhere, the config requires a token, and
+every POST must carry it as `Authorization: Bearer <token>` (the scheme in any case, RFC
+7235). The token is compared in constant time and never logged.
 Must not know: how a cutover or a pause works (it calls the proxy's methods).
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -25,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("pgsplit.admin")
 
 MIGRATE_ACTIONS = ("plan", "start", "status", "verify")
+SECONDS = ("timeout_s",)  # body fields that are durations (POST /v1/pause, /v1/cutover)
 
 
 class Admin:
@@ -58,10 +61,12 @@ class Admin:
         if request.method == "POST":
             token = self.proxy.config.admin.secret()
             if token is not None:
-                given = request.headers.get("Authorization", "")
-                expected = f"Bearer {token}"
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    return web.json_response({"error": "missing or wrong admin token"}, status=401)
+                scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+                # compared whatever the scheme, so the time taken tells nothing more
+                same = hmac.compare_digest(given.lstrip(" ").encode(), token.encode())
+                if not (same and scheme.lower() == "bearer"):
+                    return web.json_response({"error": "missing or wrong admin token"}, status=401,
+                                             headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     def _post(self, name: str, method):
@@ -189,4 +194,11 @@ async def _json_object(request: web.Request) -> dict | web.Response:
         return web.json_response({"error": "the request body is not JSON"}, status=400)
     if not isinstance(body, dict):
         return web.json_response({"error": "the request body must be a JSON object"}, status=400)
+    for key in SECONDS:
+        value = body.get(key)
+        # Python's JSON reads NaN, Infinity and 1e400 (inf) as floats: none is a timeout.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            return web.json_response({"error": f"bad arguments: {key} must be a finite number of seconds > 0"
+                                               f" (got {json.dumps(value)})"}, status=400)
     return body

@@ -9,6 +9,7 @@ Must not know: sockets or sessions; callers move the bytes.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 
 from scramp import ScramClient, ScramException, ScramMechanism
@@ -19,6 +20,8 @@ from proxy.errors import AuthenticationFailed, ProtocolViolation, ProxyError
 SCRAM = "SCRAM-SHA-256"
 _MECHANISM = ScramMechanism(SCRAM)
 _ITERATIONS = 4096  # PostgreSQL's scram_iterations default
+# Keys the decoy salts of unknown users; one per process, so a reload keeps them.
+_DECOY_SECRET = os.urandom(32)
 
 
 class Verifiers:
@@ -35,8 +38,16 @@ class Verifiers:
     def known(self, user: str) -> bool:
         return user in self._auth
 
+    def _decoy_for(self, user: str) -> tuple:
+        """An unknown user's verifier: its salt is the name's HMAC, so each name has its
+        own, the same at every attempt and as long as a real one (a shared salt would
+        tell a client which names exist; PostgreSQL's mock authentication does this too)."""
+        salt = hmac.digest(_DECOY_SECRET, user.encode(), "sha256")
+        return (salt, *self._decoy[1:])
+
     def server_exchange(self, user: str) -> "ScramExchange":
-        return ScramExchange(user, self._auth.get(user, self._decoy), known=user in self._auth)
+        auth_info = self._auth.get(user)
+        return ScramExchange(user, auth_info or self._decoy_for(user), known=auth_info is not None)
 
 
 class ScramExchange:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Callable
@@ -52,6 +53,12 @@ for _t in b"123CIstTn":
 COMPLETES = bytes(COMPLETES)
 
 _Z, _E, _S, _D, _G = wire.B_READY, wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_DATA_ROW, wire.B_COPY_IN
+
+# A client's named statement as the servers know it (proxy.session.server_statement_name).
+_SERVER_STATEMENT = re.compile(rb"pgsplit_[0-9a-f]{20}")
+# Where PostgreSQL raises "cached plan must not change result type" (0A000; the routine
+# field is never translated): the statement fails so until it is prepared again.
+_STALE_PLAN_ROUTINE = "RevalidateCachedQuery"
 
 
 class StepKind(enum.Enum):
@@ -130,6 +137,7 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self.copy_in_absorb = False  # an extended COPY swallowed the Sync sent after Execute
         self.ahead = b""  # requests swallowed `ahead`, written with the next `send`
+        self.after_sync = b""  # requests to write right behind the open unit's Sync (see send)
         self.pool = None  # the pool that owns it (proxy.pool sets it)
         self.on_lost: Callable[["ServerConnection", Exception | None], None] | None = None
         self._held = b""
@@ -287,9 +295,25 @@ class ServerConnection(asyncio.Protocol):
         syscall, and the server reads them together). Every write of requests comes
         here, so the bytes keep the order of the steps."""
         if self.ahead:
-            data = self.ahead + data
-            self.ahead = b""
+            ahead, self.ahead = self.ahead, b""
+            if self.after_sync:
+                data = self._behind_sync(data)
+            data = ahead + data
         self.transport.write(data)
+
+    def _behind_sync(self, data: bytes) -> bytes:
+        """`after_sync` goes right behind the first Sync in `data` (the open unit's own),
+        or waits for a later write (`ahead` holds a Flush, harmless, to be called again)."""
+        try:
+            frames, _ = wire.split_messages(data, valid_types=wire.FRONTEND_TYPES)
+        except wire.ProtocolViolation:  # a long CopyData's rest: no Sync in it
+            frames = []
+        for t, _s, e in frames:
+            if t == wire.F_SYNC:
+                data, self.after_sync = data[:e] + self.after_sync + data[e:], b""
+                return data
+        self.ahead = wire.FLUSH
+        return data
 
     def add_anchor(self, step: Step, index: int, insert: bytes | None) -> None:
         """Drop the reply completing `index` (insert=None), or insert bytes before it."""
@@ -440,8 +464,11 @@ class ServerConnection(asyncio.Protocol):
         if anchors:
             self._emit_inserts(step)
         if t == _E:
+            body = data[pos + 5 : end]
+            renamed = self._client_names(body) if b"pgsplit_" in body else None
+            fields = wire.parse_fields(renamed or body)
             if step.error is None:
-                step.error = wire.parse_fields(data[pos + 5 : end])
+                step.error = fields
             if anchors:
                 del anchors[:]  # the server skips everything up to Sync
             if step.regs:
@@ -450,6 +477,12 @@ class ServerConnection(asyncio.Protocol):
                     if index >= step.done:
                         self.prepared.discard(name)
                 step.regs = None
+            if fields.get("R") == _STALE_PLAN_ROUTINE:
+                self._drop_stale_statements()
+            if renamed:
+                if not step.retrying:
+                    self._to_client(wire.message(_E, renamed), step)
+                return True
             return step.retrying
         if t == _S:
             name, value = wire.parse_parameter_status(data[pos + 5 : end])
@@ -474,6 +507,46 @@ class ServerConnection(asyncio.Protocol):
         elif t == _D:
             step.rows_seen = True
         return step.retrying
+
+    def _client_names(self, body: bytes) -> bytes | None:
+        """An ErrorResponse that names the proxy's statement (`prepared statement
+        "pgsplit_..." does not exist`, a Bind's parameter count...), naming the client's
+        own instead, as PostgreSQL would have; None when it names none of the client's.
+        (A client that prepared the same text under two names may see either.)"""
+        stmts = getattr(self.client, "stmts", None)
+        if not stmts:
+            return None
+        names = {st.server_name: name for name, st in stmts.items()}
+        renamed = _SERVER_STATEMENT.sub(lambda m: names.get(m.group(), m.group()), body)
+        return renamed if renamed != body else None
+
+    def _drop_stale_statements(self) -> None:
+        """A statement's plan no longer gives the result type it was prepared with (a
+        column's type changed): the server fails it until it is prepared again, for
+        every client that shares it here. The error does not say which statement, so all
+        the proxy prepared here are closed and forgotten, and each is prepared again where
+        next used (a driver's re-prepare, as asyncpg's, then works). The Closes go behind
+        the requests sent so far, or, when the failed unit still owes its Sync (cut at a
+        Flush, as asyncpg's Parse/Describe), right behind that Sync."""
+        if self.closed or not self.prepared or self.after_sync:
+            return
+        closes = b"".join(wire.message(wire.F_CLOSE, b"S" + name + b"\0") for name in self.prepared)
+        log.info("backend %s: a cached plan changed its result type; %d prepared statement(s) closed there",
+                 self.backend, len(self.prepared))
+        self.prepared.clear()
+        if all(s.closed for s in self.steps):
+            self.swallow(closes + wire.SYNC, self._statements_dropped)
+            return
+        step = Step(StepKind.SWALLOW, self._statements_dropped)
+        step.closed = True
+        self.steps.append(step)  # the open unit is the last one: nothing follows it yet
+        self.after_sync = closes + wire.SYNC
+        self.ahead += wire.FLUSH  # so that `send` looks for the Sync
+
+    def _statements_dropped(self, step: Step) -> None:
+        # The client's units waited for this step too; go on as after one of theirs.
+        if self.client is not None and not self.closed:
+            self.client.unit_ready(self, step)
 
     def _refused(self, step: Step, data: bytes, pos: int, end: int) -> bool:
         """A replica's error for a unit that can still run elsewhere: nothing of it has

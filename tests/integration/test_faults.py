@@ -9,6 +9,7 @@ psycopg) are used where the point is what a driver does.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import struct
 import subprocess
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from scramp import ScramClient
 
 from helpers import wait_until
 from rawclient import (
-    PROTOCOL_3_1, TLS_CLIENT_HELLO, RawClient, ServerError, error_fields, gssenc_request, message,
+    PROTOCOL_3_1, SCRAM, TLS_CLIENT_HELLO, RawClient, ServerError, error_fields, gssenc_request, message,
     query_message, ssl_request, startup_packet, terminate_message,
 )
 
@@ -203,6 +205,32 @@ def test_authentication_failures(proxy, bystander, user, password):
     # a client cannot tell unknown users from wrong passwords: both get a SCRAM exchange
     assert client.auth_codes == [10, 11], client.auth_codes
     assert_still_serving(proxy, bystander)
+
+
+def server_first(proxy, user: str) -> dict[str, str]:
+    """The attributes of the SCRAM server-first-message the proxy sends `user` (r, s, i)."""
+    with raw(proxy) as client:
+        client.send(startup_packet({"user": user, "database": "app"}))
+        t, body = client.read_message()
+        assert (t, struct.unpack_from("!i", body)[0]) == ("R", 10), (t, body)
+        first = ScramClient([SCRAM], user, "whatever").get_client_first().encode()
+        client.send(message(b"p", SCRAM.encode() + b"\0" + struct.pack("!i", len(first)) + first))
+        t, body = client.read_message()
+        assert (t, struct.unpack_from("!i", body)[0]) == ("R", 11), (t, body)
+    return dict(attr.split("=", 1) for attr in body[4:].decode().split(","))
+
+
+def test_unknown_users_get_salts_of_their_own(proxy):
+    """A client that compares salts cannot tell which user names exist: each unknown name
+    has a salt of its own, the same at every attempt, shaped as a real user's (PostgreSQL's
+    mock authentication does the same)."""
+    app, ghost, phantom = server_first(proxy, "app"), server_first(proxy, "ghost"), server_first(proxy, "phantom")
+    assert ghost["s"] != phantom["s"]
+    assert server_first(proxy, "ghost")["s"] == ghost["s"]
+    assert app["s"] != ghost["s"] and app["s"] != phantom["s"]
+    assert ghost["i"] == phantom["i"] == app["i"] == "4096"
+    assert len(base64.b64decode(ghost["s"])) == len(base64.b64decode(app["s"]))
+    assert sorted(ghost) == sorted(app) == ["i", "r", "s"]
 
 
 def test_wrong_password_with_psql(proxy, bystander):
