@@ -1435,18 +1435,34 @@ class ClientSession(asyncio.Protocol):
             self._retry_skip = first.delivered
             self.resume()
             return
+        self._lost_units(server.backend, server.lost_reason, pending, in_tx)
+
+    def _lost_units(self, backend: str, reason: str | None, pending: list[Step], in_tx: bool) -> None:
+        """Tell the client what became of its units in flight on a lost connection."""
+        first = pending[0] if pending else None
         if first is not None and first.error is not None and first.error.get("V", first.error.get("S")) in ("FATAL", "PANIC"):
-            # The server said why it ended the connection and the client has read it: end
-            # this one too, as PostgreSQL does after a FATAL.
-            self.close(f"backend {server.backend} ended the connection: {first.error.get('M', '')}")
+            # The server said why it ended the connection: the client reads it (a read's
+            # was held back for a retry) and its connection ends too, as PostgreSQL's does.
+            if first.retrying:
+                self.transport.write(ServerError(first.error).to_wire())
+            self.close(f"backend {backend} ended the connection: {first.error.get('M', '')}")
             return
-        message = f"server connection to backend {server.backend} was lost during the query"
+        lost = reason or f"server connection to backend {backend} was lost"
         if in_tx:
-            self.fail(ServerLostInTransaction(message + "; the transaction is rolled back"))
+            if any(a.tx is TxControl.COMMIT for s in pending for a in (s.analyses or ())):
+                self.fail(ServerLostInTransaction(
+                    f"{lost} while the transaction was committing; its outcome is unknown: "
+                    "it may or may not have committed"))
+            else:
+                self.fail(ServerLostInTransaction(f"{lost} during the query; the transaction is rolled back"))
             return
         if pending:
-            # Each unit in flight gets its error and its ReadyForQuery, in order.
-            self.transport.write((ServerLost(message).to_wire() + wire.ready_for_query(TX_IDLE)) * len(pending))
+            # Each unit in flight gets its error and its ReadyForQuery, in order. A write's
+            # outcome is unknown: it may have committed before the connection went.
+            ready = wire.ready_for_query(TX_IDLE)
+            self.transport.write(b"".join(ServerLost(
+                f"{lost} while a write was in flight; its outcome is unknown: it may or may not have committed"
+                if s.writes else f"{lost} during the query").to_wire() + ready for s in pending))
             self.status = TX_IDLE
         self.resume()
 

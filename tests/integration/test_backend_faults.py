@@ -1,0 +1,173 @@
+"""A backend that stops answering, or one server connection that is lost, through pgsplit.
+
+A node is stopped with SIGSTOP (postmaster and every backend: the kernel still accepts and
+acknowledges, nothing answers, as in a network partition) and always continued in a
+`finally`; single server connections are ended with pg_terminate_backend. Each test says
+what a client sees and how long it may wait, and checks the rotation afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import asyncpg
+import pytest
+
+from helpers import async_wait_until
+from loadtest.sandbox import Cluster, _children
+
+OUTAGE_S = 8.0
+# The monitor's default verdict (routing.monitor_timeout_ms = 1000, three timed-out polls
+# for a primary) plus pool.down_backend_wait_s (1 s), the check's period and a margin for
+# a loaded machine: far below the outage.
+BOUND_S = 4.5
+
+
+def asyncpg_dsn(proxy) -> str:
+    return f"postgresql://app:app-secret@127.0.0.1:{proxy.port}/app"
+
+
+@contextmanager
+def stopped(cluster: Cluster, name: str) -> Iterator[None]:
+    """SIGSTOP a node's postmaster and all its processes; SIGCONT them on the way out."""
+    postmaster = cluster.node(name).pid
+    assert postmaster is not None, f"{name} is not running"
+    pids = [postmaster, *_children(postmaster)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in reversed(pids):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def rotation(proxy) -> list[str]:
+    return sorted(r.name for r in proxy.proxy.topology.current.rotation)
+
+
+async def back_in_rotation(proxy, n: int = 2) -> None:
+    await async_wait_until(lambda: len(rotation(proxy)) == n and proxy.proxy.topology.current.primary_writable,
+                           timeout=30, message="every backend back in rotation")
+
+
+async def run_for(seconds: float, conns: list[asyncpg.Connection], sql: str, *args) -> list[list[tuple]]:
+    """Each connection runs `sql` in a loop for `seconds`; per statement (start offset,
+    duration, error or None). A statement that outlives its bound is cut off by the test."""
+    loop = asyncio.get_running_loop()
+    t_end = loop.time() + seconds
+
+    async def one(conn: asyncpg.Connection) -> list[tuple]:
+        out = []
+        while loop.time() < t_end:
+            t0 = loop.time()
+            try:
+                await asyncio.wait_for(conn.fetchval(sql, *args), OUTAGE_S + 10)
+                err = None
+            except asyncpg.PostgresError as exc:
+                err = exc
+            except TimeoutError as exc:
+                err = exc
+            out.append((t0, loop.time() - t0, err))
+            if err is not None:
+                await asyncio.sleep(0.05)
+        return out
+
+    return await asyncio.gather(*(one(c) for c in conns))
+
+
+async def stop_all(work: asyncio.Task | None, conns: list[asyncpg.Connection]) -> None:
+    if work is not None and not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+    for c in conns:
+        c.terminate()
+
+
+# --- a backend that stops answering -----------------------------------------------------------
+
+
+async def test_reads_in_flight_on_a_stopped_replica_are_sent_elsewhere(cluster, make_proxy):
+    proxy = make_proxy(routing={"consistency": "eventual"})
+    await back_in_rotation(proxy)
+    conns = [await asyncpg.connect(asyncpg_dsn(proxy), timeout=10) for _ in range(12)]
+    work = None
+    try:
+        work = asyncio.create_task(run_for(OUTAGE_S + 1.5, conns, "SELECT 1 FROM pg_sleep(0.05)"))
+        await asyncio.sleep(0.5)
+        with stopped(cluster, "replica1"):
+            t_stop = asyncio.get_running_loop().time()
+            await asyncio.sleep(OUTAGE_S)
+        results = await asyncio.wait_for(work, 30)
+    finally:
+        await stop_all(work, conns)
+    spanning = [(t0 - t_stop, d) for rs in results for t0, d, err in rs if t0 < t_stop and t0 + d > t_stop]
+    slowest = max(d for rs in results for _, d, _ in rs)
+    errors = [err for rs in results for _, _, err in rs if err is not None]
+    print(f"\n{len(spanning)} reads in flight when replica1 stopped; slowest read {slowest:.2f} s "
+          f"(outage {OUTAGE_S:g} s); errors: {errors[:3]}")
+    assert errors == []
+    assert slowest < BOUND_S, f"a read waited {slowest:.1f} s on the stopped replica (outage {OUTAGE_S:g} s)"
+    await back_in_rotation(proxy)
+
+
+async def test_writes_in_flight_on_a_stopped_primary_fail_with_outcome_unknown(cluster, make_proxy):
+    table = f"bf_w_{uuid.uuid4().hex[:8]}"
+    cluster.sql(cluster.primary, f"CREATE TABLE {table} (v int)", dbname="app")
+    cluster.sql(cluster.primary, f"GRANT ALL ON {table} TO app", dbname="app")
+    proxy = make_proxy()
+    await back_in_rotation(proxy)
+    conns = [await asyncpg.connect(asyncpg_dsn(proxy), timeout=10) for _ in range(8)]
+    work = None
+    try:
+        work = asyncio.create_task(run_for(OUTAGE_S + 1.5, conns, f"INSERT INTO {table} VALUES (1)"))
+        await asyncio.sleep(0.5)
+        with stopped(cluster, "primary"):
+            t_stop = asyncio.get_running_loop().time()
+            await asyncio.sleep(OUTAGE_S)
+        results = await asyncio.wait_for(work, 30)
+    finally:
+        await stop_all(work, conns)
+        cluster.sql(cluster.primary, f"DROP TABLE {table}", dbname="app")
+    slowest = max(d for rs in results for _, d, _ in rs)
+    firsts = [next((err for _, _, err in rs if err is not None), None) for rs in results]
+    print(f"\nslowest write {slowest:.2f} s (outage {OUTAGE_S:g} s); first errors: "
+          f"{sorted({(getattr(e, 'sqlstate', None), str(e)) for e in firsts})}")
+    assert slowest < BOUND_S, f"a write waited {slowest:.1f} s on the stopped primary (outage {OUTAGE_S:g} s)"
+    for err in firsts:  # every writer had an INSERT in flight when the primary stopped
+        assert isinstance(err, asyncpg.PostgresError) and err.sqlstate == "08006", err
+        assert "outcome is unknown" in str(err), err
+    await back_in_rotation(proxy)
+
+
+async def test_server_sockets_have_keepalive_and_a_user_timeout(cluster, make_proxy):
+    """A partitioned backend acknowledges nothing: TCP must give up on it (keepalive probes
+    on an idle connection, TCP_USER_TIMEOUT on unacknowledged data), as configured."""
+    proxy = make_proxy(pool={"keepalive_idle_s": 7, "keepalive_interval_s": 2, "keepalive_count": 4,
+                             "tcp_user_timeout_s": 2.5})
+    conn = await asyncpg.connect(asyncpg_dsn(proxy), timeout=10)
+    try:
+        await conn.fetchval("SELECT 1")
+        await conn.execute("CREATE TEMP TABLE t (x int)")  # pins a primary connection too
+        socks = [c.transport.get_extra_info("socket") for pool in proxy.proxy.pools
+                 for c in (*pool.idle, *pool.busy)]
+        assert len(socks) >= 2
+        for sock in socks:
+            got = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+            assert got == (1, 7, 2, 4, 2500), got
+    finally:
+        await conn.close(timeout=5)
