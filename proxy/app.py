@@ -265,6 +265,11 @@ class Proxy:
         """A connection to the backend failed: the monitor confirms or clears it."""
         self.monitor.mark_down(backend, "a server connection failed")
 
+    async def check_backend(self, backend: str) -> bool:
+        """One server connection to the backend was lost: True when the monitor's poll,
+        sent now, says the backend answers (the loss was that connection's alone)."""
+        return await self.monitor.check(backend)
+
     async def first_contact(self, session: ClientSession) -> dict[str, str]:
         """Borrow a server connection for a freshly authenticated client: check that the
         database exists, apply the client's startup settings, learn the parameter set

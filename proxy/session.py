@@ -1428,14 +1428,40 @@ class ClientSession(asyncio.Protocol):
             return
         if (first is not None and first.retry is not None and not first.rows_out and len(pending) == 1
                 and not self._tx_effects and self.status == TX_IDLE):
-            log.info("server %s lost during a read; retrying it elsewhere", server.backend)
-            self.app.metrics.retries.labels(reason="server_lost").inc()
-            self.app.note_backend_failure(server.backend)
-            self._stash = first.retry + self._stash
-            self._retry_skip = first.delivered
-            self.resume()
+            # A read that could run elsewhere: it does if the backend failed. One lost
+            # connection is not that (the unit may have ended its own server, or someone
+            # terminated this one): the monitor checks the backend first, so such a unit
+            # neither runs again on every backend in turn nor takes them out of rotation.
+            backend = self.app.topology.current.backend(server.backend)
+            if backend is not None and not backend.up:
+                self._retry_lost_read(server.backend, first)
+            else:
+                self._routing = asyncio.get_running_loop().create_task(
+                    self._check_lost_read(server.backend, server.lost_reason, first))
             return
         self._lost_units(server.backend, server.lost_reason, pending, in_tx)
+
+    def _retry_lost_read(self, backend: str, step: Step) -> None:
+        log.info("server %s lost during a read; retrying it elsewhere", backend)
+        self.app.metrics.retries.labels(reason="server_lost").inc()
+        self._stash = step.retry + self._stash
+        self._retry_skip = step.delivered
+        self.resume()
+
+    async def _check_lost_read(self, backend: str, reason: str | None, step: Step) -> None:
+        """The client's bytes wait in the stash (as while routing) until the check says."""
+        try:
+            failed = not await self.app.check_backend(backend)
+        except Exception:  # noqa: BLE001  (a bug in the check: the client gets its error)
+            log.exception("checking backend %s failed", backend)
+            failed = False
+        self._routing = None
+        if self.state is not State.READY:
+            return
+        if failed:
+            self._retry_lost_read(backend, step)
+        else:
+            self._lost_units(backend, reason, [step], False)
 
     def _lost_units(self, backend: str, reason: str | None, pending: list[Step], in_tx: bool) -> None:
         """Tell the client what became of its units in flight on a lost connection."""

@@ -171,3 +171,165 @@ async def test_server_sockets_have_keepalive_and_a_user_timeout(cluster, make_pr
             assert got == (1, 7, 2, 4, 2500), got
     finally:
         await conn.close(timeout=5)
+
+
+# --- one lost server connection -----------------------------------------------------------------
+
+
+class RotationWatch:
+    """Samples the proxy's rotation every few ms while running: its smallest size."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.smallest = 99
+        self.down_events: set[str] = set()
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            topo = self.proxy.proxy.topology.current
+            self.smallest = min(self.smallest, len(topo.rotation))
+            self.down_events |= {b.name for b in topo.backends if not b.up}
+            await asyncio.sleep(0.003)
+
+    async def __aenter__(self) -> RotationWatch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+KILL_ME = "bf_kill_me"
+ENDED = "connection was closed in the middle of operation"  # asyncpg, after a FATAL and the end
+
+
+@pytest.fixture(scope="module")
+def kill_me(cluster):
+    """A STABLE function (so a read, routed to a replica) that ends its own backend."""
+    cluster.sql(cluster.primary, f"CREATE OR REPLACE FUNCTION {KILL_ME}() RETURNS boolean STABLE "
+                                 "LANGUAGE sql AS 'SELECT pg_terminate_backend(pg_backend_pid())'", dbname="app")
+    cluster.wait_caught_up()
+    yield f"SELECT {KILL_ME}()"
+    cluster.sql(cluster.primary, f"DROP FUNCTION {KILL_ME}()", dbname="app")
+
+
+def retries(proxy) -> float:
+    return sum(v for (reason,), v in _retry_counts(proxy).items())
+
+
+def _retry_counts(proxy) -> dict:
+    return {tuple(s.labels.values()): s.value for m in proxy.proxy.metrics.retries.collect()
+            for s in m.samples if s.name.endswith("_total")}
+
+
+async def test_terminating_pooled_replica_connections_leaves_rotation_intact(cluster, make_proxy):
+    proxy = make_proxy(routing={"consistency": "eventual"})
+    await back_in_rotation(proxy)
+    marker = f"bf_term_{uuid.uuid4().hex[:8]}"
+    conns = [await asyncpg.connect(asyncpg_dsn(proxy), timeout=10) for _ in range(6)]
+    errors: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def reader(i: int) -> int:
+        conn, n = conns[i], 0
+        while not stop.is_set():
+            if conn.is_closed():  # (it ended after the server's FATAL, as PostgreSQL's would)
+                conn = conns[i] = await asyncpg.connect(asyncpg_dsn(proxy), timeout=10)
+            try:
+                await asyncio.wait_for(conn.fetchval(f"SELECT 1 FROM pg_sleep(0.02) /* {marker} */"), 10)
+                n += 1
+            except asyncpg.PostgresError as exc:
+                errors.append(exc)
+        return n
+
+    def terminate() -> int:
+        killed = 0
+        for node in cluster.replicas:
+            killed += len(cluster.sql(node, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                            "WHERE usename = 'app' AND pid <> pg_backend_pid()"))
+        return killed
+
+    try:
+        async with RotationWatch(proxy) as watch:
+            readers = [asyncio.create_task(reader(i)) for i in range(len(conns))]
+            killed = 0
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                killed += await asyncio.to_thread(terminate)
+            stop.set()
+            done = await asyncio.wait_for(asyncio.gather(*readers), 20)
+    finally:
+        stop.set()
+        for c in conns:
+            c.terminate()
+    kinds = sorted({f"{e.sqlstate} {e}" for e in errors})
+    print(f"\n{killed} replica connections terminated, {sum(done)} reads, {len(errors)} errors; "
+          f"smallest rotation {watch.smallest}, down: {sorted(watch.down_events)}; errors seen: {kinds}")
+    assert killed > 20
+    assert watch.smallest == 2 and not watch.down_events
+    # A read whose server was terminated under it gets PostgreSQL's own FATAL, and its
+    # connection ends (asyncpg reports that as 08003 with the server's message); one that
+    # found its connection already gone gets 08006 and its session lives on.
+    assert set(kinds) <= {
+        f"08003 {ENDED}: terminating connection due to administrator command",
+        *(f"08006 server connection to backend main_replica{i} was lost during the query" for i in (1, 2)),
+    }, kinds
+
+
+@pytest.mark.parametrize("times", [10])
+async def test_a_read_that_ends_its_own_server_is_not_retried_and_ends_the_session(
+        cluster, make_proxy, kill_me, times):
+    proxy = make_proxy(routing={"consistency": "eventual"})
+    await back_in_rotation(proxy)
+    r0 = retries(proxy)
+    async with RotationWatch(proxy) as watch:
+        for _ in range(times):
+            conn = await asyncpg.connect(asyncpg_dsn(proxy), timeout=10)
+            try:
+                with pytest.raises(asyncpg.ConnectionDoesNotExistError,
+                                   match=f"{ENDED}: terminating connection due to administrator command"):
+                    await asyncio.wait_for(conn.fetchval(kill_me), 10)
+                await async_wait_until(conn.is_closed, timeout=5, message="the client connection to end")
+            finally:
+                conn.terminate()
+    print(f"\n{times} self-terminating reads: retries {retries(proxy) - r0:g}, smallest rotation {watch.smallest}, "
+          f"down: {sorted(watch.down_events)}")
+    assert retries(proxy) == r0
+    assert watch.smallest == 2 and not watch.down_events
+
+
+# --- pg_terminate_backend of the client's own backend -------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["primary", "replica"])
+def test_psycopg_sees_its_connection_end_after_a_server_fatal(cluster, make_proxy, kill_me, where):
+    """psycopg's test_broken and test_right_exception_on_server_disconnect, through pgsplit."""
+    import psycopg
+    from psycopg import errors as e
+
+    proxy = make_proxy()
+    sql = "SELECT pg_terminate_backend(pg_backend_pid())" if where == "primary" else kill_me
+    with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+        with pytest.raises(e.AdminShutdown):
+            conn.execute(sql)
+        assert conn.closed
+        assert conn.broken
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("where", ["primary", "replica"])
+async def test_asyncpg_sees_its_connection_end_after_a_server_fatal(cluster, make_proxy, kill_me, where):
+    proxy = make_proxy()
+    sql = "SELECT pg_terminate_backend(pg_backend_pid())" if where == "primary" else kill_me
+    conn = await asyncpg.connect(asyncpg_dsn(proxy), timeout=10)
+    try:
+        # (asyncpg's words for PostgreSQL's FATAL followed by the end of the connection)
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError,
+                           match=f"{ENDED}: terminating connection due to administrator command"):
+            await asyncio.wait_for(conn.execute(sql), 10)
+        await async_wait_until(conn.is_closed, timeout=5, message="the client connection to end")
+    finally:
+        conn.terminate()
