@@ -128,22 +128,35 @@ async def test_writes_in_flight_on_a_stopped_primary_fail_with_outcome_unknown(c
     proxy = make_proxy()
     await back_in_rotation(proxy)
     conns = [await asyncpg.connect(asyncpg_dsn(proxy), timeout=10) for _ in range(8)]
+    in_tx = await asyncpg.connect(asyncpg_dsn(proxy), timeout=10)
     work = None
     try:
+        await in_tx.execute(f"BEGIN; INSERT INTO {table} VALUES (2)")
         work = asyncio.create_task(run_for(OUTAGE_S + 1.5, conns, f"INSERT INTO {table} VALUES (1)"))
         await asyncio.sleep(0.5)
         with stopped(cluster, "primary"):
-            t_stop = asyncio.get_running_loop().time()
-            await asyncio.sleep(OUTAGE_S)
+            loop = asyncio.get_running_loop()
+            t_stop = loop.time()
+            try:
+                await asyncio.wait_for(in_tx.execute("COMMIT"), OUTAGE_S + 10)
+                commit = None
+            except asyncpg.PostgresError as exc:
+                commit = exc
+            commit_waited = loop.time() - t_stop
+            await asyncio.sleep(max(0.0, OUTAGE_S - commit_waited))
         results = await asyncio.wait_for(work, 30)
     finally:
-        await stop_all(work, conns)
+        await stop_all(work, [*conns, in_tx])
         cluster.sql(cluster.primary, f"DROP TABLE {table}", dbname="app")
     slowest = max(d for rs in results for _, d, _ in rs)
     firsts = [next((err for _, _, err in rs if err is not None), None) for rs in results]
     print(f"\nslowest write {slowest:.2f} s (outage {OUTAGE_S:g} s); first errors: "
           f"{sorted({(getattr(e, 'sqlstate', None), str(e)) for e in firsts})}")
     assert slowest < BOUND_S, f"a write waited {slowest:.1f} s on the stopped primary (outage {OUTAGE_S:g} s)"
+    print(f"COMMIT in flight: {commit_waited:.2f} s, {commit!r}")
+    # The transaction's end is unknown: FATAL (asyncpg: the connection ended after it).
+    assert commit_waited < BOUND_S
+    assert "while the transaction was committing; its outcome is unknown" in str(commit), commit
     for err in firsts:  # every writer had an INSERT in flight when the primary stopped
         assert isinstance(err, asyncpg.PostgresError) and err.sqlstate == "08006", err
         assert "outcome is unknown" in str(err), err
