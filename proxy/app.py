@@ -274,19 +274,27 @@ class Proxy:
         """Borrow a server connection for a freshly authenticated client: check that the
         database exists, apply the client's startup settings, learn the parameter set
         the client is shown."""
-        decision = startup_backend(self.topology.current, self.load)
-        if decision.error is not None:
-            from proxy.errors import RoutingError
+        from proxy.errors import RoutingError
 
-            raise RoutingError(*decision.error)
-        pool = self.pool_for(decision.backend, session.user, session.database)
-        try:
-            conn = await pool.acquire()
-        except ServerError as exc:
-            if exc.sqlstate.startswith("28"):
-                exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
-                exc.fields = {**exc.fields, "M": exc.message}
-            raise
+        for attempt in range(2):
+            decision = startup_backend(self.topology.current, self.load)
+            if decision.error is not None:
+                raise RoutingError(*decision.error)
+            pool = self.pool_for(decision.backend, session.user, session.database)
+            try:
+                conn = await pool.acquire()
+                break
+            except ConnectionFailure:
+                # The backend failed before the monitor noticed (a crashed primary refuses
+                # connections): once its check agrees, the login goes where the next
+                # decision says (a replica), instead of failing.
+                if attempt or await self.check_backend(decision.backend.name):
+                    raise
+            except ServerError as exc:
+                if exc.sqlstate.startswith("28"):
+                    exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
+                    exc.fields = {**exc.fields, "M": exc.message}
+                raise
         try:
             if conn.settings_key != session.settings_key:
                 done = asyncio.get_running_loop().create_future()

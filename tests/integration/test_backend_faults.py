@@ -346,3 +346,37 @@ async def test_asyncpg_sees_its_connection_end_after_a_server_fatal(cluster, mak
         await async_wait_until(conn.is_closed, timeout=5, message="the client connection to end")
     finally:
         conn.terminate()
+
+
+# --- logins right after a primary crash ---------------------------------------------------------
+
+
+def test_logins_right_after_a_primary_crash_are_served_by_a_replica(cluster, make_proxy):
+    """The monitor has not polled since the primary died (a long interval here): a new
+    client's login, which first borrows a primary connection, is refused by the dead
+    primary; it is served by a replica (the login learns its parameters there) instead of
+    failing with 08006."""
+    import psycopg
+
+    proxy = make_proxy(routing={"monitor_interval_ms": 5000})
+    with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    failures, times = [], []
+    try:
+        cluster.kill_node("primary")
+        for _ in range(5):
+            t0 = time.monotonic()
+            try:
+                with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+                    assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+            except psycopg.OperationalError as exc:
+                failures.append(str(exc).strip())
+            times.append(time.monotonic() - t0)
+    finally:
+        cluster.start_node("primary")
+        for r in cluster.replicas:
+            cluster.wait_streaming(r)
+    print(f"\nlogins after the primary crash: {len(failures)} failed, times {[round(t, 3) for t in times]}: "
+          f"{failures[:2]}")
+    assert failures == []
+    assert max(times) < 3  # (one check of the primary: a refused connection fails at once)
