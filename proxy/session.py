@@ -1482,6 +1482,14 @@ class ClientSession(asyncio.Protocol):
             else:
                 self.fail(ServerLostInTransaction(f"{lost} during the query; the transaction is rolled back"))
             return
+        if self.pins:
+            # What the session kept on that server (temporary tables, LISTEN, advisory
+            # locks, WITH HOLD cursors) is gone: carrying on elsewhere would hide that.
+            error = ServerLost(f"{lost}; this session's server-side state (temporary tables, LISTEN, "
+                               "advisory locks, WITH HOLD cursors) is gone with it")
+            error.fatal = True
+            self.fail(error)
+            return
         if pending:
             # Each unit in flight gets its error and its ReadyForQuery, in order. A write's
             # outcome is unknown: it may have committed before the connection went.

@@ -380,3 +380,25 @@ def test_logins_right_after_a_primary_crash_are_served_by_a_replica(cluster, mak
           f"{failures[:2]}")
     assert failures == []
     assert max(times) < 3  # (one check of the primary: a refused connection fails at once)
+
+
+@pytest.mark.parametrize("pinned_by", ["CREATE TEMP TABLE bf_pin (x int)", "LISTEN bf_channel"])
+def test_a_pinned_session_whose_idle_backend_is_terminated_ends(cluster, make_proxy, pinned_by):
+    """A session pinned to its server connection (a temporary table, LISTEN) whose server
+    is terminated between units: its server-side state is gone, and PostgreSQL would have
+    ended the connection, so the proxy ends the client's too (before: the next statement
+    ran on a new server connection without the temporary table, after a stray FATAL)."""
+    import psycopg
+
+    proxy = make_proxy()
+    with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(pinned_by)
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert cluster.sql(cluster.primary, "SELECT pg_terminate_backend(%s)", pid) == [(True,)]
+        with pytest.raises(psycopg.OperationalError) as info:
+            for _ in range(50):  # until the proxy has seen the connection end
+                conn.execute("SELECT 1")
+                time.sleep(0.05)
+        assert "terminating connection due to administrator command" in str(info.value) or (
+            "server-side state" in str(info.value)), info.value
+        assert conn.closed
