@@ -88,6 +88,7 @@ class Proxy:
         self.admin = None
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self._down_watch: asyncio.Task | None = None
         self.started_at = time.time()
         self.metrics.client_counts = self.client_counts
         self.metrics.server_counts = self.pools.counts
@@ -100,7 +101,9 @@ class Proxy:
     def _pool_settings(config: Config) -> PoolSettings:
         p = config.pool
         return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
-                            idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s)
+                            idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s,
+                            keepalive_idle_s=p.keepalive_idle_s, keepalive_interval_s=p.keepalive_interval_s,
+                            keepalive_count=p.keepalive_count, tcp_user_timeout_s=p.tcp_user_timeout_s)
 
     @staticmethod
     def _passwords(config: Config) -> dict[str, str]:
@@ -124,6 +127,7 @@ class Proxy:
         self.admin = Admin(self)
         await self.admin.start(self.config.admin.host, self.config.admin.port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._down_watch = asyncio.get_running_loop().create_task(self._cut_units_on_down_backends())
         log.info("pgsplit listening on %s:%s, admin on %s:%s, active cluster %r",
                  self.config.listen.host, self.port, self.config.admin.host, self.admin.port, self.config.active)
 
@@ -137,6 +141,8 @@ class Proxy:
             session.fail(_shutdown())
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._down_watch is not None:
+            self._down_watch.cancel()
         if self.admin is not None:
             await self.admin.stop()
         for watch in list(self.migration_watches.values()):
@@ -151,6 +157,41 @@ class Proxy:
         while True:
             await asyncio.sleep(5)
             self.pools.sweep()
+
+    async def _cut_units_on_down_backends(self) -> None:
+        """The monitor's verdict reaches the units in flight: on a backend it declared down
+        (not answering its polls, or refusing connections), a unit that has waited
+        `pool.down_backend_wait_s` (counted from the verdict, or from the unit's start if
+        later) has its server connection cut. The session's lost-connection path then
+        re-sends a read that delivered nothing elsewhere and fails anything else with 08006
+        (a write's outcome unknown). Without this a unit waits for the whole outage: a
+        stopped server's kernel still acknowledges every byte."""
+        loop = asyncio.get_running_loop()
+        down_since: dict[str, float] = {}
+        while True:
+            wait = self.config.pool.down_backend_wait_s
+            await asyncio.sleep(max(0.05, min(0.25, wait / 4)))
+            now = loop.time()
+            down = {b.name for b in self.topology.current.backends if not b.up}
+            for name in list(down_since):
+                if name not in down:
+                    del down_since[name]
+            for name in down:
+                since = down_since.setdefault(name, now)
+                if now - since >= wait:
+                    self._cut_units_on(name, wait)
+
+    def _cut_units_on(self, backend: str, wait: float) -> None:
+        started_before = time.perf_counter() - wait  # (steps are stamped with perf_counter)
+        for pool in self.pools:
+            if pool.address.backend != backend:
+                continue
+            for conn in list(pool.busy):
+                if conn.steps and not conn.closed and conn.steps[0].t0 <= started_before:
+                    log.warning("cutting a server connection to %s: a unit waited %.1f s on it after "
+                                "the monitor declared the backend down", backend, wait)
+                    conn.lost_reason = f"backend {backend} stopped answering (the monitor declared it down)"
+                    conn.abort()
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -224,23 +265,36 @@ class Proxy:
         """A connection to the backend failed: the monitor confirms or clears it."""
         self.monitor.mark_down(backend, "a server connection failed")
 
+    async def check_backend(self, backend: str) -> bool:
+        """One server connection to the backend was lost: True when the monitor's poll,
+        sent now, says the backend answers (the loss was that connection's alone)."""
+        return await self.monitor.check(backend)
+
     async def first_contact(self, session: ClientSession) -> dict[str, str]:
         """Borrow a server connection for a freshly authenticated client: check that the
         database exists, apply the client's startup settings, learn the parameter set
         the client is shown."""
-        decision = startup_backend(self.topology.current, self.load)
-        if decision.error is not None:
-            from proxy.errors import RoutingError
+        from proxy.errors import RoutingError
 
-            raise RoutingError(*decision.error)
-        pool = self.pool_for(decision.backend, session.user, session.database)
-        try:
-            conn = await pool.acquire()
-        except ServerError as exc:
-            if exc.sqlstate.startswith("28"):
-                exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
-                exc.fields = {**exc.fields, "M": exc.message}
-            raise
+        for attempt in range(2):
+            decision = startup_backend(self.topology.current, self.load)
+            if decision.error is not None:
+                raise RoutingError(*decision.error)
+            pool = self.pool_for(decision.backend, session.user, session.database)
+            try:
+                conn = await pool.acquire()
+                break
+            except ConnectionFailure:
+                # The backend failed before the monitor noticed (a crashed primary refuses
+                # connections): once its check agrees, the login goes where the next
+                # decision says (a replica), instead of failing.
+                if attempt or await self.check_backend(decision.backend.name):
+                    raise
+            except ServerError as exc:
+                if exc.sqlstate.startswith("28"):
+                    exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
+                    exc.fields = {**exc.fields, "M": exc.message}
+                raise
         try:
             if conn.settings_key != session.settings_key:
                 done = asyncio.get_running_loop().create_future()

@@ -115,6 +115,8 @@ _FORWARD = StepKind.FORWARD
 class ServerConnection(asyncio.Protocol):
     """A logged-in server connection; lent to one client session at a time."""
 
+    lost_reason: str | None = None  # why the proxy cut it (its client is told)
+
     def __init__(self, backend: str, host: str, port: int, user: str, database: str):
         self.backend = backend
         self.host = host

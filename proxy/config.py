@@ -285,6 +285,15 @@ class PoolConfig(BaseModel):
     acquire_timeout_s: PositiveFloat = 10.0
     idle_timeout_s: PositiveFloat = 600.0
     server_lifetime_s: PositiveFloat = 3600.0
+    # A backend that stops answering (a partition, a stopped host): TCP notices a silent
+    # peer (keepalive probes on an idle connection; unacknowledged data after
+    # tcp_user_timeout_s, 0 = the system's default), and a unit in flight on a backend the
+    # monitor declared down waits at most down_backend_wait_s before its connection is cut.
+    keepalive_idle_s: PositiveInt = 15
+    keepalive_interval_s: PositiveInt = 5
+    keepalive_count: PositiveInt = 3
+    tcp_user_timeout_s: NonNegativeFloat = 30.0
+    down_backend_wait_s: NonNegativeFloat = 1.0
 
 
 class MonitorConfig(BaseModel):

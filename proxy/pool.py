@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import deque
 from time import monotonic
@@ -36,6 +37,31 @@ class PoolSettings:
     acquire_timeout_s: float = 10.0
     idle_timeout_s: float = 600.0
     server_lifetime_s: float = 3600.0
+    keepalive_idle_s: int = 15
+    keepalive_interval_s: int = 5
+    keepalive_count: int = 3
+    tcp_user_timeout_s: float = 30.0
+
+
+def tune_socket(conn: ServerConnection, settings: PoolSettings) -> None:
+    """Keepalive and TCP_USER_TIMEOUT on a server connection's socket: a peer that went
+    silent (a partition, a stopped host) ends the connection instead of holding it forever,
+    whether it is idle (keepalive probes go unanswered) or has data in flight (not
+    acknowledged within tcp_user_timeout_s)."""
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", settings.keepalive_idle_s),
+                            ("TCP_KEEPINTVL", settings.keepalive_interval_s),
+                            ("TCP_KEEPCNT", settings.keepalive_count)):
+            if hasattr(socket, name):  # (Linux names; other systems keep their defaults)
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        if settings.tcp_user_timeout_s and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.tcp_user_timeout_s * 1000))
+    except OSError as exc:  # pragma: no cover - the connection works without them
+        log.warning("could not set keepalive on a connection to %s: %s", conn.backend, exc)
 
 
 class Pool:
@@ -117,6 +143,7 @@ class Pool:
         self.opening -= 1
         if self._on_connect:
             self._on_connect(addr.backend, None)
+        tune_socket(conn, self.settings)
         conn.generation = self.generation
         conn.pool = self
         conn.on_lost = self._lost

@@ -1555,25 +1555,75 @@ class ClientSession(asyncio.Protocol):
             return
         if (first is not None and first.retry is not None and not first.rows_out and len(pending) == 1
                 and not self._tx_effects and self.status == TX_IDLE):
-            log.info("server %s lost during a read; retrying it elsewhere", server.backend)
-            self.app.metrics.retries.labels(reason="server_lost").inc()
-            self.app.note_backend_failure(server.backend)
-            self._requeue(first.retry)
-            self._retry_skip = first.delivered
-            self.resume()
+            # A read that could run elsewhere: it does if the backend failed. One lost
+            # connection is not that (the unit may have ended its own server, or someone
+            # terminated this one): the monitor checks the backend first, so such a unit
+            # neither runs again on every backend in turn nor takes them out of rotation.
+            backend = self.app.topology.current.backend(server.backend)
+            if backend is not None and not backend.up:
+                self._retry_lost_read(server.backend, first)
+            else:
+                self._routing = asyncio.get_running_loop().create_task(
+                    self._check_lost_read(server.backend, server.lost_reason, first))
             return
+        self._lost_units(server.backend, server.lost_reason, pending, in_tx)
+
+    def _retry_lost_read(self, backend: str, step: Step) -> None:
+        log.info("server %s lost during a read; retrying it elsewhere", backend)
+        self.app.metrics.retries.labels(reason="server_lost").inc()
+        self._requeue(step.retry)
+        self._retry_skip = step.delivered
+        self.resume()
+
+    async def _check_lost_read(self, backend: str, reason: str | None, step: Step) -> None:
+        """The client's bytes wait in the stash (as while routing) until the check says."""
+        try:
+            failed = not await self.app.check_backend(backend)
+        except Exception:  # noqa: BLE001  (a bug in the check: the client gets its error)
+            log.exception("checking backend %s failed", backend)
+            failed = False
+        self._routing = None
+        if self.state is not State.READY:
+            return
+        if failed:
+            self._retry_lost_read(backend, step)
+        else:
+            self._lost_units(backend, reason, [step], False)
+
+    def _lost_units(self, backend: str, reason: str | None, pending: list[Step], in_tx: bool) -> None:
+        """Tell the client what became of its units in flight on a lost connection."""
+        first = pending[0] if pending else None
         if first is not None and first.error is not None and first.error.get("V", first.error.get("S")) in ("FATAL", "PANIC"):
-            # The server said why it ended the connection and the client has read it: end
-            # this one too, as PostgreSQL does after a FATAL.
-            self.close(f"backend {server.backend} ended the connection: {first.error.get('M', '')}")
+            # The server said why it ended the connection: the client reads it (a read's
+            # was held back for a retry) and its connection ends too, as PostgreSQL's does.
+            if first.retrying:
+                self.transport.write(ServerError(first.error).to_wire())
+            self.close(f"backend {backend} ended the connection: {first.error.get('M', '')}")
             return
-        message = f"server connection to backend {server.backend} was lost during the query"
+        lost = reason or f"server connection to backend {backend} was lost"
         if in_tx:
-            self.fail(ServerLostInTransaction(message + "; the transaction is rolled back"))
+            if any(a.tx is TxControl.COMMIT for s in pending for a in (s.analyses or ())):
+                self.fail(ServerLostInTransaction(
+                    f"{lost} while the transaction was committing; its outcome is unknown: "
+                    "it may or may not have committed"))
+            else:
+                self.fail(ServerLostInTransaction(f"{lost} during the query; the transaction is rolled back"))
+            return
+        if self.pins:
+            # What the session kept on that server (temporary tables, LISTEN, advisory
+            # locks, WITH HOLD cursors) is gone: carrying on elsewhere would hide that.
+            error = ServerLost(f"{lost}; this session's server-side state (temporary tables, LISTEN, "
+                               "advisory locks, WITH HOLD cursors) is gone with it")
+            error.fatal = True
+            self.fail(error)
             return
         if pending:
-            # Each unit in flight gets its error and its ReadyForQuery, in order.
-            self.transport.write((ServerLost(message).to_wire() + wire.ready_for_query(TX_IDLE)) * len(pending))
+            # Each unit in flight gets its error and its ReadyForQuery, in order. A write's
+            # outcome is unknown: it may have committed before the connection went.
+            ready = wire.ready_for_query(TX_IDLE)
+            self.transport.write(b"".join(ServerLost(
+                f"{lost} while a write was in flight; its outcome is unknown: it may or may not have committed"
+                if s.writes else f"{lost} during the query").to_wire() + ready for s in pending))
             self.status = TX_IDLE
         self.resume()
 

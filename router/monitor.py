@@ -769,6 +769,27 @@ class Monitor:
         if self._started and not self._stopped and (self._confirm_task is None or self._confirm_task.done()):
             self._confirm_task = self._spawn(self._confirm(), "pgsplit-monitor-confirm")
 
+    async def check(self, name: str) -> bool:
+        """The data plane lost one server connection to `name`: poll it now (a poll sent
+        after this call, at most two poll timeouts) and install the round. True when it
+        answered: the loss was that connection's alone, and the backend stays as it was."""
+        probe = next((p for p in self._probes if p.name == name), None)
+        if probe is None or not self._started or self._stopped:
+            return True
+        asked = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(2 * self.settings.timeout_s):
+                while True:
+                    task = probe.kick()
+                    started = probe.task_started
+                    await asyncio.wait([task])  # (not cancelled on timeout: the rounds use it)
+                    if started >= asked:
+                        break
+        except TimeoutError:
+            pass
+        await self.poll_now(wait=0)
+        return isinstance(probe.latest, Sample) and probe.latest_started >= asked
+
     async def _confirm(self) -> None:
         try:
             await self.poll_now()

@@ -75,6 +75,8 @@ def test_defaults() -> None:
     p = config.pool
     assert (p.mode, p.size, p.connect_timeout_s, p.acquire_timeout_s) == ("transaction", 20, 5, 10)
     assert (p.idle_timeout_s, p.server_lifetime_s) == (600, 3600)
+    assert (p.keepalive_idle_s, p.keepalive_interval_s, p.keepalive_count) == (15, 5, 3)
+    assert (p.tcp_user_timeout_s, p.down_backend_wait_s) == (30.0, 1.0)
     assert (config.monitor.user, config.monitor.dbname, config.monitor.secret()) == (
         "postgres", "postgres", None)
     c = config.cutover
@@ -229,6 +231,19 @@ def test_wrong_types_and_ranges_name_the_key() -> None:
         "test.toml: backends.pg1.host: required key is missing",
         "test.toml: backends.pg1.weight: Input should be greater than 0",
     ]
+
+
+def test_backend_fault_bounds_name_the_key() -> None:
+    lines = problems(MINIMAL + "[pool]\nkeepalive_idle_s = 0\nkeepalive_count = 1.5\n"
+                               "tcp_user_timeout_s = -1\ndown_backend_wait_s = -0.5\n")
+    assert lines == [
+        "test.toml: pool.keepalive_idle_s: Input should be greater than 0",
+        "test.toml: pool.keepalive_count: Input should be a valid integer",
+        "test.toml: pool.tcp_user_timeout_s: Input should be greater than or equal to 0",
+        "test.toml: pool.down_backend_wait_s: Input should be greater than or equal to 0",
+    ]
+    p = parse(MINIMAL + "[pool]\ntcp_user_timeout_s = 0.0\ndown_backend_wait_s = 0.0\n").pool
+    assert (p.tcp_user_timeout_s, p.down_backend_wait_s) == (0, 0)
 
 
 def test_missing_required_sections() -> None:
