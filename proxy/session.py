@@ -96,6 +96,10 @@ _DESCRIBE_PORTAL = b"D\0\0\0\x06P\0"  # Describe of the unnamed portal
 _REPLAY_WAIT = b"pgsplit_replay_wait"
 _REPLAY_WAIT_PARSE = wire.build_parse(_REPLAY_WAIT, REPLAY_WAIT_SQL.encode())
 _EXECUTE_SYNC = wire.message(F_EXECUTE, b"\0\0\0\0\0") + wire.SYNC  # unnamed portal, all rows
+# Settings RESET ALL leaves as they are (GUC_NO_RESET_ALL); setting or resetting the
+# session authorization resets the role as well.
+_NOT_RESET_BY_ALL = ("session_authorization", "role")
+_RESETS_ROLE = ("session_authorization",)
 
 
 def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> bytes:
@@ -354,7 +358,9 @@ class ClientSession(asyncio.Protocol):
         self.settings_key = tuple(sorted(self.settings.items()))
 
     def replay_sql(self) -> bytes:
-        return ";\n".join(["RESET ALL", *self.settings.values()]).encode()
+        # RESET ALL leaves role and session_authorization alone (GUC_NO_RESET_ALL); the
+        # latter's reset puts the role back too.
+        return ";\n".join(["RESET SESSION AUTHORIZATION", "RESET ALL", *self.settings.values()]).encode()
 
     # --- the client byte stream ------------------------------------------------------------
 
@@ -1346,6 +1352,9 @@ class ClientSession(asyncio.Protocol):
         for eff in analysis.effects:
             kind = eff.kind
             if kind == "set" and eff.name:
+                if eff.name in _RESETS_ROLE:
+                    self.settings.pop("role", None)  # SET SESSION AUTHORIZATION resets the role
+                    on_server.pop("role", None)
                 self.settings[eff.name] = on_server[eff.name] = eff.text
                 changed = True
                 if eff.name == "default_transaction_read_only":
@@ -1355,6 +1364,9 @@ class ClientSession(asyncio.Protocol):
                     # insert position covers either kind of commit.
                     self.async_commit = (eff.value or "off").lower() in ("off", "false", "0", "no")
             elif kind == "reset" and eff.name:
+                if eff.name in _RESETS_ROLE:
+                    self.settings.pop("role", None)
+                    on_server.pop("role", None)
                 on_server.pop(eff.name, None)
                 startup = self.startup_settings.get(eff.name)
                 if startup is None:
@@ -1367,8 +1379,13 @@ class ClientSession(asyncio.Protocol):
                 elif eff.name == "synchronous_commit":
                     self.async_commit = self._startup_async_commit
             elif kind in ("reset_all", "discard_all"):
+                # RESET ALL keeps the role and session authorization; DISCARD ALL does not
+                kept = {} if kind == "discard_all" else {
+                    k: v for k, v in self.settings.items() if k in _NOT_RESET_BY_ALL}
                 on_server.clear()
+                on_server.update(kept)
                 self.settings = dict(self.startup_settings)
+                self.settings.update(kept)
                 self.default_read_only = False
                 self.async_commit = self._startup_async_commit
                 changed = True
