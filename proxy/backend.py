@@ -281,6 +281,16 @@ class ServerConnection(asyncio.Protocol):
         self.prepared.clear()
         self.sql_prepared.clear()
 
+    def drop_sql_statements(self) -> None:
+        """The connection goes back to its pool: the statements a client PREPAREd here in
+        SQL are that client's (another one could EXECUTE them, or fail to PREPARE its own
+        under the same name). A DEALLOCATE of each is queued `ahead`, so it goes out in
+        the next borrower's first write, before its unit; the client that prepared them
+        prepares them again where it needs them."""
+        for name in self.sql_prepared:
+            self.swallow(wire.query('DEALLOCATE "' + name.replace('"', '""') + '"'), ahead=True)
+        self.sql_prepared.clear()
+
     def send(self, data: bytes) -> None:
         """Write requests; those swallowed `ahead` go first, in the same write (one
         syscall, and the server reads them together). Every write of requests comes

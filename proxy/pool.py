@@ -165,6 +165,8 @@ class Pool:
             self._wake_next()
             return
         conn.last_used = now
+        if conn.sql_prepared:
+            conn.drop_sql_statements()
         if self.waiters:
             self._hand_over(conn)
         else:

@@ -24,6 +24,7 @@ import asyncio
 import enum
 import hashlib
 import logging
+from dataclasses import replace
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,8 @@ _EXECUTE_SYNC = wire.message(F_EXECUTE, b"\0\0\0\0\0") + wire.SYNC  # unnamed po
 # session authorization resets the role as well.
 _NOT_RESET_BY_ALL = ("session_authorization", "role")
 _RESETS_ROLE = ("session_authorization",)
+# Session effects a rollback does not undo.
+_UNTRANSACTIONAL = ("prepare", "deallocate", "deallocate_all")
 
 
 def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> bytes:
@@ -1309,7 +1312,9 @@ class ClientSession(asyncio.Protocol):
                     self.pins |= a.pins
                 if a.effects:
                     if in_tx:
-                        self._tx_effects.append((a, ok))
+                        a = self._apply_untransactional(a, ok)
+                        if a.effects:
+                            self._tx_effects.append((a, ok))
                     elif ok:
                         self._apply_effects(a, self.server)
         if status == TX_IDLE and (self._tx_effects or self._tx_failed):
@@ -1341,6 +1346,16 @@ class ClientSession(asyncio.Protocol):
             self.pins.discard(Pin.TEMP_TABLE)
         elif unpin is Unpin.CLOSE_ALL:
             self.pins.discard(Pin.HOLD_CURSOR)
+
+    def _apply_untransactional(self, analysis: Analysis, ok: bool) -> Analysis:
+        """PREPARE and DEALLOCATE inside a transaction hold whether it commits or not:
+        applied now. Returns the analysis with the effects that wait for the commit."""
+        now = [eff for eff in analysis.effects if eff.kind in _UNTRANSACTIONAL]
+        if not now:
+            return analysis
+        if ok:
+            self._apply_effects(replace(analysis, effects=tuple(now)), self.server)
+        return replace(analysis, effects=tuple(eff for eff in analysis.effects if eff.kind not in _UNTRANSACTIONAL))
 
     def _apply_effects(self, analysis: Analysis, server: ServerConnection | None) -> None:
         """The session effects of statements that succeeded: run by `server`, or answered

@@ -79,6 +79,38 @@ def test_state_a_client_sets_is_carried_and_never_seen_by_the_next(make_proxy, c
         assert one(b, probe) == b_sees
 
 
+# --- SQL PREPARE --------------------------------------------------------------------------------
+
+
+def test_a_sql_prepared_statement_never_reaches_another_client(make_proxy, cluster) -> None:
+    proxy = make_proxy(pool={"size": 1})
+    with connect(proxy) as a, connect(proxy) as b:
+        a.execute("PREPARE pl_leak_stmt AS SELECT 'a''s'")
+        assert one(a, "EXECUTE pl_leak_stmt") == "a's"
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):  # 26000, from the server
+            b.execute("EXECUTE pl_leak_stmt")
+        b.execute("PREPARE pl_leak_stmt AS SELECT 'b''s'")  # no 42P05: a's is not there
+        assert one(b, "EXECUTE pl_leak_stmt") == "b's"
+        assert one(a, "EXECUTE pl_leak_stmt") == "a's"  # prepared again for a
+        assert one(b, "EXECUTE pl_leak_stmt") == "b's"
+        b.execute("DEALLOCATE pl_leak_stmt")
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            b.execute("EXECUTE pl_leak_stmt")
+        assert one(a, "EXECUTE pl_leak_stmt") == "a's"
+
+
+def test_a_prepare_in_a_rolled_back_transaction_stays_with_its_client(make_proxy, cluster) -> None:
+    # PREPARE is not undone by ROLLBACK: the statement stays in a's server session.
+    proxy = make_proxy(pool={"size": 1})
+    with connect(proxy) as a, connect(proxy) as b:
+        a.execute("BEGIN")
+        a.execute("PREPARE pl_tx_stmt AS SELECT 1")
+        a.execute("ROLLBACK")
+        b.execute("PREPARE pl_tx_stmt AS SELECT 2")
+        assert one(b, "EXECUTE pl_tx_stmt") == 2
+        assert one(a, "EXECUTE pl_tx_stmt") == 1
+
+
 # --- pinned: the server connection stays with the client ----------------------------------------
 
 
