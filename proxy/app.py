@@ -91,6 +91,8 @@ class Proxy:
         self.started_at = time.time()
         self.metrics.client_counts = self.client_counts
         self.metrics.server_counts = self.pools.counts
+        self.metrics.prepared_counts = self.pools.prepared_counts
+        self.metrics.prepared_evictions = lambda: self.pools.evictions.count
         self.migration_watches: dict[str, object] = {}  # target cluster -> router.migrate.Watch
         self._migration_locks: dict[str, asyncio.Lock] = {}
 
@@ -100,7 +102,8 @@ class Proxy:
     def _pool_settings(config: Config) -> PoolSettings:
         p = config.pool
         return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
-                            idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s)
+                            idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s,
+                            max_prepared_statements=p.max_prepared_statements)
 
     @staticmethod
     def _passwords(config: Config) -> dict[str, str]:

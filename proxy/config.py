@@ -285,6 +285,7 @@ class PoolConfig(BaseModel):
     acquire_timeout_s: PositiveFloat = 10.0
     idle_timeout_s: PositiveFloat = 600.0
     server_lifetime_s: PositiveFloat = 3600.0
+    max_prepared_statements: PositiveInt = 100
 
 
 class MonitorConfig(BaseModel):

@@ -17,6 +17,7 @@ from time import monotonic
 from dataclasses import dataclass
 
 from proxy.backend import ServerConnection, open_connection
+from proxy.prepared import DEFAULT_LIMIT, Evictions, PreparedStatements
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
 
 log = logging.getLogger("pgsplit.pool")
@@ -36,11 +37,13 @@ class PoolSettings:
     acquire_timeout_s: float = 10.0
     idle_timeout_s: float = 600.0
     server_lifetime_s: float = 3600.0
+    max_prepared_statements: int = DEFAULT_LIMIT  # protocol-level, per server connection
 
 
 class Pool:
     def __init__(self, address: Address, user: str, database: str, password: str | None,
-                 settings: PoolSettings, *, generation: int = 0, on_connect=None):
+                 settings: PoolSettings, *, generation: int = 0, on_connect=None,
+                 evictions: Evictions | None = None):
         self.address = address
         self.user = user
         self.database = database
@@ -54,6 +57,7 @@ class Pool:
         self.waiters: deque[asyncio.Future] = deque()
         self.closed = False
         self._on_connect = on_connect  # hook: (backend, exception or None)
+        self.evictions = evictions if evictions is not None else Evictions()
 
     def set_password(self, password: str | None) -> None:
         self._password = password
@@ -118,6 +122,7 @@ class Pool:
         if self._on_connect:
             self._on_connect(addr.backend, None)
         conn.generation = self.generation
+        conn.prepared = PreparedStatements(self.settings.max_prepared_statements, self.evictions)
         conn.pool = self
         conn.on_lost = self._lost
         if self.closed:
@@ -220,6 +225,9 @@ class Pool:
     def counts(self) -> dict[str, int]:
         return {"idle": len(self.idle), "active": len(self.busy), "opening": self.opening}
 
+    def connections(self) -> list[ServerConnection]:
+        return [*self.idle, *self.busy]
+
 
 class Pools:
     """Every pool of the process, created on first use."""
@@ -229,6 +237,7 @@ class Pools:
         self._passwords = passwords
         self._pools: dict[tuple[str, str, str], Pool] = {}
         self._on_connect = on_connect
+        self.evictions = Evictions()  # statements closed to keep connections within the bound
 
     def get(self, backend: str, host: str, port: int, user: str, database: str) -> Pool:
         key = (backend, user, database)
@@ -238,7 +247,7 @@ class Pools:
                 pool.close()
             pool = self._pools[key] = Pool(
                 Address(backend, host, port), user, database, self._passwords.get(user), self.settings,
-                on_connect=self._on_connect,
+                on_connect=self._on_connect, evictions=self.evictions,
             )
         return pool
 
@@ -256,6 +265,8 @@ class Pools:
         for pool in self:
             pool.settings = settings
             pool._lifetime = settings.server_lifetime_s
+            for conn in pool.connections():  # a lower bound: they close the extra at their next Parse
+                conn.prepared.limit = settings.max_prepared_statements
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -273,6 +284,14 @@ class Pools:
         for pool in self:
             pool.close()
         self._pools.clear()
+
+    def prepared_counts(self) -> dict[str, int]:
+        """Protocol-level statements prepared on the open server connections, by backend."""
+        out: dict[str, int] = {}
+        for pool in self:
+            name = pool.address.backend
+            out[name] = out.get(name, 0) + sum(len(conn.prepared) for conn in pool.connections())
+        return out
 
     def counts(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}

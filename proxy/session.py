@@ -108,12 +108,19 @@ _UNTRANSACTIONAL = ("prepare", "deallocate", "deallocate_all")
 def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> bytes:
     """Bind and Execute of the replay check for `lsn` (prepared here first if need be)."""
     parse = b""
-    if _REPLAY_WAIT not in conn.prepared:
-        conn.prepared.add(_REPLAY_WAIT)
-        parse = _REPLAY_WAIT_PARSE
+    prepared = conn.prepared
+    if _REPLAY_WAIT in prepared:
+        prepared.move_to_end(_REPLAY_WAIT)
+    else:  # (first in its own request group: nothing before it can keep the Closes from running)
+        parse = b"".join(_close(name) for name in prepared.make_room()) + _REPLAY_WAIT_PARSE
+        prepared.add(_REPLAY_WAIT)
     # no parameter format codes (all text), the parameters, no result format codes (text)
     rest = b"\0\0" + wire.text_values([format_lsn(lsn), str(timeout_ms)]) + b"\0\0"
     return parse + wire.build_bind(b"", _REPLAY_WAIT, rest) + _EXECUTE_SYNC
+
+
+def _close(server_name: bytes) -> bytes:
+    return wire.build_target(F_CLOSE, _STATEMENT_KIND, server_name)
 
 
 def _is_lone_query(data: bytes) -> bool:
@@ -525,9 +532,10 @@ class ClientSession(asyncio.Protocol):
             conn.send(data + trailer)
             return step
         parse = b""
-        if stmt.server_name not in conn.prepared:  # prepared first here, ahead of the Bind
-            self._prepare_here(step, stmt)
-            parse = stmt.parse
+        if stmt.server_name in conn.prepared:
+            conn.prepared.move_to_end(stmt.server_name)  # (least recently used goes first)
+        else:  # prepared first here, ahead of the Bind
+            parse = self._prepare_here(step, stmt) + stmt.parse
         step.sent += 3 if ext.described else 2  # Bind, Describe and Execute complete once each
         conn.send(parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail + trailer)
         return step
@@ -1102,6 +1110,8 @@ class ClientSession(asyncio.Protocol):
                         if st.server_name not in server.prepared:
                             self._inject_parse(step, st, out, buf, run, s)
                             run = s
+                        else:
+                            server.prepared.move_to_end(st.server_name)
                         out.append(buf[run:s])
                         out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
                         run = e
@@ -1124,10 +1134,11 @@ class ClientSession(asyncio.Protocol):
                     out.append(buf[run:s])
                     run = e
                     if sname in server.prepared:
+                        server.prepared.move_to_end(sname)
                         server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
                     else:
+                        out.append(self._register(step, sname))
                         out.append(st.parse)
-                        self._register(step, sname)
                         step.sent += 1
                 else:
                     self._unnamed = analysis
@@ -1148,6 +1159,8 @@ class ClientSession(asyncio.Protocol):
                         if st.server_name not in server.prepared:
                             self._inject_parse(step, st, out, buf, run, s)
                             run = s
+                        else:
+                            server.prepared.move_to_end(st.server_name)
                         out.append(buf[run:s])
                         out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
                         run = e
@@ -1210,26 +1223,48 @@ class ClientSession(asyncio.Protocol):
             out.append(buf[run:end])
         server.send(b"".join(out))
 
-    def _register(self, step: Step, name: bytes) -> None:
-        self.server.prepared.add(name)
+    def _register(self, step: Step, name: bytes) -> bytes:
+        """`name`'s Parse goes out next in `step`. Returns the Closes to write just before
+        it: the least recently used statements beyond the connection's bound
+        (`pool.max_prepared_statements`), their CloseCompletes dropped."""
+        prepared = self.server.prepared
+        closes = b""
+        if len(prepared) >= prepared.limit:
+            closes = self._close_oldest(step)
+        prepared.add(name)
         if step.regs is None:
             step.regs = []
         step.regs.append((step.sent, name))
+        return closes
+
+    def _close_oldest(self, step: Step) -> bytes:
+        server = self.server
+        out = []
+        if step.closes is None:
+            step.closes = []
+        for name in server.prepared.make_room():
+            out.append(_close(name))
+            server.add_anchor(step, step.sent, None)
+            step.closes.append((step.sent, name))  # (an error before it: still prepared)
+            step.sent += 1
+        return b"".join(out)
 
     def _inject_parse(self, step: Step, st: Stmt, out: list[bytes], buf: bytes, run: int, s: int) -> None:
         """Prepare a statement the client made elsewhere, just before its first use here;
         the ParseComplete it causes is dropped (an anchor), a failure reaches the client
         where its Bind/Describe would have failed."""
         out.append(buf[run:s])
+        out.append(self._prepare_here(step, st))
         out.append(st.parse)
-        self._prepare_here(step, st)
 
-    def _prepare_here(self, step: Step, st: Stmt) -> None:
+    def _prepare_here(self, step: Step, st: Stmt) -> bytes:
         """Account for `st`'s Parse going out in `step` ahead of its use: its
-        ParseComplete is dropped, the name is prepared on this connection."""
+        ParseComplete is dropped, the name is prepared on this connection. Returns the
+        Closes to write just before the Parse (`_register`)."""
+        closes = self._register(step, st.server_name)
         self.server.add_anchor(step, step.sent, None)
-        self._register(step, st.server_name)
         step.sent += 1
+        return closes
 
     def _note_analysis(self, step: Step, analysis: Analysis) -> None:
         if analysis.route is _WRITE or analysis.tx is TxControl.BEGIN:
