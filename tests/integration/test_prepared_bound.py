@@ -14,6 +14,7 @@ import urllib.request
 
 import asyncpg
 import psycopg
+import pytest
 
 COUNT_SQL = "SELECT count(*)::int FROM pg_prepared_statements"
 
@@ -65,3 +66,21 @@ def test_a_pipeline_with_more_statements_than_the_bound(make_proxy, cluster) -> 
             assert conn.execute(f"SELECT {i}::int * %s", (3,), prepare=True).fetchone()[0] == i * 3
     assert server_statements(proxy) <= 20
     assert evictions(proxy) >= 40
+
+
+def test_a_close_the_server_skipped_after_an_error_is_remembered(make_proxy, cluster) -> None:
+    # The connection is full; in one pipeline a statement fails, and the Parse of a new one
+    # after it (with the Close of the oldest ahead of it) is skipped by the server: that
+    # oldest statement is still prepared there, and using it again must not prepare it twice.
+    proxy = make_proxy(pool={"size": 1, "max_prepared_statements": 20})
+    with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+        conn.execute("SET pgsplit.route = 'primary'")
+        for i in range(19):  # 19, and the failing one makes 20
+            assert conn.execute(f"SELECT {i}::int * %s", (2,), prepare=True).fetchone()[0] == i * 2
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with conn.pipeline():
+                conn.execute("SELECT 1 / %s", (0,), prepare=True)
+                conn.execute("SELECT 100::int * %s", (2,), prepare=True)
+        for i in range(19):
+            assert conn.execute(f"SELECT {i}::int * %s", (3,), prepare=True).fetchone()[0] == i * 3
+    assert server_statements(proxy) <= 20
