@@ -156,3 +156,23 @@ async def test_state_that_pins_keeps_the_connection_for_its_client(make_proxy, c
         for conn in (a, b):
             if not conn.is_closed():
                 await conn.close(timeout=10)
+
+
+def test_a_failed_settings_replay_leaves_no_state_for_the_next_client(make_proxy, cluster, state_role) -> None:
+    # b's SET ROLE cannot be replayed once its role is gone; the replay fails as a whole
+    # (its RESETs too), so the connection still carries a's role: c must not get it.
+    cluster.sql(cluster.primary, "DROP ROLE IF EXISTS pl_gone_role")
+    cluster.sql(cluster.primary, "CREATE ROLE pl_gone_role")
+    cluster.sql(cluster.primary, "GRANT pl_gone_role TO app")
+    proxy = make_proxy(pool={"size": 1})
+    try:
+        with connect(proxy) as a, connect(proxy) as b, connect(proxy) as c:
+            a.execute(f"SET ROLE {ROLE}")
+            b.execute("SET ROLE pl_gone_role")
+            assert one(a, "SELECT current_user") == ROLE  # the connection now carries a's role
+            cluster.sql(cluster.primary, "DROP ROLE pl_gone_role")
+            b.execute("SELECT 1")  # (its settings could not be restored: a warning)
+            assert one(c, "SELECT current_user") == "app"
+            assert one(a, "SELECT current_user") == ROLE
+    finally:
+        cluster.sql(cluster.primary, "DROP ROLE IF EXISTS pl_gone_role")
