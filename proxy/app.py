@@ -18,7 +18,7 @@ import time
 from metrics import Metrics
 from proxy import wire
 from proxy.auth import Verifiers
-from proxy.backend import ServerConnection
+from proxy.backend import UNKNOWN_SETTINGS, ServerConnection
 from proxy.commands import Commands
 from proxy.config import Config
 from proxy.dataplane import DataPlane
@@ -250,7 +250,7 @@ class Proxy:
                 conn.swallow(wire.query(session.replay_sql()), done.set_result)
                 step = await done
                 if step.error is not None:
-                    conn.settings_key = ()
+                    conn.settings_key = UNKNOWN_SETTINGS  # (the replay was undone as a whole)
                     raise ServerError(step.error, fatal=True)
                 conn.settings_key = session.settings_key
             params = dict(conn.params)

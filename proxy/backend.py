@@ -104,6 +104,9 @@ class Step:
 
 
 _FORWARD = StepKind.FORWARD
+# The settings_key of a connection whose settings no session can rely on (a settings replay
+# failed, and was undone as a whole): the next unit there replays its own.
+UNKNOWN_SETTINGS = (("", "unknown"),)
 
 
 class ServerConnection(asyncio.Protocol):

@@ -29,7 +29,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from proxy import commands, local, wire
-from proxy.backend import ServerConnection, Step, StepKind, send_cancel
+from proxy.backend import UNKNOWN_SETTINGS, ServerConnection, Step, StepKind, send_cancel
 from proxy.errors import (
     AdminShutdown, ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerError, ServerLost,
     ServerLostInTransaction,
@@ -101,8 +101,6 @@ _EXECUTE_SYNC = wire.message(F_EXECUTE, b"\0\0\0\0\0") + wire.SYNC  # unnamed po
 # session authorization resets the role as well.
 _NOT_RESET_BY_ALL = ("session_authorization", "role")
 _RESETS_ROLE = ("session_authorization",)
-# What a server connection carries when a replay failed: no session's settings_key.
-_UNKNOWN_SETTINGS = (("", "unknown"),)
 # Session effects a rollback does not undo.
 _UNTRANSACTIONAL = ("prepare", "deallocate", "deallocate_all")
 
@@ -978,7 +976,7 @@ class ClientSession(asyncio.Protocol):
             if self.server is not None:
                 # The replay ran as one implicit transaction: its RESETs were undone too, so
                 # whatever the connection carried it still does. The next unit replays.
-                self.server.settings_key = _UNKNOWN_SETTINGS
+                self.server.settings_key = UNKNOWN_SETTINGS
             if self.transport is not None and self.state is State.READY:
                 self.transport.write(wire.notice_response(
                     "01000", "pgsplit could not restore this session's settings on a new server connection: "

@@ -176,3 +176,15 @@ def test_a_failed_settings_replay_leaves_no_state_for_the_next_client(make_proxy
             assert one(a, "SELECT current_user") == ROLE
     finally:
         cluster.sql(cluster.primary, "DROP ROLE IF EXISTS pl_gone_role")
+
+
+def test_startup_settings_that_fail_leave_no_state_for_the_next_client(make_proxy, cluster, state_role) -> None:
+    proxy = make_proxy(pool={"size": 1})
+    with connect(proxy) as a:
+        a.execute(f"SET ROLE {ROLE}")
+        assert one(a, "SELECT current_user") == ROLE  # the connection carries a's role
+        with pytest.raises(psycopg.OperationalError, match="DateStyle"):
+            psycopg.connect(proxy.dsn(options="-c%20DateStyle%3Dnonsense"), connect_timeout=10)
+        with connect(proxy) as c:
+            assert one(c, "SELECT current_user") == "app"
+        assert one(a, "SELECT current_user") == ROLE
