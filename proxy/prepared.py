@@ -3,7 +3,8 @@
 Every client's named statement is prepared, under the proxy's name for it, on each server
 connection where it runs, and stays there for the next client that uses it. Without a
 bound a pooled connection collects every distinct statement its clients ever prepared
-(25,000 from one client left ~11,000 on each server process, at 93 MB each). So a
+(25,000 from one asyncpg client through a pool of one: 25,002 in the server process, 183 MB
+resident; with the bound at 100: 100, 21 MB). So a
 connection keeps at most `limit`, least recently used first: to prepare one more, the
 session closes the oldest (a Close just ahead of the Parse, in the same write; its
 CloseComplete is dropped), and prepares it again, transparently, when it is next needed.
