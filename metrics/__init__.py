@@ -115,10 +115,26 @@ class _ScrapeCollector(Collector):
         for (backend, state), n in sorted(self._sources.server_counts().items()):
             servers.add_metric([backend, state], n)
         yield servers
+        prepared = GaugeMetricFamily(
+            "pgsplit_server_prepared_statements",
+            "Protocol-level statements prepared on the open server connections, by backend", labels=["backend"],
+        )
+        for backend, n in sorted(self._sources.prepared_counts().items()):
+            prepared.add_metric([backend], n)
+        yield prepared
+        yield CounterMetricFamily(
+            "pgsplit_prepared_statement_evictions",
+            "Statements closed on a server connection to stay within pool.max_prepared_statements",
+            value=self._sources.prepared_evictions(),
+        )
 
 
 def _empty() -> dict:
     return {}
+
+
+def _zero() -> int:
+    return 0
 
 
 class Metrics:
@@ -130,6 +146,8 @@ class Metrics:
         self.units = UnitStats()
         self.client_counts: Callable[[], Mapping[str, int]] = _empty
         self.server_counts: Callable[[], Mapping[tuple[str, str], int]] = _empty
+        self.prepared_counts: Callable[[], Mapping[str, int]] = _empty
+        self.prepared_evictions: Callable[[], int] = _zero
         r.register(_ScrapeCollector(self.units, self))
 
         self.backend_up = Gauge("pgsplit_backend_up", "1 if the backend answers the monitor", ["backend", "role"], registry=r)

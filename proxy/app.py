@@ -18,7 +18,7 @@ import time
 from metrics import Metrics
 from proxy import wire
 from proxy.auth import Verifiers
-from proxy.backend import ServerConnection
+from proxy.backend import UNKNOWN_SETTINGS, ServerConnection
 from proxy.commands import Commands
 from proxy.config import Config
 from proxy.dataplane import DataPlane
@@ -92,6 +92,8 @@ class Proxy:
         self.started_at = time.time()
         self.metrics.client_counts = self.client_counts
         self.metrics.server_counts = self.pools.counts
+        self.metrics.prepared_counts = self.pools.prepared_counts
+        self.metrics.prepared_evictions = lambda: self.pools.evictions.count
         self.migration_watches: dict[str, object] = {}  # target cluster -> router.migrate.Watch
         self._migration_locks: dict[str, asyncio.Lock] = {}
 
@@ -103,7 +105,8 @@ class Proxy:
         return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
                             idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s,
                             keepalive_idle_s=p.keepalive_idle_s, keepalive_interval_s=p.keepalive_interval_s,
-                            keepalive_count=p.keepalive_count, tcp_user_timeout_s=p.tcp_user_timeout_s)
+                            keepalive_count=p.keepalive_count, tcp_user_timeout_s=p.tcp_user_timeout_s,
+                            max_prepared_statements=p.max_prepared_statements)
 
     @staticmethod
     def _passwords(config: Config) -> dict[str, str]:
@@ -301,7 +304,7 @@ class Proxy:
                 conn.swallow(wire.query(session.replay_sql()), done.set_result)
                 step = await done
                 if step.error is not None:
-                    conn.settings_key = ()
+                    conn.settings_key = UNKNOWN_SETTINGS  # (the replay was undone as a whole)
                     raise ServerError(step.error, fatal=True)
                 conn.settings_key = session.settings_key
             params = dict(conn.params)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 from proxy import wire
 from proxy.auth import BackendAuth
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
+from proxy.prepared import PreparedStatements
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.session import ClientSession
@@ -79,6 +80,7 @@ class Step:
     sent = 0  # completions requested so far
     anchors: list[tuple[int, bytes | None]] | None = None  # (index, bytes to insert | None = drop)
     regs: list[tuple[int, bytes]] | None = None  # statements this step prepares, at their index
+    closes: list[tuple[int, bytes]] | None = None  # statements this step closes (the bound), at their index
     error: dict[str, str] | None = None
     status = 0
     extended = False  # closed by Sync rather than Query
@@ -110,6 +112,9 @@ class Step:
 
 
 _FORWARD = StepKind.FORWARD
+# The settings_key of a connection whose settings no session can rely on (a settings replay
+# failed, and was undone as a whole): the next unit there replays its own.
+UNKNOWN_SETTINGS = (("", "unknown"),)
 
 
 class ServerConnection(asyncio.Protocol):
@@ -130,7 +135,7 @@ class ServerConnection(asyncio.Protocol):
         self.process_id = 0
         self.secret_key = b""
         self.status = wire.TX_IDLE
-        self.prepared: set[bytes] = set()  # server-side names of statements prepared here
+        self.prepared = PreparedStatements()  # server-side names of statements prepared here
         self.sql_prepared: dict[str, str] = {}  # SQL PREPARE name -> statement text
         self.settings_key: tuple = ()  # the client settings this connection carries
         self.created = time.monotonic()
@@ -290,6 +295,16 @@ class ServerConnection(asyncio.Protocol):
         DEALLOCATE ALL ran here): each is prepared again when next needed, other clients'
         included."""
         self.prepared.clear()
+        self.sql_prepared.clear()
+
+    def drop_sql_statements(self) -> None:
+        """The connection goes back to its pool: the statements a client PREPAREd here in
+        SQL are that client's (another one could EXECUTE them, or fail to PREPARE its own
+        under the same name). A DEALLOCATE of each is queued `ahead`, so it goes out in
+        the next borrower's first write, before its unit; the client that prepared them
+        prepares them again where it needs them."""
+        for name in self.sql_prepared:
+            self.swallow(wire.query('DEALLOCATE "' + name.replace('"', '""') + '"'), ahead=True)
         self.sql_prepared.clear()
 
     def send(self, data: bytes) -> None:
@@ -473,12 +488,8 @@ class ServerConnection(asyncio.Protocol):
                 step.error = fields
             if anchors:
                 del anchors[:]  # the server skips everything up to Sync
-            if step.regs:
-                # Statements queued at or after the failure were never prepared.
-                for index, name in step.regs:
-                    if index >= step.done:
-                        self.prepared.discard(name)
-                step.regs = None
+            if step.regs or step.closes:
+                self._skipped_statements(step)
             if fields.get("R") == _STALE_PLAN_ROUTINE:
                 self._drop_stale_statements()
             if renamed:
@@ -550,6 +561,18 @@ class ServerConnection(asyncio.Protocol):
         if self.client is not None and not self.closed:
             self.client.unit_ready(self, step)
 
+    def _skipped_statements(self, step: Step) -> None:
+        """An error in `step`: the server skips the rest of it, so the Parses queued at or
+        after it prepared nothing, and the Closes did not close."""
+        done = step.done
+        for index, name in step.regs or ():
+            if index >= done:
+                self.prepared.discard(name)
+        for index, name in step.closes or ():
+            if index >= done:
+                self.prepared.add(name)
+        step.regs = step.closes = None
+
     def _refused(self, step: Step, data: bytes, pos: int, end: int) -> bool:
         """A replica's error for a unit that can still run elsewhere: nothing of it has
         reached the client, so it is dropped and the session re-sends the unit."""
@@ -558,6 +581,8 @@ class ServerConnection(asyncio.Protocol):
         step.error = wire.parse_fields(data[pos + 5 : end])
         if step.error.get("C") in RETRYABLE:
             step.retrying = True
+            if step.regs or step.closes:
+                self._skipped_statements(step)
         return step.retrying
 
     def _emit_after(self, step: Step, data: bytes, pos: int, end: int) -> None:

@@ -294,6 +294,7 @@ class PoolConfig(BaseModel):
     keepalive_count: PositiveInt = 3
     tcp_user_timeout_s: NonNegativeFloat = 30.0
     down_backend_wait_s: NonNegativeFloat = 1.0
+    max_prepared_statements: PositiveInt = 100
 
 
 class MonitorConfig(BaseModel):

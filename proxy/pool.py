@@ -18,6 +18,7 @@ from time import monotonic
 from dataclasses import dataclass
 
 from proxy.backend import ServerConnection, open_connection
+from proxy.prepared import DEFAULT_LIMIT, Evictions, PreparedStatements
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
 
 log = logging.getLogger("pgsplit.pool")
@@ -41,6 +42,7 @@ class PoolSettings:
     keepalive_interval_s: int = 5
     keepalive_count: int = 3
     tcp_user_timeout_s: float = 30.0
+    max_prepared_statements: int = DEFAULT_LIMIT  # protocol-level, per server connection
 
 
 def tune_socket(conn: ServerConnection, settings: PoolSettings) -> None:
@@ -66,7 +68,8 @@ def tune_socket(conn: ServerConnection, settings: PoolSettings) -> None:
 
 class Pool:
     def __init__(self, address: Address, user: str, database: str, password: str | None,
-                 settings: PoolSettings, *, generation: int = 0, on_connect=None):
+                 settings: PoolSettings, *, generation: int = 0, on_connect=None,
+                 evictions: Evictions | None = None):
         self.address = address
         self.user = user
         self.database = database
@@ -80,6 +83,7 @@ class Pool:
         self.waiters: deque[asyncio.Future] = deque()
         self.closed = False
         self._on_connect = on_connect  # hook: (backend, exception or None)
+        self.evictions = evictions if evictions is not None else Evictions()
 
     def set_password(self, password: str | None) -> None:
         self._password = password
@@ -145,6 +149,7 @@ class Pool:
             self._on_connect(addr.backend, None)
         tune_socket(conn, self.settings)
         conn.generation = self.generation
+        conn.prepared = PreparedStatements(self.settings.max_prepared_statements, self.evictions)
         conn.pool = self
         conn.on_lost = self._lost
         if self.closed:
@@ -192,6 +197,8 @@ class Pool:
             self._wake_next()
             return
         conn.last_used = now
+        if conn.sql_prepared:
+            conn.drop_sql_statements()
         if self.waiters:
             self._hand_over(conn)
         else:
@@ -245,6 +252,9 @@ class Pool:
     def counts(self) -> dict[str, int]:
         return {"idle": len(self.idle), "active": len(self.busy), "opening": self.opening}
 
+    def connections(self) -> list[ServerConnection]:
+        return [*self.idle, *self.busy]
+
 
 class Pools:
     """Every pool of the process, created on first use."""
@@ -254,6 +264,7 @@ class Pools:
         self._passwords = passwords
         self._pools: dict[tuple[str, str, str], Pool] = {}
         self._on_connect = on_connect
+        self.evictions = Evictions()  # statements closed to keep connections within the bound
 
     def get(self, backend: str, host: str, port: int, user: str, database: str) -> Pool:
         key = (backend, user, database)
@@ -263,7 +274,7 @@ class Pools:
                 pool.close()
             pool = self._pools[key] = Pool(
                 Address(backend, host, port), user, database, self._passwords.get(user), self.settings,
-                on_connect=self._on_connect,
+                on_connect=self._on_connect, evictions=self.evictions,
             )
         return pool
 
@@ -281,6 +292,8 @@ class Pools:
         for pool in self:
             pool.settings = settings
             pool._lifetime = settings.server_lifetime_s
+            for conn in pool.connections():  # a lower bound: they close the extra at their next Parse
+                conn.prepared.limit = settings.max_prepared_statements
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -298,6 +311,14 @@ class Pools:
         for pool in self:
             pool.close()
         self._pools.clear()
+
+    def prepared_counts(self) -> dict[str, int]:
+        """Protocol-level statements prepared on the open server connections, by backend."""
+        out: dict[str, int] = {}
+        for pool in self:
+            name = pool.address.backend
+            out[name] = out.get(name, 0) + sum(len(conn.prepared) for conn in pool.connections())
+        return out
 
     def counts(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}

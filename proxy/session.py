@@ -25,11 +25,12 @@ import enum
 import hashlib
 import logging
 import select
+from dataclasses import replace
 from time import perf_counter
 from typing import TYPE_CHECKING
 
 from proxy import commands, local, wire
-from proxy.backend import ServerConnection, Step, StepKind, send_cancel
+from proxy.backend import UNKNOWN_SETTINGS, ServerConnection, Step, StepKind, send_cancel
 from proxy.errors import (
     AdminShutdown, ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerError, ServerLost,
     ServerLostInTransaction,
@@ -112,17 +113,30 @@ _DESCRIBE_PORTAL = b"D\0\0\0\x06P\0"  # Describe of the unnamed portal
 _REPLAY_WAIT = b"pgsplit_replay_wait"
 _REPLAY_WAIT_PARSE = wire.build_parse(_REPLAY_WAIT, REPLAY_WAIT_SQL.encode())
 _EXECUTE_SYNC = wire.message(F_EXECUTE, b"\0\0\0\0\0") + wire.SYNC  # unnamed portal, all rows
+# Settings RESET ALL leaves as they are (GUC_NO_RESET_ALL); setting or resetting the
+# session authorization resets the role as well.
+_NOT_RESET_BY_ALL = ("session_authorization", "role")
+_RESETS_ROLE = ("session_authorization",)
+# Session effects a rollback does not undo.
+_UNTRANSACTIONAL = ("prepare", "deallocate", "deallocate_all")
 
 
 def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> bytes:
     """Bind and Execute of the replay check for `lsn` (prepared here first if need be)."""
     parse = b""
-    if _REPLAY_WAIT not in conn.prepared:
-        conn.prepared.add(_REPLAY_WAIT)
-        parse = _REPLAY_WAIT_PARSE
+    prepared = conn.prepared
+    if _REPLAY_WAIT in prepared:
+        prepared.move_to_end(_REPLAY_WAIT)
+    else:  # (first in its own request group: nothing before it can keep the Closes from running)
+        parse = b"".join(_close(name) for name in prepared.make_room()) + _REPLAY_WAIT_PARSE
+        prepared.add(_REPLAY_WAIT)
     # no parameter format codes (all text), the parameters, no result format codes (text)
     rest = b"\0\0" + wire.text_values([format_lsn(lsn), str(timeout_ms)]) + b"\0\0"
     return parse + wire.build_bind(b"", _REPLAY_WAIT, rest) + _EXECUTE_SYNC
+
+
+def _close(server_name: bytes) -> bytes:
+    return wire.build_target(F_CLOSE, _STATEMENT_KIND, server_name)
 
 
 def _is_lone_query(data: bytes) -> bool:
@@ -389,7 +403,9 @@ class ClientSession(asyncio.Protocol):
         self.settings_key = tuple(sorted(self.settings.items()))
 
     def replay_sql(self) -> bytes:
-        return ";\n".join(["RESET ALL", *self.settings.values()]).encode()
+        # RESET ALL leaves role and session_authorization alone (GUC_NO_RESET_ALL); the
+        # latter's reset puts the role back too.
+        return ";\n".join(["RESET SESSION AUTHORIZATION", "RESET ALL", *self.settings.values()]).encode()
 
     # --- the client byte stream ------------------------------------------------------------
 
@@ -605,9 +621,10 @@ class ClientSession(asyncio.Protocol):
             conn.send(data + trailer)
             return step
         parse = b""
-        if stmt.server_name not in conn.prepared:  # prepared first here, ahead of the Bind
-            self._prepare_here(step, stmt)
-            parse = stmt.parse
+        if stmt.server_name in conn.prepared:
+            conn.prepared.move_to_end(stmt.server_name)  # (least recently used goes first)
+        else:  # prepared first here, ahead of the Bind
+            parse = self._prepare_here(step, stmt) + stmt.parse
         step.sent += 3 if ext.described else 2  # Bind, Describe and Execute complete once each
         conn.send(parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail + trailer)
         return step
@@ -1054,7 +1071,9 @@ class ClientSession(asyncio.Protocol):
             log.warning("replaying session settings on %s failed: %s",
                         self.server.backend if self.server else "?", step.error.get("M"))
             if self.server is not None:
-                self.server.settings_key = ()
+                # The replay ran as one implicit transaction: its RESETs were undone too, so
+                # whatever the connection carried it still does. The next unit replays.
+                self.server.settings_key = UNKNOWN_SETTINGS
             if self.transport is not None and self.state is State.READY:
                 self.transport.write(wire.notice_response(
                     "01000", "pgsplit could not restore this session's settings on a new server connection: "
@@ -1206,6 +1225,8 @@ class ClientSession(asyncio.Protocol):
                         if st.server_name not in server.prepared:
                             self._inject_parse(step, st, out, buf, run, s)
                             run = s
+                        else:
+                            server.prepared.move_to_end(st.server_name)
                         out.append(buf[run:s])
                         out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
                         run = e
@@ -1228,10 +1249,11 @@ class ClientSession(asyncio.Protocol):
                     out.append(buf[run:s])
                     run = e
                     if sname in server.prepared:
+                        server.prepared.move_to_end(sname)
                         server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
                     else:
+                        out.append(self._register(step, sname))
                         out.append(st.parse)
-                        self._register(step, sname)
                         step.sent += 1
                 else:
                     self._unnamed = analysis
@@ -1252,6 +1274,8 @@ class ClientSession(asyncio.Protocol):
                         if st.server_name not in server.prepared:
                             self._inject_parse(step, st, out, buf, run, s)
                             run = s
+                        else:
+                            server.prepared.move_to_end(st.server_name)
                         out.append(buf[run:s])
                         out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
                         run = e
@@ -1328,26 +1352,48 @@ class ClientSession(asyncio.Protocol):
             out.append(buf[run:end])
         server.send(b"".join(out))
 
-    def _register(self, step: Step, name: bytes) -> None:
-        self.server.prepared.add(name)
+    def _register(self, step: Step, name: bytes) -> bytes:
+        """`name`'s Parse goes out next in `step`. Returns the Closes to write just before
+        it: the least recently used statements beyond the connection's bound
+        (`pool.max_prepared_statements`), their CloseCompletes dropped."""
+        prepared = self.server.prepared
+        closes = b""
+        if len(prepared) >= prepared.limit:
+            closes = self._close_oldest(step)
+        prepared.add(name)
         if step.regs is None:
             step.regs = []
         step.regs.append((step.sent, name))
+        return closes
+
+    def _close_oldest(self, step: Step) -> bytes:
+        server = self.server
+        out = []
+        if step.closes is None:
+            step.closes = []
+        for name in server.prepared.make_room():
+            out.append(_close(name))
+            server.add_anchor(step, step.sent, None)
+            step.closes.append((step.sent, name))  # (an error before it: still prepared)
+            step.sent += 1
+        return b"".join(out)
 
     def _inject_parse(self, step: Step, st: Stmt, out: list[bytes], buf: bytes, run: int, s: int) -> None:
         """Prepare a statement the client made elsewhere, just before its first use here;
         the ParseComplete it causes is dropped (an anchor), a failure reaches the client
         where its Bind/Describe would have failed."""
         out.append(buf[run:s])
+        out.append(self._prepare_here(step, st))
         out.append(st.parse)
-        self._prepare_here(step, st)
 
-    def _prepare_here(self, step: Step, st: Stmt) -> None:
+    def _prepare_here(self, step: Step, st: Stmt) -> bytes:
         """Account for `st`'s Parse going out in `step` ahead of its use: its
-        ParseComplete is dropped, the name is prepared on this connection."""
+        ParseComplete is dropped, the name is prepared on this connection. Returns the
+        Closes to write just before the Parse (`_register`)."""
+        closes = self._register(step, st.server_name)
         self.server.add_anchor(step, step.sent, None)
-        self._register(step, st.server_name)
         step.sent += 1
+        return closes
 
     def _note_analysis(self, step: Step, analysis: Analysis) -> None:
         if analysis.route is _WRITE or analysis.tx is TxControl.BEGIN:
@@ -1430,7 +1476,9 @@ class ClientSession(asyncio.Protocol):
                     self.pins |= a.pins
                 if a.effects:
                     if in_tx:
-                        self._tx_effects.append((a, ok))
+                        a = self._apply_untransactional(a, ok)
+                        if a.effects:
+                            self._tx_effects.append((a, ok))
                     elif ok:
                         self._apply_effects(a, self.server)
         if status == TX_IDLE and (self._tx_effects or self._tx_failed):
@@ -1463,6 +1511,16 @@ class ClientSession(asyncio.Protocol):
         elif unpin is Unpin.CLOSE_ALL:
             self.pins.discard(Pin.HOLD_CURSOR)
 
+    def _apply_untransactional(self, analysis: Analysis, ok: bool) -> Analysis:
+        """PREPARE and DEALLOCATE inside a transaction hold whether it commits or not:
+        applied now. Returns the analysis with the effects that wait for the commit."""
+        now = [eff for eff in analysis.effects if eff.kind in _UNTRANSACTIONAL]
+        if not now:
+            return analysis
+        if ok:
+            self._apply_effects(replace(analysis, effects=tuple(now)), self.server)
+        return replace(analysis, effects=tuple(eff for eff in analysis.effects if eff.kind not in _UNTRANSACTIONAL))
+
     def _apply_effects(self, analysis: Analysis, server: ServerConnection | None) -> None:
         """The session effects of statements that succeeded: run by `server`, or answered
         here (None), when only the proxy's side of the session changes."""
@@ -1473,6 +1531,9 @@ class ClientSession(asyncio.Protocol):
         for eff in analysis.effects:
             kind = eff.kind
             if kind == "set" and eff.name:
+                if eff.name in _RESETS_ROLE:
+                    self.settings.pop("role", None)  # SET SESSION AUTHORIZATION resets the role
+                    on_server.pop("role", None)
                 self.settings[eff.name] = on_server[eff.name] = eff.text
                 changed = True
                 if eff.name == "default_transaction_read_only":
@@ -1482,6 +1543,9 @@ class ClientSession(asyncio.Protocol):
                     # insert position covers either kind of commit.
                     self.async_commit = (eff.value or "off").lower() in ("off", "false", "0", "no")
             elif kind == "reset" and eff.name:
+                if eff.name in _RESETS_ROLE:
+                    self.settings.pop("role", None)
+                    on_server.pop("role", None)
                 on_server.pop(eff.name, None)
                 startup = self.startup_settings.get(eff.name)
                 if startup is None:
@@ -1494,8 +1558,13 @@ class ClientSession(asyncio.Protocol):
                 elif eff.name == "synchronous_commit":
                     self.async_commit = self._startup_async_commit
             elif kind in ("reset_all", "discard_all"):
+                # RESET ALL keeps the role and session authorization; DISCARD ALL does not
+                kept = {} if kind == "discard_all" else {
+                    k: v for k, v in self.settings.items() if k in _NOT_RESET_BY_ALL}
                 on_server.clear()
+                on_server.update(kept)
                 self.settings = dict(self.startup_settings)
+                self.settings.update(kept)
                 self.default_read_only = False
                 self.async_commit = self._startup_async_commit
                 changed = True

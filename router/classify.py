@@ -86,6 +86,10 @@ class Pin(enum.Enum):
     LISTEN = "listen"
     ADVISORY_LOCK = "advisory_lock"  # session-level advisory locks (not the _xact_ ones)
     HOLD_CURSOR = "hold_cursor"  # DECLARE ... WITH HOLD
+    # Other session state the proxy cannot replay: set_config whose arguments are not
+    # constants (or that may run other than once), setseed, LOAD, dblink connections,
+    # temporary replication slots, a replication origin session. Only DISCARD ALL ends it.
+    SESSION_STATE = "session_state"
 
 
 class Unpin(enum.Enum):
@@ -200,6 +204,10 @@ _WRITER_PREFIXES: tuple[str, ...] = (
 )
 _SESSION_ADVISORY_LOCKS = frozenset(
     {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
+)
+# Builtin writers whose effect outlives the transaction in the server session.
+_SESSION_STATE_FUNCTIONS = frozenset(
+    {"setseed", "dblink_connect", "dblink_connect_u", "pg_replication_origin_session_setup"}
 )
 
 
@@ -396,6 +404,8 @@ _FP_SAFE = frozenset(
     {"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "CallStmt", "DeclareCursorStmt"}
 )
 _FALSE_WORDS = frozenset({"false", "off", "0", "no", "n", "f"})
+# A SelectStmt with only these keys evaluates its target list exactly once.
+_SELECT_ONCE = frozenset({"targetList", "limitOption", "op"})
 
 
 def _const_value(node: Any) -> str | None:
@@ -491,6 +501,30 @@ def _mentions_temp(node: Any) -> bool:
     return False
 
 
+def _set_config(fc: dict[str, Any], acc: "_Acc") -> None:
+    """set_config(name, value, is_local): with is_local false the setting outlives the
+    transaction. Carried like a SET (replayed as this call) when its arguments are
+    constants and it runs exactly once; otherwise the session is pinned. With is_local
+    true it ends with the transaction, like SET LOCAL."""
+    acc.const_dep = True  # is_local true / false share a fingerprint
+    args = fc.get("args") or ()
+    if len(args) != 3:
+        return  # no such function in pg_catalog: PostgreSQL refuses the call
+    name, value, local = (_const_value(a) for a in args)
+    if local is not None and local.strip().lower() in ("true", "t", "on", "1", "yes", "y"):
+        return
+    at = next((i for i, f in enumerate(acc.once) if f is fc), None)
+    if local is None or name is None or value is None or at is None:
+        acc.pins.add(Pin.SESSION_STATE)
+        return
+    text = f"SELECT pg_catalog.set_config({_quote(name)}, {_quote(value)}, false)"
+    acc.once_effects.append((at, SessionEffect("set", name.strip().lower(), value, text)))
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _clean_statement(text: str) -> str:
     """Strip whitespace and leading/trailing comments from one statement's text."""
     s = text.strip()
@@ -512,7 +546,7 @@ class _Acc:
 
     __slots__ = (
         "reason", "tx", "effects", "pins", "unpins", "executes", "copy_in", "const_dep",
-        "need_walk", "need_walk_select",
+        "need_walk", "need_walk_select", "once", "once_effects",
     )
 
     def __init__(self) -> None:
@@ -526,6 +560,8 @@ class _Acc:
         self.const_dep = False  # the answer depends on a constant the fingerprint ignores
         self.need_walk = True  # some FuncCall / lockingClause / intoClause / ExecuteStmt exists
         self.need_walk_select = True  # ... or a DML node (writable CTE)
+        self.once: tuple[Any, ...] = ()  # FuncCall nodes that run exactly once (a FROM-less SELECT's targets)
+        self.once_effects: list[tuple[int, SessionEffect]] = []  # their effects, by position
 
     def write(self, reason: str) -> None:
         if self.reason is None:
@@ -738,7 +774,14 @@ class Classifier:
         """One statement node (``ntype`` is the JSON key, e.g. "SelectStmt")."""
         if ntype == "SelectStmt":
             if acc.need_walk_select:
+                if text_of is not None and _SELECT_ONCE.issuperset(body) and body.get("op") == "SETOP_NONE":
+                    acc.once = tuple(t["ResTarget"].get("val", {}).get("FuncCall")
+                                     for t in body.get("targetList") or () if "ResTarget" in t)
                 self._walk(body, acc)
+                if acc.once_effects:  # in the order PostgreSQL evaluates them (the walk is not)
+                    acc.effects.extend(e for _, e in sorted(acc.once_effects, key=lambda x: x[0]))
+                    acc.once_effects = []
+                acc.once = ()
         elif ntype in _DML:
             acc.write(_DML[ntype])
             if acc.need_walk:
@@ -806,6 +849,9 @@ class Classifier:
         elif ntype == "CallStmt":
             acc.write("CALL")
             self._walk(body, acc)  # arguments may call functions
+        elif ntype == "LoadStmt":
+            acc.write("LOAD")
+            acc.pins.add(Pin.SESSION_STATE)  # a loaded library stays with the server session
         else:  # DDL and every other utility statement
             acc.write(_REASONS.get(ntype, ntype))
             if _mentions_temp(body):
@@ -945,6 +991,8 @@ class Classifier:
             str(n["String"].get("sval", "")).lower() if type(n) is dict and "String" in n else ""
             for n in fc.get("funcname") or ()
         )
+        if names and names[-1] == "set_config":
+            _set_config(fc, acc)
         info = self._funcs.get(names)
         if info is None:
             info = self._func_info(names)
@@ -967,6 +1015,9 @@ class Classifier:
         # same-named function elsewhere: the conservative answer).
         if _is_builtin_writer(bare):
             pin = Pin.ADVISORY_LOCK if bare in _SESSION_ADVISORY_LOCKS else None
+            if bare in _SESSION_STATE_FUNCTIONS or (bare.startswith("pg_create_") and bare.endswith("_slot")):
+                # (a replication slot may be temporary: it lives as long as the server session)
+                pin = Pin.SESSION_STATE
             unpin = Unpin.ADVISORY_UNLOCK_ALL if bare == "pg_advisory_unlock_all" else None
             return (f"function {bare}", pin, unpin)
         vol = self._volatile

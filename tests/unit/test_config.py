@@ -74,7 +74,7 @@ def test_defaults() -> None:
     assert r.retry_reads_on_replica_error is True
     p = config.pool
     assert (p.mode, p.size, p.connect_timeout_s, p.acquire_timeout_s) == ("transaction", 20, 5, 10)
-    assert (p.idle_timeout_s, p.server_lifetime_s) == (600, 3600)
+    assert (p.idle_timeout_s, p.server_lifetime_s, p.max_prepared_statements) == (600, 3600, 100)
     assert (p.keepalive_idle_s, p.keepalive_interval_s, p.keepalive_count) == (15, 5, 3)
     assert (p.tcp_user_timeout_s, p.down_backend_wait_s) == (30.0, 1.0)
     assert (config.monitor.user, config.monitor.dbname, config.monitor.secret()) == (
@@ -231,6 +231,8 @@ def test_wrong_types_and_ranges_name_the_key() -> None:
         "test.toml: backends.pg1.host: required key is missing",
         "test.toml: backends.pg1.weight: Input should be greater than 0",
     ]
+    assert problems(MINIMAL + "[pool]\nmax_prepared_statements = 0\n") == [
+        "test.toml: pool.max_prepared_statements: Input should be greater than 0"]
 
 
 def test_backend_fault_bounds_name_the_key() -> None:
