@@ -85,7 +85,7 @@ OP_TIMEOUT_S = 15.0  # the suite's own guard: an operation this long is a failur
 STEP_TIMEOUT_S = 30.0  # any one step of the suite (a node restart, a recovery)
 LEDGER = "fault_ledger"
 COUNTERS = "fault_counters"
-MESSAGE_PREFIX = 72
+MESSAGE_PREFIX = 100
 DOWN_LINE = re.compile(r"(?:primary|replica) main_(\w+) \([^)]*\) is down")
 
 
