@@ -52,6 +52,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -150,13 +151,17 @@ class Recorder:
         fault, loop = self.fault, asyncio.get_running_loop()
         t0 = loop.time()
         outcome = "ok"
+        guard = asyncio.timeout(OP_TIMEOUT_S)
         try:
-            async with asyncio.timeout(OP_TIMEOUT_S):
+            async with guard:
                 await coro
-        except TimeoutError:
+        except TimeoutError as exc:
             outcome = "timeout"
-            self.timeouts.append(f"{client} {kind} during {fault}: no answer in {OP_TIMEOUT_S:g} s")
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, psycopg.Error, OSError) as exc:
+            if guard.expired():
+                self.timeouts.append(f"{client} {kind} during {fault}: no answer in {OP_TIMEOUT_S:g} s")
+            else:  # the driver's own (login) timeout: the proxy did not answer either
+                self.errors[fault][(None, f"{type(exc).__name__} in the driver: {exc}")] += 1
+        except Exception as exc:  # noqa: BLE001  every error a client gets is recorded and judged
             outcome = "error"
             self.errors[fault][error_pair(exc)] += 1
         self.ops.append(Op(client, fault, kind, t0, loop.time()))
@@ -392,14 +397,20 @@ class Suite:
             total += rows[0][0]
         return total
 
-    def backends_down_logged(self) -> list[str]:
-        """Backends the proxy logged as down since the last call (from its log: a replica
-        out of service for a few milliseconds is missed by any poll of /v1/status)."""
+    def read_proxy_log(self, row: FaultRow | None = None) -> None:
+        """The proxy's log since the last call: into `row`, the backends it logged as down
+        (a replica out of service for a few milliseconds is missed by any poll of
+        /v1/status) and any traceback (a failure)."""
         with open(self.proxy.log_path, "rb") as f:
             f.seek(self.log_offset)
-            text = f.read().decode(errors="replace")
-        self.log_offset += len(text.encode())
-        return sorted({m.group(1) for m in DOWN_LINE.finditer(text)})
+            data = f.read()
+        self.log_offset += len(data)
+        if row is None:
+            return
+        text = data.decode(errors="replace")
+        row.down_seen = sorted({m.group(1) for m in DOWN_LINE.finditer(text)})
+        self.failures += [f"{row.name}: the proxy logged {line.strip()[:200]!r}" for line in text.splitlines()
+                          if line.startswith("Traceback") or " ERROR " in line or " CRITICAL " in line]
 
     async def recovered(self) -> float:
         """Seconds until every backend is up, in rotation and the primary writable."""
@@ -434,33 +445,40 @@ class Suite:
     async def run(self) -> SuiteResult:
         t_start = time.monotonic()
         asyncio.get_running_loop().set_exception_handler(_quiet_on_closed_connections)
-        await self.setup()
         stop = asyncio.Event()
-        clients = load_clients(self.dsn, self.rec, self.asyncpg_copy)
-        tasks = [asyncio.create_task(c.run(stop)) for c in clients]
+        tasks: list[asyncio.Task] = []
         try:
+            await self.setup()
+            clients = load_clients(self.dsn, self.rec, self.asyncpg_copy)
+            tasks = [asyncio.create_task(c.run(stop)) for c in clients]
             await asyncio.sleep(self.settle_s)
             await self.measure(FaultRow("baseline"))
             for name in self.fault_names:
                 await self.run_fault(name)
         finally:
             stop.set()
-            _, late = await asyncio.wait(tasks, timeout=OP_TIMEOUT_S + 10)
+            done, late = await asyncio.wait(tasks, timeout=OP_TIMEOUT_S + 10) if tasks else (set(), set())
             for t in late:
                 t.cancel()
                 self.failures.append("a load client did not stop in time")
-            await asyncio.to_thread(self.proxy.stop)
+            self.failures += [f"a load client failed: {t.exception()!r}" for t in done if t.exception()]
+            if self.proxy is not None:
+                await asyncio.to_thread(self.proxy.stop)
         await self.check_ledger()
         self.check_resources()
         await asyncio.to_thread(self.cluster.sql, self.cluster.primary, f"DROP TABLE {LEDGER}, {COUNTERS}",
                                 dbname="app")
+        if self.failures:
+            self.failures.append(f"(the proxy's log: {self.proxy.log_path})")
+        else:
+            shutil.rmtree(self.proxy.dir, ignore_errors=True)
         return SuiteResult(self.rows, self.failures, time.monotonic() - t_start)
 
     async def run_fault(self, name: str) -> None:
         fault = FAULTS[name]
         runs = sum(1 for r in self.rows if r.name.split("#")[0] == name)
         name = f"{name}#{runs + 1}" if runs else name
-        self.backends_down_logged()  # what came before is not this fault's
+        self.read_proxy_log()  # what came before is not this fault's
         self.rec.fault = name
         self.log(f"fault {name}: {fault.what}")
         row = FaultRow(name, bound_s=fault.bound(self))
@@ -496,7 +514,7 @@ class Suite:
         status = await self.status()
         row.server_conns = sum(sum(b["server_connections"].values()) for b in status["backends"])
         row.server_sessions = await self.server_sessions()
-        row.down_seen = self.backends_down_logged()
+        self.read_proxy_log(row)
         self.rows.append(row)
         if row.bound_s and row.longest_wait_s > row.bound_s:
             slow = max(ops, key=lambda o: o.end - o.start)
@@ -521,9 +539,9 @@ class Suite:
     def check_resources(self) -> None:
         """After the faults, the proxy's files and memory are near where the load left them
         before the first fault; its server connections match the servers' sessions."""
-        base, last = self.rows[0], self.rows[-1]
         if len(self.rows) < 2:
             return
+        base, last = self.rows[0], self.rows[-1]
         # Sockets to servers come and go with the pools (up to pool.size each); the rest
         # (clients, listeners, logs) must not grow.
         other_base, other_last = base.fds - base.server_conns, last.fds - last.server_conns
@@ -578,13 +596,26 @@ async def replica_kill(suite: Suite, row: FaultRow) -> None:
 
 
 async def terminate_server(suite: Suite, row: FaultRow) -> None:
-    killed = 0
-    for node in suite.cluster.nodes:
-        rows = await asyncio.to_thread(
-            suite.cluster.sql, node, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                     "WHERE usename = 'app' AND pid <> pg_backend_pid()")
-        killed += rows[0][0]
-    row.notes.append(f"{killed} server connections terminated")
+    """Terminate every pooled connection on every server, while the load runs and while
+    some slow reads are sure to be in flight (a read whose server connection is lost before
+    it sent a row is retried elsewhere)."""
+    marker = f"slowread_{uuid.uuid4().hex[:8]}"
+    conns = await asyncio.gather(*(asyncpg.connect(suite.dsn, timeout=5, ssl=False) for _ in range(3)))
+    try:
+        reads = [asyncio.create_task(suite.rec.timed(f"slow-read-{k}", "read", c.fetchval(
+            f"SELECT pg_sleep(1) /* {marker} */"))) for k, c in enumerate(conns)]
+        await wait_sessions(suite, marker, present=True)
+        killed = 0
+        for node in suite.cluster.nodes:
+            rows = await asyncio.to_thread(
+                suite.cluster.sql, node, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                         "WHERE usename = 'app' AND pid <> pg_backend_pid()")
+            killed += rows[0][0]
+        row.notes.append(f"{killed} server connections terminated")
+        await asyncio.gather(*reads)
+    finally:
+        for c in conns:
+            c.terminate()
     await asyncio.sleep(1.0 if suite.short else 2.0)
 
 
