@@ -452,7 +452,7 @@ class Suite:
             clients = load_clients(self.dsn, self.rec, self.asyncpg_copy)
             tasks = [asyncio.create_task(c.run(stop)) for c in clients]
             await asyncio.sleep(self.settle_s)
-            await self.measure(FaultRow("baseline"))
+            await self.measure(FaultRow("baseline", bound_s=configured_bound()))
             for name in self.fault_names:
                 await self.run_fault(name)
         finally:
@@ -464,6 +464,7 @@ class Suite:
             self.failures += [f"a load client failed: {t.exception()!r}" for t in done if t.exception()]
             if self.proxy is not None:
                 await asyncio.to_thread(self.proxy.stop)
+        self.judge()
         await self.check_ledger()
         self.check_resources()
         await asyncio.to_thread(self.cluster.sql, self.cluster.primary, f"DROP TABLE {LEDGER}, {COUNTERS}",
@@ -500,15 +501,34 @@ class Suite:
         if fault.check is not None:
             fault.check(self, row)
 
-    async def measure(self, row: FaultRow) -> None:
-        """The row's figures from the recorder and the proxy, as the fault's window closes."""
+    def count(self, row: FaultRow) -> list[Op]:
+        """The row's figures from the recorder (operations are counted under the fault in
+        which they started); its operations."""
         ops = [o for o in self.rec.ops if o.fault == row.name]
         row.ops = len(ops)
         row.longest_wait_s = max((o.end - o.start for o in ops), default=0.0)
-        row.pairs = self.rec.errors.get(row.name, Counter()) + row.pairs
+        row.pairs = self.rec.errors.get(row.name, Counter())
         row.errors = sum(row.pairs.values())
         row.timeouts = sum(1 for t in self.rec.timeouts if f" during {row.name}:" in t)
         row.acked = sum(1 for f in self.rec.acked.values() if f == row.name)
+        return ops
+
+    def judge(self) -> None:
+        """Once the load has stopped (every operation ended or timed out): waits over the
+        bound, timeouts and errors without SQLSTATE, per fault."""
+        for row in self.rows:
+            ops = self.count(row)
+            if row.bound_s and row.longest_wait_s > row.bound_s:
+                slow = max(ops, key=lambda o: o.end - o.start)
+                self.failures.append(f"{row.name}: {slow.client} waited {row.longest_wait_s:.2f} s on a {slow.kind} "
+                                     f"(bound {row.bound_s:.1f} s)")
+            self.failures += [t for t in self.rec.timeouts if f" during {row.name}:" in t]
+            self.failures += [f"{row.name}: an error without SQLSTATE or message: {p!r}" for p in row.pairs
+                              if not understandable(p)]
+
+    async def measure(self, row: FaultRow) -> None:
+        """The proxy's figures as the fault's window closes (and the recorder's so far)."""
+        self.count(row)
         row.rss_mb = self.proxy.rss_bytes() / 2**20
         row.fds = self.proxy_fds()
         status = await self.status()
@@ -516,13 +536,6 @@ class Suite:
         row.server_sessions = await self.server_sessions()
         self.read_proxy_log(row)
         self.rows.append(row)
-        if row.bound_s and row.longest_wait_s > row.bound_s:
-            slow = max(ops, key=lambda o: o.end - o.start)
-            self.failures.append(f"{row.name}: {slow.client} waited {row.longest_wait_s:.2f} s on a {slow.kind} "
-                                 f"(bound {row.bound_s:.1f} s)")
-        self.failures += [t for t in self.rec.timeouts if f" during {row.name}:" in t]
-        self.failures += [f"{row.name}: an error without SQLSTATE or message: {p!r}" for p in row.pairs
-                          if not understandable(p)]
         self.log(f"  {row.name}: {row.ops} ops, {row.errors} errors, longest wait {row.longest_wait_s:.2f} s, "
                  f"RSS {row.rss_mb:.1f} MB, {row.fds} fds, {row.server_conns} server connections")
 
