@@ -34,12 +34,13 @@ distinct (SQLSTATE, message) pairs clients got (each must have both), operations
 (the proxy runs as `pgsplit run`, a child process, so /proc/<pid> is the proxy's alone).
 
 Faults that hit a defect not fixed yet are listed in `AWAITING_FIX` and run only with
-`--include-awaiting-fix` (or PGSPLIT_FAULTS_INCLUDE_AWAITING_FIX=1 for the test); remove a
-name from it once its fix is in.
+`--include-awaiting-fix [NAME,...]` (all of them, or those named; for the test,
+PGSPLIT_FAULTS_INCLUDE_AWAITING_FIX=1 or =NAME,...); remove a name from it once its fix is
+in.
 
 Command line::
 
-    python -m loadtest.faults [--short] [--seconds N] [--only NAME,...] [--include-awaiting-fix]
+    python -m loadtest.faults [--short] [--seconds N] [--only NAME,...] [--include-awaiting-fix [NAME,...]]
 
 Exit status 0 when every check held, 1 otherwise.
 """
@@ -74,7 +75,7 @@ from loadtest.sandbox import Cluster
 AWAITING_FIX: dict[str, str] = {
     "replica_stop": "a statement in flight on a SIGSTOPped server waits for the whole stop",
     "terminate_server": "one pg_terminate_backend of a pooled connection can mark the whole backend down",
-    "asyncpg_copy": "asyncpg's copy_records_to_table (a pipelined COPY) can hang",
+    "asyncpg_copy": "asyncpg's copy_records_to_table through the proxy can go unanswered, with no fault at all",
 }
 
 PROXY_SECTIONS: dict[str, dict[str, Any]] = {
@@ -816,20 +817,33 @@ FAULTS: dict[str, Fault] = {
 }
 
 
-def selected(include_awaiting_fix: bool, only: Iterable[str] | None = None) -> list[str]:
+def awaiting_included(spec: str | None) -> set[str]:
+    """The names of AWAITING_FIX to run anyway: "" or None none, "1" or "all" every one,
+    else a comma-separated list."""
+    if not spec or spec == "0":
+        return set()
+    names = set(AWAITING_FIX) if spec in ("1", "all") else set(spec.split(","))
+    if unknown := names - set(AWAITING_FIX):
+        raise ValueError(f"not awaiting a fix: {', '.join(sorted(unknown))}; AWAITING_FIX: {', '.join(AWAITING_FIX)}")
+    return names
+
+
+def selected(included: set[str], only: Iterable[str] | None = None) -> list[str]:
     names = list(only) if only else list(FAULTS)
     unknown = [n for n in names if n not in FAULTS]
     if unknown:
         raise ValueError(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
-    return [n for n in names if include_awaiting_fix or n not in AWAITING_FIX]
+    return [n for n in names if n in included or n not in AWAITING_FIX]
 
 
 async def run_suite(cluster: Cluster, *, short: bool = False, seconds: float | None = None,
-                    include_awaiting_fix: bool = False, only: Iterable[str] | None = None,
+                    include_awaiting_fix: str | None = None, only: Iterable[str] | None = None,
                     log: Callable[[str], None] = print) -> SuiteResult:
+    """`include_awaiting_fix`: what of AWAITING_FIX to run anyway (see awaiting_included)."""
+    included = awaiting_included(include_awaiting_fix)
     suite = Suite(cluster, short=short, settle_s=seconds if seconds is not None else (2.0 if short else 8.0),
-                  faults=selected(include_awaiting_fix, only),
-                  asyncpg_copy=include_awaiting_fix or "asyncpg_copy" not in AWAITING_FIX, log=log)
+                  faults=selected(included, only),
+                  asyncpg_copy="asyncpg_copy" in included or "asyncpg_copy" not in AWAITING_FIX, log=log)
     return await suite.run()
 
 
@@ -838,8 +852,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="shorter stops and pauses (the CI form)")
     parser.add_argument("--seconds", type=float, help="seconds of plain load after each recovery (default 8, short 2)")
     parser.add_argument("--only", help="comma-separated fault names: " + ", ".join(FAULTS))
-    parser.add_argument("--include-awaiting-fix", action="store_true",
-                        help="also run what AWAITING_FIX lists: " + ", ".join(AWAITING_FIX))
+    parser.add_argument("--include-awaiting-fix", nargs="?", const="all", metavar="NAME,...",
+                        help="also run what AWAITING_FIX lists (all, or these): " + ", ".join(AWAITING_FIX))
     args = parser.parse_args(argv)
     only = args.only.split(",") if args.only else None
     with Cluster(2, name="faults", users={"app": "app-secret"}) as cluster:
