@@ -680,6 +680,7 @@ class Cluster:
         self.stopped_at: float | None = None
         self.startup_seconds: float | None = None
         self._saved_log_tails: dict[str, str] = {}
+        self._frozen: dict[str, list[int]] = {}  # node name -> pids freeze_node stopped
         self._lock = threading.RLock()
         _all.add(self)
 
@@ -1229,6 +1230,30 @@ class Cluster:
             except OSError:
                 pass
 
+    def freeze_node(self, node: str | Node) -> None:
+        """SIGSTOP the postmaster and all its children: a server that hangs (a paused VM, a
+        stuck disk) with its sockets open. ``thaw_node`` lets it go on; ``stop()`` does too."""
+        n = self.node(node)
+        pid = n.pid
+        if pid is None:
+            raise SandboxError(f"{self.name}/{n.name} is not running")
+        os.kill(pid, signal.SIGSTOP)  # first, so that it forks no child we would miss
+        pids = [pid, *_children(pid)]
+        for p in pids[1:]:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        self._frozen[n.name] = pids
+
+    def thaw_node(self, node: str | Node) -> None:
+        """SIGCONT what ``freeze_node`` stopped (nothing if it is not frozen)."""
+        for p in self._frozen.pop(self.node(node).name, []):
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def start_node(self, node: str | Node) -> None:
         """(Re)start a stopped or killed node; return when it accepts connections."""
         n = self.node(node)
@@ -1245,6 +1270,8 @@ class Cluster:
             keep = self.keep if keep is None else keep
             errors: list[str] = []
             nodes = list(self._nodes.values())
+            for name in list(self._frozen):
+                self.thaw_node(name)
             try:
                 self._stop_nodes(nodes, "fast", timeout=20)
             except (SandboxError, TimeoutError) as exc:

@@ -1,12 +1,13 @@
 """The sandbox cluster manager (loadtest.sandbox) against real PostgreSQL servers.
 
 Everything the proxy's integration tests rely on is checked here: replicas really stream,
-lag can be made on purpose (paused replay, apply delay), nodes can be killed, restarted,
+lag can be made on purpose (paused replay, apply delay), nodes can be killed, frozen, restarted,
 promoted and added (cascading), and every kind of user can log in over TCP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -157,6 +158,33 @@ def test_kill_and_restart_a_replica(cluster: Cluster) -> None:
     cluster.wait_streaming(r1)
     cluster.wait_caught_up(r1, timeout=10)
     assert _has_row(cluster, r1, table, 1)
+    assert cluster.sql(r1, "SELECT pg_is_in_recovery()") == [(True,)]
+
+
+def test_freeze_and_thaw_a_replica(cluster: Cluster) -> None:
+    """A frozen node keeps its sockets but answers nothing, neither on an open session nor
+    to a login; thawed, the open session goes on."""
+    r1 = cluster.node("replica1")
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(**r1.conninfo_kwargs(), timeout=10)
+        try:
+            cluster.freeze_node(r1)
+            try:
+                query = asyncio.create_task(conn.fetchval("SELECT 1"))
+                done, _ = await asyncio.wait([query], timeout=1.0)
+                assert not done, "a frozen server answered"
+                with pytest.raises(TimeoutError):
+                    await asyncpg.connect(**r1.conninfo_kwargs(), timeout=1.0)
+            finally:
+                cluster.thaw_node(r1)
+            assert await asyncio.wait_for(query, 10) == 1
+            assert await asyncio.wait_for(conn.fetchval("SELECT 2"), 10) == 2
+        finally:
+            conn.terminate()
+
+    asyncio.run(scenario())
+    cluster.thaw_node(r1)  # nothing left to thaw: no-op
     assert cluster.sql(r1, "SELECT pg_is_in_recovery()") == [(True,)]
 
 
