@@ -17,9 +17,8 @@ import uuid
 
 import asyncpg
 import psycopg
-import pytest
 
-from helpers import async_wait_until, wait_until
+from helpers import wait_until
 from rawclient import RawClient, message, query_message
 
 APP_PASSWORD = "app-secret"
