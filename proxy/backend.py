@@ -143,6 +143,8 @@ class ServerConnection(asyncio.Protocol):
         self.generation = 0
         self.closed = False
         self.copy_in_absorb = False  # an extended COPY swallowed the Sync sent after Execute
+        self.cancels = 0  # cancel requests for it in flight (proxy.pool.Pool.cancel)
+        self.release_after_cancel = False  # given back while one was: back in the pool after it
         self.ahead = b""  # requests swallowed `ahead`, written with the next `send`
         self.after_sync = b""  # requests to write right behind the open unit's Sync (see send)
         self.pool = None  # the pool that owns it (proxy.pool sets it)

@@ -17,7 +17,7 @@ from collections import deque
 from time import monotonic
 from dataclasses import dataclass
 
-from proxy.backend import ServerConnection, open_connection
+from proxy.backend import ServerConnection, open_connection, send_cancel
 from proxy.prepared import DEFAULT_LIMIT, Evictions, PreparedStatements
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
 
@@ -188,7 +188,13 @@ class Pool:
             asyncio.get_running_loop().create_task(self._open_for_waiters())
 
     def release(self, conn: ServerConnection) -> None:
-        """Take a connection back after a unit (or session) that left it idle."""
+        """Take a connection back after a unit (or session) that left it idle. One with a
+        cancel request in flight stays lent (to nobody) until that request is done: the
+        server could still act on it, and the next borrower's statement must not be what
+        it cancels."""
+        if conn.cancels:
+            conn.release_after_cancel = True
+            return
         self.busy.discard(conn)
         now = monotonic()
         if (conn.closed or self.closed or conn.generation != self.generation
@@ -203,6 +209,18 @@ class Pool:
             self._hand_over(conn)
         else:
             self.idle.append(conn)
+
+    async def cancel(self, conn: ServerConnection) -> None:
+        """Ask the server to cancel what `conn` runs now (a CancelRequest on a connection of
+        its own); `conn` goes back to the pool only once the server has taken the request."""
+        conn.cancels += 1
+        try:
+            await send_cancel(conn.host, conn.port, conn.process_id, conn.secret_key)
+        finally:
+            conn.cancels -= 1
+            if not conn.cancels and conn.release_after_cancel:
+                conn.release_after_cancel = False
+                self.release(conn)
 
     def discard(self, conn: ServerConnection) -> None:
         """Forget a broken connection (or one whose state cannot be trusted) and close it."""

@@ -1697,11 +1697,12 @@ class ClientSession(asyncio.Protocol):
         self.resume()
 
     def cancel(self) -> None:
-        """A CancelRequest with this session's key arrived: cancel what runs now, if any."""
+        """A CancelRequest with this session's key arrived: cancel this client's unit in
+        flight, if any (nothing in flight, or only the proxy's own requests: dropped)."""
         server = self.server
-        if server is None or not server.steps:
+        if server is None or not any(step.kind is _FORWARD for step in server.steps):
             return
-        self.app.spawn(send_cancel(server.host, server.port, server.process_id, server.secret_key))
+        self.app.spawn(server.pool.cancel(server))
 
     # --- answered by the proxy itself ----------------------------------------------------
 

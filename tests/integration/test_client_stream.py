@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 import time
 import uuid
 
@@ -223,3 +224,65 @@ def test_client_leaving_while_its_reading_is_paused(make_proxy, cluster):
         wait_until(lambda: waiting_update() == 0, timeout=10, message="the left client's UPDATE still waits")
         holder.rollback()
     assert cluster.sql(cluster.primary, f"SELECT v FROM {table}", dbname="app") == [(0,)]
+
+
+# --- cancel requests ---------------------------------------------------------------------------
+
+
+def cancel_request(port: int, key: tuple[int, bytes]) -> None:
+    """A CancelRequest for `key` on a connection of its own (no reply; the proxy closes)."""
+    pid, secret = key
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(struct.pack("!iii", 16, 80877102, pid) + secret)
+        try:
+            sock.recv(1)
+        except (ConnectionResetError, TimeoutError):
+            pass
+
+
+def test_cancels_never_reach_another_clients_query(make_proxy):
+    """Client a cancels its own short queries over and over, at any moment; client b runs
+    its statements on the same (only) server connection meanwhile. None of b's is
+    cancelled: a cancel reaches only the unit of the client that sent it, and one that
+    arrives when the unit has ended is dropped."""
+    proxy = make_proxy(pool={"size": 1, "acquire_timeout_s": 30})
+    stop = time.monotonic() + 12
+    b_done, b_cancelled, a_cancelled, cancels = [0], [], [0], [0]
+
+    def run_b() -> None:
+        with psycopg.connect(proxy.dsn(), connect_timeout=10, autocommit=True) as conn:
+            conn.execute("SET pgsplit.route = 'primary'")
+            while time.monotonic() < stop:
+                try:
+                    conn.execute("SELECT pg_sleep(0.002)")
+                    b_done[0] += 1
+                except psycopg.errors.QueryCanceled as exc:
+                    b_cancelled.append(str(exc))
+
+    b = threading.Thread(target=run_b)
+    b.start()
+    try:
+        with logged_in(proxy) as a:
+            a.query("SET pgsplit.route = 'primary'")
+            key = a.backend_key
+
+            def cancel_a() -> None:
+                while time.monotonic() < stop and cancels[0] < 2000:
+                    cancel_request(proxy.port, key)
+                    cancels[0] += 1
+
+            canceller = threading.Thread(target=cancel_a)
+            canceller.start()
+            try:
+                while time.monotonic() < stop:
+                    result = a.query("SELECT pg_sleep(0.001)")
+                    if result.errors:
+                        assert result.errors[0]["C"] == "57014", result.errors
+                        a_cancelled[0] += 1
+            finally:
+                canceller.join(timeout=20)
+    finally:
+        b.join(timeout=30)
+    assert cancels[0] > 200 and b_done[0] > 100, (cancels, b_done)
+    assert a_cancelled[0] > 0, "no cancel reached the client that sent it"
+    assert b_cancelled == [], f"{len(b_cancelled)} of the other client's statements were cancelled"
