@@ -102,6 +102,10 @@ class Stmt:
 
 
 RETRY_MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
+# A message whose body the proxy cannot read (a string without its terminator, a Bind cut
+# short...): its unit goes to the primary unchanged, and PostgreSQL answers it (ERROR 08P01,
+# the session goes on), as it would without the proxy.
+MALFORMED = Analysis(Route.WRITE, parse_error=True, reason="malformed message")
 _READ_UNIT = UnitFacts(False, None)
 _WRITE_UNIT = UnitFacts(True, None)
 _NO_TOKEN = SessionFacts(False, None)
@@ -594,7 +598,10 @@ class ClientSession(asyncio.Protocol):
             if end_sql < 0:
                 return None
             return _Extended(self._classify(data[6:end_sql]), None, described)
-        portal, name, off = wire.parse_bind_names(data[5:end_b])
+        try:
+            portal, name, off = wire.parse_bind_names(data[5:end_b])
+        except wire.ProtocolViolation:
+            return None
         stmt = self.stmts.get(name) if name else None
         if stmt is None or stmt.local:
             return None
@@ -770,21 +777,24 @@ class ClientSession(asyncio.Protocol):
         fcall = False
         for j in range(i, len(frames)):
             t, s, e = frames[j]
-            if t == F_QUERY:
-                analyses.append(self._classify(wire.parse_query(buf[s + 5 : e])))
-            elif t == F_PARSE:
-                name, sql, _ = wire.parse_parse(buf[s + 5 : e])
-                a = self._classify(sql)
-                analyses.append(a)
-                if not name:
-                    unnamed = a
-            elif t == F_BIND:
-                _, stmt, _ = wire.parse_bind_names(buf[s + 5 : e])
-                st = self.stmts.get(stmt) if stmt else None
-                a = st.analysis if st is not None else (unnamed if not stmt else None)
-                if a is not None:
+            try:
+                if t == F_QUERY:
+                    analyses.append(self._classify(wire.parse_query(buf[s + 5 : e])))
+                elif t == F_PARSE:
+                    name, sql, _ = wire.parse_parse(buf[s + 5 : e])
+                    a = self._classify(sql)
                     analyses.append(a)
-            elif t == F_FUNCTION_CALL:
+                    if not name:
+                        unnamed = a
+                elif t == F_BIND:
+                    _, stmt, _ = wire.parse_bind_names(buf[s + 5 : e])
+                    st = self.stmts.get(stmt) if stmt else None
+                    a = st.analysis if st is not None else (unnamed if not stmt else None)
+                    if a is not None:
+                        analyses.append(a)
+            except wire.ProtocolViolation:
+                analyses.append(MALFORMED)
+            if t == F_FUNCTION_CALL:
                 fcall = True
             if t in UNIT_END:
                 return j, analyses, fcall
@@ -1185,7 +1195,7 @@ class ClientSession(asyncio.Protocol):
                         self._release()
                     break
                 if t == F_QUERY:
-                    query_analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
+                    query_analysis = self._query_analysis(buf, s, e)
                     answer = self._own_answer(query_analysis) if query_analysis.effects else None
                     if answer is not None:
                         # SET/SHOW pgsplit.* on an attached connection (in a transaction,
@@ -1205,91 +1215,103 @@ class ClientSession(asyncio.Protocol):
                             server.push(local_step)
                         continue
                 step = self._new_step()
-            if t == F_EXECUTE:
-                step.sent += 1
-                if self._bound_copy:
-                    self._copy_done = False
-            elif t == F_SYNC:
-                step.closed = step.extended = True
-                self._open = step = None
-            elif t == F_BIND:
-                portal, name, off = wire.parse_bind_names(buf[s + 5 : e])
-                if name:
-                    st = self.stmts.get(name)
-                    if st is not None:
-                        self._note_analysis(step, st.analysis)
-                        if st.analysis.executes and step.sent == 0:
-                            run = self._prepare_sql(server, st.analysis, step, out, buf, run, s)
-                        if st.local:
-                            return self._local_statement_error(buf, s)
-                        if st.server_name not in server.prepared:
-                            self._inject_parse(step, st, out, buf, run, s)
-                            run = s
-                        else:
-                            server.prepared.move_to_end(st.server_name)
-                        out.append(buf[run:s])
-                        out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
-                        run = e
-                        self._bound_copy = st.analysis.is_copy_in
-                    else:
-                        self._bound_copy = False
-                elif self._unnamed is not None:
-                    self._note_analysis(step, self._unnamed)
-                    self._bound_copy = self._unnamed.is_copy_in
-                step.sent += 1
-            elif t == F_PARSE:
-                name, sql, params = wire.parse_parse(buf[s + 5 : e])
-                analysis = self._classify(sql)
-                self._note_analysis(step, analysis)
-                if analysis.executes and step.sent == 0:
-                    run = self._prepare_sql(server, analysis, step, out, buf, run, s)
-                if name:
-                    st = self.register_statement(name, sql, params)
-                    sname = st.server_name
-                    out.append(buf[run:s])
-                    run = e
-                    if sname in server.prepared:
-                        server.prepared.move_to_end(sname)
-                        server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
-                    else:
-                        out.append(self._register(step, sname))
-                        out.append(st.parse)
-                        step.sent += 1
-                else:
-                    self._unnamed = analysis
+            try:
+                if t == F_EXECUTE:
                     step.sent += 1
-            elif t == F_DESCRIBE or t == F_CLOSE:
-                kind, name = wire.parse_target(buf[s + 5 : e])
-                if kind == _STATEMENT_KIND and name:
-                    if t == F_CLOSE:
-                        # Statements stay prepared on the server for other clients;
-                        # the client's name is forgotten and CloseComplete is its answer.
-                        self.stmts.pop(name, None)
-                        out.append(buf[run:s])
-                        run = e
-                        server.add_anchor(step, step.sent, wire.CLOSE_COMPLETE)
-                        continue
-                    st = self.stmts.get(name)
-                    if st is not None:
-                        if st.server_name not in server.prepared:
-                            self._inject_parse(step, st, out, buf, run, s)
-                            run = s
+                    if self._bound_copy:
+                        self._copy_done = False
+                elif t == F_SYNC:
+                    step.closed = step.extended = True
+                    self._open = step = None
+                elif t == F_BIND:
+                    portal, name, off = wire.parse_bind_names(buf[s + 5 : e])
+                    if name:
+                        st = self.stmts.get(name)
+                        if st is not None:
+                            self._note_analysis(step, st.analysis)
+                            if st.analysis.executes and step.sent == 0:
+                                run = self._prepare_sql(server, st.analysis, step, out, buf, run, s)
+                            if st.local:
+                                return self._local_statement_error(buf, s)
+                            if st.server_name not in server.prepared:
+                                self._inject_parse(step, st, out, buf, run, s)
+                                run = s
+                            else:
+                                server.prepared.move_to_end(st.server_name)
+                            out.append(buf[run:s])
+                            out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
+                            run = e
+                            self._bound_copy = st.analysis.is_copy_in
                         else:
-                            server.prepared.move_to_end(st.server_name)
+                            self._bound_copy = False
+                    elif self._unnamed is not None:
+                        self._note_analysis(step, self._unnamed)
+                        self._bound_copy = self._unnamed.is_copy_in
+                    step.sent += 1
+                elif t == F_PARSE:
+                    name, sql, params = wire.parse_parse(buf[s + 5 : e])
+                    if not wire.param_types_ok(params):
+                        raise wire.ProtocolViolation("invalid Parse message")
+                    analysis = self._classify(sql)
+                    self._note_analysis(step, analysis)
+                    if analysis.executes and step.sent == 0:
+                        run = self._prepare_sql(server, analysis, step, out, buf, run, s)
+                    if name:
+                        st = self.register_statement(name, sql, params)
+                        sname = st.server_name
                         out.append(buf[run:s])
-                        out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
                         run = e
-                step.sent += 2 if (t == F_DESCRIBE and kind == _STATEMENT_KIND) else 1
-            elif t == F_QUERY:
-                if query_analysis is None:  # a Query that closes an open extended group
-                    query_analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
-                analysis, query_analysis = query_analysis, None
-                self._note_analysis(step, analysis)
-                if analysis.executes and step.sent == 0:
-                    run = self._prepare_sql(server, analysis, step, out, buf, run, s)
-                step.closed = True
-                self._open = step = None
-            elif t == F_COPY_DONE or t == F_COPY_FAIL:
+                        if sname in server.prepared:
+                            server.prepared.move_to_end(sname)
+                            server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
+                        else:
+                            out.append(self._register(step, sname))
+                            out.append(st.parse)
+                            step.sent += 1
+                    else:
+                        self._unnamed = analysis
+                        step.sent += 1
+                elif t == F_DESCRIBE or t == F_CLOSE:
+                    kind, name = wire.parse_target(buf[s + 5 : e])
+                    if kind == _STATEMENT_KIND and name:
+                        if t == F_CLOSE:
+                            # Statements stay prepared on the server for other clients;
+                            # the client's name is forgotten and CloseComplete is its answer.
+                            self.stmts.pop(name, None)
+                            out.append(buf[run:s])
+                            run = e
+                            server.add_anchor(step, step.sent, wire.CLOSE_COMPLETE)
+                            continue
+                        st = self.stmts.get(name)
+                        if st is not None:
+                            if st.server_name not in server.prepared:
+                                self._inject_parse(step, st, out, buf, run, s)
+                                run = s
+                            else:
+                                server.prepared.move_to_end(st.server_name)
+                            out.append(buf[run:s])
+                            out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
+                            run = e
+                    step.sent += 2 if (t == F_DESCRIBE and kind == _STATEMENT_KIND) else 1
+                elif t == F_QUERY:
+                    if query_analysis is None:  # a Query that closes an open extended group
+                        query_analysis = self._query_analysis(buf, s, e)
+                    analysis, query_analysis = query_analysis, None
+                    self._note_analysis(step, analysis)
+                    if analysis.executes and step.sent == 0:
+                        run = self._prepare_sql(server, analysis, step, out, buf, run, s)
+                    step.closed = True
+                    self._open = step = None
+            except wire.ProtocolViolation:
+                # A body the proxy cannot read goes to the server unchanged: PostgreSQL
+                # answers it (ERROR 08P01) and skips to the Sync, as without the proxy.
+                if t == F_QUERY:
+                    step.closed = True
+                    self._open = step = None
+                else:
+                    step.sent += 1
+                continue
+            if t == F_COPY_DONE or t == F_COPY_FAIL:
                 self._copy_done = True
             elif t == F_FUNCTION_CALL:
                 step.writes = True
@@ -1310,6 +1332,23 @@ class ClientSession(asyncio.Protocol):
         is open on a replica with nothing gone wrong in it yet."""
         if self.backend is None or self.backend.role is not Role.REPLICA or step.error is not None or self.pins:
             return False
+        try:
+            analysis = self._message_analysis(buf, t, s, e)
+        except wire.ProtocolViolation:
+            return False
+        if analysis is None:
+            return False
+        facts = self._unit_facts([analysis], False)
+        return facts.writes or facts.hint is Role.PRIMARY
+
+    def _query_analysis(self, buf: bytes, s: int, e: int) -> Analysis:
+        try:
+            return self._classify(wire.parse_query(buf[s + 5 : e]))
+        except wire.ProtocolViolation:
+            return MALFORMED
+
+    def _message_analysis(self, buf: bytes, t: int, s: int, e: int) -> Analysis | None:
+        """The analysis of the statement a Query, Parse or Bind at `s` runs."""
         if t == F_QUERY:
             analysis = self._classify(wire.parse_query(buf[s + 5 : e]))
         elif t == F_PARSE:
@@ -1318,10 +1357,7 @@ class ClientSession(asyncio.Protocol):
             name = wire.parse_bind_names(buf[s + 5 : e])[1]
             st = self.stmts.get(name) if name else None
             analysis = st.analysis if st is not None else None
-            if analysis is None:
-                return False
-        facts = self._unit_facts([analysis], False)
-        return facts.writes or facts.hint is Role.PRIMARY
+        return analysis
 
     def _own_answer(self, analysis: Analysis) -> local.Answer | None:
         """The proxy's answer to a Query with pgsplit statements, else None. In a failed
@@ -1709,6 +1745,8 @@ class ClientSession(asyncio.Protocol):
     def _answer_locally(self, buf: bytes, frames: list, analyses: list[Analysis]) -> bool | None:
         """Units the proxy answers without a server: pgsplit commands, a BEGIN whose
         routing waits for the transaction's first statement, standalone DEALLOCATE."""
+        if MALFORMED in analyses:
+            return False  # the server answers it, as it would without the proxy
         if frames[0][0] == F_PARSE and self._prepare_locally(buf, frames):
             return True
         for a in analyses:
@@ -1735,8 +1773,8 @@ class ClientSession(asyncio.Protocol):
             if t != F_PARSE:
                 return False
             name, sql, params = wire.parse_parse(buf[s + 5 : e])
-            if not name:
-                return False
+            if not name or not wire.param_types_ok(params):
+                return False  # (a malformed one is the server's to refuse)
             parses.append((name, sql, params))
         for name, sql, params in parses:
             if any(eff.kind.startswith("pgsplit_") for eff in self._classify(sql).effects):

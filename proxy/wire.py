@@ -285,6 +285,11 @@ def parse_parse(body: bytes) -> tuple[bytes, bytes, bytes]:
     return name, sql, body[pos:]
 
 
+def param_types_ok(param_section: bytes) -> bool:
+    """A Parse's parameter-type section is whole: an int16 count, then that many OIDs."""
+    return len(param_section) >= 2 and len(param_section) == 2 + 4 * int.from_bytes(param_section[:2], "big")
+
+
 def build_parse(name: bytes, sql: bytes, param_section: bytes = b"\0\0") -> bytes:
     return message(F_PARSE, name + b"\0" + sql + b"\0" + param_section)
 

@@ -187,6 +187,50 @@ def test_unknown_message_type_after_login(proxy, bystander):
     assert_still_serving(proxy, bystander)
 
 
+SYNC = message(b"S")
+MALFORMED = {
+    "query without its terminator": message(b"Q", b"SELECT 1"),
+    "parse cut short": message(b"P", b"s1\0SELECT 1") + SYNC,
+    "parse without parameter count": message(b"P", b"s1\0SELECT 1\0") + SYNC,
+    "bind cut short": message(b"B", b"\0") + SYNC,
+    "bind of an unnamed statement cut short": message(b"P", b"\0SELECT $1::int\0\0\0")
+    + message(b"B", b"\0\0\0\0\0\1\0\0\0\x08") + SYNC,
+    "describe of an unknown kind": message(b"D", b"X\0") + SYNC,
+    "describe without terminator": message(b"D", b"Sname") + SYNC,
+    "close of an unknown kind": message(b"C", b"Q\0") + SYNC,
+    "parse, then bind cut short, pipelined": message(b"P", b"\0SELECT 1\0\0\0") + message(b"B", b"\0")
+    + message(b"E", b"\0\0\0\0\0") + SYNC,
+}
+
+
+def replies(client: RawClient) -> list[tuple[str, str | None, str | None]]:
+    """(type, SQLSTATE, message) of each reply up to ReadyForQuery."""
+    out = []
+    while True:
+        t, body = client.read_message()
+        fields = error_fields(body) if t == "E" else {}
+        out.append((t, fields.get("C"), fields.get("M")))
+        if t == "Z":
+            return out
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_message_after_login_is_answered_as_postgresql_does(proxy, cluster, bystander, case):
+    """A message whose body is malformed gets PostgreSQL's own answer (an ERROR 08P01, the
+    session goes on), not a closed connection."""
+    seen = {}
+    for where, port in (("postgresql", cluster.primary.port), ("pgsplit", proxy.port)):
+        with RawClient("127.0.0.1", port, timeout=10) as client:
+            client.login("app", APP_PASSWORD, "app")
+            client.send(MALFORMED[case])
+            got = replies(client)
+            assert client.scalar("SELECT 6 * 7") == "42", where
+            seen[where] = got
+    assert seen["pgsplit"] == seen["postgresql"]
+    assert any(t == "E" and code == "08P01" for t, code, _ in seen["postgresql"])
+    assert_still_serving(proxy, bystander)
+
+
 # --- authentication ----------------------------------------------------------------------------
 
 
