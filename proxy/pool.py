@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 import socket
 import time
 from collections import deque
@@ -210,10 +212,15 @@ class Pool:
         else:
             self.idle.append(conn)
 
-    async def cancel(self, conn: ServerConnection) -> None:
+    def cancel(self, conn: ServerConnection) -> Coroutine[Any, Any, None]:
         """Ask the server to cancel what `conn` runs now (a CancelRequest on a connection of
-        its own); `conn` goes back to the pool only once the server has taken the request."""
+        its own; the caller runs the coroutine); `conn` goes back to the pool only once the
+        server has taken the request. Counted at once, not when the coroutine starts: the
+        unit may end before it does."""
         conn.cancels += 1
+        return self._cancel(conn)
+
+    async def _cancel(self, conn: ServerConnection) -> None:
         try:
             await send_cancel(conn.host, conn.port, conn.process_id, conn.secret_key)
         finally:

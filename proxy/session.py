@@ -62,6 +62,7 @@ CLIENT_TYPES = wire.FRONTEND_TYPES
 MAX_UNROUTED = 1 << 20  # a unit larger than this is routed before its Sync arrives
 STASH_PAUSE = 4 << 20  # stop reading the client while this much waits for a route
 GATHER_MIN = 64 << 10  # a message still missing more than this is gathered in pieces
+LINGER_S = 2.0  # how long a closed session's socket still takes the client's input
 PAUSED_CHECK_S = 1.0  # how often a client whose reading is paused is checked for a hang-up
 FRAME_BATCH = 4096  # messages framed at a time (a longer unit is routed as a large one)
 _STATEMENT_KIND = 0x53  # 'S' in Close/Describe
@@ -357,8 +358,23 @@ class ClientSession(asyncio.Protocol):
         if self.inbox is not None:
             self.inbox.close()
         if self.transport is not None:
-            self.transport.close()
+            self._close_transport(linger=level != logging.DEBUG)
         self._cleanup()
+
+    def _close_transport(self, linger: bool) -> None:
+        """Close the client's socket without losing the error just written to it. Closing
+        a socket with unread input makes the kernel send a reset, and a reset can overtake
+        the bytes the client has not read yet (a client still sending COPY data saw
+        "server closed the connection unexpectedly" instead of the error). So the write
+        side is shut behind the last bytes, and what the client still sends is read and
+        dropped until it closes, for at most LINGER_S."""
+        transport = self.transport
+        if not linger or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()  # (data_received drops it: the session is closed)
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def _cleanup(self) -> None:
         if self._routing is not None:

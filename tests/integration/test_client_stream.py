@@ -97,6 +97,33 @@ async def test_asyncpg_copy_records_behind_a_read_on_a_replica(make_proxy, clust
     assert cluster.sql(cluster.primary, f"SELECT count(*) FROM {table}", dbname="app") == [(9,)]
 
 
+async def test_asyncpg_copy_that_times_out_leaves_a_working_connection(make_proxy, cluster):
+    """A COPY whose data source stalls: asyncpg's timeout sends CopyFail and a cancel; the
+    session answers the next statement and closes promptly, as directly on PostgreSQL."""
+    proxy = make_proxy()
+    table = table_name("stall")
+    create_table(cluster, table, "id int")
+
+    async def stalling():
+        yield b"1\n"
+        await asyncio.sleep(30)
+
+    conn = await asyncio.wait_for(asyncpg.connect(proxy.dsn(), timeout=10), 15)
+    try:
+        started = time.monotonic()
+        try:
+            await conn.copy_to_table(table, source=stalling(), timeout=2)
+        except TimeoutError:
+            pass
+        assert time.monotonic() - started < 8
+        assert await asyncio.wait_for(conn.fetchval("SELECT 42"), 10) == 42
+        await asyncio.wait_for(conn.close(), 10)
+    finally:
+        if not conn.is_closed():
+            conn.terminate()
+    assert cluster.sql(cluster.primary, f"SELECT count(*) FROM {table}", dbname="app") == [(0,)]
+
+
 def test_copy_pipelined_behind_a_flushed_read(make_proxy, cluster):
     """The same bytes by hand: Parse/Describe/Flush of a read, then COPY + data + CopyDone
     in one write. The client sees the read's replies, then the COPY's, as from PostgreSQL."""
@@ -275,7 +302,7 @@ def test_cancels_never_reach_another_clients_query(make_proxy):
             canceller.start()
             try:
                 while time.monotonic() < stop:
-                    result = a.query("SELECT pg_sleep(0.001)")
+                    result = a.query("SELECT pg_sleep(0.01)")
                     if result.errors:
                         assert result.errors[0]["C"] == "57014", result.errors
                         a_cancelled[0] += 1
