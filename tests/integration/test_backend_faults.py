@@ -351,14 +351,30 @@ async def test_asyncpg_sees_its_connection_end_after_a_server_fatal(cluster, mak
 # --- logins right after a primary crash ---------------------------------------------------------
 
 
-def test_logins_right_after_a_primary_crash_are_served_by_a_replica(cluster, make_proxy):
+@pytest.fixture
+def crash_cluster():
+    """A cluster of its own for a test that crashes its primary (a primary that went
+    through crash recovery reports a replay position: the shared one must not)."""
+    from conftest import SESSION_USERS
+    from loadtest.sandbox import Cluster
+
+    c = Cluster(1, name="crash", users=SESSION_USERS)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_logins_right_after_a_primary_crash_are_served_by_a_replica(crash_cluster, make_proxy):
     """The monitor has not polled since the primary died (a long interval here): a new
     client's login, which first borrows a primary connection, is refused by the dead
     primary; it is served by a replica (the login learns its parameters there) instead of
     failing with 08006."""
     import psycopg
 
-    proxy = make_proxy(routing={"monitor_interval_ms": 5000})
+    cluster = crash_cluster
+    proxy = make_proxy(clusters={"main": cluster}, routing={"monitor_interval_ms": 5000})
     with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     failures, times = [], []
