@@ -1185,7 +1185,7 @@ class ClientSession(asyncio.Protocol):
         query_analysis: Analysis | None = None
         for i in range(first, len(frames)):
             t, s, e = frames[i]
-            if step is not None and t in _MAY_WRITE and self._leaves_replica(step, buf, t, s, e):
+            if step is not None and step.flushed and t in _MAY_WRITE and self._leaves_replica(step, buf, t, s, e):
                 # A statement that needs the primary, in a group left open (Flush) on a
                 # replica: the proxy ends the group there with a Sync of its own (its
                 # ReadyForQuery is not forwarded) and routes the rest afresh once it is
@@ -1329,6 +1329,8 @@ class ClientSession(asyncio.Protocol):
                 continue
             if t == F_COPY_DONE or t == F_COPY_FAIL:
                 self._copy_done = True
+            elif t == F_FLUSH and step is not None:
+                step.flushed = True  # the group stays open, its replies out: see _leaves_replica
             elif t == F_FUNCTION_CALL:
                 step.writes = True
                 step.closed = True
