@@ -228,12 +228,13 @@ class Proxy:
                 self.by_key[key] = session
                 return key
 
-    def cancel(self, process_id: int, secret_key: bytes) -> None:
+    def cancel(self, process_id: int, secret_key: bytes) -> asyncio.Task | None:
+        """The task forwarding a client's CancelRequest to its server, if there is one."""
         session = self.by_key.get((process_id, secret_key))
         if session is None:
             log.info("cancel request with an unknown key ignored")
-            return
-        session.cancel()
+            return None
+        return session.cancel()
 
     def client_counts(self) -> dict[str, int]:
         counts = {"handshake": 0, "idle": 0, "active": 0, "waiting": 0}

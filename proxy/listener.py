@@ -9,6 +9,7 @@ parameter set and apply the client's startup settings). Must not know: units, ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -179,7 +180,13 @@ class Listener:
                 session.transport.write(b"N")
                 continue
             if isinstance(packet, wire.CancelRequest):
-                app.cancel(packet.process_id, packet.secret_key)
+                forwarded = app.cancel(packet.process_id, packet.secret_key)
+                if forwarded is not None:
+                    # The client's cancel connection ends when the server has taken the
+                    # request, as PostgreSQL's does: a driver that waits for that before
+                    # its next statement (asyncpg) must not see that statement cancelled.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(forwarded)
                 session.close("cancel request handled")
                 return
             break

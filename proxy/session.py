@@ -1750,13 +1750,14 @@ class ClientSession(asyncio.Protocol):
             self.status = TX_IDLE
         self.resume()
 
-    def cancel(self) -> None:
+    def cancel(self) -> asyncio.Task | None:
         """A CancelRequest with this session's key arrived: cancel this client's unit in
-        flight, if any (nothing in flight, or only the proxy's own requests: dropped)."""
+        flight, if any (nothing in flight, or only the proxy's own requests: dropped).
+        Returns the task that sends it to the server."""
         server = self.server
         if server is None or not any(step.kind is _FORWARD for step in server.steps):
-            return
-        self.app.spawn(server.pool.cancel(server))
+            return None
+        return self.app.spawn(server.pool.cancel(server))
 
     # --- answered by the proxy itself ----------------------------------------------------
 

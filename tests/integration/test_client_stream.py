@@ -10,6 +10,7 @@ a statement meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -313,3 +314,23 @@ def test_cancels_never_reach_another_clients_query(make_proxy):
     assert cancels[0] > 200 and b_done[0] > 100, (cancels, b_done)
     assert a_cancelled[0] > 0, "no cancel reached the client that sent it"
     assert b_cancelled == [], f"{len(b_cancelled)} of the other client's statements were cancelled"
+
+
+async def test_asyncpg_statement_after_a_timeout_is_not_cancelled(make_proxy):
+    """asyncpg's timeout cancels the statement and waits for its cancel connection to end
+    before it sends the next one: that next statement must not be what gets cancelled."""
+    proxy = make_proxy()
+    conn = await asyncio.wait_for(asyncpg.connect(proxy.dsn(), timeout=10), 15)
+    try:
+        await conn.execute("SET pgsplit.route = 'primary'")
+        cancelled = 0
+        for _ in range(30):
+            with contextlib.suppress(TimeoutError):
+                await conn.fetchval("SELECT pg_sleep(1)", timeout=0.05)
+            try:
+                assert await asyncio.wait_for(conn.fetchval("SELECT 42"), 10) == 42
+            except asyncpg.QueryCanceledError:
+                cancelled += 1
+        assert cancelled == 0, f"{cancelled} of 30 statements after a timeout were cancelled"
+    finally:
+        await asyncio.wait_for(conn.close(), 10)
