@@ -1249,11 +1249,7 @@ class ClientSession(asyncio.Protocol):
                                 run = self._prepare_sql(server, st.analysis, step, out, buf, run, s)
                             if st.local:
                                 return self._local_statement_error(buf, s)
-                            if st.server_name not in server.prepared:
-                                self._inject_parse(step, st, out, buf, run, s)
-                                run = s
-                            else:
-                                server.prepared.move_to_end(st.server_name)
+                            run = self._use_statement(step, st, out, buf, run, s)
                             out.append(buf[run:s])
                             out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
                             run = e
@@ -1300,11 +1296,7 @@ class ClientSession(asyncio.Protocol):
                             continue
                         st = self.stmts.get(name)
                         if st is not None:
-                            if st.server_name not in server.prepared:
-                                self._inject_parse(step, st, out, buf, run, s)
-                                run = s
-                            else:
-                                server.prepared.move_to_end(st.server_name)
+                            run = self._use_statement(step, st, out, buf, run, s)
                             out.append(buf[run:s])
                             out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
                             run = e
@@ -1431,6 +1423,16 @@ class ClientSession(asyncio.Protocol):
             step.closes.append((step.sent, name))  # (an error before it: still prepared)
             step.sent += 1
         return b"".join(out)
+
+    def _use_statement(self, step: Step, st: Stmt, out: list[bytes], buf: bytes, run: int, s: int) -> int:
+        """`st` is used by the message at `s`: prepared here first if the connection does
+        not have it, else marked as used last. Returns the new start of the unchanged run."""
+        prepared = self.server.prepared
+        if st.server_name in prepared:
+            prepared.move_to_end(st.server_name)
+            return run
+        self._inject_parse(step, st, out, buf, run, s)
+        return s
 
     def _inject_parse(self, step: Step, st: Stmt, out: list[bytes], buf: bytes, run: int, s: int) -> None:
         """Prepare a statement the client made elsewhere, just before its first use here;
