@@ -15,7 +15,7 @@ connection, and another client would wait for it where PostgreSQL would not. `Sc
 a model of who holds a connection, the same in both runs as long as the outcomes are, and
 skips the steps that would have to wait (recorded as skipped, in both runs).
 
-Operations are plain tuples so that Hypothesis prints a failing script readably; `ops()`
+Operations are plain tuples so that Hypothesis prints a failing script readably; `scripts()`
 builds the strategy. Operations that hit a defect not fixed yet are left out unless
 ``PGSPLIT_DIFF_KNOWN_DEFECTS`` names them (``all`` for every one), see `KNOWN_DEFECT_OPS`.
 """
@@ -40,17 +40,21 @@ SETTLE_TIMEOUT = 5.0
 TABLE = "dd_rows"
 LOCK_BASE = 4242000
 CANCEL_AFTER = 0.3
+MAX_CLIENTS = 3
 
 # Operations a not-yet-fixed defect breaks (name -> what goes wrong), left out of the
 # scripts unless PGSPLIT_DIFF_KNOWN_DEFECTS lists them (comma separated) or says "all".
 KNOWN_DEFECT_OPS: dict[str, str] = {
     "prepare": "SQL PREPARE: another client's EXECUTE of the name runs it instead of failing with 26000",
     "set_config": "set_config(name, value, false) is not followed: the client's next unit has the old value",
-    "asyncpg_cancel": "after a few asyncpg query timeouts (each sends a CancelRequest) a later query "
-                      "fails at once with 57014: a cancel lands on a statement it was not for",
+    "cancel": "a cancel can land on a later statement (the same client's next one, or another "
+              "client's on the same server connection), which then fails with 57014: the "
+              "CancelRequest reaches the server after the client was told it was delivered",
     "notify_pid": "a NotificationResponse carries the server backend's pid, not the pid the client "
                   "was given, so a client cannot tell its own notifications from others'",
-    "large_out": "a message over 4 MiB from the server hangs the session",
+    "ddl": "after ALTER TABLE changes a column's type, a statement the client prepares again "
+           "(or psycopg after its DEALLOCATE ALL) fails with 0A000 'cached plan must not change "
+           "result type': the server statement, shared by text, is never prepared again",
     "large_in": "a message over 4 MiB from the client hangs the session",
 }
 
@@ -117,13 +121,14 @@ def op_families() -> dict[str, st.SearchStrategy[tuple]]:
             st.just(("poll",))),
         "locks": st.one_of(st.tuples(st.sampled_from(["lock_try", "unlock"]), st.sampled_from(LOCK_KEYS)),
                            st.just(("unlock_all",))),
+        "ddl": st.one_of(st.tuples(st.just("ddl"), st.sampled_from(["text", "int"])),
+                         st.tuples(st.just("ddl_select"), st.booleans())),
         "session_end": st.sampled_from([("discard_all",), ("disconnect",)]),
         "cancel": st.just(("cancel",)),
-        "large": st.tuples(st.sampled_from(["large_out", "large_in"]), st.sampled_from(SMALL_SIZES)),
+        "large": st.one_of(st.tuples(st.just("large_out"), st.sampled_from(SMALL_SIZES + LARGE_SIZES)),
+                           st.tuples(st.just("large_in"), st.sampled_from(SMALL_SIZES))),
+        "large_in": st.tuples(st.just("large_in"), st.sampled_from(LARGE_SIZES)),
     }
-    for name in ("large_out", "large_in"):
-        if name in known:
-            families[name] = st.tuples(st.just(name), st.sampled_from(LARGE_SIZES))
     return {name: f for name, f in families.items() if name not in KNOWN_DEFECT_OPS or name in known}
 
 
@@ -282,6 +287,11 @@ class Client:
             return ("rows", _rows(await self.sql(f"SELECT pg_advisory_unlock({LOCK_BASE + op[1]})")))
         if name == "unlock_all":
             return ("rows", _rows(await self.sql("SELECT pg_advisory_unlock_all()")))
+        if name == "ddl":  # each client alters only its own table
+            using = " USING b::int" if op[1] == "int" else ""
+            return ("rows", _rows(await self.sql(f"ALTER TABLE {TABLE}_{c} ALTER COLUMN b TYPE {op[1]}{using}")))
+        if name == "ddl_select":
+            return ("rows", _rows(await self.sql(f"SELECT a, b, pg_typeof(b) FROM {TABLE}_{c}", prepare=op[1])))
         if name == "discard_all":
             return ("rows", _rows(await self.sql("DISCARD ALL")))
         if name == "cancel":
@@ -422,8 +432,6 @@ class AsyncpgClient(Client):
                                               columns=["c", "v"])
 
     async def cancel_sleep(self) -> tuple:
-        if "asyncpg_cancel" not in enabled_known_defects():
-            return ("left out: known defect asyncpg_cancel",)
         try:  # asyncpg sends a CancelRequest when a query's timeout expires
             await self.conn.fetch("SELECT pg_sleep(5)", timeout=CANCEL_AFTER)
             return ("not cancelled",)
@@ -535,6 +543,12 @@ async def prepare_world(world: World) -> None:
                                                      connect_timeout=10) as conn:
         await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (c int, v int)")
         await conn.execute(f"GRANT ALL ON {TABLE} TO PUBLIC")
+        await conn.execute("SET lock_timeout = '5s'")  # a lock a proxied session kept is a failure
+        for c in range(MAX_CLIENTS):  # "ddl": a table per client, which only that client alters
+            await conn.execute(f"DROP TABLE IF EXISTS {TABLE}_{c}")
+            await conn.execute(f"CREATE TABLE {TABLE}_{c} (a int, b int)")
+            await conn.execute(f"INSERT INTO {TABLE}_{c} VALUES (1, 2)")
+            await conn.execute(f"ALTER TABLE {TABLE}_{c} OWNER TO app")
         await conn.execute(f"DELETE FROM {TABLE}")  # TRUNCATE would wait for a dropped session's lock
     await settle_locks(world, {})
 

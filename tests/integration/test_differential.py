@@ -59,7 +59,7 @@ def check(script: Script, direct: World, proxied: World) -> None:
 def test_two_psycopg_clients_over_one_server_connection(worlds, theme) -> None:
     direct, proxied = worlds(1)
 
-    @run_settings(3)
+    @run_settings(5)
     @given(scripts(2, [theme, "transactions", "session_end"]))
     def run(steps):
         check(Script(steps, ["psycopg", "psycopg"], pool_size=1), direct, proxied)
@@ -70,7 +70,7 @@ def test_two_psycopg_clients_over_one_server_connection(worlds, theme) -> None:
 def test_three_mixed_clients_over_two_server_connections(worlds) -> None:
     direct, proxied = worlds(2)
 
-    @run_settings(15)
+    @run_settings(30)
     @given(st.sampled_from([["psycopg", "asyncpg", "psycopg"], ["asyncpg", "psycopg", "asyncpg"]]),
            scripts(3))
     def run(kinds, steps):
