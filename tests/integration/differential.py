@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import io
 import os
+import re
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
@@ -388,8 +389,6 @@ class AsyncpgClient(Client):
             nonlocal n
             n += 1
             return f"${n}"
-
-        import re
 
         text = re.sub(r"%s", placeholder, text)
         if text.upper().startswith(("NOTIFY", "LISTEN", "UNLISTEN")):

@@ -8,7 +8,7 @@ The proxy's cluster here has only the primary, so routing cannot change a result
 CI runs a fixed set of examples (derandomized): a few per family of operations, each mixed
 with transactions and session ends, then scripts mixing families at random. For a long run
 (random examples, a new set each run):
-``PGSPLIT_DIFF_EXAMPLES=500 python -m pytest -p no:cacheprovider tests/integration/test_differential.py``
+``PGSPLIT_DIFF_EXAMPLES=500 python -m pytest -p no:cacheprovider --timeout=0 tests/integration/test_differential.py``
 ``PGSPLIT_DIFF_KNOWN_DEFECTS=all`` (or a comma-separated list of names from
 differential.KNOWN_DEFECT_OPS) adds the operations left out until their defects are fixed.
 """
