@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tb", default="no", help="pytest --tb style; other than 'no' prints each file's output")
     ap.add_argument("--pool-size", type=int, default=20, help="pgsplit's pool.size (default 20)")
     args = ap.parse_args(argv)
+    # a SIGTERM still stops the sandbox cluster and the proxy (the with block's exit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     directory = suite_dir(args.driver, args.source)
     install_deps(args.driver)
