@@ -43,7 +43,7 @@ RETRYABLE = frozenset({"25006", "40001", "57P01", "57P02", "57P03"})
 
 # Replies that need more than framing inside a FORWARD step.
 SPECIAL = bytearray(256)
-for _t in (wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_COPY_IN):
+for _t in (wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_COPY_IN, wire.B_NOTIFICATION):
     SPECIAL[_t] = 1
 SPECIAL = bytes(SPECIAL)
 
@@ -54,6 +54,7 @@ for _t in b"123CIstTn":
 COMPLETES = bytes(COMPLETES)
 
 _Z, _E, _S, _D, _G = wire.B_READY, wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_DATA_ROW, wire.B_COPY_IN
+_A = wire.B_NOTIFICATION
 
 # A client's named statement as the servers know it (proxy.session.server_statement_name).
 _SERVER_STATEMENT = re.compile(rb"pgsplit_[0-9a-f]{20}")
@@ -452,7 +453,7 @@ class ServerConnection(asyncio.Protocol):
             pos = end
         # Out of complete messages: forward or drop what precedes the incomplete one.
         if step.kind is StepKind.FORWARD and not step.retrying:
-            if pos + 5 <= n and data[pos] not in (_Z, _E, _S, _G) and not step.anchors and step.retry is None:
+            if pos + 5 <= n and data[pos] not in (_Z, _E, _S, _G, _A) and not step.anchors and step.retry is None:
                 # An ordinary message cut short (a big DataRow, or a read that ended
                 # mid-message): what has come goes through now, the rest as it arrives.
                 self._to_client(data[emit:] if emit else data, step)
@@ -504,6 +505,10 @@ class ServerConnection(asyncio.Protocol):
             name, value = wire.parse_parameter_status(data[pos + 5 : end])
             self.params[name] = value
             return step.retrying
+        if t == _A:
+            if not step.retrying:
+                self._to_client(self._notification(data[pos:end]), step)
+            return True
         if t == _G and step.extended and step.closed:
             # COPY FROM STDIN started by Execute: the server ignores the Sync that followed
             # it and answers the Sync sent after CopyDone instead (protocol 55.2.6).
@@ -628,7 +633,19 @@ class ServerConnection(asyncio.Protocol):
                 fields = wire.parse_fields(whole[s + 5 : e])
                 log.info("backend %s sent an error outside any query: %s", self.backend, fields.get("M"))
         if self.client is not None and frames:
-            self.client.transport.write(whole[frames[0][1] : frames[-1][2]])
+            out = whole[frames[0][1] : frames[-1][2]]
+            if any(t == _A for t, s, e in frames):
+                out = b"".join(self._notification(whole[s:e]) if t == _A else whole[s:e] for t, s, e in frames)
+            self.client.transport.write(out)
+
+    def _notification(self, message: bytes) -> bytes:
+        """A NotificationResponse for the client: one this server connection sent itself
+        (the client notified its own channel) carries the pid the client was given, as it
+        would directly; drivers compare the two to tell their own notifications apart."""
+        client = self.client
+        if client is not None and int.from_bytes(message[5:9], "big") == self.process_id:
+            return message[:5] + client.process_id.to_bytes(4, "big") + message[9:]
+        return message
 
 
 async def open_connection(
