@@ -1245,7 +1245,7 @@ class ClientSession(asyncio.Protocol):
                         st = self.stmts.get(name)
                         if st is not None:
                             self._note_analysis(step, st.analysis)
-                            if st.analysis.executes and step.sent == 0:
+                            if step.sent == 0 and self._sql_statements_used(st.analysis):
                                 run = self._prepare_sql(server, st.analysis, step, out, buf, run, s)
                             if st.local:
                                 return self._local_statement_error(buf, s)
@@ -1266,7 +1266,7 @@ class ClientSession(asyncio.Protocol):
                         raise wire.ProtocolViolation("invalid Parse message")
                     analysis = self._classify(sql)
                     self._note_analysis(step, analysis)
-                    if analysis.executes and step.sent == 0:
+                    if step.sent == 0 and self._sql_statements_used(analysis):
                         run = self._prepare_sql(server, analysis, step, out, buf, run, s)
                     if name:
                         st = self.register_statement(name, sql, params)
@@ -1306,7 +1306,7 @@ class ClientSession(asyncio.Protocol):
                         query_analysis = self._query_analysis(buf, s, e)
                     analysis, query_analysis = query_analysis, None
                     self._note_analysis(step, analysis)
-                    if analysis.executes and step.sent == 0:
+                    if step.sent == 0 and self._sql_statements_used(analysis):
                         run = self._prepare_sql(server, analysis, step, out, buf, run, s)
                     step.closed = True
                     self._open = step = None
@@ -1466,7 +1466,7 @@ class ClientSession(asyncio.Protocol):
         another connection: prepare it here first, in a step of the proxy's own placed
         just before the client's, its bytes just before the message at `s`. Returns the
         new start of the unchanged run."""
-        for name in analysis.executes:
+        for name in self._sql_statements_used(analysis):
             text = self.sql_prepared.get(name)
             if text is None or server.sql_prepared.get(name) == text:
                 continue
@@ -1479,6 +1479,16 @@ class ClientSession(asyncio.Protocol):
             run = s
             server.sql_prepared[name] = text
         return run
+
+    def _sql_statements_used(self, analysis: Analysis) -> tuple[str, ...]:
+        """The client's SQL-prepared statements that `analysis` runs (EXECUTE), or names
+        again (PREPARE of a name it has: PostgreSQL refuses it with 42P05, DEALLOCATE):
+        the server connection must have them, as the client's own server would."""
+        names = analysis.executes
+        for eff in analysis.effects:
+            if eff.kind in ("prepare", "deallocate") and eff.name in self.sql_prepared:
+                names += (eff.name,)
+        return names
 
     def _local_statement_error(self, buf: bytes, s: int) -> int | None:
         self.fail(ProtocolViolation("a pgsplit command cannot be prepared together with other statements"))
