@@ -146,6 +146,7 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self.copy_in_absorb = False  # an extended COPY swallowed the Sync sent after Execute
         self.cancels = 0  # cancel requests for it in flight (proxy.pool.Pool.cancel)
+        self.last_client_pid = 0  # the pid the client it was last lent to was given
         self.release_after_cancel = False  # given back while one was: back in the pool after it
         self.ahead = b""  # requests swallowed `ahead`, written with the next `send`
         self.after_sync = b""  # requests to write right behind the open unit's Sync (see send)
@@ -639,13 +640,16 @@ class ServerConnection(asyncio.Protocol):
             self.client.transport.write(out)
 
     def _notification(self, message: bytes) -> bytes:
-        """A NotificationResponse for the client: one this server connection sent itself
-        (the client notified its own channel) carries the pid the client was given, as it
-        would directly; drivers compare the two to tell their own notifications apart."""
-        client = self.client
-        if client is not None and int.from_bytes(message[5:9], "big") == self.process_id:
-            return message[:5] + client.process_id.to_bytes(4, "big") + message[9:]
-        return message
+        """A NotificationResponse for the client carries the pid its sender's client was
+        given, as it would directly (drivers compare it with their own to tell their own
+        notifications apart, or with another connection's): the server connection that
+        sent it is this one, or one of the same pool, and the client is the one that used
+        it last."""
+        pid = int.from_bytes(message[5:9], "big")
+        sender = self if pid == self.process_id else self.pool.by_process_id(pid) if self.pool else None
+        if sender is None or not sender.last_client_pid:
+            return message
+        return message[:5] + sender.last_client_pid.to_bytes(4, "big") + message[9:]
 
 
 async def open_connection(

@@ -1075,6 +1075,7 @@ class ClientSession(asyncio.Protocol):
 
     def _attach(self, conn: ServerConnection, backend: BackendState, unit: bytes, facts: UnitFacts) -> None:
         conn.client = self
+        conn.last_client_pid = self.process_id  # (a notification it sends names this client)
         self.server = conn
         self.backend = backend
         self._unit_key = (backend.name, "primary" if backend.role is Role.PRIMARY else "replica")

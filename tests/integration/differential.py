@@ -46,17 +46,9 @@ MAX_CLIENTS = 3
 # Operations a not-yet-fixed defect breaks (name -> what goes wrong), left out of the
 # scripts unless PGSPLIT_DIFF_KNOWN_DEFECTS lists them (comma separated) or says "all".
 KNOWN_DEFECT_OPS: dict[str, str] = {
-    "prepare": "SQL PREPARE: another client's EXECUTE of the name runs it instead of failing with 26000",
-    "set_config": "set_config(name, value, false) is not followed: the client's next unit has the old value",
-    "cancel": "a cancel can land on a later statement (the same client's next one, or another "
-              "client's on the same server connection), which then fails with 57014: the "
-              "CancelRequest reaches the server after the client was told it was delivered",
-    "notify_pid": "a NotificationResponse carries the server backend's pid, not the pid the client "
-                  "was given, so a client cannot tell its own notifications from others'",
     "ddl": "after ALTER TABLE changes a column's type, a statement the client prepares again "
            "(or psycopg after its DEALLOCATE ALL) fails with 0A000 'cached plan must not change "
            "result type': the server statement, shared by text, is never prepared again",
-    "large_in": "a message over 4 MiB from the client hangs the session",
 }
 
 
@@ -92,9 +84,8 @@ def op_families() -> dict[str, st.SearchStrategy[tuple]]:
     meet often."""
     known = enabled_known_defects()
     guc = st.sampled_from(sorted(GUCS))
-    forms = [f for f in SET_FORMS if not f.startswith("set_config") or "set_config" in known]
     set_op = guc.flatmap(lambda g: st.tuples(st.just("set"), st.just(g), st.sampled_from(GUCS[g]),
-                                             st.sampled_from(forms)))
+                                             st.sampled_from(SET_FORMS)))
     families = {
         "settings": st.one_of(set_op, st.tuples(st.just("show"), guc)),
         "prepare": st.one_of(
@@ -168,10 +159,9 @@ class Client:
         self.index = index
         self.dsn = dsn
         self.notifications: list[tuple[str, str, str]] = []
-        self.check_notify_pid = "notify_pid" in enabled_known_defects()
 
     def notified(self, pid: int, channel: str, payload: str) -> None:
-        sender = ("mine" if pid == self.backend_pid() else "another's") if self.check_notify_pid else ""
+        sender = "mine" if pid == self.backend_pid() else "another's"
         self.notifications.append((channel, payload, sender))
 
     async def sql(self, text: str, params: tuple = (), prepare: bool | None = None) -> list:

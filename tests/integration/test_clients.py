@@ -175,8 +175,8 @@ async def test_asyncpg_listen_notify(proxy):
 def test_notifications_carry_the_pid_the_client_was_given(proxy):
     """A notification from the client's own session carries the backend pid the client
     knows (the proxy's, from its BackendKeyData), as drivers compare it to tell their own
-    notifications from others'; another session's carries another (its server's: the
-    server connection that sent it may serve another client by then)."""
+    notifications from others); another session's carries that session's (the client
+    that last used the server connection that sent it)."""
     with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn, \
             psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as other:
         conn.execute("LISTEN pid_chan")
@@ -185,7 +185,7 @@ def test_notifications_carry_the_pid_the_client_was_given(proxy):
         conn.execute("SELECT 1")  # (between units: delivered on the idle connection too)
         got = {n.payload: n.pid for n in conn.notifies(timeout=5, stop_after=2)}
         assert got["mine"] == conn.info.backend_pid
-        assert got["theirs"] != conn.info.backend_pid
+        assert got["theirs"] == other.info.backend_pid
 
 
 # --- psycopg 3 -------------------------------------------------------------------------------

@@ -22,10 +22,6 @@ KNOWN_FAILING = {
     # Parse of a named statement, then SQL "EXECUTE foobar": the server knows it by another name
     "test_prepare.py::TestPrepare::test_prepare_explicitly_named":
         "a protocol-prepared statement cannot be run by SQL EXECUTE",
-    # NotificationResponse carries the server backend's pid, not the one the client was given
-    "test_listeners.py::TestListeners::test_listen_01": "notification pid is not the session's",
-    "test_listeners.py::TestListeners::test_listen_02": "notification pid is not the session's",
-    "test_listeners.py::TestListeners::test_listen_notletters": "notification pid is not the session's",
     # 128 pipelined 32 KiB INSERTs, the third a unique violation: asyncpg stops writing when the
     # error arrives; through pgsplit it sometimes arrives only after the last write
     "test_execute.py::TestExecuteMany::test_executemany_server_failure_during_writes":
