@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-timeout", type=float, default=60.0, help="seconds per test (default 60)")
     ap.add_argument("--tb", default="no", help="pytest --tb style; other than 'no' prints each file's output")
     ap.add_argument("--pool-size", type=int, default=20, help="pgsplit's pool.size (default 20)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     # a SIGTERM still stops the sandbox cluster and the proxy (the with block's exit)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

@@ -92,7 +92,7 @@ class Step:
     retry: bytes | None = None  # the unit's bytes, kept to re-send it elsewhere
     retrying = False
     quiet_ready = False  # its ReadyForQuery answers a Sync of the proxy's own: not forwarded
-    flushed = False  # the client sent a Flush in it (the group may go on later)
+    left_open = False  # a Flush in it, or a read ended before its end: the group goes on later
     delivered = 0  # bytes of replies that reached the client (retry-able steps only)
     skip = 0  # a retried unit's leading reply bytes the client already has
     rows: list[bytes] | None = None  # SWALLOW: DataRow bodies kept when asked

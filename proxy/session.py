@@ -814,8 +814,12 @@ class ClientSession(asyncio.Protocol):
                 fcall = True
             if t in UNIT_END:
                 return j, analyses, fcall
-        if len(buf) - frames[i][1] > MAX_UNROUTED or len(frames) >= FRAME_BATCH:
-            # (bytes of a message still arriving count: a large Bind behind its Parse)
+        if frames[-1][2] == len(buf) or len(buf) - frames[i][1] > MAX_UNROUTED or len(frames) >= FRAME_BATCH:
+            # Routed before its end: nothing more has come (a pipeline without Sync, as
+            # libpq's pipeline mode sends until its pipeline_sync, waits for results that
+            # PostgreSQL sends as it goes), or the unit is large (bytes of a message still
+            # arriving count: a large Bind behind its Parse). The rest follows the
+            # connection as after a Flush.
             return len(frames) - 1, analyses, fcall
         return None
 
@@ -1186,12 +1190,12 @@ class ClientSession(asyncio.Protocol):
         query_analysis: Analysis | None = None
         for i in range(first, len(frames)):
             t, s, e = frames[i]
-            if step is not None and step.flushed and t in _MAY_WRITE and self._leaves_replica(step, buf, t, s, e):
-                # A statement that needs the primary, in a group left open (Flush) on a
-                # replica: the proxy ends the group there with a Sync of its own (its
-                # ReadyForQuery is not forwarded) and routes the rest afresh once it is
-                # answered. Sent on, the replica would refuse it, and COPY data pipelined
-                # behind it would be lost with the refusal.
+            if step is not None and step.left_open and t in _MAY_WRITE and self._leaves_replica(step, buf, t, s, e):
+                # A statement that needs the primary, in a group left open on a replica (a
+                # Flush, or its end still to come): the proxy ends the group there with a
+                # Sync of its own (its ReadyForQuery is not forwarded) and routes the rest
+                # afresh once it is answered. Sent on, the replica would refuse it, and
+                # COPY data pipelined behind it would be lost with the refusal.
                 out.append(buf[run:s])
                 out.append(wire.SYNC)
                 run = s
@@ -1323,7 +1327,7 @@ class ClientSession(asyncio.Protocol):
             if t == F_COPY_DONE or t == F_COPY_FAIL:
                 self._copy_done = True
             elif t == F_FLUSH and step is not None:
-                step.flushed = True  # the group stays open, its replies out: see _leaves_replica
+                step.left_open = True  # the group stays open, its replies out: see _leaves_replica
             elif t == F_FUNCTION_CALL:
                 step.writes = True
                 step.closed = True
@@ -1336,6 +1340,8 @@ class ClientSession(asyncio.Protocol):
                 return None
         end = frames[stop][1] if stop is not None else frames[-1][2]
         self._flush_out(server, out, buf, run, end)
+        if self._open is not None:
+            self._open.left_open = True  # the rest of its group comes later: see _leaves_replica
         return stop
 
     def _leaves_replica(self, step: Step, buf: bytes, t: int, s: int, e: int) -> bool:
