@@ -18,6 +18,7 @@ import time
 import uuid
 
 import asyncpg
+import pytest
 import psycopg
 
 from helpers import wait_until
@@ -334,3 +335,23 @@ async def test_asyncpg_statement_after_a_timeout_is_not_cancelled(make_proxy):
         assert cancelled == 0, f"{cancelled} of 30 statements after a timeout were cancelled"
     finally:
         await asyncio.wait_for(conn.close(), 10)
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_extended_messages_without_sync_run_as_they_come(proxy, in_transaction):
+    """libpq's pipeline mode sends Bind/Describe/Execute without a Sync (nor a Flush) until
+    the application asks for one; PostgreSQL runs each message as it comes, and an error
+    reaches the client at once (the server flushes it): psycopg's pipeline waits for it.
+    The proxy must not hold the messages back waiting for the group's end."""
+    with logged_in(proxy) as client:
+        if in_transaction:
+            client.send(query_message("BEGIN"))
+            read_until_ready(client)
+        bind = message(b"B", b"\0\0\0\0\0\0\0\0")
+        execute = message(b"E", b"\0\0\0\0\0")
+        client.send(parse("", "SELECT 40 + 2") + bind + execute + parse("", "SELECT 1 / 0") + bind + execute)
+        replies = [client.read_message() for _ in range(7)]
+        assert [t for t, _ in replies] == ["1", "2", "D", "C", "1", "2", "E"], replies
+        assert b"C22012" in replies[-1][1]
+        client.send(SYNC)
+        assert [t for t, _ in read_until_ready(client)] == ["Z"]
