@@ -350,8 +350,8 @@ def test_extended_messages_without_sync_run_as_they_come(proxy, in_transaction):
         bind = message(b"B", b"\0\0\0\0\0\0\0\0")
         execute = message(b"E", b"\0\0\0\0\0")
         client.send(parse("", "SELECT 40 + 2") + bind + execute + parse("", "SELECT 1 / 0") + bind + execute)
-        replies = [client.read_message() for _ in range(7)]
-        assert [t for t, _ in replies] == ["1", "2", "D", "C", "1", "2", "E"], replies
+        replies = [client.read_message() for _ in range(6)]  # (1 / 0 fails at its Bind: planning)
+        assert [t for t, _ in replies] == ["1", "2", "D", "C", "1", "E"], replies
         assert b"C22012" in replies[-1][1]
         client.send(SYNC)
         assert [t for t, _ in read_until_ready(client)] == ["Z"]
