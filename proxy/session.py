@@ -1250,7 +1250,8 @@ class ClientSession(asyncio.Protocol):
                         st = self.stmts.get(name)
                         if st is not None:
                             self._note_analysis(step, st.analysis)
-                            if step.sent == 0 and self._sql_statements_used(st.analysis):
+                            a = st.analysis
+                            if step.sent == 0 and (a.executes or a.effects) and self._sql_statements_used(a):
                                 run = self._prepare_sql(server, st.analysis, step, out, buf, run, s)
                             if st.local:
                                 return self._local_statement_error(buf, s)
@@ -1271,7 +1272,7 @@ class ClientSession(asyncio.Protocol):
                         raise wire.ProtocolViolation("invalid Parse message")
                     analysis = self._classify(sql)
                     self._note_analysis(step, analysis)
-                    if step.sent == 0 and self._sql_statements_used(analysis):
+                    if step.sent == 0 and (analysis.executes or analysis.effects) and self._sql_statements_used(analysis):
                         run = self._prepare_sql(server, analysis, step, out, buf, run, s)
                     if name:
                         st = self.register_statement(name, sql, params)
@@ -1311,7 +1312,7 @@ class ClientSession(asyncio.Protocol):
                         query_analysis = self._query_analysis(buf, s, e)
                     analysis, query_analysis = query_analysis, None
                     self._note_analysis(step, analysis)
-                    if step.sent == 0 and self._sql_statements_used(analysis):
+                    if step.sent == 0 and (analysis.executes or analysis.effects) and self._sql_statements_used(analysis):
                         run = self._prepare_sql(server, analysis, step, out, buf, run, s)
                     step.closed = True
                     self._open = step = None
