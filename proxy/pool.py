@@ -231,13 +231,7 @@ class Pool:
 
     def by_process_id(self, process_id: int) -> ServerConnection | None:
         """The connection whose server process is `process_id`, if it is one of these."""
-        for conn in self.busy:
-            if conn.process_id == process_id:
-                return conn
-        for conn in self.idle:
-            if conn.process_id == process_id:
-                return conn
-        return None
+        return next((conn for conn in self.connections() if conn.process_id == process_id), None)
 
     def discard(self, conn: ServerConnection) -> None:
         """Forget a broken connection (or one whose state cannot be trusted) and close it."""

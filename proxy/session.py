@@ -499,21 +499,13 @@ class ClientSession(asyncio.Protocol):
         flight stop the reading once they pass STASH_PAUSE."""
         rest = buf[pos:] if pos else buf
         n = len(rest)
-        if n >= 5:
-            missing = 1 + wire.header_length(rest, 0) - n
-            if missing > GATHER_MIN and not self._complete_waiting(rest):
-                self._stash = rest
-                self._parts = [rest]
-                self._missing = missing
-                return
+        missing = 1 + wire.header_length(rest, 0) - n if n >= 5 else 0  # of its first message
         self._stash = rest
-        if n > STASH_PAUSE and self._complete_waiting(rest):
+        if missing > GATHER_MIN:
+            self._parts = [rest]
+            self._missing = missing
+        elif n > STASH_PAUSE and missing <= 0:
             self.pause_reading("stash")
-
-    @staticmethod
-    def _complete_waiting(rest: bytes) -> bool:
-        """`rest` starts with a whole message (not just the head of one)."""
-        return len(rest) >= 5 and 1 + wire.header_length(rest, 0) <= len(rest)
 
     def _gather(self, data: bytes) -> bytes | None:
         """More of a message that has not fully arrived; the whole of what is held once it
@@ -1706,8 +1698,7 @@ class ClientSession(asyncio.Protocol):
             if backend is not None and not backend.up:
                 self._retry_lost_read(server.backend, first)
             else:
-                self._routing = asyncio.get_running_loop().create_task(
-                    self._check_lost_read(server.backend, server.lost_reason, first))
+                self._routing = self.app.spawn(self._check_lost_read(server.backend, server.lost_reason, first))
             return
         self._lost_units(server.backend, server.lost_reason, pending, in_tx)
 
