@@ -90,7 +90,7 @@ class Admin:
         """POST /v1/cutover {"target": NAME, "dry_run": bool, "timeout_s": seconds}: newline-
         delimited JSON, one event per step start and end, then a summary. The cutover runs
         on if the client hangs up; only what it reads stops."""
-        from router.cutover import CutoverBusy
+        from ops.cutover.machine import CutoverBusy
 
         body = await _json_object(request)
         if isinstance(body, web.Response):
@@ -137,7 +137,8 @@ class Admin:
         return await self._run_migrate("status", dict(request.query))
 
     async def _run_migrate(self, action: str, body: dict) -> web.Response:
-        from router.migrate import BlockedError, MigrateError
+        from ops.migrate.control import MigrateError
+        from ops.migrate.plan import BlockedError
 
         method = getattr(self.proxy, f"admin_migrate_{action}", None)
         if method is None:

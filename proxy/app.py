@@ -94,7 +94,7 @@ class Proxy:
         self.metrics.server_counts = self.pools.counts
         self.metrics.prepared_counts = self.pools.prepared_counts
         self.metrics.prepared_evictions = lambda: self.pools.evictions.count
-        self.migration_watches: dict[str, object] = {}  # target cluster -> router.migrate.Watch
+        self.migration_watches: dict[str, object] = {}  # target cluster -> ops.migrate.status.Watch
         self._migration_locks: dict[str, asyncio.Lock] = {}
 
     # --- configuration ---------------------------------------------------------------------
@@ -390,11 +390,12 @@ class Proxy:
     def start_cutover(self, target: str, dry_run: bool = False, timeout_s: float | None = None,
                       on_event=None, reverse: bool = False) -> asyncio.Task:
         """Check the request now (ValueError: bad arguments; CutoverBusy: a cutover or a pause
-        is in progress) and run router.cutover in a task of its own, so an admin client that
+        is in progress) and run ops.cutover in a task of its own, so an admin client that
         hangs up does not cancel a cutover halfway. The task's result is the summary event.
         `reverse`: a logical target (an online migration's) replicates back to the source
         afterwards, so a later cutover back loses nothing written in between."""
-        from router.cutover import ControlAccount, Cutover, CutoverBusy, CutoverSettings, LogicalOptions, PgControl
+        from ops.cutover.logical import LogicalControl, LogicalOptions
+        from ops.cutover.machine import Cutover, CutoverBusy, CutoverSettings
 
         if not isinstance(target, str) or target not in self.config.clusters:
             raise ValueError(f"{target!r} is not a cluster (known: {', '.join(sorted(self.config.clusters))})")
@@ -412,16 +413,15 @@ class Proxy:
                 "; POST /v1/resume first" if self._admin_op == "pause" else ""))
         source = self.config.active
         specs = backend_specs(self.config, target)
-        c, m = self.config.cutover, self.config.monitor
+        c = self.config.cutover
         settings = CutoverSettings(
             pause_timeout_s=c.pause_timeout_s, catchup_timeout_s=c.catchup_timeout_s,
             cancel_idle_in_transaction=c.idle_in_transaction == "cancel", max_lag_bytes=specs[0].max_lag_bytes,
             timeout_s=timeout_s, dry_run=dry_run)
         logical = LogicalOptions(reverse=reverse, reverse_name=self.migration_name(source),
                                  reverse_conninfo=self._publisher_conninfo(target))
-        control = PgControl(backend_specs(self.config, source)[0], specs[0], specs[1:],
-                            ControlAccount(m.user, m.secret(), m.dbname, self.config.pool.connect_timeout_s),
-                            logical)
+        control = LogicalControl(backend_specs(self.config, source)[0], specs[0], specs[1:],
+                                 self._control_endpoint(source), logical)
         cutover = Cutover(source, target, self.dataplane, control, settings, on_event,
                           warm_up=lambda: self._warm_up(target))
         if not dry_run:
@@ -506,7 +506,7 @@ class Proxy:
     async def admin_pause(self, timeout_s: float | None = None) -> dict:
         """Hold new units and wait for those in flight (and open transactions) to finish;
         on timeout, undo the pause and fail (ValueError)."""
-        from router.cutover import CutoverBusy
+        from ops.cutover.machine import CutoverBusy
 
         if self._admin_op is not None:
             raise CutoverBusy(f"a {self._admin_op} is in progress")
@@ -526,7 +526,7 @@ class Proxy:
 
     async def admin_resume(self) -> dict:
         """Release the units held since POST /v1/pause."""
-        from router.cutover import CutoverBusy
+        from ops.cutover.machine import CutoverBusy
 
         if self._admin_op == "cutover":
             raise CutoverBusy("a cutover is in progress; it resumes traffic itself")
@@ -540,7 +540,7 @@ class Proxy:
     # --- online migration (pgsplit migrate; /v1/migrate/*) ------------------------------------
     #
     # A migration goes from the active cluster's primary to the primary of cluster `target`
-    # (router.migrate, over the [monitor] account); its publication, subscription and slots
+    # (ops.migrate, over the [monitor] account); its publication, subscription and slots
     # are named after the target (`migration_name`). A started one is watched: lag, copy
     # states and schema drift every `migration.watch_interval_s`, into the metrics.
 
@@ -552,7 +552,7 @@ class Proxy:
         return "pgsplit_" + re.sub(r"[^a-z0-9_]", "_", target.lower())
 
     def _control_endpoint(self, cluster: str):
-        from router.migrate import Endpoint
+        from router.pg import Endpoint
 
         spec = backend_specs(self.config, cluster)[0]
         m = self.config.monitor
@@ -561,7 +561,7 @@ class Proxy:
     def _publisher_conninfo(self, cluster: str) -> str | None:
         """How the other side's subscription reaches `cluster`'s primary, from
         [migration.conninfo] (None: as the proxy reaches it)."""
-        from router.migrate import publisher_conninfo
+        from ops.migrate.control import publisher_conninfo
 
         fragment = self.config.migration.conninfo.get(cluster)
         if fragment is None:
@@ -570,7 +570,7 @@ class Proxy:
 
     async def _migration(self, target: str) -> dict:
         """The migration to `target` as the config says it: ValueError for a bad name."""
-        from router import migrate
+        from ops.migrate.control import MigrateError, databases_of
 
         if not isinstance(target, str) or target not in self.config.clusters:
             raise ValueError(f"{target!r} is not a cluster (known: {', '.join(sorted(self.config.clusters))})")
@@ -578,10 +578,10 @@ class Proxy:
         if target == source:
             raise ValueError(f"cluster {target!r} is the active one: a migration goes from it, not to it")
         src = self._control_endpoint(source)
-        dbs = list(self.config.migration.databases) or await migrate.databases_of(src)
+        dbs = list(self.config.migration.databases) or await databases_of(src)
         if not dbs:
-            raise migrate.MigrateError("source", f"cluster {source}",
-                                       "has no database to migrate (set migration.databases)")
+            raise MigrateError("source", f"cluster {source}",
+                               "has no database to migrate (set migration.databases)")
         return {"source": source, "target": target, "name": self.migration_name(target), "databases": dbs,
                 "src": src, "tgt": self._control_endpoint(target)}
 
@@ -590,31 +590,32 @@ class Proxy:
         return {k: m[k] for k in ("source", "target", "name", "databases")}
 
     async def admin_migrate_plan(self, target: str) -> dict:
-        """What `start` would do and what blocks it (router.migrate.plan)."""
-        from router import migrate
+        """What `start` would do and what blocks it (ops.migrate.plan)."""
+        from ops.migrate.plan import plan as plan_migration
 
         m = await self._migration(target)
-        plan = await migrate.plan(m["src"], m["tgt"], name=m["name"], databases=m["databases"])
+        plan = await plan_migration(m["src"], m["tgt"], name=m["name"], databases=m["databases"])
         return {**self._migration_head(m), "plan": plan.to_dict(), "text": plan.render()}
 
     async def admin_migrate_start(self, target: str) -> dict:
-        """Copy the schema, start the publication and subscription (router.migrate.start;
+        """Copy the schema, start the publication and subscription (ops.migrate.copy.start;
         refused with the plan's blockers), then watch it. Idempotent: a migration that
         runs already is kept, and watched from now on."""
-        from router import migrate
+        from ops.migrate.control import MigrateError
+        from ops.migrate.copy import start
 
         m = await self._migration(target)
         lock = self._migration_locks.setdefault(target, asyncio.Lock())
         async with lock:
-            report = await migrate.start(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
-                                         source_conninfo=self._publisher_conninfo(m["source"]))
+            report = await start(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
+                                 source_conninfo=self._publisher_conninfo(m["source"]))
             log.info("migration %s -> %s started (%s): %s", m["source"], target, m["name"],
                      "; ".join(report.created) or "everything existed already")
             watch = self._watch_migration(m)
         try:
             st, drift = await watch.check()
             first = {"status": st.to_dict(), "drift": drift}
-        except migrate.MigrateError as exc:
+        except MigrateError as exc:
             first = {"error": str(exc)}
         return {**self._migration_head(m), "start": report.to_dict(), **first,
                 "watch_interval_s": watch.interval}
@@ -622,7 +623,7 @@ class Proxy:
     async def admin_migrate_status(self, target: str) -> dict:
         """Per table the copy state, the lag, rates and ETA (from the round before, when
         watched), and the schema drift, asked now."""
-        from router import migrate
+        from ops.migrate.status import drift as schema_drift, status as migration_status
 
         m = await self._migration(target)
         watch = self.migration_watches.get(target)
@@ -630,8 +631,8 @@ class Proxy:
             st, drift = await watch.check()
         else:
             st, drift = await asyncio.gather(
-                migrate.status(m["src"], m["tgt"], name=m["name"], databases=m["databases"]),
-                migrate.drift(m["src"], m["tgt"], databases=m["databases"]))
+                migration_status(m["src"], m["tgt"], name=m["name"], databases=m["databases"]),
+                schema_drift(m["src"], m["tgt"], databases=m["databases"]))
             watch = None
         return {**self._migration_head(m), "status": st.to_dict(), "text": st.render(), "drift": drift,
                 "watching": watch is not None, "watch_interval_s": self.config.migration.watch_interval_s}
@@ -639,8 +640,8 @@ class Proxy:
     async def admin_migrate_verify(self, target: str, tables: list[str] | None = None,
                                    chunk_rows: int | None = None) -> dict:
         """Row counts and chunked checksums of every table on both sides
-        (router.migrate.verify); the differing tables and key ranges by name."""
-        from router import migrate
+        (ops.migrate.verify); the differing tables and key ranges by name."""
+        from ops.migrate.verify import verify
 
         if tables is not None and (not isinstance(tables, list) or not all(isinstance(t, str) for t in tables)):
             raise ValueError("tables must be a list of \"schema.table\" names")
@@ -648,15 +649,15 @@ class Proxy:
                                        or chunk_rows < 1):
             raise ValueError("chunk_rows must be a whole number >= 1")
         m = await self._migration(target)
-        report = await migrate.verify(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
-                                      tables=tables, chunk_rows=chunk_rows or self.config.migration.verify_chunk_rows)
+        report = await verify(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
+                              tables=tables, chunk_rows=chunk_rows or self.config.migration.verify_chunk_rows)
         log.info("migration %s -> %s: verify %s in %.1f s%s", m["source"], target,
                  "equal" if report.equal else "DIFFERENT", report.seconds,
                  "".join(f"; {line}" for line in report.differences[:20]))
         return {**self._migration_head(m), "verify": report.to_dict(), "text": report.render()}
 
     def _watch_migration(self, m: dict):
-        from router.migrate import Watch
+        from ops.migrate.status import Watch
 
         old = self.migration_watches.get(m["target"])
         if old is not None and old.source == m["src"] and old.name == m["name"] and old.running:

@@ -263,7 +263,7 @@ def parse_duration(text: str) -> float:
 
 def format_event(event: dict) -> str:
     """One line (or a few) for an event of POST /v1/cutover."""
-    from router.cutover import report_lines
+    from ops.cutover.preflight import report_lines
 
     kind = event.get("event")
     if kind == "begin":

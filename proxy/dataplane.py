@@ -5,7 +5,7 @@ Owns: the pause (a flag every session checks before it routes a new unit, and th
 sessions waiting on it), the drain (waiting until no unit is in flight, with a deadline
 for sessions idle in a transaction), and the swap's effects on sessions (connections to
 the old set retired, read-your-writes tokens reset, pinned sessions ended: their
-server-side state cannot move). router.cutover drives it through these methods and never
+server-side state cannot move). ops.cutover drives it through these methods and never
 imports proxy/.
 """
 

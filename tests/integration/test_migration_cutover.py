@@ -1,5 +1,5 @@
 """An online migration through pgsplit, PostgreSQL 15 -> 18, ended by a cutover, on real
-servers: the proxy's `migrate` commands and admin API (router/migrate.py wired into
+servers: the proxy's `migrate` commands and admin API (ops/migrate/ wired into
 proxy/app.py), the drift watch, the logical cutover and its reverse, and the same across
 a 40 ms WAN relay.
 

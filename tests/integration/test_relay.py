@@ -3,7 +3,7 @@ link, 40 ms one way) stays healthy.
 
 - a streaming replica whose primary_conninfo points at the relay keeps streaming under a
   light write load, with a write lag of about one round trip and a bounded replay lag;
-- a logical subscriber (PostgreSQL 18, router.migrate) reaching its PostgreSQL 15 source
+- a logical subscriber (PostgreSQL 18, ops.migrate) reaching its PostgreSQL 15 source
   through the relay copies the data and catches up.
 """
 
@@ -20,8 +20,12 @@ import pytest
 from helpers import wait_until
 from loadtest.relay import LinkProfile, RelayThread
 from loadtest.sandbox import Cluster, find_bindir
-from router import migrate
-from router.migrate import Endpoint
+from ops.migrate.copy import start
+from ops.migrate.finish import finish
+from ops.migrate.handover import logical_catch_up
+from ops.migrate.status import status
+from ops.migrate.verify import verify
+from router.pg import Endpoint
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -114,7 +118,7 @@ async def test_logical_subscriber_behind_the_relay_catches_up(region: Region) ->
     with RelayThread(near.primary.port, profile) as relay:
         through_relay = (f"host=127.0.0.1 port={relay.port} user=postgres "
                          f"password={near.superuser_password} dbname={{database}}")
-        await migrate.start(src, dst, source_conninfo=through_relay)
+        await start(src, dst, source_conninfo=through_relay)
         conn = await asyncpg.connect(host=src.host, port=src.port, user=src.user,
                                      password=src.password, database="app")
         try:
@@ -126,15 +130,15 @@ async def test_logical_subscriber_behind_the_relay_catches_up(region: Region) ->
                                        i - 50_000)
             final = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
             st = None
-            while not (st := await migrate.status(src, dst, previous=st)).ready:
+            while not (st := await status(src, dst, previous=st)).ready:
                 assert time.monotonic() - t0 < 60, st.render()
-            waited = await migrate.logical_catch_up(src, dst, final, 60)
+            waited = await logical_catch_up(src, dst, final, 60)
             elapsed = time.monotonic() - t0
         finally:
             await conn.close()
-        report = await migrate.verify(src, dst)
+        report = await verify(src, dst)
         down = relay.stats.bytes_down
-        await migrate.finish(src, dst)
+        await finish(src, dst)
     print(f"\nsubscriber behind a {DELAY_MS} ms / 200 Mbit relay: copy and catch-up "
           f"{elapsed:.2f}s (catch-up wait {waited * 1000:.0f} ms), {down / 1e6:.1f} MB "
           f"through the relay")

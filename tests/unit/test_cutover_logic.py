@@ -1,4 +1,4 @@
-"""router.schema's diff and router.cutover's report and state machine, without a server.
+"""ops.schema's diff and ops.cutover's report and state machine, without a server.
 
 The state machine runs against a fake data plane and fake control functions that write
 every call into one journal, so the order of operations and the rollback decisions are
@@ -12,19 +12,10 @@ from typing import Any
 
 import pytest
 
-from router.cutover import (
-    Cutover,
-    CutoverError,
-    CutoverSettings,
-    PreflightFacts,
-    ReplicationFacts,
-    Result,
-    ServerFacts,
-    build_report,
-    major_version,
-    report_lines,
-)
-from router.schema import Fingerprint, diff, diff_databases
+from ops.cutover.machine import Cutover, CutoverError, CutoverSettings, Result
+from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState, build_report, report_lines
+from ops.schema import Fingerprint, diff, diff_databases
+from router.pg import major_version
 
 # --- schema fingerprints ---------------------------------------------------------------------
 
@@ -107,12 +98,12 @@ def test_unknown_kind_is_refused() -> None:
 # --- the preflight report --------------------------------------------------------------------------
 
 
-def server(name: str, **kw: Any) -> ServerFacts:
+def server(name: str, **kw: Any) -> ServerState:
     base = dict(address=f"10.0.0.{len(name)}:5432", reachable=True, version="15.4", version_num=150004,
                 in_recovery=False, system_identifier="7000", timeline=1, wal_lsn=0x3000000, read_only=False,
                 superuser=True)
     base.update(kw)
-    return ServerFacts(name, **base)
+    return ServerState(name, **base)
 
 
 def facts(source: dict | None = None, target: dict | None = None, **kw: Any) -> PreflightFacts:
@@ -142,7 +133,7 @@ def test_a_major_version_difference_is_allowed_with_logical_replication() -> Non
               replication=ReplicationFacts("logical", "subscription s1, slot s1", "streaming", lag_bytes=0))
     report = build_report(f, max_lag_bytes=1024)
     assert not any("major versions" in b for b in report.blockers)
-    assert report.ok, report.blockers  # the logical catch-up (router.migrate) carries it over
+    assert report.ok, report.blockers  # the logical catch-up (ops.migrate) carries it over
 
 
 def test_old_version_numbers() -> None:
@@ -288,6 +279,10 @@ class FakeControl:
     async def target_in_recovery(self) -> bool | None:
         self.journal.append("target_in_recovery?")
         return self.in_recovery_after
+
+    async def finish(self) -> dict:
+        await self._call("finish")
+        return {}
 
     async def close(self) -> None:
         self.journal.append("close")

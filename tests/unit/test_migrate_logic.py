@@ -1,4 +1,4 @@
-"""router.migrate's decisions and texts, without a server: names, quoting, lag and ETA
+"""ops.migrate's decisions and texts, without a server: names, quoting, lag and ETA
 arithmetic, sequence targets, the verify statements, reports and errors.
 
 What needs PostgreSQL (the catalog queries, the copy, the subscription) is in
@@ -14,34 +14,23 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from router import migrate
-from router.migrate import (
+from ops.migrate.control import CatchUpTimeout, MigrateError, slot_name_for
+from ops.migrate.handover import sequence_is_past, sequence_target_value
+from ops.migrate.plan import (
     Blocker,
     BlockedError,
+    ClusterFacts,
     DatabaseFacts,
-    Endpoint,
-    MigrateError,
+    DatabasePlan,
     Plan,
-    RangeDiff,
-    ServerFacts,
-    Status,
-    SubscriptionStatus,
-    TableCheck,
-    TableCopy,
     TableFacts,
-    VerifyReport,
     assess,
-    estimate_eta,
-    find_client_bindir,
-    lag_seconds_from,
-    range_sql,
-    sequence_is_past,
-    sequence_target_value,
-    slot_name_for,
-    source_chunk_sql,
-    with_rates,
 )
-from router.schema import FINGERPRINT_SQL, Fingerprint
+from ops.migrate.programs import find_client_bindir
+from ops.migrate.status import Status, SubscriptionStatus, TableCopy, estimate_eta, lag_seconds_from, with_rates
+from ops.migrate.verify import RangeDiff, TableCheck, VerifyReport, range_sql, source_chunk_sql
+from ops.schema import FINGERPRINT_SQL, Fingerprint, comparable_fingerprint
+from router.pg import Endpoint, quote_ident, quote_literal
 
 MB = 1024 * 1024
 
@@ -78,8 +67,8 @@ def test_conninfo_round_trips_through_libpq(password: str) -> None:
 
 
 def test_sql_quoting() -> None:
-    assert migrate._ident('we"ird') == '"we""ird"'
-    assert migrate._literal("it's") == "'it''s'"
+    assert quote_ident('we"ird') == '"we""ird"'
+    assert quote_literal("it's") == "'it''s'"
 
 
 # --------------------------------------------------------------------------- schema
@@ -98,8 +87,8 @@ async def test_fingerprint_leaves_out_not_null_constraints_of_postgresql_18() ->
     common = [("table", "public.t", None, "table"),
               ("column", "public.t.id", "public.t", "integer not null"),
               ("constraint", "public.t.t_pkey", "public.t", "PRIMARY KEY (id)")]
-    pg15 = await migrate.schema_fingerprint(_FakeConn(common))
-    pg18 = await migrate.schema_fingerprint(_FakeConn(
+    pg15 = await comparable_fingerprint(_FakeConn(common))
+    pg18 = await comparable_fingerprint(_FakeConn(
         common + [("constraint", "public.t.t_id_not_null", "public.t", "NOT NULL id")]))
     assert pg15 == pg18
     assert pg18.count("constraint") == 1
@@ -245,7 +234,7 @@ def test_verify_report_lines() -> None:
 
 
 def _plan(blockers: tuple[Blocker, ...]) -> Plan:
-    db = migrate.DatabasePlan("app", tables=("public.t",), sequences=("public.s",),
+    db = DatabasePlan("app", tables=("public.t",), sequences=("public.s",),
                               table_bytes=3 * MB, schema_diff=("table public.t: only on "
                                                                "the source",))
     return Plan("pgsplit", "15.18", "18.6", 15, 18, "logical", 18, "/x/bin", (db,), blockers,
@@ -265,7 +254,7 @@ def test_plan_render_and_blocked_error() -> None:
     assert err.side == "source" and err.object == "table public.nopk (database app)"
     assert str(err) == ("source table public.nopk (database app): has no primary key "
                         "(and 1 more)")
-    assert isinstance(migrate.CatchUpTimeout("source", "slot s", "late"), TimeoutError)
+    assert isinstance(CatchUpTimeout("source", "slot s", "late"), TimeoutError)
     assert str(MigrateError("target", "subscription x", "is disabled")) == \
         "target subscription x: is disabled"
 
@@ -294,10 +283,10 @@ def test_find_client_bindir(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- assess
 
-PG15 = ServerFacts(150018, "15.18", roles=frozenset({"postgres", "app"}),
+PG15 = ClusterFacts(150018, "15.18", roles=frozenset({"postgres", "app"}),
                    available_extensions=frozenset({"plpgsql", "adminpack"}),
                    databases=frozenset({"postgres", "app"}))
-PG18 = ServerFacts(180006, "18.6", roles=frozenset({"postgres"}),
+PG18 = ClusterFacts(180006, "18.6", roles=frozenset({"postgres"}),
                    available_extensions=frozenset({"plpgsql"}),
                    databases=frozenset({"postgres", "app"}))
 SRC_SCHEMA = Fingerprint({("table", "public.t"): (None, "table"),
@@ -335,7 +324,7 @@ def test_assess_names_every_blocker() -> None:
         extensions=(("plpgsql", "1.0"), ("adminpack", "2.1")), large_objects=2,
         publication_all_tables=False, source_schema=SRC_SCHEMA,
         target_schema=Fingerprint({("table", "public.other"): (None, "table")}))
-    src = ServerFacts(150018, "15.18", wal_level="replica", free_slots=0,
+    src = ClusterFacts(150018, "15.18", wal_level="replica", free_slots=0,
                       slots=frozenset({"pgsplit_app"}), databases=frozenset({"app"}))
     plan = assess("pgsplit", src, PG18, [facts], missing=["gone"],
                   dump_problem=Blocker("local", "pg_dump/psql 18", "not found"))
@@ -373,7 +362,7 @@ def test_assess_a_clean_migration_and_one_already_started() -> None:
     started = DatabaseFacts("app", tables=(TableFacts("public.t"),), source_schema=SRC_SCHEMA,
                             target_schema=SRC_SCHEMA, started=True,
                             publication_all_tables=True)
-    src = ServerFacts(150018, "15.18", free_slots=0, slots=frozenset({"pgsplit_app"}))
+    src = ClusterFacts(150018, "15.18", free_slots=0, slots=frozenset({"pgsplit_app"}))
     plan = assess("pgsplit", src, PG18, [started])
     assert plan.ok, _blockers(plan)
     assert plan.databases[0].started and plan.databases[0].schema_diff == ()

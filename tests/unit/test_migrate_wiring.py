@@ -22,39 +22,24 @@ from metrics import Metrics
 from proxy import cli
 from proxy.admin import Admin
 from proxy.app import Proxy
-from router import migrate
-from router.cutover import (
-    Cutover,
-    CutoverSettings,
-    PreflightFacts,
-    ReplicationFacts,
-    Result,
-    ServerFacts,
-    build_report,
-    report_lines,
-)
-from router.migrate import (
-    Blocker,
-    BlockedError,
-    MigrateError,
-    Plan,
-    RangeDiff,
-    Status,
-    SubscriptionStatus,
-    TableCheck,
-    TableCopy,
-    VerifyReport,
-)
+from ops.cutover.machine import Cutover, CutoverSettings, Result
+from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState, build_report, report_lines
+from ops.migrate import status as migrate_status
+from ops.migrate.control import MigrateError, publisher_conninfo
+from ops.migrate.plan import Blocker, BlockedError, Plan
+from ops.migrate.status import Status, SubscriptionStatus, TableCopy, Watch
+from ops.migrate.verify import RangeDiff, TableCheck, VerifyReport
+from router.pg import Endpoint
 
 # --- the preflight's verdict on a logical target -------------------------------------------------
 
 
-def server(name: str, **kw: Any) -> ServerFacts:
+def server(name: str, **kw: Any) -> ServerState:
     base = dict(address=f"10.0.0.{len(name)}:5432", reachable=True, version="15.4", version_num=150004,
                 in_recovery=False, system_identifier="7000", timeline=1, wal_lsn=0x3000000, read_only=False,
                 superuser=True)
     base.update(kw)
-    return ServerFacts(name, **base)
+    return ServerState(name, **base)
 
 
 def logical(**kw: Any) -> ReplicationFacts:
@@ -142,7 +127,7 @@ class DataPlane:
 
 
 class LogicalControl:
-    """PgControl's interface for a logical target, recording the calls."""
+    """LogicalControl's interface for a logical target, recording the calls."""
 
     def __init__(self, journal: list[str], fail: dict[str, BaseException] | None = None):
         self.journal = journal
@@ -180,7 +165,7 @@ class LogicalControl:
     async def target_in_recovery(self) -> bool | None:
         return False
 
-    async def finish_logical(self) -> dict:
+    async def finish(self) -> dict:
         await self._call("finish_logical")
         return {"notes": ["target subscription pgsplit_next (database app): dropped"]}
 
@@ -236,10 +221,10 @@ def test_migration_names(target: str, name: str) -> None:
 
 
 def test_publisher_conninfo_adds_the_account_and_the_database_placeholder() -> None:
-    text = migrate.publisher_conninfo(" host=10.1.0.5 port=7001 sslmode=require ", "postgres", "it's secret")
+    text = publisher_conninfo(" host=10.1.0.5 port=7001 sslmode=require ", "postgres", "it's secret")
     assert text == r"host=10.1.0.5 port=7001 sslmode=require user=postgres password='it\'s secret' dbname={database}"
     assert text.replace("{database}", "app").endswith("dbname=app")
-    assert migrate.publisher_conninfo("host=h", "u", None) == "host=h user=u dbname={database}"
+    assert publisher_conninfo("host=h", "u", None) == "host=h user=u dbname={database}"
 
 
 def test_migration_metrics() -> None:
@@ -346,11 +331,11 @@ async def test_the_watch_logs_drift_when_it_appears_and_when_it_goes(monkeypatch
             raise answer
         return answer
 
-    monkeypatch.setattr(migrate, "status", fake_status)
-    monkeypatch.setattr(migrate, "drift", fake_drift)
+    monkeypatch.setattr(migrate_status, "status", fake_status)
+    monkeypatch.setattr(migrate_status, "drift", fake_drift)
     updates: list[tuple[list[str], str | None]] = []
-    ep = migrate.Endpoint("h", 1)
-    watch = migrate.Watch(ep, ep, name="pgsplit_next", databases=["app"], interval=0.01, label="main -> next",
+    ep = Endpoint("h", 1)
+    watch = Watch(ep, ep, name="pgsplit_next", databases=["app"], interval=0.01, label="main -> next",
                           on_update=lambda w: updates.append((list(w.drift), w.error)))
     caplog.set_level(logging.INFO, logger="pgsplit.migrate")
     await watch.check()
@@ -381,10 +366,10 @@ async def test_the_watch_runs_until_stopped(monkeypatch) -> None:
     async def fake_drift(*a: Any, **kw: Any) -> list[str]:
         return []
 
-    monkeypatch.setattr(migrate, "status", fake_status)
-    monkeypatch.setattr(migrate, "drift", fake_drift)
-    ep = migrate.Endpoint("h", 1)
-    watch = migrate.Watch(ep, ep, name="n", databases=["app"], interval=0.005).start()
+    monkeypatch.setattr(migrate_status, "status", fake_status)
+    monkeypatch.setattr(migrate_status, "drift", fake_drift)
+    ep = Endpoint("h", 1)
+    watch = Watch(ep, ep, name="n", databases=["app"], interval=0.005).start()
     for _ in range(200):
         if len(calls) >= 3:
             break

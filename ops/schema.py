@@ -4,7 +4,8 @@ Owns: the catalog query (tables and views, columns with their types, nullability
 defaults, indexes, constraints, sequences; system schemas left out), the `Fingerprint`
 it builds, and `diff(a, b)`, a pure comparison that lists the differences by name. The
 cutover's preflight compares source and target with it; the online migration's drift
-watch reuses it (logical replication carries no DDL, so the two sides can drift apart).
+watch reuses it (logical replication carries no DDL, so the two sides can drift apart),
+through `comparable_fingerprint`, which leaves out what only the major version changes.
 Must not know: the proxy, the cutover's steps. `fingerprint(conn)` takes an open asyncpg
 connection to one database; everything else is a function of data.
 
@@ -13,6 +14,7 @@ constraints) and a definition text: the server's own rendering (`format_type`,
 `pg_get_indexdef`, `pg_get_constraintdef`, `pg_get_expr`), so two servers of the same
 major version print the same schema the same way. Names are quoted as SQL identifiers
 (`format('%I.%I')`), so a name with a dot in it cannot collide with a qualified one.
+System schemas are left out by router.pg's `USER_SCHEMA_SQL`.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FINGERPRINT_SQL", "KINDS", "Fingerprint", "diff", "diff_databases", "fingerprint"]
+from router.pg import USER_SCHEMA_SQL
+
+__all__ = ["FINGERPRINT_SQL", "KINDS", "Fingerprint", "comparable_fingerprint", "diff", "diff_databases",
+           "fingerprint"]
 
 # In the order differences are listed.
 KINDS = ("table", "column", "index", "constraint", "sequence")
-
-# pg_catalog, information_schema and the toast/temp schemas are the server's, not the app's.
-_USER_NS = """n.nspname NOT IN ('pg_catalog', 'information_schema')
-           AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'"""
 
 # One round trip: (kind, name, parent, definition) rows.
 FINGERPRINT_SQL = f"""\
@@ -37,7 +38,7 @@ SELECT 'table', format('%I.%I', n.nspname, c.relname), NULL,
        CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'partitioned table' WHEN 'v' THEN 'view'
                       WHEN 'm' THEN 'materialized view' WHEN 'f' THEN 'foreign table' END
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {_USER_NS}
+ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER_SCHEMA_SQL}
 UNION ALL
 SELECT 'column', format('%I.%I.%I', n.nspname, c.relname, a.attname), format('%I.%I', n.nspname, c.relname),
        format_type(a.atttypid, a.atttypmod)
@@ -50,7 +51,7 @@ SELECT 'column', format('%I.%I.%I', n.nspname, c.relname, a.attname), format('%I
   JOIN pg_class c ON c.oid = a.attrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
- WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {_USER_NS}
+ WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER_SCHEMA_SQL}
 UNION ALL
 SELECT 'index', format('%I.%I', n.nspname, ic.relname), format('%I.%I', n.nspname, tc.relname),
        pg_get_indexdef(i.indexrelid)
@@ -58,14 +59,14 @@ SELECT 'index', format('%I.%I', n.nspname, ic.relname), format('%I.%I', n.nspnam
   JOIN pg_class ic ON ic.oid = i.indexrelid
   JOIN pg_class tc ON tc.oid = i.indrelid
   JOIN pg_namespace n ON n.oid = ic.relnamespace
- WHERE {_USER_NS}
+ WHERE {USER_SCHEMA_SQL}
 UNION ALL
 SELECT 'constraint', format('%I.%I.%I', n.nspname, c.relname, k.conname), format('%I.%I', n.nspname, c.relname),
        pg_get_constraintdef(k.oid)
   FROM pg_constraint k
   JOIN pg_class c ON c.oid = k.conrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE {_USER_NS}
+ WHERE {USER_SCHEMA_SQL}
 UNION ALL
 SELECT 'sequence', format('%I.%I', n.nspname, c.relname), NULL,
        format_type(s.seqtypid, NULL) || ' start ' || s.seqstart || ' increment ' || s.seqincrement
@@ -74,7 +75,7 @@ SELECT 'sequence', format('%I.%I', n.nspname, c.relname), NULL,
   FROM pg_sequence s
   JOIN pg_class c ON c.oid = s.seqrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE {_USER_NS}"""
+ WHERE {USER_SCHEMA_SQL}"""
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,17 @@ class Fingerprint:
 async def fingerprint(conn: Any) -> Fingerprint:
     """The fingerprint of the database `conn` (an asyncpg connection) is connected to."""
     return Fingerprint.from_rows(tuple(r) for r in await conn.fetch(FINGERPRINT_SQL))
+
+
+async def comparable_fingerprint(conn: Any) -> Fingerprint:
+    """`fingerprint`, less what differs only by major version: PostgreSQL 18 lists each
+    NOT NULL as a constraint too (contype 'n', rendered ``NOT NULL col``), 17 and older
+    only as the column's attnotnull, which the column's own line already carries. Left
+    in, every 15 -> 18 migration would drift."""
+    fp = await fingerprint(conn)
+    return Fingerprint({
+        key: value for key, value in fp.objects.items()
+        if not (key[0] == "constraint" and value[1].startswith("NOT NULL "))})
 
 
 def diff(a: Fingerprint, b: Fingerprint, a_name: str = "source", b_name: str = "target") -> list[str]:
