@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,8 +17,10 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ops.text import human_bytes
 from proxy.config import Config, ConfigError, describe, load_config, parse_config
 
 DEFAULT_ADMIN = "http://127.0.0.1:9930"
@@ -187,15 +190,26 @@ def http_json(url: str, *, method: str = "GET", body: dict | None = None, token:
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    with _admin_api(url), urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@contextlib.contextmanager
+def _admin_api(url: str, on_refusal: Callable[[dict], None] | None = None) -> Iterator[None]:
+    """The admin API's refusals (an HTTP error, its body {"error": ...}) and an API that
+    cannot be reached, as the CLI's exit message; ``on_refusal`` sees the body first."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+        yield
     except urllib.error.HTTPError as exc:
         try:
-            detail = json.loads(exc.read()).get("error", "")
+            detail = json.loads(exc.read())
         except ValueError:
-            detail = ""
-        raise SystemExit(f"{url}: HTTP {exc.code} {detail}".rstrip())
+            detail = {}
+        if not isinstance(detail, dict):
+            detail = {}
+        if on_refusal is not None:
+            on_refusal(detail)
+        raise SystemExit(f"{url}: HTTP {exc.code} {detail.get('error', '')}".rstrip())
     except urllib.error.URLError as exc:
         raise SystemExit(f"cannot reach the pgsplit admin API at {url}: {exc.reason}")
 
@@ -305,26 +319,17 @@ def cmd_cutover(args: argparse.Namespace) -> int:
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     summary = None
-    try:
-        with urllib.request.urlopen(req, timeout=3600) as resp:
-            for line in resp:  # one event per line, printed as it arrives
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                if args.json:
-                    print(json.dumps(event), flush=True)
-                else:
-                    print(format_event(event), flush=True)
-                if event.get("event") == "summary":
-                    summary = event
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("error", "")
-        except ValueError:
-            detail = ""
-        raise SystemExit(f"{url}: HTTP {exc.code} {detail}".rstrip())
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"cannot reach the pgsplit admin API at {url}: {exc.reason}")
+    with _admin_api(url), urllib.request.urlopen(req, timeout=3600) as resp:
+        for line in resp:  # one event per line, printed as it arrives
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                print(format_event(event), flush=True)
+            if event.get("event") == "summary":
+                summary = event
     if summary is None:
         print("the proxy ended the stream without a summary", file=sys.stderr)
         return 1
@@ -333,16 +338,6 @@ def cmd_cutover(args: argparse.Namespace) -> int:
 
 
 # --- pgsplit migrate ----------------------------------------------------------------------
-
-
-def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
@@ -364,15 +359,15 @@ def format_migrate_status(result: dict) -> str:
     st = result["status"]
     copying = any(t["state"] != "r" for d in st["databases"] for t in d["tables"])
     state = "ready" if st["ready"] else "copying" if copying else "NOT READY"
-    lag = f"lag {_human_bytes(st['lag_bytes'])}"
+    lag = f"lag {human_bytes(st['lag_bytes'])}"
     if st.get("lag_seconds") is not None:
         lag += f" / {st['lag_seconds']:.2f} s"
     eta = f", ETA {st['eta_seconds']:.0f} s" if st.get("eta_seconds") is not None else ""
     lines = [_migration_head(result), f"  {state}, {lag}{eta}"]
     if st.get("copy_bytes_per_s") is not None:
-        lines.append(f"  rates: copy {_human_bytes(st['copy_bytes_per_s'])}/s, apply "
-                     f"{_human_bytes(st['apply_bytes_per_s'])}/s, source WAL "
-                     f"{_human_bytes(st['source_wal_bytes_per_s'])}/s")
+        lines.append(f"  rates: copy {human_bytes(st['copy_bytes_per_s'])}/s, apply "
+                     f"{human_bytes(st['apply_bytes_per_s'])}/s, source WAL "
+                     f"{human_bytes(st['source_wal_bytes_per_s'])}/s")
     drift = result.get("drift") or []
     if drift:
         lines.append(f"  SCHEMA DRIFT ({len(drift)}): a cutover is refused until both sides match")
@@ -383,8 +378,8 @@ def format_migrate_status(result: dict) -> str:
     for d in st["databases"]:
         for t in d["tables"]:
             pct = f"{100 * t['copied_bytes'] / t['source_bytes']:.0f}%" if t["source_bytes"] else "-"
-            rows.append([d["database"], t["table"], t["state_name"], _human_bytes(t["copied_bytes"]),
-                         _human_bytes(t["source_bytes"]), pct])
+            rows.append([d["database"], t["table"], t["state_name"], human_bytes(t["copied_bytes"]),
+                         human_bytes(t["source_bytes"]), pct])
     lines.append("")
     lines += _table(["database", "table", "copy state", "copied", "size", "done"], rows, right={3, 4, 5})
     lines.append("")
@@ -461,21 +456,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         token = _admin_token(args)
         if token:
             req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            result = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read())
-        except ValueError:
-            detail = {}
+    def show_refusal(detail: dict) -> None:
         if args.json and detail:
             print(json.dumps(detail, indent=2))
         elif detail.get("text"):  # a start refused by the plan's blockers
             print(detail["text"])
-        raise SystemExit(f"{base}: HTTP {exc.code} {detail.get('error', '')}".rstrip())
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"cannot reach the pgsplit admin API at {base}: {exc.reason}")
+
+    with _admin_api(base, show_refusal), urllib.request.urlopen(req, timeout=args.timeout) as resp:
+        result = json.loads(resp.read())
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.action == "plan":
