@@ -249,9 +249,7 @@ class LogicalControl(PhysicalControl):
         # The swap resets every session's token: a first read may go to any replica of
         # the target, which must have what the target has now.
         if self.replicas:
-            target_lsn = parse_lsn(await self.tgt.fetchval(WRITE_LSN_SQL))
-            for rname, conn in self.replicas.items():
-                await self._replayed(rname, conn, target_lsn, deadline)
+            await self._replicas_replayed(parse_lsn(await self.tgt.fetchval(WRITE_LSN_SQL)), deadline)
             detail["replicas"] = sorted(self.replicas)
         detail["seconds"] = {**timings, "disable": round(t3 - t2, 4), "reverse": round(t4 - t3, 4),
                              "unfence_target_and_replicas": round(time.monotonic() - t4, 4)}

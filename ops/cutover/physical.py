@@ -23,7 +23,7 @@ from router import pg
 from router.lsn import format_lsn, parse_lsn
 from router.pg import Endpoint, error_text
 
-__all__ = ["APPLICATION_NAME", "POLL_S", "PhysicalControl", "ServerAddress"]
+__all__ = ["APPLICATION_NAME", "POLL_S", "WRITE_LSN_SQL", "PhysicalControl", "ServerAddress"]
 
 APPLICATION_NAME = "pgsplit-cutover"
 # The proxy's own pollers (router.monitor) only read; they are not terminated by the fence,
@@ -301,10 +301,14 @@ class PhysicalControl:
         # session's first read after it may go to any replica in rotation, which must
         # therefore have every write made before the fence. (They stream from the target,
         # a few milliseconds behind it.)
-        for name, conn in self.replicas.items():
-            await self._replayed(name, conn, lsn, deadline)
+        await self._replicas_replayed(lsn, deadline)
         return {"final_lsn": format_lsn(lsn), "bytes": max(0, lsn - first),
                 "replicas": sorted(self.replicas)}
+
+    async def _replicas_replayed(self, lsn: int, deadline: float) -> None:
+        """Wait until each of the target's standbys has replayed `lsn`."""
+        for name, conn in self.replicas.items():
+            await self._replayed(name, conn, lsn, deadline)
 
     async def _replayed(self, name: str, conn: asyncpg.Connection, lsn: int, deadline: float) -> int:
         """Wait until `conn`'s server has replayed `lsn`; its replay LSN when first asked."""

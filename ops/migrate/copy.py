@@ -91,39 +91,52 @@ async def start(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
             await _copy_schema(source, target, db, dump_bindir, timeout)
             t_schema += time.monotonic() - t0
             copied.append(db)
-        async with connection(source, SOURCE, db) as sconn:
-            pub = await sconn.fetchrow("SELECT puballtables FROM pg_publication "
-                                       "WHERE pubname = $1", name)
-            if pub is None:
-                await execute(sconn, f"CREATE PUBLICATION {quote_ident(name)} FOR ALL TABLES",
-                              SOURCE, f"publication {name} (database {db})")
-                created.append(f"{SOURCE} publication {name} (database {db})")
-            elif not pub["puballtables"]:
-                raise MigrateError(SOURCE, f"publication {name} (database {db})",
-                                   "exists but is not FOR ALL TABLES")
-            source_fp = await schema.comparable_fingerprint(sconn)
-        async with connection(target, TARGET, db) as tconn:
-            sub = await subscription_row(tconn, name)
-            if sub is None:
-                conninfo = (source_conninfo.replace("{database}", db) if source_conninfo
-                            else source.conninfo(db))
-                slot = slot_name_for(name, db)
-                await execute(tconn,
-                              f"CREATE SUBSCRIPTION {quote_ident(name)} CONNECTION {quote_literal(conninfo)}"
-                              f" PUBLICATION {quote_ident(name)} WITH (slot_name = {quote_literal(slot)},"
-                              f" copy_data = {'true' if copy_data else 'false'})",
-                              TARGET, f"subscription {name} (database {db})", timeout=timeout)
-                created.append(f"{TARGET} subscription {name} (database {db}, "
-                               f"slot {slot} on the source)")
-            elif list(sub["subpublications"]) != [name]:
-                raise MigrateError(TARGET, f"subscription {name} (database {db})",
-                                   f"exists for publications {list(sub['subpublications'])}, "
-                                   f"not [{name}]")
-            diffs += [f"database {db}: {line}" for line in
-                      schema.diff(source_fp, await schema.comparable_fingerprint(tconn))]
+        source_fp = await _publish(source, name, db, created)
+        target_fp = await _subscribe(source, target, name, db, source_conninfo, copy_data, timeout, created)
+        diffs += [f"database {db}: {line}" for line in schema.diff(source_fp, target_fp)]
     return StartReport(name=name, databases=tuple(d.database for d in p.databases),
                        schema_copied=tuple(copied), schema_seconds=t_schema,
                        created=tuple(created), schema_diff=tuple(diffs))
+
+
+async def _publish(source: Endpoint, name: str, db: str, created: list[str]) -> schema.Fingerprint:
+    """Step 4 of `start`: the publication in the source database (one FOR ALL TABLES that
+    exists is kept); then the source's schema as it is."""
+    async with connection(source, SOURCE, db) as sconn:
+        pub = await sconn.fetchrow("SELECT puballtables FROM pg_publication "
+                                   "WHERE pubname = $1", name)
+        if pub is None:
+            await execute(sconn, f"CREATE PUBLICATION {quote_ident(name)} FOR ALL TABLES",
+                          SOURCE, f"publication {name} (database {db})")
+            created.append(f"{SOURCE} publication {name} (database {db})")
+        elif not pub["puballtables"]:
+            raise MigrateError(SOURCE, f"publication {name} (database {db})",
+                               "exists but is not FOR ALL TABLES")
+        return await schema.comparable_fingerprint(sconn)
+
+
+async def _subscribe(source: Endpoint, target: Endpoint, name: str, db: str, source_conninfo: str | None,
+                     copy_data: bool, timeout: float, created: list[str]) -> schema.Fingerprint:
+    """Step 5 of `start`: the subscription in the target database (one for publication
+    ``name`` that exists is kept); then the target's schema as it is."""
+    async with connection(target, TARGET, db) as tconn:
+        sub = await subscription_row(tconn, name)
+        if sub is None:
+            conninfo = (source_conninfo.replace("{database}", db) if source_conninfo
+                        else source.conninfo(db))
+            slot = slot_name_for(name, db)
+            await execute(tconn,
+                          f"CREATE SUBSCRIPTION {quote_ident(name)} CONNECTION {quote_literal(conninfo)}"
+                          f" PUBLICATION {quote_ident(name)} WITH (slot_name = {quote_literal(slot)},"
+                          f" copy_data = {'true' if copy_data else 'false'})",
+                          TARGET, f"subscription {name} (database {db})", timeout=timeout)
+            created.append(f"{TARGET} subscription {name} (database {db}, "
+                           f"slot {slot} on the source)")
+        elif list(sub["subpublications"]) != [name]:
+            raise MigrateError(TARGET, f"subscription {name} (database {db})",
+                               f"exists for publications {list(sub['subpublications'])}, "
+                               f"not [{name}]")
+        return await schema.comparable_fingerprint(tconn)
 
 
 async def _create_target_database(source: Endpoint, target: Endpoint, db: str) -> None:

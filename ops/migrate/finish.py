@@ -189,37 +189,52 @@ async def reverse(source: Endpoint, target: Endpoint, *, name: str = "pgsplit_re
                 notes += await _reverse_slot(tconn, name, db, slot, forward_name, timeout)
             continue
         async with connection(target, TARGET, db, connections=connections) as tconn:
-            state = await tconn.fetchrow(_REVERSE_STATE_SQL, name, slot, forward_name)
-            if state["forward_enabled"]:
-                raise MigrateError(TARGET, f"subscription {forward_name} (database {db})",
-                                   "is still enabled: finish() it before reverse(), or "
-                                   "changes would replicate in a circle")
-            if state["pub"] is None:
-                await allow_writes(tconn)
-                await execute(tconn, f"CREATE PUBLICATION {quote_ident(name)} FOR ALL TABLES",
-                              TARGET, f"publication {name} (database {db})")
-                notes.append(f"{TARGET} publication {name} (database {db}): created")
-            elif not state["pub"]:
-                raise MigrateError(TARGET, f"publication {name} (database {db})",
-                                   "exists but is not FOR ALL TABLES")
-            # made by an earlier reverse(subscribe=False): the subscription streams from it
-            slot_exists = state["slot"] is not None
+            slot_exists = await _reverse_publication(tconn, name, db, slot, forward_name, notes)
         async with connection(source, SOURCE, db, connections=connections) as sconn:
-            if await subscription_row(sconn, name) is not None:
-                notes.append(f"{SOURCE} subscription {name} (database {db}): exists")
-                continue
-            conninfo = (target_conninfo.replace("{database}", db) if target_conninfo
-                        else target.conninfo(db))
-            await allow_writes(sconn)
-            await execute(sconn,
-                          f"CREATE SUBSCRIPTION {quote_ident(name)} CONNECTION {quote_literal(conninfo)}"
-                          f" PUBLICATION {quote_ident(name)} WITH (slot_name = {quote_literal(slot)},"
-                          f" copy_data = false, create_slot = {'false' if slot_exists else 'true'})",
-                          SOURCE, f"subscription {name} (database {db})", timeout=timeout)
-            notes.append(f"{SOURCE} subscription {name} (database {db}): created, slot "
-                         f"{slot} on the target"
-                         + (" (it was there already)" if slot_exists else ""))
+            notes += await _reverse_subscription(sconn, target, name, db, slot, slot_exists,
+                                                 target_conninfo, timeout)
     return notes
+
+
+async def _reverse_publication(tconn: asyncpg.Connection, name: str, db: str, slot: str,
+                               forward_name: str, notes: list[str]) -> bool:
+    """The target's half of `reverse`, once the forward subscription is not enabled: the
+    publication (noted in ``notes`` when created); whether the slot exists already."""
+    state = await tconn.fetchrow(_REVERSE_STATE_SQL, name, slot, forward_name)
+    if state["forward_enabled"]:
+        raise MigrateError(TARGET, f"subscription {forward_name} (database {db})",
+                           "is still enabled: finish() it before reverse(), or "
+                           "changes would replicate in a circle")
+    if state["pub"] is None:
+        await allow_writes(tconn)
+        await execute(tconn, f"CREATE PUBLICATION {quote_ident(name)} FOR ALL TABLES",
+                      TARGET, f"publication {name} (database {db})")
+        notes.append(f"{TARGET} publication {name} (database {db}): created")
+    elif not state["pub"]:
+        raise MigrateError(TARGET, f"publication {name} (database {db})",
+                           "exists but is not FOR ALL TABLES")
+    # made by an earlier reverse(subscribe=False): the subscription streams from it
+    return state["slot"] is not None
+
+
+async def _reverse_subscription(sconn: asyncpg.Connection, target: Endpoint, name: str, db: str,
+                                slot: str, slot_exists: bool, target_conninfo: str | None,
+                                timeout: float) -> list[str]:
+    """The source's half of `reverse`: its subscription to the target's publication, on
+    the target's slot (created with it unless it exists)."""
+    if await subscription_row(sconn, name) is not None:
+        return [f"{SOURCE} subscription {name} (database {db}): exists"]
+    conninfo = (target_conninfo.replace("{database}", db) if target_conninfo
+                else target.conninfo(db))
+    await allow_writes(sconn)
+    await execute(sconn,
+                  f"CREATE SUBSCRIPTION {quote_ident(name)} CONNECTION {quote_literal(conninfo)}"
+                  f" PUBLICATION {quote_ident(name)} WITH (slot_name = {quote_literal(slot)},"
+                  f" copy_data = false, create_slot = {'false' if slot_exists else 'true'})",
+                  SOURCE, f"subscription {name} (database {db})", timeout=timeout)
+    return [f"{SOURCE} subscription {name} (database {db}): created, slot "
+            f"{slot} on the target"
+            + (" (it was there already)" if slot_exists else "")]
 
 
 async def _reverse_slot(conn: asyncpg.Connection, name: str, db: str, slot: str,

@@ -246,61 +246,8 @@ def assess(name: str, source: ClusterFacts, target: ClusterFacts,
         notes.append(f"major version upgrade {s_major} -> {t_major} (logical replication; "
                      "a physical standby cannot do this)")
     blockers += [Blocker(SOURCE, f"database {db}", "does not exist") for db in missing]
-    plans: list[DatabasePlan] = []
-    new_slots = 0
-    for f in databases:
-        db = f.database
-        no_identity = tuple(t.name for t in f.tables if _table_blocker(t))
-        unlogged = tuple(t.name for t in f.tables if t.kind == "r" and t.persistence == "u")
-        blockers += [Blocker(SOURCE, f"table {t} (database {db})",
-                             "has no primary key or replica identity: its UPDATEs and "
-                             "DELETEs cannot be replicated (add a primary key, or ALTER "
-                             "TABLE ... REPLICA IDENTITY FULL or USING INDEX)")
-                     for t in no_identity]
-        notes += [f"{db}: table {t} is UNLOGGED: logical replication does not carry its rows"
-                  for t in unlogged]
-        missing_ext = tuple(e for e, _ in f.extensions if e not in target.available_extensions)
-        blockers += [Blocker(TARGET, f"extension {e}",
-                             f"is installed in database {db} on the source (version {v}) "
-                             "but not available on the target")
-                     for e, v in f.extensions if e in missing_ext]
-        missing_roles = tuple(r for r in f.roles if r not in target.roles)
-        blockers += [Blocker(TARGET, f"role {r}",
-                             f"owns or is granted objects in database {db} on the source but "
-                             "does not exist on the target (create it first; pg_dumpall "
-                             "--roles-only)")
-                     for r in missing_roles]
-        diff = tuple(schema.diff(f.source_schema, f.target_schema))
-        target_has_tables = f.target_schema.count("table") > 0
-        if target_has_tables and diff and not f.started:
-            blockers.append(Blocker(TARGET, f"database {db}",
-                                    f"already has tables and its schema differs from the "
-                                    f"source's ({len(diff)} differences, first: {diff[0]})"))
-        if not f.started:
-            slot = slot_name_for(name, db)
-            if slot in source.slots:
-                blockers.append(Blocker(SOURCE, f"replication slot {slot}",
-                                        "already exists (left by an earlier run?): drop it "
-                                        "with pg_drop_replication_slot() or use another "
-                                        "name"))
-            new_slots += 1
-        if f.publication_all_tables is False:
-            blockers.append(Blocker(SOURCE, f"publication {name} (database {db})",
-                                    "exists but is not FOR ALL TABLES"))
-        if f.sequences:
-            notes.append(f"{db}: {len(f.sequences)} sequences are not replicated: "
-                         "sync_sequences() at the cutover moves the target's past the "
-                         "source's")
-        if f.large_objects:
-            notes.append(f"{db}: {f.large_objects} large objects are not replicated")
-        plans.append(DatabasePlan(
-            database=db, tables=tuple(t.name for t in f.tables),
-            tables_without_identity=no_identity, unlogged_tables=unlogged,
-            sequences=f.sequences, source_extensions=tuple(e for e, _ in f.extensions),
-            missing_extensions=missing_ext, missing_roles=missing_roles,
-            table_bytes=sum(t.bytes for t in f.tables),
-            target_exists=db in target.databases, target_has_tables=target_has_tables,
-            schema_diff=diff, started=f.started))
+    plans = [_assess_database(name, f, source, target, blockers, notes) for f in databases]
+    new_slots = sum(1 for p in plans if not p.started)  # one per database not started yet
     for setting, free in (("max_replication_slots", source.free_slots),
                           ("max_wal_senders", source.free_senders)):
         if new_slots > free:
@@ -311,6 +258,63 @@ def assess(name: str, source: ClusterFacts, target: ClusterFacts,
                 dump_major=major_version(max(source.version_num, target.version_num)),
                 dump_bindir=dump_bindir,
                 databases=tuple(plans), blockers=tuple(blockers), notes=tuple(notes))
+
+
+def _assess_database(name: str, f: DatabaseFacts, source: ClusterFacts, target: ClusterFacts,
+                     blockers: list[Blocker], notes: list[str]) -> DatabasePlan:
+    """One database's part of `assess`: its plan; its blockers and notes added to those
+    given."""
+    db = f.database
+    no_identity = tuple(t.name for t in f.tables if _table_blocker(t))
+    unlogged = tuple(t.name for t in f.tables if t.kind == "r" and t.persistence == "u")
+    blockers += [Blocker(SOURCE, f"table {t} (database {db})",
+                         "has no primary key or replica identity: its UPDATEs and "
+                         "DELETEs cannot be replicated (add a primary key, or ALTER "
+                         "TABLE ... REPLICA IDENTITY FULL or USING INDEX)")
+                 for t in no_identity]
+    notes += [f"{db}: table {t} is UNLOGGED: logical replication does not carry its rows"
+              for t in unlogged]
+    missing_ext = tuple(e for e, _ in f.extensions if e not in target.available_extensions)
+    blockers += [Blocker(TARGET, f"extension {e}",
+                         f"is installed in database {db} on the source (version {v}) "
+                         "but not available on the target")
+                 for e, v in f.extensions if e in missing_ext]
+    missing_roles = tuple(r for r in f.roles if r not in target.roles)
+    blockers += [Blocker(TARGET, f"role {r}",
+                         f"owns or is granted objects in database {db} on the source but "
+                         "does not exist on the target (create it first; pg_dumpall "
+                         "--roles-only)")
+                 for r in missing_roles]
+    diff = tuple(schema.diff(f.source_schema, f.target_schema))
+    target_has_tables = f.target_schema.count("table") > 0
+    if target_has_tables and diff and not f.started:
+        blockers.append(Blocker(TARGET, f"database {db}",
+                                f"already has tables and its schema differs from the "
+                                f"source's ({len(diff)} differences, first: {diff[0]})"))
+    if not f.started:
+        slot = slot_name_for(name, db)
+        if slot in source.slots:
+            blockers.append(Blocker(SOURCE, f"replication slot {slot}",
+                                    "already exists (left by an earlier run?): drop it "
+                                    "with pg_drop_replication_slot() or use another "
+                                    "name"))
+    if f.publication_all_tables is False:
+        blockers.append(Blocker(SOURCE, f"publication {name} (database {db})",
+                                "exists but is not FOR ALL TABLES"))
+    if f.sequences:
+        notes.append(f"{db}: {len(f.sequences)} sequences are not replicated: "
+                     "sync_sequences() at the cutover moves the target's past the "
+                     "source's")
+    if f.large_objects:
+        notes.append(f"{db}: {f.large_objects} large objects are not replicated")
+    return DatabasePlan(
+        database=db, tables=tuple(t.name for t in f.tables),
+        tables_without_identity=no_identity, unlogged_tables=unlogged,
+        sequences=f.sequences, source_extensions=tuple(e for e, _ in f.extensions),
+        missing_extensions=missing_ext, missing_roles=missing_roles,
+        table_bytes=sum(t.bytes for t in f.tables),
+        target_exists=db in target.databases, target_has_tables=target_has_tables,
+        schema_diff=diff, started=f.started)
 
 
 async def _cluster_facts(conn: asyncpg.Connection) -> ClusterFacts:
