@@ -94,7 +94,7 @@ class Proxy:
         self.metrics.server_counts = self.pools.counts
         self.metrics.prepared_counts = self.pools.prepared_counts
         self.metrics.prepared_evictions = lambda: self.pools.evictions.count
-        self.migration_watches: dict[str, object] = {}  # target cluster -> ops.migrate.status.Watch
+        self.migration_watches: dict[str, object] = {}  # target cluster -> ops.migrate.watch.Watch
         self._migration_locks: dict[str, asyncio.Lock] = {}
 
     # --- configuration ---------------------------------------------------------------------
@@ -623,7 +623,8 @@ class Proxy:
     async def admin_migrate_status(self, target: str) -> dict:
         """Per table the copy state, the lag, rates and ETA (from the round before, when
         watched), and the schema drift, asked now."""
-        from ops.migrate.status import drift as schema_drift, status as migration_status
+        from ops.migrate.status import status as migration_status
+        from ops.migrate.watch import drift as schema_drift
 
         m = await self._migration(target)
         watch = self.migration_watches.get(target)
@@ -657,7 +658,7 @@ class Proxy:
         return {**self._migration_head(m), "verify": report.to_dict(), "text": report.render()}
 
     def _watch_migration(self, m: dict):
-        from ops.migrate.status import Watch
+        from ops.migrate.watch import Watch
 
         old = self.migration_watches.get(m["target"])
         if old is not None and old.source == m["src"] and old.name == m["name"] and old.running:

@@ -26,7 +26,8 @@ programs) and the object. The modules follow the migration's phases:
 - plan: facts from both sides and the plan with its blockers (`plan`, pure `assess`);
 - programs: pg_dump and psql of a given major version, found and run;
 - copy: `start`, the schema copy, the publication and the subscription;
-- status: `status`, `drift` and the `Watch` that checks both every few seconds;
+- status: `status`, where the copy is and how far behind the subscriber is;
+- watch: `drift` and the `Watch` that checks both every few seconds;
 - verify: chunked checksums of every table on both sides;
 - handover: what the cutover runs while clients wait (`sync_sequences`,
   `logical_catch_up`, `prepare_cutover`);

@@ -3,7 +3,7 @@
 Owns: `start` (per database: create it on the target, copy the schema with the newer
 major version's pg_dump and psql, CREATE PUBLICATION on the source, CREATE SUBSCRIPTION
 on the target) and its `StartReport`.
-Must not know: how the copy is followed afterwards (status.py) or ended (handover.py).
+Must not know: how the copy is followed afterwards (status.py, watch.py) or ended (finish.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Owns: the facts `plan` gathers from both sides (`ClusterFacts`, once per server;
 `DatabaseFacts` and `TableFacts`, per database), `assess`, the pure function from those
 facts to a `Plan` of `Blocker`s and notes, and `BlockedError`, `start`'s refusal.
 Must not know: how the schema is copied or the replication started (copy.py), how a
-started migration is watched (status.py).
+started migration is followed (status.py, watch.py).
 """
 
 from __future__ import annotations

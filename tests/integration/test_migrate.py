@@ -27,8 +27,9 @@ from ops.migrate.copy import StartReport, start
 from ops.migrate.finish import finish, reverse
 from ops.migrate.handover import logical_catch_up, sync_sequences
 from ops.migrate.plan import BlockedError, Plan, plan
-from ops.migrate.status import Status, drift, status
+from ops.migrate.status import Status, status
 from ops.migrate.verify import verify
+from ops.migrate.watch import drift
 from router.pg import Endpoint
 
 pytestmark = pytest.mark.timeout(300)

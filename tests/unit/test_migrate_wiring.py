@@ -24,11 +24,12 @@ from proxy.admin import Admin
 from proxy.app import Proxy
 from ops.cutover.machine import Cutover, CutoverSettings, Result
 from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState, build_report, report_lines
-from ops.migrate import status as migrate_status
+from ops.migrate import watch as migrate_watch
 from ops.migrate.control import MigrateError, publisher_conninfo
 from ops.migrate.plan import Blocker, BlockedError, Plan
-from ops.migrate.status import Status, SubscriptionStatus, TableCopy, Watch
+from ops.migrate.status import Status, SubscriptionStatus, TableCopy
 from ops.migrate.verify import RangeDiff, TableCheck, VerifyReport
+from ops.migrate.watch import Watch
 from router.pg import Endpoint
 
 # --- the preflight's verdict on a logical target -------------------------------------------------
@@ -331,8 +332,8 @@ async def test_the_watch_logs_drift_when_it_appears_and_when_it_goes(monkeypatch
             raise answer
         return answer
 
-    monkeypatch.setattr(migrate_status, "status", fake_status)
-    monkeypatch.setattr(migrate_status, "drift", fake_drift)
+    monkeypatch.setattr(migrate_watch, "status", fake_status)
+    monkeypatch.setattr(migrate_watch, "drift", fake_drift)
     updates: list[tuple[list[str], str | None]] = []
     ep = Endpoint("h", 1)
     watch = Watch(ep, ep, name="pgsplit_next", databases=["app"], interval=0.01, label="main -> next",
@@ -366,8 +367,8 @@ async def test_the_watch_runs_until_stopped(monkeypatch) -> None:
     async def fake_drift(*a: Any, **kw: Any) -> list[str]:
         return []
 
-    monkeypatch.setattr(migrate_status, "status", fake_status)
-    monkeypatch.setattr(migrate_status, "drift", fake_drift)
+    monkeypatch.setattr(migrate_watch, "status", fake_status)
+    monkeypatch.setattr(migrate_watch, "drift", fake_drift)
     ep = Endpoint("h", 1)
     watch = Watch(ep, ep, name="n", databases=["app"], interval=0.005).start()
     for _ in range(200):
