@@ -45,7 +45,6 @@ promotion and the swap after it, so at no moment are there two writable primarie
 the proxy: while the target is promoted and the source fenced, every unit is held.
 """
 
-
 from __future__ import annotations
 
 import asyncio
