@@ -26,8 +26,7 @@ from proxy.dataplane import DataPlane
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
 from proxy.pool import Pool, Pools
-from proxy.process import wiring
-from proxy.process.wiring import backend_specs
+from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
 from proxy.session import ClientSession, State
 from router.classify import Classifier
 from router.lsn import CommitLsnFetcher
@@ -45,7 +44,7 @@ class Proxy:
         self.config = config
         self.config_path = config_path  # what SIGHUP and POST /v1/reload read again
         self.metrics = metrics or Metrics()
-        settings = wiring.runtime_settings(config)
+        settings = runtime_settings(config)
         self.verifiers = Verifiers(settings.passwords)
         self.classifier = Classifier(config.routing.classify_cache_size)
         self.commands = Commands(self)
@@ -64,7 +63,7 @@ class Proxy:
         self.by_key: dict[tuple[int, bytes], ClientSession] = {}
         self.listener = Listener(self)
         self.dataplane = DataPlane(self)
-        self.ssl_context = wiring.ssl_context(config)
+        self.ssl_context = ssl_context(config)
         self.admin_ops = AdminOps(self)
         self.admin: Admin | None = None  # the HTTP server, from start() on
         self._tasks: set[asyncio.Task] = set()
@@ -339,7 +338,7 @@ class Proxy:
         restart changes): the config and the settings built from it are swapped together,
         nothing awaited in between; then a changed backend set or monitor account is polled
         with a new topology generation. Returns the generation in force."""
-        old, new = wiring.runtime_settings(self.config), wiring.runtime_settings(config)
+        old, new = runtime_settings(self.config), runtime_settings(config)
         verifiers = Verifiers(new.passwords) if new.passwords != old.passwords else self.verifiers
         self.config, self.verifiers = config, verifiers
         if new.passwords != old.passwords:
