@@ -75,7 +75,8 @@ class AdminOps:
         return self.process.metrics.exposition()
 
     def health(self) -> dict:
-        """"ok" with a writable primary, "degraded" with only replicas up, else "down"."""
+        """The health check: "ok" with a writable primary, "degraded" with only replicas up,
+        else "down"."""
         topo = self.process.topology.current
         writable = topo.primary_writable
         readable = writable or any(r.up for r in topo.replicas)
