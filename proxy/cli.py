@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -181,23 +182,38 @@ def admin_url(args: argparse.Namespace) -> str:
     return DEFAULT_ADMIN
 
 
-def http_json(url: str, *, method: str = "GET", body: dict | None = None, token: str | None = None,
-              timeout: float = 10.0) -> dict:
+@contextlib.contextmanager
+def admin_request(url: str, *, method: str = "GET", body: dict | None = None, query: dict | None = None,
+                  token: str | None = None, timeout: float = 10.0, on_error=None):
+    """The admin API's answer to one request, to read inside the `with`. An error answer
+    or an API out of reach ends the command (SystemExit naming `url` and the API's error);
+    `on_error` sees the error's JSON body first."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    full = f"{url}?{urllib.parse.urlencode(query)}" if query else url
+    req = urllib.request.Request(full, data=data, method=method, headers={"Content-Type": "application/json"})
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            yield resp
     except urllib.error.HTTPError as exc:
         try:
-            detail = json.loads(exc.read()).get("error", "")
+            detail = json.loads(exc.read())
         except ValueError:
-            detail = ""
-        raise SystemExit(f"{url}: HTTP {exc.code} {detail}".rstrip())
+            detail = {}
+        if not isinstance(detail, dict):
+            detail = {}
+        if on_error is not None and detail:
+            on_error(detail)
+        raise SystemExit(f"{url}: HTTP {exc.code} {detail.get('error', '')}".rstrip())
     except urllib.error.URLError as exc:
         raise SystemExit(f"cannot reach the pgsplit admin API at {url}: {exc.reason}")
+
+
+def http_json(url: str, *, method: str = "GET", body: dict | None = None, token: str | None = None,
+              timeout: float = 10.0) -> dict:
+    with admin_request(url, method=method, body=body, token=token, timeout=timeout) as resp:
+        return json.loads(resp.read())
 
 
 def _fmt(value, unit: str = "") -> str:
@@ -300,31 +316,18 @@ def cmd_cutover(args: argparse.Namespace) -> int:
         body["timeout_s"] = args.timeout
     if args.reverse:
         body["reverse"] = True
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
     summary = None
-    try:
-        with urllib.request.urlopen(req, timeout=3600) as resp:
-            for line in resp:  # one event per line, printed as it arrives
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                if args.json:
-                    print(json.dumps(event), flush=True)
-                else:
-                    print(format_event(event), flush=True)
-                if event.get("event") == "summary":
-                    summary = event
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("error", "")
-        except ValueError:
-            detail = ""
-        raise SystemExit(f"{url}: HTTP {exc.code} {detail}".rstrip())
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"cannot reach the pgsplit admin API at {url}: {exc.reason}")
+    with admin_request(url, method="POST", body=body, token=token, timeout=3600) as resp:
+        for line in resp:  # one event per line, printed as it arrives
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                print(format_event(event), flush=True)
+            if event.get("event") == "summary":
+                summary = event
     if summary is None:
         print("the proxy ended the stream without a summary", file=sys.stderr)
         return 1
@@ -453,29 +456,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             body["tables"] = args.table
         if args.chunk_rows:
             body["chunk_rows"] = args.chunk_rows
-    if args.action == "status":
-        req = urllib.request.Request(f"{base}?{urllib.parse.urlencode(body)}", method="GET")
-    else:
-        req = urllib.request.Request(base, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        token = _admin_token(args)
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            result = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read())
-        except ValueError:
-            detail = {}
-        if args.json and detail:
+    def show_error(detail: dict) -> None:
+        if args.json:
             print(json.dumps(detail, indent=2))
         elif detail.get("text"):  # a start refused by the plan's blockers
             print(detail["text"])
-        raise SystemExit(f"{base}: HTTP {exc.code} {detail.get('error', '')}".rstrip())
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"cannot reach the pgsplit admin API at {base}: {exc.reason}")
+
+    if args.action == "status":
+        request = admin_request(base, query=body, timeout=args.timeout, on_error=show_error)
+    else:
+        request = admin_request(base, method="POST", body=body, token=_admin_token(args), timeout=args.timeout,
+                                on_error=show_error)
+    with request as resp:
+        result = json.loads(resp.read())
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.action == "plan":
