@@ -168,9 +168,6 @@ class Metrics:
         self.server_connects = Counter(
             "pgsplit_server_connects", "Server connection attempts by backend and result", ["backend", "result"], registry=r,
         )
-        self.client_disconnects = Counter(
-            "pgsplit_client_disconnects", "Client connections ended, by reason", ["reason"], registry=r,
-        )
         self.migration_lag_bytes = Gauge(
             "pgsplit_migration_lag_bytes",
             "Source WAL not yet applied by a watched online migration's subscription (the largest, if several)",

@@ -4,19 +4,20 @@ Owns: the config in force, the SCRAM verifiers, the classifier, the topology hol
 its monitor, the pools, the per-backend load counters the policy balances on, the live
 sessions and their cancel keys, the read-your-writes token fetcher, and the background
 tasks. Sessions reach shared state only through this object (no globals), so a test can
-run several proxies in one process.
+run several proxies in one process. Its parts are built from the config by
+proxy.process.wiring; the admin operations that drive it live in proxy.admin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import ssl
 import time
 
 from metrics import Metrics
 from proxy import wire
+from proxy.admin.http import Admin
+from proxy.admin.operations import AdminOps
 from proxy.auth import Verifiers
 from proxy.backend import UNKNOWN_SETTINGS, ServerConnection
 from proxy.commands import Commands
@@ -24,11 +25,12 @@ from proxy.config import Config
 from proxy.dataplane import DataPlane
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
-from proxy.pool import Pool, Pools, PoolSettings
+from proxy.pool import Pool, Pools
+from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
 from proxy.session import ClientSession, State
 from router.classify import Classifier
 from router.lsn import CommitLsnFetcher
-from router.monitor import BackendSpec, Monitor, MonitorSettings, PollError, initial_topology
+from router.monitor import Monitor, PollError, initial_topology
 from router.policy import Decision, UnitFacts, startup_backend
 from router.topology import BackendState, Role, TopologyHolder
 
@@ -37,43 +39,20 @@ log = logging.getLogger("pgsplit")
 WARM_UP_LOGINS = 4  # a cutover's warm-up opens this many server connections at a time (live traffic goes on)
 
 
-def backend_specs(config: Config, cluster_name: str) -> list[BackendSpec]:
-    cluster = config.clusters[cluster_name]
-    specs = []
-    for name in cluster.members:
-        b = config.backends[name]
-        specs.append(BackendSpec(
-            name=name, host=b.host, port=b.port,
-            role=Role.PRIMARY if name == cluster.primary else Role.REPLICA,
-            weight=b.weight,
-            max_lag_bytes=b.max_lag_bytes if b.max_lag_bytes is not None else config.routing.max_lag_bytes,
-            max_lag_seconds=b.max_lag_seconds if b.max_lag_seconds is not None else config.routing.max_lag_seconds,
-        ))
-    return specs
-
-
-def monitor_settings(config: Config) -> MonitorSettings:
-    r = config.routing
-    return MonitorSettings(
-        user=config.monitor.user, password=config.monitor.secret(), dbname=config.monitor.dbname,
-        interval_s=r.monitor_interval_ms / 1000, timeout_s=r.monitor_timeout_ms / 1000,
-        catalog_refresh_s=r.catalog_refresh_s,
-    )
-
-
 class Proxy:
     def __init__(self, config: Config, *, metrics: Metrics | None = None, config_path: str | None = None):
         self.config = config
         self.config_path = config_path  # what SIGHUP and POST /v1/reload read again
         self.metrics = metrics or Metrics()
-        self.verifiers = Verifiers({u.name: u.secret() for u in config.users})
+        settings = runtime_settings(config)
+        self.verifiers = Verifiers(settings.passwords)
         self.classifier = Classifier(config.routing.classify_cache_size)
         self.commands = Commands(self)
         self.session_pooling = config.pool.mode == "session"
-        self.pools = Pools(self._pool_settings(config), self._passwords(config), on_connect=self._connected)
-        specs = backend_specs(config, config.active)
+        self.pools = Pools(settings.pool, settings.passwords, on_connect=self._connected)
+        specs = list(settings.backends)
         self.topology = TopologyHolder(initial_topology(config.active, specs))
-        self.monitor = Monitor(self.topology, specs, monitor_settings(config), self.metrics,
+        self.monitor = Monitor(self.topology, specs, settings.monitor, self.metrics,
                                on_volatile_functions=self.classifier.set_volatile_functions)
         self._catalog_databases: set[str] = set()  # databases whose catalog was read
         self.monitor.databases = lambda: self._catalog_databases
@@ -84,8 +63,9 @@ class Proxy:
         self.by_key: dict[tuple[int, bytes], ClientSession] = {}
         self.listener = Listener(self)
         self.dataplane = DataPlane(self)
-        self.ssl_context = self._ssl_context(config)
-        self.admin = None
+        self.ssl_context = ssl_context(config)
+        self.admin_ops = AdminOps(self)
+        self.admin: Admin | None = None  # the HTTP server, from start() on
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._down_watch: asyncio.Task | None = None
@@ -94,40 +74,13 @@ class Proxy:
         self.metrics.server_counts = self.pools.counts
         self.metrics.prepared_counts = self.pools.prepared_counts
         self.metrics.prepared_evictions = lambda: self.pools.evictions.count
-        self.migration_watches: dict[str, object] = {}  # target cluster -> ops.migrate.watch.Watch
-        self._migration_locks: dict[str, asyncio.Lock] = {}
-
-    # --- configuration ---------------------------------------------------------------------
-
-    @staticmethod
-    def _pool_settings(config: Config) -> PoolSettings:
-        p = config.pool
-        return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
-                            idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s,
-                            keepalive_idle_s=p.keepalive_idle_s, keepalive_interval_s=p.keepalive_interval_s,
-                            keepalive_count=p.keepalive_count, tcp_user_timeout_s=p.tcp_user_timeout_s,
-                            max_prepared_statements=p.max_prepared_statements)
-
-    @staticmethod
-    def _passwords(config: Config) -> dict[str, str]:
-        return {u.name: u.secret() for u in config.users}
-
-    @staticmethod
-    def _ssl_context(config: Config) -> ssl.SSLContext | None:
-        if not config.listen.tls_enabled:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(config.listen.tls_cert), str(config.listen.tls_key))
-        return ctx
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.monitor.start()
         await self.listener.start(self.config.listen.host, self.config.listen.port)
-        from proxy.admin import Admin  # aiohttp is only needed once the proxy runs
-
-        self.admin = Admin(self)
+        self.admin = Admin(self.admin_ops)
         await self.admin.start(self.config.admin.host, self.config.admin.port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._down_watch = asyncio.get_running_loop().create_task(self._cut_units_on_down_backends())
@@ -148,8 +101,7 @@ class Proxy:
             self._down_watch.cancel()
         if self.admin is not None:
             await self.admin.stop()
-        for watch in list(self.migration_watches.values()):
-            await watch.stop()
+        await self.admin_ops.stop()
         await self.monitor.stop()
         await self.lsn_fetcher.aclose()
         self.pools.close()
@@ -253,10 +205,6 @@ class Proxy:
 
     def pool_for(self, backend: BackendState, user: str, database: str) -> Pool:
         return self.pools.get(backend.name, backend.host, backend.port, user, database)
-
-    @staticmethod
-    def pool_of(server: ServerConnection) -> Pool:
-        return server.pool
 
     def _connected(self, backend: str, error: Exception | None) -> None:
         self.metrics.server_connects.labels(backend=backend, result="ok" if error is None else "error").inc()
@@ -383,69 +331,25 @@ class Proxy:
         self.metrics.units.consistency[outcome] += 1
         return decision
 
-    # --- cutover and pause (the admin API's POST /v1/cutover, /v1/pause, /v1/resume) ----------
+    # --- what the admin operations ask of the process (proxy.admin.operations) --------------------
 
-    _admin_op: str | None = None  # "cutover" or "pause" while one is in progress: one at a time
+    async def reconfigure(self, config: Config) -> int:
+        """Put a reloaded config in force (proxy.admin.reload checked it and kept what only a
+        restart changes): the config and the settings built from it are swapped together,
+        nothing awaited in between; then a changed backend set or monitor account is polled
+        with a new topology generation. Returns the generation in force."""
+        old, new = runtime_settings(self.config), runtime_settings(config)
+        verifiers = Verifiers(new.passwords) if new.passwords != old.passwords else self.verifiers
+        self.config, self.verifiers = config, verifiers
+        if new.passwords != old.passwords:
+            self.pools.update_passwords(new.passwords)
+        if new.pool != old.pool:
+            self.pools.update_settings(new.pool)
+        if new.backends != old.backends or new.monitor != old.monitor:
+            await self.monitor.retarget(config.active, new.backends, settings=new.monitor)
+        return self.topology.current.generation
 
-    def start_cutover(self, target: str, dry_run: bool = False, timeout_s: float | None = None,
-                      on_event=None, reverse: bool = False) -> asyncio.Task:
-        """Check the request now (ValueError: bad arguments; CutoverBusy: a cutover or a pause
-        is in progress) and run ops.cutover in a task of its own, so an admin client that
-        hangs up does not cancel a cutover halfway. The task's result is the summary event.
-        `reverse`: a logical target (an online migration's) replicates back to the source
-        afterwards, so a later cutover back loses nothing written in between."""
-        from ops.cutover.logical import LogicalControl, LogicalOptions
-        from ops.cutover.machine import Cutover, CutoverBusy, CutoverSettings
-
-        if not isinstance(target, str) or target not in self.config.clusters:
-            raise ValueError(f"{target!r} is not a cluster (known: {', '.join(sorted(self.config.clusters))})")
-        if target == self.config.active:
-            raise ValueError(f"cluster {target!r} is already the active one")
-        if not isinstance(dry_run, bool):
-            raise ValueError("dry_run must be true or false")
-        if not isinstance(reverse, bool):
-            raise ValueError("reverse must be true or false")
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                      or timeout_s <= 0):
-            raise ValueError("timeout_s must be a number of seconds > 0")
-        if self._admin_op == "cutover" or (self._admin_op is not None and not dry_run):
-            raise CutoverBusy(f"a {self._admin_op} is in progress" + (
-                "; POST /v1/resume first" if self._admin_op == "pause" else ""))
-        source = self.config.active
-        specs = backend_specs(self.config, target)
-        c = self.config.cutover
-        settings = CutoverSettings(
-            pause_timeout_s=c.pause_timeout_s, catchup_timeout_s=c.catchup_timeout_s,
-            cancel_idle_in_transaction=c.idle_in_transaction == "cancel", max_lag_bytes=specs[0].max_lag_bytes,
-            timeout_s=timeout_s, dry_run=dry_run)
-        logical = LogicalOptions(reverse=reverse, reverse_name=self.migration_name(source),
-                                 reverse_conninfo=self._publisher_conninfo(target))
-        control = LogicalControl(backend_specs(self.config, source)[0], specs[0], specs[1:],
-                                 self._control_endpoint(source), logical)
-        cutover = Cutover(source, target, self.dataplane, control, settings, on_event,
-                          warm_up=lambda: self._warm_up(target))
-        if not dry_run:
-            self._admin_op = "cutover"
-        return self.spawn(self._run_cutover(cutover))
-
-    async def _run_cutover(self, cutover) -> dict:
-        try:
-            result = await cutover.run()
-        finally:
-            if not cutover.settings.dry_run:
-                self._admin_op = None
-                if self.config.active != cutover.target:  # warmed-up pools of a target not taken
-                    self.pools.retire_backends({s.name for s in backend_specs(self.config, self.config.active)})
-                    await self.monitor.unstage()
-        if not cutover.settings.dry_run:
-            self.metrics.cutovers.labels(result=result.result.value).inc()
-        if result.pause_seconds is not None:
-            self.metrics.cutover_pause_seconds.observe(result.pause_seconds)
-        if self.config.active == cutover.target:
-            await self._migration_cut_over(cutover.source, cutover.target, cutover.control)
-        return result.to_dict()
-
-    async def _warm_up(self, target: str) -> dict:
+    async def warm_up(self, target: str) -> dict:
         """Before the pause, open as many server connections to the target cluster per
         (user, database) as the active one has now: sessions of a hot standby survive its
         promotion and take writes after it, so held units find connections ready instead
@@ -492,211 +396,11 @@ class Proxy:
         return {"server_connections": sum(opened), "pools": len(want),
                 "monitor_logins": staged if isinstance(staged, int) else 0}
 
-    async def admin_cutover(self, target: str, dry_run: bool = False, timeout_s: float | None = None,
-                            on_event=None) -> dict:
-        """Run a cutover to cluster `target` and return its summary (see start_cutover)."""
-        return await asyncio.shield(self.start_cutover(target, dry_run, timeout_s, on_event))
-
-    async def admin_reload(self) -> dict:
-        """POST /v1/reload: read the config file again (see proxy.reload)."""
-        from proxy.reload import reload_file
-
-        return await reload_file(self)
-
-    async def admin_pause(self, timeout_s: float | None = None) -> dict:
-        """Hold new units and wait for those in flight (and open transactions) to finish;
-        on timeout, undo the pause and fail (ValueError)."""
-        from ops.cutover.machine import CutoverBusy
-
-        if self._admin_op is not None:
-            raise CutoverBusy(f"a {self._admin_op} is in progress")
-        self._admin_op = "pause"
-        self.dataplane.hold()
-        try:
-            drained = await self.dataplane.drain(timeout_s or self.config.cutover.pause_timeout_s)
-        except BaseException as exc:
-            self.dataplane.release()
-            self._admin_op = None
-            if isinstance(exc, TimeoutError):
-                raise ValueError(f"not paused: {exc}") from exc
-            raise
-        log.info("traffic paused by the admin API (drained in %.1f ms)", drained.seconds * 1000)
-        return {"paused": True, "drain_seconds": round(drained.seconds, 4),
-                "waited_for_units": drained.waited_for_units}
-
-    async def admin_resume(self) -> dict:
-        """Release the units held since POST /v1/pause."""
-        from ops.cutover.machine import CutoverBusy
-
-        if self._admin_op == "cutover":
-            raise CutoverBusy("a cutover is in progress; it resumes traffic itself")
-        if self._admin_op != "pause":
-            raise ValueError("traffic is not paused")
-        paused = self.dataplane.release()
-        self._admin_op = None
-        log.info("traffic resumed by the admin API after %.3f s (%d units held)", paused, self.dataplane.held_units)
-        return {"resumed": True, "pause_seconds": round(paused, 4), "units_held": self.dataplane.held_units}
-
-    # --- online migration (pgsplit migrate; /v1/migrate/*) ------------------------------------
-    #
-    # A migration goes from the active cluster's primary to the primary of cluster `target`
-    # (ops.migrate, over the [monitor] account); its publication, subscription and slots
-    # are named after the target (`migration_name`). A started one is watched: lag, copy
-    # states and schema drift every `migration.watch_interval_s`, into the metrics.
-
-    @staticmethod
-    def migration_name(target: str) -> str:
-        """The publication/subscription of a migration to cluster `target`: a migration to
-        "next" is "pgsplit_next"; the reverse of a cutover main -> next is a migration to
-        "main", "pgsplit_main", so a cutover back finds it by that name."""
-        return "pgsplit_" + re.sub(r"[^a-z0-9_]", "_", target.lower())
-
-    def _control_endpoint(self, cluster: str):
-        from router.pg import Endpoint
-
-        spec = backend_specs(self.config, cluster)[0]
-        m = self.config.monitor
-        return Endpoint(spec.host, spec.port, m.user, m.secret(), m.dbname, self.config.pool.connect_timeout_s)
-
-    def _publisher_conninfo(self, cluster: str) -> str | None:
-        """How the other side's subscription reaches `cluster`'s primary, from
-        [migration.conninfo] (None: as the proxy reaches it)."""
-        from ops.migrate.control import publisher_conninfo
-
-        fragment = self.config.migration.conninfo.get(cluster)
-        if fragment is None:
-            return None
-        return publisher_conninfo(fragment, self.config.monitor.user, self.config.monitor.secret())
-
-    async def _migration(self, target: str) -> dict:
-        """The migration to `target` as the config says it: ValueError for a bad name."""
-        from ops.migrate.control import MigrateError, databases_of
-
-        if not isinstance(target, str) or target not in self.config.clusters:
-            raise ValueError(f"{target!r} is not a cluster (known: {', '.join(sorted(self.config.clusters))})")
-        source = self.config.active
-        if target == source:
-            raise ValueError(f"cluster {target!r} is the active one: a migration goes from it, not to it")
-        src = self._control_endpoint(source)
-        dbs = list(self.config.migration.databases) or await databases_of(src)
-        if not dbs:
-            raise MigrateError("source", f"cluster {source}",
-                               "has no database to migrate (set migration.databases)")
-        return {"source": source, "target": target, "name": self.migration_name(target), "databases": dbs,
-                "src": src, "tgt": self._control_endpoint(target)}
-
-    @staticmethod
-    def _migration_head(m: dict) -> dict:
-        return {k: m[k] for k in ("source", "target", "name", "databases")}
-
-    async def admin_migrate_plan(self, target: str) -> dict:
-        """What `start` would do and what blocks it (ops.migrate.plan)."""
-        from ops.migrate.plan import plan as plan_migration
-
-        m = await self._migration(target)
-        plan = await plan_migration(m["src"], m["tgt"], name=m["name"], databases=m["databases"])
-        return {**self._migration_head(m), "plan": plan.to_dict(), "text": plan.render()}
-
-    async def admin_migrate_start(self, target: str) -> dict:
-        """Copy the schema, start the publication and subscription (ops.migrate.copy.start;
-        refused with the plan's blockers), then watch it. Idempotent: a migration that
-        runs already is kept, and watched from now on."""
-        from ops.migrate.control import MigrateError
-        from ops.migrate.copy import start
-
-        m = await self._migration(target)
-        lock = self._migration_locks.setdefault(target, asyncio.Lock())
-        async with lock:
-            report = await start(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
-                                 source_conninfo=self._publisher_conninfo(m["source"]))
-            log.info("migration %s -> %s started (%s): %s", m["source"], target, m["name"],
-                     "; ".join(report.created) or "everything existed already")
-            watch = self._watch_migration(m)
-        try:
-            st, drift = await watch.check()
-            first = {"status": st.to_dict(), "drift": drift}
-        except MigrateError as exc:
-            first = {"error": str(exc)}
-        return {**self._migration_head(m), "start": report.to_dict(), **first,
-                "watch_interval_s": watch.interval}
-
-    async def admin_migrate_status(self, target: str) -> dict:
-        """Per table the copy state, the lag, rates and ETA (from the round before, when
-        watched), and the schema drift, asked now."""
-        from ops.migrate.status import status as migration_status
-        from ops.migrate.watch import drift as schema_drift
-
-        m = await self._migration(target)
-        watch = self.migration_watches.get(target)
-        if watch is not None and watch.source == m["src"] and watch.name == m["name"]:
-            st, drift = await watch.check()
-        else:
-            st, drift = await asyncio.gather(
-                migration_status(m["src"], m["tgt"], name=m["name"], databases=m["databases"]),
-                schema_drift(m["src"], m["tgt"], databases=m["databases"]))
-            watch = None
-        return {**self._migration_head(m), "status": st.to_dict(), "text": st.render(), "drift": drift,
-                "watching": watch is not None, "watch_interval_s": self.config.migration.watch_interval_s}
-
-    async def admin_migrate_verify(self, target: str, tables: list[str] | None = None,
-                                   chunk_rows: int | None = None) -> dict:
-        """Row counts and chunked checksums of every table on both sides
-        (ops.migrate.verify); the differing tables and key ranges by name."""
-        from ops.migrate.verify import verify
-
-        if tables is not None and (not isinstance(tables, list) or not all(isinstance(t, str) for t in tables)):
-            raise ValueError("tables must be a list of \"schema.table\" names")
-        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
-                                       or chunk_rows < 1):
-            raise ValueError("chunk_rows must be a whole number >= 1")
-        m = await self._migration(target)
-        report = await verify(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
-                              tables=tables, chunk_rows=chunk_rows or self.config.migration.verify_chunk_rows)
-        log.info("migration %s -> %s: verify %s in %.1f s%s", m["source"], target,
-                 "equal" if report.equal else "DIFFERENT", report.seconds,
-                 "".join(f"; {line}" for line in report.differences[:20]))
-        return {**self._migration_head(m), "verify": report.to_dict(), "text": report.render()}
-
-    def _watch_migration(self, m: dict):
-        from ops.migrate.watch import Watch
-
-        old = self.migration_watches.get(m["target"])
-        if old is not None and old.source == m["src"] and old.name == m["name"] and old.running:
-            return old
-        if old is not None:
-            self.spawn(old.stop())
-        watch = Watch(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
-                      interval=self.config.migration.watch_interval_s,
-                      label=f"{m['source']} -> {m['target']}", on_update=self._migration_metrics)
-        self.migration_watches[m["target"]] = watch.start()
-        return watch
-
-    def _migration_metrics(self, _watch=None) -> None:
-        """The metrics of every watched migration: the largest lag, tables per copy state,
-        drift if any has some."""
-        watches = list(self.migration_watches.values())
-        lag, states, drift = 0, {}, False
-        for w in watches:
-            if w.status is not None:
-                lag = max(lag, w.status.lag_bytes)
-                for state, n in w.status.state_counts().items():
-                    states[state] = states.get(state, 0) + n
-            drift = drift or bool(w.drift)
-        self.metrics.set_migration(lag, states, drift)
-
-    async def _migration_cut_over(self, source: str, target: str, control) -> None:
-        """After a cutover to `target`: its migration is over (no longer watched); with a
-        reverse replication, the migration back to `source` is watched instead."""
-        watch = self.migration_watches.pop(target, None)
-        if watch is not None:
-            await watch.stop()
-        if getattr(control, "kind", None) == "logical" and control.logical.reverse:
-            try:
-                m = await self._migration(source)
-                self._watch_migration(m)
-            except Exception as exc:  # noqa: BLE001  the cutover stands; status can still be asked
-                log.warning("watching the reverse migration %s -> %s failed: %s", target, source, exc)
-        self._migration_metrics()
+    async def drop_warm_up(self) -> None:
+        """A cutover that did not switch: close what its warm-up opened (the target's pools,
+        the monitor's staged logins)."""
+        self.pools.retire_backends({s.name for s in backend_specs(self.config, self.config.active)})
+        await self.monitor.unstage()
 
     # --- status --------------------------------------------------------------------------------
 

@@ -35,9 +35,6 @@ class Verifiers:
         # so that a client cannot tell unknown users from wrong passwords.
         self._decoy = _MECHANISM.make_auth_info(os.urandom(16).hex(), iteration_count=_ITERATIONS)
 
-    def known(self, user: str) -> bool:
-        return user in self._auth
-
     def _decoy_for(self, user: str) -> tuple:
         """An unknown user's verifier: its salt is the name's HMAC, so each name has its
         own, the same at every attempt and as long as a real one (a shared salt would

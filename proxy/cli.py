@@ -56,10 +56,10 @@ async def serve(config: Config, *, ready=None, config_path: str | None = None) -
 
 
 async def _reload(proxy) -> None:
-    from proxy.reload import ReloadRefused
+    from proxy.admin.reload import ReloadRefused
 
     try:
-        await proxy.admin_reload()
+        await proxy.admin_ops.reload()
     except ReloadRefused as exc:
         log.error("%s", exc)
 

@@ -24,6 +24,17 @@ class ProxyError(Exception):
     def severity(self) -> str:
         return "FATAL" if self.fatal else "ERROR"
 
+    def as_fatal(self) -> ProxyError:
+        """The same error, ending the connection (as every error before the first
+        ReadyForQuery does in PostgreSQL): itself when it does already, else a copy; the
+        error itself is left as it is (it may be shared)."""
+        if self.fatal:
+            return self
+        twin = type(self).__new__(type(self), *self.args)
+        twin.__dict__.update(self.__dict__)
+        twin.fatal = True
+        return twin
+
     def to_wire(self) -> bytes:
         return wire.error_response(
             self.sqlstate, self.message, severity=self.severity, detail=self.detail, hint=self.hint
@@ -65,6 +76,10 @@ class CannotConnectNow(ProxyError):
     sqlstate = "57P03"
 
 
+class QueryCanceled(ProxyError):
+    sqlstate = "57014"
+
+
 class ConnectionFailure(ProxyError):
     sqlstate = "08006"
 
@@ -94,22 +109,12 @@ class UndefinedObject(ProxyError):
     sqlstate = "42704"
 
 
-class SplitBrain(ProxyError):
-    """Two backends of the active set claim to be primary; writes are refused."""
-
-    sqlstate = "57P03"
-
-
 class RoutingError(ProxyError):
     """No backend can run the unit now (the policy said why)."""
 
     def __init__(self, sqlstate: str, message: str):
         super().__init__(message)
         self.sqlstate = sqlstate
-
-
-class ReadOnlyTransaction(ProxyError):
-    sqlstate = "25006"
 
 
 class ServerError(ProxyError):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from proxy import wire
 from proxy.auth import SCRAM
 from proxy.errors import (
-    FeatureNotSupported, InvalidAuthorization, ProtocolViolation, ProxyError, TooManyConnections,
+    FeatureNotSupported, InvalidAuthorization, ProtocolViolation, ProxyError, QueryCanceled, TooManyConnections,
 )
 from proxy.session import ClientSession
 
@@ -147,13 +147,11 @@ class Listener:
             async with asyncio.timeout(app.config.listen.startup_timeout_s):
                 await self._authenticate(session)
         except TimeoutError:
-            session.fail(_timeout_error())
+            session.fail(QueryCanceled("canceling authentication due to timeout").as_fatal())
         except EOFError:
             session.close("client disconnected during startup")
         except ProxyError as exc:
-            if not exc.fatal:
-                exc.fatal = True
-            session.fail(exc)
+            session.fail(exc.as_fatal())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # pragma: no cover - a bug must not take the listener down
@@ -244,12 +242,6 @@ class Listener:
         transport = await loop.start_tls(session.transport, session, self.app.ssl_context, server_side=True)
         session.transport = transport
         session.tls = True
-
-
-def _timeout_error() -> ProxyError:
-    err = ProtocolViolation("canceling authentication due to timeout")
-    err.sqlstate = "57014"
-    return err
 
 
 def new_cancel_key() -> tuple[int, bytes]:

@@ -989,12 +989,15 @@ class Monitor:
         return probes
 
     async def retarget(self, cluster_name: str, backends: Sequence[BackendSpec], *,
-                       generation: int | None = None) -> Topology:
+                       generation: int | None = None, settings: MonitorSettings | None = None) -> Topology:
         """Switch to another backend set: poll it once, install its first snapshot with
-        generation + 1 (or `generation`) in one assignment, and poll it from then on."""
+        generation + 1 (or `generation`) in one assignment, and poll it from then on
+        (logged in with `settings`, when given: a reloaded [monitor] or [routing])."""
         specs = list(backends)
         initial_topology(cluster_name, specs)  # validates before anything changes
         async with self._round_lock:
+            if settings is not None:
+                self.settings = settings
             old_probes, old_specs = self._probes, self._specs
             self._epoch += 1
             self._cluster, self._specs = cluster_name, specs

@@ -355,7 +355,7 @@ async def test_prepared_statements_and_settings_survive(clusters: list[Cluster])
         assert await insert.fetchval(1) == c.primary.port
         assert await count.fetchval(0) == 1
 
-        result = await asyncio.to_thread(proxy.call, lambda: proxy.proxy.admin_cutover("hop1"), timeout=60)
+        result = await post_cutover(proxy.admin_url, {"target": "hop1"})
         assert result["result"] == "success", result
 
         assert not conn.is_closed()

@@ -521,12 +521,12 @@ async def test_across_a_40ms_relay() -> None:
         assert max(lag_s) < 1.0
 
         # 2. a migration to a target in the other region, then the cutover, under load
-        started = await asyncio.to_thread(proxy.call, lambda: proxy.proxy.admin_migrate_start("next"), timeout=120)
+        started = await asyncio.to_thread(proxy.call, lambda: proxy.proxy.admin_ops.migrate_start("next"), timeout=120)
         assert started["start"]["created"], started
         t0 = time.monotonic()
 
         async def ready() -> bool:
-            st = await asyncio.to_thread(proxy.call, lambda: proxy.proxy.admin_migrate_status("next"), timeout=30)
+            st = await asyncio.to_thread(proxy.call, lambda: proxy.proxy.admin_ops.migrate_status("next"), timeout=30)
             return st["status"]["ready"]
 
         await async_wait_until(ready, timeout=120, interval=0.5, message="the far target's initial copy")

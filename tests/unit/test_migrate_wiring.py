@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from metrics import Metrics
 from proxy import cli
-from proxy.admin import Admin
-from proxy.app import Proxy
+from proxy.admin.http import Admin
+from proxy.process.wiring import migration_name
 from ops.cutover.machine import Cutover, CutoverSettings, Result
 from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState, build_report, report_lines
 from ops.migrate import watch as migrate_watch
@@ -218,7 +218,7 @@ async def test_a_failed_logical_catch_up_rolls_back_before_the_swap() -> None:
 @pytest.mark.parametrize(("target", "name"), [("next", "pgsplit_next"), ("Region-2.b", "pgsplit_region_2_b"),
                                               ("main", "pgsplit_main")])
 def test_migration_names(target: str, name: str) -> None:
-    assert Proxy.migration_name(target) == name
+    assert migration_name(target) == name
 
 
 def test_publisher_conninfo_adds_the_account_and_the_database_placeholder() -> None:
@@ -384,13 +384,17 @@ async def test_the_watch_runs_until_stopped(monkeypatch) -> None:
 # --- the admin API's migrate routes ----------------------------------------------------------------
 
 
-class FakeProxy:
+class FakeOps:
+    """The migrate operations of proxy.admin.operations.AdminOps, answering from a script."""
+
     def __init__(self, token: str | None = None):
-        self.config = SimpleNamespace(admin=SimpleNamespace(secret=lambda: token))
-        self.metrics = Metrics()
+        self.token = token
         self.calls: list[tuple[str, dict]] = []
 
-    async def admin_migrate_plan(self, target: str) -> dict:
+    def admin_token(self) -> str | None:
+        return self.token
+
+    async def migrate_plan(self, target: str) -> dict:
         self.calls.append(("plan", {"target": target}))
         if target == "blocked":
             plan = Plan("pgsplit_x", "15", "18", 15, 18, "replica", 18, None, (),
@@ -402,24 +406,28 @@ class FakeProxy:
             raise ValueError("'nope' is not a cluster")
         return {"plan": {"ok": True}}
 
-    async def admin_migrate_status(self, target: str) -> dict:
+    async def migrate_start(self, target: str) -> dict:
+        self.calls.append(("start", {"target": target}))
+        return {"start": {}}
+
+    async def migrate_status(self, target: str) -> dict:
         self.calls.append(("status", {"target": target}))
         return {"status": {}}
 
-    async def admin_migrate_verify(self, target: str, tables: list[str] | None = None,
+    async def migrate_verify(self, target: str, tables: list[str] | None = None,
                                    chunk_rows: int | None = None) -> dict:
         self.calls.append(("verify", {"target": target, "tables": tables, "chunk_rows": chunk_rows}))
         return {"verify": {}}
 
 
-async def _client(proxy: FakeProxy) -> TestClient:
+async def _client(proxy: FakeOps) -> TestClient:
     client = TestClient(TestServer(Admin(proxy).app))
     await client.start_server()
     return client
 
 
 async def test_the_migrate_routes_answer_and_name_what_failed() -> None:
-    proxy = FakeProxy()
+    proxy = FakeOps()
     client = await _client(proxy)
     try:
         resp = await client.post("/v1/migrate/plan", json={"target": "next"})
@@ -444,13 +452,13 @@ async def test_the_migrate_routes_answer_and_name_what_failed() -> None:
         resp = await client.get("/v1/migrate/status")
         assert resp.status == 400
         resp = await client.post("/v1/migrate/start", json={"target": "next"})
-        assert resp.status == 501  # this fake has no admin_migrate_start
+        assert resp.status == 200 and proxy.calls[-1] == ("start", {"target": "next"})
     finally:
         await client.close()
 
 
 async def test_migrate_posts_need_the_token_and_the_status_get_does_not() -> None:
-    proxy = FakeProxy(token="s3cret")
+    proxy = FakeOps(token="s3cret")
     client = await _client(proxy)
     try:
         assert (await client.post("/v1/migrate/plan", json={"target": "next"})).status == 401

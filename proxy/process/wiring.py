@@ -1,0 +1,129 @@
+"""Every translation of the config into the settings the running parts take.
+
+Owns: the backend set of a cluster as the monitor and the cutover see it, the monitor's,
+the pools' and a cutover's settings, the logins toward clients and backends, the TLS
+context, and how the admin operations reach a cluster's primary (the control endpoint,
+a migration's name and its publisher's connection string). Separate so that the config's
+keys are read in one place: the process builds its parts from here and a reload compares
+what it builds here, old config against new.
+Must not know: how the parts use these settings, or what a reload may change.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass
+
+from proxy.config import Config
+from proxy.pool import PoolSettings
+from ops.cutover.logical import LogicalOptions
+from ops.cutover.machine import CutoverSettings
+from ops.migrate.control import publisher_conninfo
+from router.monitor import BackendSpec, MonitorSettings
+from router.pg import Endpoint
+from router.topology import Role
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What the process's long-lived parts take from a config (the rest they read from the
+    config in force when they need it)."""
+
+    passwords: dict[str, str]  # user -> password: the SCRAM verifiers and the logins to backends
+    pool: PoolSettings
+    monitor: MonitorSettings
+    backends: tuple[BackendSpec, ...]  # the active cluster's
+
+
+def runtime_settings(config: Config) -> RuntimeSettings:
+    return RuntimeSettings(passwords(config), pool_settings(config), monitor_settings(config),
+                           tuple(backend_specs(config, config.active)))
+
+
+def backend_specs(config: Config, cluster_name: str) -> list[BackendSpec]:
+    """A cluster's backends, its primary first; a backend's lag limits default to [routing]'s."""
+    cluster = config.clusters[cluster_name]
+    specs = []
+    for name in cluster.members:
+        b = config.backends[name]
+        specs.append(BackendSpec(
+            name=name, host=b.host, port=b.port,
+            role=Role.PRIMARY if name == cluster.primary else Role.REPLICA,
+            weight=b.weight,
+            max_lag_bytes=b.max_lag_bytes if b.max_lag_bytes is not None else config.routing.max_lag_bytes,
+            max_lag_seconds=b.max_lag_seconds if b.max_lag_seconds is not None else config.routing.max_lag_seconds,
+        ))
+    return specs
+
+
+def monitor_settings(config: Config) -> MonitorSettings:
+    r = config.routing
+    return MonitorSettings(
+        user=config.monitor.user, password=config.monitor.secret(), dbname=config.monitor.dbname,
+        interval_s=r.monitor_interval_ms / 1000, timeout_s=r.monitor_timeout_ms / 1000,
+        catalog_refresh_s=r.catalog_refresh_s,
+    )
+
+
+def pool_settings(config: Config) -> PoolSettings:
+    p = config.pool
+    return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
+                        idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s,
+                        keepalive_idle_s=p.keepalive_idle_s, keepalive_interval_s=p.keepalive_interval_s,
+                        keepalive_count=p.keepalive_count, tcp_user_timeout_s=p.tcp_user_timeout_s,
+                        max_prepared_statements=p.max_prepared_statements)
+
+
+def passwords(config: Config) -> dict[str, str]:
+    return {u.name: u.secret() for u in config.users}
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The server side of TLS toward clients, or None when [listen] has no certificate."""
+    if not config.listen.tls_enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(config.listen.tls_cert), str(config.listen.tls_key))
+    return ctx
+
+
+# --- cutover and online migration ------------------------------------------------------------
+
+
+def cutover_settings(config: Config, target: str, *, timeout_s: float | None, dry_run: bool) -> CutoverSettings:
+    c = config.cutover
+    return CutoverSettings(
+        pause_timeout_s=c.pause_timeout_s, catchup_timeout_s=c.catchup_timeout_s,
+        cancel_idle_in_transaction=c.idle_in_transaction == "cancel",
+        max_lag_bytes=backend_specs(config, target)[0].max_lag_bytes, timeout_s=timeout_s, dry_run=dry_run)
+
+
+def logical_options(config: Config, source: str, target: str, *, reverse: bool) -> LogicalOptions:
+    """What a cutover to a logical subscriber leaves behind: with `reverse`, the migration
+    back to `source`, under the name a later cutover back looks for."""
+    return LogicalOptions(reverse=reverse, reverse_name=migration_name(source),
+                          reverse_conninfo=publisher_conninfo_of(config, target))
+
+
+def control_endpoint(config: Config, cluster: str) -> Endpoint:
+    """How the migration's connections reach `cluster`'s primary: the [monitor] account."""
+    spec = backend_specs(config, cluster)[0]
+    m = config.monitor
+    return Endpoint(spec.host, spec.port, m.user, m.secret(), m.dbname, config.pool.connect_timeout_s)
+
+
+def publisher_conninfo_of(config: Config, cluster: str) -> str | None:
+    """How the other side's subscription reaches `cluster`'s primary, from
+    [migration.conninfo] (None: as the proxy reaches it)."""
+    fragment = config.migration.conninfo.get(cluster)
+    if fragment is None:
+        return None
+    return publisher_conninfo(fragment, config.monitor.user, config.monitor.secret())
+
+
+def migration_name(target: str) -> str:
+    """The publication/subscription of a migration to cluster `target`: a migration to
+    "next" is "pgsplit_next"; the reverse of a cutover main -> next is a migration to
+    "main", "pgsplit_main", so a cutover back finds it by that name."""
+    return "pgsplit_" + re.sub(r"[^a-z0-9_]", "_", target.lower())

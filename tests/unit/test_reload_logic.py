@@ -1,0 +1,110 @@
+"""proxy.admin.reload's comparison of a reloaded config with the one in force, and
+proxy.process.wiring's translation of a config: real TOML text in, the report and the
+settings out. No server needed (tests/integration/test_reload.py runs a proxy)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.admin.reload import ReloadRefused, compare
+from proxy.config import Config, parse_config
+from proxy.errors import QueryCanceled, RoutingError, ServerError
+from proxy.process import wiring
+from router.topology import Role
+
+BASE = """
+active = "main"
+
+[[users]]
+name = "app"
+password = "app-secret"
+
+[backends.pg1]
+host = "127.0.0.1"
+
+[backends.pg2]
+host = "127.0.0.1"
+port = 5433
+max_lag_bytes = 4096
+
+[backends.pg3]
+host = "127.0.0.1"
+port = 5434
+
+[clusters.main]
+primary = "pg1"
+replicas = ["pg2"]
+
+[clusters.next]
+primary = "pg3"
+"""
+
+
+def config(extra: str = "", base: str = BASE) -> Config:
+    return parse_config(base + extra, source="test.toml", env={})
+
+
+def test_an_unchanged_file_applies_nothing() -> None:
+    change = compare(config(), config())
+    assert change.applied == () and change.needs_restart == ()
+
+
+def test_what_is_applied_is_named_once_in_order() -> None:
+    new = config('\n[routing]\nmax_lag_bytes = 12345\n[pool]\nsize = 3\n',
+                 base=BASE.replace('password = "app-secret"', 'password = "new-secret"'))
+    change = compare(config(), new)
+    assert change.applied == ("users", "pool", "backends of the active cluster", "routing")
+    assert change.config.pool.size == 3 and change.config.routing.max_lag_bytes == 12345
+
+
+def test_a_monitor_account_change_is_the_monitor_and_another_clusters_backends_are_backends() -> None:
+    new = config('\n[monitor]\nuser = "watcher"\n', base=BASE.replace("port = 5434", "port = 5435"))
+    assert compare(config(), new).applied == ("monitor", "backends")
+
+
+def test_what_only_a_restart_changes_is_kept_and_reported() -> None:
+    new = config('\n[listen]\nmax_client_connections = 77\n[pool]\nmode = "session"\n'
+                 '[routing]\nclassify_cache_size = 5\ncatalog_refresh_s = 9.0\nmonitor_interval_ms = 250\n')
+    old = config()
+    change = compare(old, new)
+    assert change.needs_restart == ("listen", "pool.mode", "routing.classify_cache_size",
+                                    "routing.monitor_interval_ms", "routing.catalog_refresh_s")
+    assert change.applied == ()  # nothing else moved: the kept keys are not reported as applied
+    assert change.config.listen == old.listen and change.config.pool.mode == "transaction"
+    assert change.config.routing == old.routing
+
+
+def test_another_active_cluster_is_refused() -> None:
+    with pytest.raises(ReloadRefused, match="run `pgsplit cutover next`"):
+        compare(config(), config(base=BASE.replace('active = "main"', 'active = "next"')))
+
+
+def test_backend_specs_take_the_routing_limits_unless_the_backend_has_its_own() -> None:
+    c = config("\n[routing]\nmax_lag_bytes = 100\nmax_lag_seconds = 2.5\n")
+    primary, replica = wiring.backend_specs(c, "main")
+    assert (primary.name, primary.role, primary.max_lag_bytes, primary.max_lag_seconds) == (
+        "pg1", Role.PRIMARY, 100, 2.5)
+    assert (replica.name, replica.role, replica.port, replica.max_lag_bytes) == ("pg2", Role.REPLICA, 5433, 4096)
+    settings = wiring.runtime_settings(c)
+    assert settings.backends == tuple(wiring.backend_specs(c, "main")) and settings.passwords == {"app": "app-secret"}
+
+
+def test_a_migration_is_named_after_its_target_and_its_settings_come_from_the_config() -> None:
+    c = config('\n[migration]\nconninfo = { next = "host=10.0.0.1" }\n[cutover]\nidle_in_transaction = "cancel"\n')
+    options = wiring.logical_options(c, "main", "next", reverse=True)
+    assert options.reverse_name == "pgsplit_main" and options.reverse_conninfo.startswith("host=10.0.0.1 user=postgres")
+    assert wiring.publisher_conninfo_of(c, "main") is None  # the reverse's publisher is the target
+    settings = wiring.cutover_settings(c, "next", timeout_s=None, dry_run=True)
+    assert settings.cancel_idle_in_transaction and settings.dry_run
+    assert wiring.control_endpoint(c, "next").port == 5434
+
+
+def test_as_fatal_leaves_the_error_as_it_is() -> None:
+    shared = RoutingError("25006", "no replica")
+    fatal = shared.as_fatal()
+    assert fatal.fatal and not shared.fatal and type(fatal) is RoutingError and fatal.sqlstate == "25006"
+    assert b"SFATAL" in fatal.to_wire() and b"SERROR" in shared.to_wire()
+    server = ServerError({"C": "28P01", "M": "password authentication failed", "S": "ERROR"})
+    assert b"VFATAL" in server.as_fatal().to_wire() and not server.fatal
+    canceled = QueryCanceled("canceling authentication due to timeout")
+    assert canceled.as_fatal().sqlstate == "57014" and canceled.as_fatal().as_fatal().fatal
