@@ -119,12 +119,7 @@ def _repo_rel(p: Path) -> str:
 
 
 def run_benchmark(plan: Plan, args: argparse.Namespace) -> int:
-    if not Path(PGBENCH).exists():
-        raise BenchError("pgbench not found (install postgresql-contrib)")
-    for key, prog in (("pgbouncer", PGBOUNCER), ("pgpool", PGPOOL)):
-        if any(t.startswith(key) for t in plan.targets) and not Path(prog).exists():
-            raise BenchError(f"{prog} not found: run scripts/install.sh bench, or leave "
-                             f"{key} out with --targets")
+    _check_tools(plan)
     raise_fd_limit(max(plan.memory_conns + [0]) + 1024)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -144,36 +139,12 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> int:
     memory: list[MemoryResult] = []
     log_errors: dict[str, list[str]] = {}
     logdir = Path(tempfile.mkdtemp(prefix="pgsplit-bench-pgbench-"))
-    seq = iter(range(1, 10**9))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     cluster = Cluster(plan.replicas, name="bench", users={USER: PASSWORD},
                       settings=CLUSTER_SETTINGS)
     interrupted = False
     try:
-        print(f"starting the sandbox (primary + {plan.replicas} replicas) ...", flush=True)
-        cluster.start()
-        print(f"pgbench -i -s {plan.scale}: {init_pgbench(cluster, plan.scale):.1f}s", flush=True)
-        meta["machine"] = machine_info(cluster)
-        for phase, fn in (("throughput", throughput_phase), ("ryw", ryw_phase)):
-            if phase not in plan.phases:
-                continue
-            t0 = time.monotonic()
-            meta.setdefault("code", {})[phase] = git_describe()
-            with contextlib.ExitStack() as stack:
-                targets = fn(cluster, plan, rec, stack, logdir, seq)
-                for t in targets:
-                    errs = t.errors()
-                    if errs:
-                        log_errors[f"{phase}: {t.label}"] = errs[:20]
-                        print(f"{t.key}: {len(errs)} error lines in its log; first: {errs[0]}",
-                              flush=True)
-            meta[f"{phase}_seconds"] = round(time.monotonic() - t0, 1)
-            print(f"{phase} phase: {meta[f'{phase}_seconds'] / 60:.1f} min", flush=True)
-        if "memory" in plan.phases and plan.memory_conns:
-            t0 = time.monotonic()
-            meta.setdefault("code", {})["memory"] = git_describe()
-            memory = memory_phase(cluster, plan)
-            meta["memory_seconds"] = round(time.monotonic() - t0, 1)
+        memory = _run_phases(cluster, plan, rec, meta, log_errors, logdir)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping everything; partial results are in the CSV",
@@ -188,12 +159,7 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> int:
     meta["wall_seconds"] = round(time.monotonic() - t_start, 1)
     meta["log_errors"] = log_errors
     meta["interrupted"] = interrupted
-    with open(memory_csv, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=MEMORY_FIELDS)
-        wr.writeheader()
-        for m in memory:
-            wr.writerow(m.row())
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    _write_results(memory, memory_csv, meta, meta_path)
     print(f"done in {meta['wall_seconds'] / 60:.1f} min; {runs_csv}", flush=True)
     bad = [r for r in rec.runs if not r.ok or r.failed]
     if bad:
@@ -201,6 +167,58 @@ def run_benchmark(plan: Plan, args: argparse.Namespace) -> int:
     if not args.no_docs and not interrupted:
         render_report(rec.runs, memory, meta, args.docs, args.img_dir)
     return 130 if interrupted else 0
+
+
+def _check_tools(plan: Plan) -> None:
+    if not Path(PGBENCH).exists():
+        raise BenchError("pgbench not found (install postgresql-contrib)")
+    for key, prog in (("pgbouncer", PGBOUNCER), ("pgpool", PGPOOL)):
+        if any(t.startswith(key) for t in plan.targets) and not Path(prog).exists():
+            raise BenchError(f"{prog} not found: run scripts/install.sh bench, or leave "
+                             f"{key} out with --targets")
+
+
+def _run_phases(cluster: Cluster, plan: Plan, rec: Recorder, meta: dict[str, Any],
+                log_errors: dict[str, list[str]], logdir: Path) -> list[MemoryResult]:
+    """Start the sandbox and run the planned phases; the memory phase's results are returned,
+    pgbench runs go to `rec`, timings and code versions to `meta`, log errors to `log_errors`."""
+    seq = iter(range(1, 10**9))
+    print(f"starting the sandbox (primary + {plan.replicas} replicas) ...", flush=True)
+    cluster.start()
+    print(f"pgbench -i -s {plan.scale}: {init_pgbench(cluster, plan.scale):.1f}s", flush=True)
+    meta["machine"] = machine_info(cluster)
+    for phase, fn in (("throughput", throughput_phase), ("ryw", ryw_phase)):
+        if phase not in plan.phases:
+            continue
+        t0 = time.monotonic()
+        meta.setdefault("code", {})[phase] = git_describe()
+        with contextlib.ExitStack() as stack:
+            targets = fn(cluster, plan, rec, stack, logdir, seq)
+            for t in targets:
+                errs = t.errors()
+                if errs:
+                    log_errors[f"{phase}: {t.label}"] = errs[:20]
+                    print(f"{t.key}: {len(errs)} error lines in its log; first: {errs[0]}",
+                          flush=True)
+        meta[f"{phase}_seconds"] = round(time.monotonic() - t0, 1)
+        print(f"{phase} phase: {meta[f'{phase}_seconds'] / 60:.1f} min", flush=True)
+    memory: list[MemoryResult] = []
+    if "memory" in plan.phases and plan.memory_conns:
+        t0 = time.monotonic()
+        meta.setdefault("code", {})["memory"] = git_describe()
+        memory = memory_phase(cluster, plan)
+        meta["memory_seconds"] = round(time.monotonic() - t0, 1)
+    return memory
+
+
+def _write_results(memory: list[MemoryResult], memory_csv: Path, meta: dict[str, Any],
+                   meta_path: Path) -> None:
+    with open(memory_csv, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=MEMORY_FIELDS)
+        wr.writeheader()
+        for m in memory:
+            wr.writerow(m.row())
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
