@@ -43,5 +43,10 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    try:
+        factory = loop_factory()
+    except ValueError:
+        main.close()  # never started: no "was never awaited" warning on top of the error
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
