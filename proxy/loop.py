@@ -42,6 +42,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop_factory()()
 
 
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """A policy whose loops are of the chosen kind, for code that makes its loops through
+    asyncio's policy (asyncio.run, the test runner's loop)."""
+    if loop_name() == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
 def run(main: Coroutine[Any, Any, Any]) -> Any:
     try:
         factory = loop_factory()

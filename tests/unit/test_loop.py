@@ -44,3 +44,18 @@ def test_an_unknown_loop_is_an_error_naming_the_choices(monkeypatch) -> None:
     with pytest.raises(ValueError):
         loop.run(main)
     assert main.cr_frame is None  # closed, not left to warn that it was never awaited
+
+
+@pytest.mark.parametrize("name, kind", [("uvloop", uvloop.Loop), ("asyncio", asyncio.SelectorEventLoop)])
+def test_the_policy_makes_loops_of_the_chosen_kind(monkeypatch, name, kind) -> None:
+    monkeypatch.setenv(loop.LOOP_ENV, name)
+    made = loop.event_loop_policy().new_event_loop()
+    try:
+        assert isinstance(made, kind)
+    finally:
+        made.close()
+
+
+async def test_the_tests_run_on_the_chosen_kind() -> None:
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop if loop.loop_name() == "uvloop"
+                      else asyncio.SelectorEventLoop)
