@@ -362,7 +362,18 @@ class Pgpool(Daemon):
             f"host    all       all   {LOCALHOST}/32  scram-sha-256",
         ]) + "\n")
         self.pcp_path = self._write("pcp.conf", "")
-        settings: dict[str, object] = {
+        settings = self._settings(pool_passwd, check_user=check_user,
+                                  check_password=check_password, max_pool=max_pool)
+        settings.update(self._backend_settings(primary_weight))
+        settings.update(extra or {})
+        self.config_path = self._write("pgpool.conf", "\n".join(
+            f"{k} = {self._value(v)}" for k, v in settings.items()) + "\n")
+        self.hba_path = hba
+
+    def _settings(self, pool_passwd: Path, *, check_user: str, check_password: str,
+                  max_pool: int) -> dict[str, object]:
+        """pgpool.conf without its backends: addresses, files, auth, pooling, balancing."""
+        return {
             "backend_clustering_mode": "streaming_replication",
             "listen_addresses": LOCALHOST,
             "port": self.port,
@@ -382,7 +393,7 @@ class Pgpool(Daemon):
             "pool_passwd": str(pool_passwd),
             "allow_clear_text_frontend_auth": False,
             "ssl": False,
-            "num_init_children": num_init_children,
+            "num_init_children": self.num_init_children,
             # one backend connection per child and backend is enough for one user/db
             "max_pool": max_pool,
             "connection_cache": True,
@@ -407,17 +418,18 @@ class Pgpool(Daemon):
             "memqcache_oiddir": str(self.dir / "oiddir"),
             "search_primary_node_timeout": 10,
         }
-        for i, b in enumerate([primary, *self.replicas]):
+
+    def _backend_settings(self, primary_weight: float) -> dict[str, object]:
+        """backend0 is the primary (weight primary_weight when there are replicas), then the replicas."""
+        settings: dict[str, object] = {}
+        for i, b in enumerate([self.primary, *self.replicas]):
             weight = primary_weight if (i == 0 and self.replicas) else 1.0
             settings[f"backend_hostname{i}"] = b.host
             settings[f"backend_port{i}"] = b.port
             settings[f"backend_weight{i}"] = weight
             settings[f"backend_flag{i}"] = "DISALLOW_TO_FAILOVER"
             settings[f"backend_application_name{i}"] = f"pgpool{i}"
-        settings.update(extra or {})
-        self.config_path = self._write("pgpool.conf", "\n".join(
-            f"{k} = {self._value(v)}" for k, v in settings.items()) + "\n")
-        self.hba_path = hba
+        return settings
 
     @staticmethod
     def _value(v: object) -> str:

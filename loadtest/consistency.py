@@ -323,7 +323,6 @@ class _Run:
     # -- one session
 
     async def session(self, idx: int, cross: bool, set_min_lsn: bool, read_heavy: bool) -> None:
-        r = self.result
         writer = reader = None
         expected = 0  # this session's counter value
         seq = 0
@@ -338,60 +337,27 @@ class _Run:
                 rid = idx * ID_STRIDE + seq
                 stage = "write"
                 try:
-                    if writer.is_closed():
-                        writer = await self.connect()
-                        if not cross:
-                            reader = writer
-                    if reader.is_closed():
-                        reader = await self.connect()
+                    writer, reader = await self._reconnected(writer, reader, cross)
                     if resync:
                         expected = await writer.fetchval(
                             f"/* pgsplit:primary */ SELECT val FROM {self.counters} WHERE session = $1", idx)
                         resync = False
                     # -- the write
-                    if kind == "insert":
-                        await writer.execute(self.sql_insert, rid, idx, kind)
-                    elif kind == "update":
+                    if kind == "update":
                         resync = True  # until the UPDATE is known to have committed
-                        await writer.execute(self.sql_update, expected + 1, idx)
+                    await self._write(writer, kind, rid, idx, expected)
+                    if kind == "update":
                         expected += 1
                         resync = False
-                    else:
-                        async with writer.transaction():
-                            await writer.execute(self.sql_insert, rid, idx, kind)
                     if read_heavy and kind != "update":
                         self.written_t.append(time.monotonic())
                         self.written.append((rid, idx))
                     if cross and self.mode == "token" and set_min_lsn:
                         stage = "hand over the token"
-                        lsn = await writer.fetchval("SHOW pgsplit.last_lsn")
-                        if not isinstance(lsn, str) or not _LSN_RE.match(lsn):
-                            raise ValueError(f"SHOW pgsplit.last_lsn returned {lsn!r}")
-                        await reader.execute(f"SET pgsplit.min_lsn = '{lsn}'")
+                        await self._hand_over_token(writer, reader)
                     # -- the read-back
                     stage = "read"
-                    t0 = time.perf_counter()
-                    if kind == "update":
-                        got, on_replica = await reader.fetchrow(self.sql_read_counter, idx)
-                        fresh = got == expected
-                    else:
-                        got, on_replica = await reader.fetchrow(self.sql_read_row, rid)
-                        fresh = bool(got)
-                    self.latencies.append(time.perf_counter() - t0)
-                    r.pairs += 1
-                    r.pairs_by_kind[kind] += 1
-                    r.reads += 1
-                    if on_replica:
-                        r.reads_on_replica += 1
-                        r.pair_reads_on_replica += 1
-                    if not fresh:
-                        r.stale += 1
-                        r.stale_by_kind[kind] += 1
-                        if len(r.stale_samples) < SAMPLES:
-                            r.stale_samples.append({
-                                "session": idx, "kind": kind, "id": rid if kind != "update" else None,
-                                "expected": expected if kind == "update" else True, "got": got,
-                                "on_replica": on_replica})
+                    await self._read_back(reader, idx, kind, rid, expected)
                     # -- read-heavy: reads of other sessions' older rows
                     if read_heavy:
                         stage = "read an older row"
@@ -413,6 +379,61 @@ class _Run:
                         await asyncio.wait_for(c.close(), 5)
                     except Exception:  # noqa: BLE001 - closing is best effort
                         c.terminate()
+
+    async def _reconnected(self, writer: asyncpg.Connection, reader: asyncpg.Connection,
+                           cross: bool) -> tuple[asyncpg.Connection, asyncpg.Connection]:
+        """The session's connections, a closed one replaced (with one connection, both)."""
+        if writer.is_closed():
+            writer = await self.connect()
+            if not cross:
+                reader = writer
+        if reader.is_closed():
+            reader = await self.connect()
+        return writer, reader
+
+    async def _write(self, writer: asyncpg.Connection, kind: str, rid: int, idx: int,
+                     expected: int) -> None:
+        if kind == "insert":
+            await writer.execute(self.sql_insert, rid, idx, kind)
+        elif kind == "update":
+            await writer.execute(self.sql_update, expected + 1, idx)
+        else:
+            async with writer.transaction():
+                await writer.execute(self.sql_insert, rid, idx, kind)
+
+    async def _hand_over_token(self, writer: asyncpg.Connection, reader: asyncpg.Connection) -> None:
+        """The writer's commit LSN, set as the reader's minimum (the token mode)."""
+        lsn = await writer.fetchval("SHOW pgsplit.last_lsn")
+        if not isinstance(lsn, str) or not _LSN_RE.match(lsn):
+            raise ValueError(f"SHOW pgsplit.last_lsn returned {lsn!r}")
+        await reader.execute(f"SET pgsplit.min_lsn = '{lsn}'")
+
+    async def _read_back(self, reader: asyncpg.Connection, idx: int, kind: str, rid: int,
+                         expected: int) -> None:
+        """Read what the session just wrote and count the read: fresh or stale, where it ran."""
+        r = self.result
+        t0 = time.perf_counter()
+        if kind == "update":
+            got, on_replica = await reader.fetchrow(self.sql_read_counter, idx)
+            fresh = got == expected
+        else:
+            got, on_replica = await reader.fetchrow(self.sql_read_row, rid)
+            fresh = bool(got)
+        self.latencies.append(time.perf_counter() - t0)
+        r.pairs += 1
+        r.pairs_by_kind[kind] += 1
+        r.reads += 1
+        if on_replica:
+            r.reads_on_replica += 1
+            r.pair_reads_on_replica += 1
+        if not fresh:
+            r.stale += 1
+            r.stale_by_kind[kind] += 1
+            if len(r.stale_samples) < SAMPLES:
+                r.stale_samples.append({
+                    "session": idx, "kind": kind, "id": rid if kind != "update" else None,
+                    "expected": expected if kind == "update" else True, "got": got,
+                    "on_replica": on_replica})
 
     async def read_old(self, reader: asyncpg.Connection, idx: int) -> None:
         r = self.result

@@ -2,9 +2,9 @@
 in a process. Used by the tests, `pgsplit demo` and the benchmarks.
 
 Owns: turning a `loadtest.sandbox.Cluster` (or several) into a pgsplit TOML config, and
-starting/stopping a proxy with it. A proxy in a thread has its own uvloop event loop, so
-tests can use blocking clients (psql, pgbench, psycopg) and still look at the proxy's
-internals; a proxy in a process is what an operator runs (`pgsplit run -c FILE`).
+starting/stopping a proxy with it. A proxy in a thread has its own event loop (of the kind
+proxy.loop chooses), so tests can use blocking clients (psql, pgbench, psycopg) and still look
+at the proxy's internals; a proxy in a process is what an operator runs (`pgsplit run -c FILE`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from proxy import loop as event_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +96,7 @@ def config_text(clusters: Mapping[str, Any], *, active: str | None = None, port:
 
 
 class ProxyThread:
-    """A pgsplit proxy on its own uvloop event loop in a daemon thread."""
+    """A pgsplit proxy on its own event loop (proxy.loop's kind) in a daemon thread."""
 
     def __init__(self, text: str):
         from proxy.config import parse_config
@@ -117,11 +119,9 @@ class ProxyThread:
         return self
 
     def _run(self) -> None:
-        import uvloop
-
         from proxy.app import Proxy
 
-        loop = self.loop = uvloop.new_event_loop()
+        loop = self.loop = event_loop.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
             self.proxy = Proxy(self.config)

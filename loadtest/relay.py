@@ -43,6 +43,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -232,7 +233,7 @@ class Relay:
         clean = False  # both directions ended with an EOF: flush, then close
         try:
             # the TCP handshake to the far side costs a round trip before any data
-            await asyncio.sleep(2 * self._profile.delay_ms / 1000)
+            await _sleep_until(time.monotonic() + 2 * self._profile.delay_ms / 1000)
             try:
                 s_reader, s_writer = await asyncio.open_connection(self.to_host, self.to_port)
             except OSError as exc:
@@ -288,11 +289,10 @@ class Relay:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read_side(self, p: _Pipe) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await p.has_room.wait()
             data = await p.reader.read(self._profile.read_size)
-            now = loop.time()
+            now = time.monotonic()
             if not data:
                 p.queue.append((max(now, p.last_delivery), None))  # EOF, after the data
                 p.has_items.set()
@@ -306,19 +306,16 @@ class Relay:
             if p.queued >= p.buffer_bytes:
                 p.has_room.clear()
             if start > now:  # the link is busy: read again when this chunk goes out
-                await asyncio.sleep(start - now)
+                await _sleep_until(start)
 
     async def _write_side(self, p: _Pipe) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not p.queue:
                 p.has_items.clear()
                 await p.has_items.wait()
                 continue
             due, data = p.queue[0]
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await _sleep_until(due)
             p.queue.popleft()
             if data is None:
                 if p.writer.can_write_eof():
@@ -333,6 +330,14 @@ class Relay:
                 self.stats.bytes_down += len(data)
             if p.queued <= p.buffer_bytes // 2:
                 p.has_room.set()
+
+
+async def _sleep_until(deadline: float) -> None:
+    """Sleep until time.monotonic() reaches `deadline`, never less: uvloop's clock is the one
+    cached at the start of the loop's iteration, in whole milliseconds, so its timers can
+    fire up to a millisecond before the real time they were set for."""
+    while (wait := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(wait)
 
 
 def _is_loopback(host: str) -> bool:

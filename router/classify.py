@@ -9,9 +9,10 @@ control it contains (:class:`TxControl`), the session state it changes
 (:class:`SessionEffect`), and the session state it creates or drops that cannot
 follow the client to another server connection (:class:`Pin` / :class:`Unpin`).
 
-Hot path, cheapest first (pglast 8.8 on the dev machine: ``fingerprint`` ~8 us,
-``parse_sql_json`` ~7 us, ``json.loads`` of it ~16 us more; ``parse_sql`` ~140 us is
-never used):
+Hot path, cheapest first (pglast 8.8: ``fingerprint`` is a parse, 6-16 us per pgbench
+statement on a 2-core dev machine, in the range of ``parse_sql_json``; ``json.loads`` of
+that JSON costs two to four times as much again; ``parse_sql``, some 20-30 times a
+fingerprint, is never used):
 
 1. exact-text LRU (extended protocol: the same text comes back every time);
 2. a regex prefilter that proves trivially-safe SELECTs without calling pglast;

@@ -5,9 +5,9 @@
   (trust), superuser ``postgres`` (scram over TCP). Stopped at the end of the session.
 - ``wait_until`` / ``async_wait_until`` (from helpers.py): polling with a deadline.
 - ``proxy``: a fresh pgsplit in front of ``cluster`` (cluster name "main", backends
-  ``main_primary``, ``main_replica1``, ``main_replica2``), on its own uvloop event loop in a
-  thread, on free ports; ``make_proxy(**sections)`` builds one with config overrides,
-  e.g. ``make_proxy(pool={"size": 5}, routing={"consistency": "eventual"})``.
+  ``main_primary``, ``main_replica1``, ``main_replica2``), on its own event loop (the kind
+  proxy.loop chooses: ``PGSPLIT_LOOP``) in a thread, on free ports; ``make_proxy(**sections)``
+  builds one with config overrides, e.g. ``make_proxy(pool={"size": 5}, routing={"consistency": "eventual"})``.
 - A failed test's report gets the tail of every sandbox node's server log.
 
 Tests that reconfigure the shared cluster (apply delay, paused replay, killed nodes)

@@ -21,7 +21,8 @@ import asyncpg
 import pytest
 
 from helpers import async_wait_until
-from loadtest.sandbox import Cluster, _children
+from loadtest.sandbox import Cluster
+from loadtest.sandbox.processes import _children
 
 OUTAGE_S = 8.0
 # The monitor's default verdict (routing.monitor_timeout_ms = 1000, three timed-out polls

