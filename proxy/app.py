@@ -28,9 +28,11 @@ from proxy.pool import Pool, Pools, PoolSettings
 from proxy.session import ClientSession, State
 from router.classify import Classifier
 from router.lsn import CommitLsnFetcher
-from router.monitor import BackendSpec, Monitor, MonitorSettings, PollError, initial_topology
+from router.monitor.lag import initial_topology
+from router.monitor.monitor import Monitor
+from router.monitor.probe import MonitorSettings, PollError
 from router.policy import Decision, UnitFacts, startup_backend
-from router.topology import BackendState, Role, TopologyHolder
+from router.topology import BackendSpec, BackendState, Role, TopologyHolder
 
 log = logging.getLogger("pgsplit")
 

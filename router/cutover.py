@@ -59,8 +59,8 @@ import asyncpg
 
 from router import migrate
 from router.lsn import format_lsn, parse_lsn
-from router.monitor import BackendSpec
 from router.schema import Fingerprint, diff_databases, fingerprint
+from router.topology import BackendSpec
 
 __all__ = [
     "ControlAccount",

@@ -10,11 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from router.monitor import (
+from router.monitor.lag import (
     SAMPLE_SQL,
-    BackendSpec,
     LagLimits,
-    PollError,
     Sample,
     behind_for,
     build_topology,
@@ -25,7 +23,8 @@ from router.monitor import (
     prune_history,
     reference_lsn,
 )
-from router.topology import Role, Topology
+from router.monitor.probe import PollError
+from router.topology import BackendSpec, Role, Topology
 
 MB = 1024 * 1024
 NOW = 1_700_000_000.0  # a server clock reading (epoch seconds)
