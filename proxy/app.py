@@ -26,7 +26,7 @@ from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
 from proxy.pool import Pool, Pools, PoolSettings
 from proxy.session import ClientSession, State
-from router.classify import Classifier
+from router.classify.classifier import Classifier
 from router.lsn import CommitLsnFetcher
 from router.monitor.lag import initial_topology
 from router.monitor.monitor import Monitor

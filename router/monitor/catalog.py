@@ -1,8 +1,8 @@
 """The classifier's volatile-function catalog, read from the active primary.
 
-Owns: reading the user functions marked VOLATILE (router.classify.VOLATILE_FUNCTIONS_SQL)
-in every database clients use, now and then on a timer, and handing the names to the
-classifier through the callback it was given.
+Owns: reading the user functions marked VOLATILE
+(router.classify.functions.VOLATILE_FUNCTIONS_SQL) in every database clients use, now and
+then on a timer, and handing the names to the classifier through the callback it was given.
 Must not know: the `Classifier` object (it is handed a callback), sessions, the poll
 rounds. It lives with the monitor because it logs in to the primary as the monitor does
 and follows the monitor's primary across a retarget; it is apart from the rounds because
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import asyncpg
 
-from router.classify import VOLATILE_FUNCTIONS_SQL, volatile_function_names
+from router.classify.functions import VOLATILE_FUNCTIONS_SQL, volatile_function_names
 from router.monitor.probe import MonitorSettings, close_or_terminate, connect_as_monitor
 from router.topology import BackendSpec
 
