@@ -119,6 +119,8 @@ class Monitor:
         first client); return them."""
         return await self.catalog.refresh()
 
+    # --- what the replay tracker and the catalog read (MonitorState, CatalogSource) -----------
+
     def probe(self, name: str) -> Probe | None:
         return next((p for p in self._probes if p.name == name), None)
 
