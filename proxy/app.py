@@ -28,9 +28,11 @@ from proxy.listener import Listener, new_cancel_key
 from proxy.pool import Pool, Pools
 from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
 from proxy.session import ClientSession, State
-from router.classify import Classifier
+from router.classify.classifier import Classifier
 from router.lsn import CommitLsnFetcher
-from router.monitor import Monitor, PollError, initial_topology
+from router.monitor.lag import initial_topology
+from router.monitor.monitor import Monitor
+from router.monitor.probe import PollError
 from router.policy import Decision, UnitFacts, startup_backend
 from router.topology import BackendState, Role, TopologyHolder
 

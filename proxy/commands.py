@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from proxy import local, wire
 from proxy.errors import CannotConnectNow, FeatureNotSupported, InvalidParameterValue, ProxyError, UndefinedObject
-from router.classify import Analysis, TxControl
+from router.classify.analysis import Analysis, TxControl
 from router.lsn import format_lsn, parse_lsn
-from router.monitor import PollError
+from router.monitor.probe import PollError
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.session import ClientSession

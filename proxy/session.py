@@ -36,8 +36,8 @@ from proxy.errors import (
     ServerLostInTransaction,
 )
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
-from router.lsn import REPLAY_WAIT_SQL, format_lsn, parse_lsn
-from router.monitor import COMMIT_LSN_SQL, CommitLsns, PollError
+from router.lsn import COMMIT_LSN_SQL, REPLAY_WAIT_SQL, CommitLsns, format_lsn, parse_lsn
+from router.monitor.probe import PollError
 from router.policy import Decision, SessionFacts, UnitFacts, decide_route, replica_to_check
 from router.topology import BackendState, Role
 

@@ -1,14 +1,17 @@
-"""WAL positions (LSNs) and the coalesced fetcher of the primary's commit LSN.
+"""WAL positions (LSNs) and the coalesced fetcher of the primary's commit LSNs.
 
 Owns: the LSN text format (PostgreSQL's ``pg_lsn``: ``%X/%X``, two hexadecimal halves of a
-64-bit position) and `CommitLsnFetcher`, which turns "this session's commit has returned"
-into an LSN at or past that commit (design.md, "Read-your-writes").
+64-bit position), the query that reads the primary's commit positions (`COMMIT_LSN_SQL`,
+`CommitLsns`) and `CommitLsnFetcher`, which turns "this session's commit has returned"
+into LSNs at or past that commit (design.md, "Read-your-writes").
 Must not know: sockets, sessions, asyncpg. The fetcher is handed a coroutine function that
-runs ``SELECT pg_current_wal_insert_lsn()`` on the primary; the monitor provides one.
+runs `COMMIT_LSN_SQL` on the primary and returns its `CommitLsns`; the monitor provides one.
+The session runs the same query itself when it reads the positions on its own connection.
 
-Why ``pg_current_wal_insert_lsn()`` read *after* the commit returned is enough: a commit
-inserts its WAL record before it is acknowledged, and the insert position only moves
-forward, so any later reading of it is at or past the commit record's end.
+Why positions read *after* the commit returned are enough: a commit inserts its WAL
+record before it is acknowledged, and the positions only move forward, so any later
+reading is at or past the commit record's end (`CommitLsns.covering` says which position
+covers which kind of commit).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from typing import Generic, NamedTuple, TypeVar
 
-__all__ = ["CommitLsnFetcher", "LsnFetchError", "format_lsn", "parse_lsn", "REPLAY_WAIT_SQL"]
+__all__ = ["COMMIT_LSN_SQL", "CommitLsnFetcher", "CommitLsns", "LsnFetchError", "format_lsn", "parse_lsn",
+           "REPLAY_WAIT_SQL"]
 
 MAX_LSN = (1 << 64) - 1
 
@@ -64,11 +69,33 @@ REPLAY_WAIT_SQL = (
 )
 
 
+# A commit that returned with synchronous_commit on (or local, remote_*) is flushed, so the
+# flush position covers it, and it is as far as replicas can get (WAL is streamed up to
+# it). A commit with synchronous_commit = off may not be flushed yet: only the insert
+# position covers it (replicas reach it once the WAL writer flushes).
+COMMIT_LSN_SQL = "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text"
+
+
+class CommitLsns(NamedTuple):
+    """What a read after a commit waits for (see COMMIT_LSN_SQL)."""
+
+    flush: int
+    insert: int
+
+    def covering(self, async_commit: bool) -> int:
+        """The LSN that covers a commit made before the query: a synchronous one is flushed,
+        an asynchronous one (synchronous_commit = off) only inserted."""
+        return self.insert if async_commit else self.flush
+
+
 class LsnFetchError(ConnectionError):
     """The primary's LSN could not be read for this round (the query was cancelled)."""
 
 
-class CommitLsnFetcher:
+Positions = TypeVar("Positions")  # what the query returns: CommitLsns in the proxy
+
+
+class CommitLsnFetcher(Generic[Positions]):
     """LSNs at or past a session's last commit, one query per round for everyone waiting.
 
     Order is kept with a sequence number instead of a clock. `ticket()` returns the number
@@ -83,16 +110,18 @@ class CommitLsnFetcher:
 
     A failed query fails every waiter of its round; the next call starts a new round.
     ``queries_sent`` counts the queries started (tests use it to show coalescing).
+    The fetcher only orders and shares results; it never looks inside them (the proxy's
+    query returns `CommitLsns`, and each waiter picks the position covering its commit).
     """
 
-    def __init__(self, query: Callable[[], Awaitable[int]]):
+    def __init__(self, query: Callable[[], Awaitable[Positions]]):
         self._query = query
         self._started = 0  # queries started; the one in flight, if any, has this number
-        self._current: asyncio.Future[int] | None = None  # result of the query in flight
-        self._next: asyncio.Future[int] | None = None  # the round after it, if anyone waits
+        self._current: asyncio.Future[Positions] | None = None  # result of the query in flight
+        self._next: asyncio.Future[Positions] | None = None  # the round after it, if anyone waits
         self._next_waiters = 0
         self._task: asyncio.Task[None] | None = None
-        self._last: tuple[int, int] | None = None  # (query number, LSN) of the last success
+        self._last: tuple[int, Positions] | None = None  # (query number, result) of the last success
         self._closed = False
         self.queries_sent = 0
 
@@ -100,8 +129,8 @@ class CommitLsnFetcher:
         """The sequence value to record when a commit's ReadyForQuery arrives."""
         return self._started
 
-    async def fetch_after(self, ticket: int) -> int:
-        """An LSN read by a query sent after ``ticket`` was issued."""
+    async def fetch_after(self, ticket: int) -> Positions:
+        """Positions read by a query sent after ``ticket`` was issued."""
         last = self._last
         if last is not None and last[0] > ticket:
             return last[1]
@@ -122,8 +151,8 @@ class CommitLsnFetcher:
                 if self._next_waiters == 0:
                     self._next = None
 
-    async def fetch_current(self) -> int:
-        """An LSN read after this call began (``global`` consistency)."""
+    async def fetch_current(self) -> Positions:
+        """Positions read after this call began (``global`` consistency)."""
         return await self.fetch_after(self.ticket())
 
     async def aclose(self) -> None:
@@ -139,7 +168,7 @@ class CommitLsnFetcher:
                 pass
         self._closed = False
 
-    def _launch(self, fut: asyncio.Future[int] | None) -> asyncio.Future[int]:
+    def _launch(self, fut: asyncio.Future[Positions] | None) -> asyncio.Future[Positions]:
         loop = asyncio.get_running_loop()
         if fut is None:
             fut = loop.create_future()
@@ -149,7 +178,7 @@ class CommitLsnFetcher:
         self._task = loop.create_task(self._run(self._started, fut))
         return fut
 
-    async def _run(self, number: int, fut: asyncio.Future[int]) -> None:
+    async def _run(self, number: int, fut: asyncio.Future[Positions]) -> None:
         try:
             value = await self._query()
         except asyncio.CancelledError:

@@ -1,10 +1,11 @@
 """The model of the cluster that routing decides on: immutable snapshots, swapped whole.
 
-Owns: what is known about each backend of the active set at one moment (configured role,
-health, recovery state, LSNs, lag, rotation) and the generation number of the set. The
-monitor builds a new Topology per poll round and installs it with one assignment; readers
-take `holder.current` once per decision and never see half an update. A cutover installs
-a snapshot of another set with a higher generation.
+Owns: a backend as configured (`BackendSpec`), what is known about each backend of the
+active set at one moment (`BackendState`: the configured fields plus health, recovery
+state, LSNs, lag, rotation) and the generation number of the set. The monitor builds a
+new Topology per poll round and installs it with one assignment; readers take
+`holder.current` once per decision and never see half an update. A cutover installs a
+snapshot of another set with a higher generation.
 Must not know: sockets, sessions, pools.
 """
 
@@ -21,7 +22,9 @@ class Role(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class BackendState:
+class BackendSpec:
+    """One backend of a set, as configured (limits already resolved against [routing])."""
+
     name: str
     host: str
     port: int
@@ -29,6 +32,13 @@ class BackendState:
     weight: float = 1.0
     max_lag_bytes: int = 16 * 1024 * 1024
     max_lag_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState(BackendSpec):
+    """A configured backend and what the monitor knows of it. The configured fields are
+    inherited, not wrapped, so that routing reads `b.host` or `b.weight` in one step."""
+
     up: bool = True  # optimistic until the monitor has asked
     in_recovery: bool | None = None
     replay_lsn: int | None = None  # replicas: pg_last_wal_replay_lsn()
@@ -38,6 +48,11 @@ class BackendState:
     in_rotation: bool = True  # replicas: receives reads
     error: str | None = None  # why the monitor could not reach it
     failures: int = 0  # polls in a row that did not answer
+
+    @classmethod
+    def configured(cls, spec: BackendSpec) -> BackendState:
+        """The optimistic state of a backend nobody has asked yet."""
+        return cls(spec.name, spec.host, spec.port, spec.role, spec.weight, spec.max_lag_bytes, spec.max_lag_seconds)
 
     @property
     def address(self) -> tuple[str, int]:

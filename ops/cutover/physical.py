@@ -35,7 +35,7 @@ XLOG_LONG_PAGE_HEADER = 40  # SizeOfXLogLongPHD: the most a page header moves th
 
 
 class ServerAddress(Protocol):
-    """A configured server, as the cutover needs it (router.monitor's BackendSpec is one)."""
+    """A configured server, as the cutover needs it (router.topology's BackendSpec is one)."""
 
     @property
     def name(self) -> str: ...

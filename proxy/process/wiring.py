@@ -15,14 +15,14 @@ import re
 import ssl
 from dataclasses import dataclass
 
-from proxy.config import Config
-from proxy.pool import PoolSettings
 from ops.cutover.logical import LogicalOptions
 from ops.cutover.machine import CutoverSettings
 from ops.migrate.control import publisher_conninfo
-from router.monitor import BackendSpec, MonitorSettings
+from proxy.config import Config
+from proxy.pool import PoolSettings
+from router.monitor.probe import MonitorSettings
 from router.pg import Endpoint
-from router.topology import Role
+from router.topology import BackendSpec, Role
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,10 @@ from helpers import async_wait_until
 from loadtest.sandbox import Cluster
 from metrics import Metrics
 from router.lsn import REPLAY_WAIT_SQL, CommitLsnFetcher, format_lsn, parse_lsn
-from router.monitor import BackendSpec, Monitor, MonitorSettings, initial_topology
-from router.topology import Role, Topology, TopologyHolder
+from router.monitor.lag import initial_topology
+from router.monitor.monitor import Monitor
+from router.monitor.probe import MonitorSettings
+from router.topology import BackendSpec, Role, Topology, TopologyHolder
 
 INTERVAL = 0.1
 SMALL_LAG = 64 * 1024

@@ -8,19 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.classify import (
-    VOLATILE_FUNCTIONS_SQL,
-    Analysis,
-    Classifier,
-    Pin,
-    Route,
-    SessionEffect,
-    TxControl,
-    Unpin,
-    is_trivial_select,
-    parse_hint,
-    volatile_function_names,
-)
+from router.classify.analysis import Analysis, Pin, Route, SessionEffect, TxControl, Unpin
+from router.classify.classifier import Classifier
+from router.classify.functions import VOLATILE_FUNCTIONS_SQL, volatile_function_names
+from router.classify.prefilter import is_trivial_select, parse_hint
 
 R, W = Route.READ, Route.WRITE
 

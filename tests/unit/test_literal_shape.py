@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.classify import Classifier, literal_shape
+from router.classify.classifier import Classifier
+from router.classify.prefilter import literal_shape
 
 from test_classify import ROWS
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.lsn import MAX_LSN, CommitLsnFetcher, LsnFetchError, format_lsn, parse_lsn
+from router.lsn import MAX_LSN, CommitLsnFetcher, CommitLsns, LsnFetchError, format_lsn, parse_lsn
 
 # --- text format ------------------------------------------------------------------------------
 
@@ -86,6 +86,15 @@ def test_parse_never_crashes_otherwise(text: str) -> None:
     except ValueError:
         return
     assert 0 <= value <= MAX_LSN
+
+
+# --- CommitLsns -------------------------------------------------------------------------------
+
+
+def test_a_synchronous_commit_is_covered_by_the_flush_position_an_asynchronous_one_by_the_insert() -> None:
+    lsns = CommitLsns(flush=0x1000, insert=0x1400)
+    assert lsns.covering(async_commit=False) == 0x1000
+    assert lsns.covering(async_commit=True) == 0x1400
 
 
 # --- CommitLsnFetcher -------------------------------------------------------------------------

@@ -6,15 +6,13 @@ No server: samples are built by hand, the way `Sample.from_row` builds them from
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
-from router.monitor import (
+from router.monitor.lag import (
     SAMPLE_SQL,
-    BackendSpec,
     LagLimits,
-    PollError,
     Sample,
     behind_for,
     build_topology,
@@ -25,7 +23,8 @@ from router.monitor import (
     prune_history,
     reference_lsn,
 )
-from router.topology import Role, Topology
+from router.monitor.probe import PollError
+from router.topology import BackendSpec, BackendState, Role, Topology
 
 MB = 1024 * 1024
 NOW = 1_700_000_000.0  # a server clock reading (epoch seconds)
@@ -65,6 +64,14 @@ def test_initial_topology_is_optimistic_and_keeps_the_configured_figures() -> No
     pg2 = t.backend("pg2")
     assert pg2 is not None and pg2.weight == 2.0 and pg2.max_lag_bytes == MB and pg2.max_lag_seconds == 2.0
     assert not t.split_brain and t.primary_writable
+
+
+def test_a_configured_state_keeps_every_configured_field_and_knows_nothing_yet() -> None:
+    state = BackendState.configured(SPECS[1])
+    configured = {f.name: getattr(SPECS[1], f.name) for f in fields(BackendSpec)}
+    assert {name: getattr(state, name) for name in configured} == configured
+    assert state == BackendState(**configured)
+    assert state.up and state.in_rotation and state.in_recovery is None and state.replay_lsn is None
 
 
 @pytest.mark.parametrize("specs", [
