@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from router import pg
 from router.lsn import REPLAY_WAIT_SQL, format_lsn, parse_lsn
 from router.monitor.lag import SAMPLE_SQL, Sample, error_text
 from router.topology import BackendSpec
 
 APPLICATION_NAME = "pgsplit-monitor"
+CLOSE_TIMEOUT_S = 0.5  # a goodbye the server does not answer this fast is not waited for
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,20 +53,13 @@ def poll_error(exc: BaseException, what: str, timeout: float) -> PollError:
 
 async def connect_as_monitor(spec: BackendSpec, settings: MonitorSettings, purpose: str,
                              database: str | None = None) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=spec.host, port=spec.port, user=settings.user, password=settings.password,
-        database=database or settings.dbname, timeout=settings.connect_timeout_s,
-        server_settings={"application_name": f"{APPLICATION_NAME} ({purpose})"},
-    )
+    account = pg.Endpoint(spec.host, spec.port, settings.user, settings.password, settings.dbname,
+                          settings.connect_timeout_s)
+    return await pg.connect(account, application_name=f"{APPLICATION_NAME} ({purpose})", database=database)
 
 
 async def close_or_terminate(conn: asyncpg.Connection | None) -> None:
-    if conn is None or conn.is_closed():
-        return
-    try:
-        await conn.close(timeout=0.5)
-    except Exception:  # noqa: BLE001  a broken connection: just drop it
-        conn.terminate()
+    await pg.close(conn, CLOSE_TIMEOUT_S)
 
 
 class Probe:
