@@ -18,13 +18,13 @@ import time
 from metrics import Metrics
 from proxy import wire
 from proxy.auth import Verifiers
-from proxy.backend import UNKNOWN_SETTINGS, ServerConnection
 from proxy.commands import Commands
 from proxy.config import Config
 from proxy.dataplane import DataPlane
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
-from proxy.pool import Pool, Pools, PoolSettings
+from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection
+from proxy.server.pool import Pool, Pools
 from proxy.session import ClientSession, State
 from router.classify import Classifier
 from router.lsn import CommitLsnFetcher
@@ -70,7 +70,7 @@ class Proxy:
         self.classifier = Classifier(config.routing.classify_cache_size)
         self.commands = Commands(self)
         self.session_pooling = config.pool.mode == "session"
-        self.pools = Pools(self._pool_settings(config), self._passwords(config), on_connect=self._connected)
+        self.pools = Pools(config.pool, self._passwords(config), on_connect=self._connected)
         specs = backend_specs(config, config.active)
         self.topology = TopologyHolder(initial_topology(config.active, specs))
         self.monitor = Monitor(self.topology, specs, monitor_settings(config), self.metrics,
@@ -98,15 +98,6 @@ class Proxy:
         self._migration_locks: dict[str, asyncio.Lock] = {}
 
     # --- configuration ---------------------------------------------------------------------
-
-    @staticmethod
-    def _pool_settings(config: Config) -> PoolSettings:
-        p = config.pool
-        return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
-                            idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s,
-                            keepalive_idle_s=p.keepalive_idle_s, keepalive_interval_s=p.keepalive_interval_s,
-                            keepalive_count=p.keepalive_count, tcp_user_timeout_s=p.tcp_user_timeout_s,
-                            max_prepared_statements=p.max_prepared_statements)
 
     @staticmethod
     def _passwords(config: Config) -> dict[str, str]:

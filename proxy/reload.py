@@ -61,7 +61,7 @@ async def apply(proxy: "Proxy", new: Config) -> dict:
         proxy.pools.update_passwords({u.name: u.secret() for u in new.users})
         applied.append("users")
     if new.pool != old.pool:
-        proxy.pools.update_settings(proxy._pool_settings(new))
+        proxy.pools.update_settings(new.pool)
         applied.append("pool")
     proxy.config = new
     specs_changed = backend_specs(new, new.active) != backend_specs(old, old.active)
