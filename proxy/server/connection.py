@@ -21,6 +21,7 @@ from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.server.prepared import PreparedStatements
 from proxy.server.replies import ReplyStream, Step, StepKind, SwallowStep
 
+
 class ServerSessionState:
     """What the server session behind one connection carries for the clients that borrow
     it: the statements prepared there (protocol-level and SQL PREPARE) and the client
@@ -70,7 +71,7 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
         self.database = database
         self.pool = pool  # the pool that lends it (a notification's sender is looked up there)
         self.generation = generation  # the pool's generation it was opened in
-        self.on_lost = on_lost  # told when it closes while nobody borrows it
+        self.on_lost = on_lost  # told when the server ends it (the pool forgets an idle one)
         self.transport: asyncio.Transport | None = None
         self.process_id = 0
         self.secret_key = b""
