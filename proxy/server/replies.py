@@ -92,7 +92,8 @@ class ForwardStep(Step):
     # Reply accounting, in completions (module docstring), not bytes or messages
     done = 0  # completions received
     sent = 0  # completions requested so far
-    edits: list[tuple[int, bytes | None]] | None = None  # (completion index, bytes to insert before its reply | None = drop it)
+    # (completion index, bytes to insert before its reply | None = drop that reply)
+    edits: list[tuple[int, bytes | None]] | None = None
     parses: list[tuple[int, bytes]] | None = None  # statements this step prepares, at their index
     closes: list[tuple[int, bytes]] | None = None  # statements this step closes (the bound), at their index
     extended = False  # closed by Sync rather than Query
@@ -416,7 +417,8 @@ class ReplyStream:
         if all(s.closed for s in self.steps):
             self.swallow(closes + wire.SYNC, self._statements_dropped)
             return
-        self.steps.append(SwallowStep(self._statements_dropped))  # the open unit is the last one: nothing follows it yet
+        # the open unit is the last one: nothing follows it yet
+        self.steps.append(SwallowStep(self._statements_dropped))
         self.after_sync = closes + wire.SYNC
         self.ahead += wire.FLUSH  # so that `send` looks for the Sync
 
