@@ -20,8 +20,8 @@ import time
 
 from proxy import wire
 from proxy.app import Proxy
-from proxy.backend import ServerConnection
 from proxy.config import parse_config
+from proxy.server.connection import ServerConnection
 from proxy.session import ClientSession, State
 
 CONFIG = """
@@ -77,9 +77,8 @@ def build(replicas: bool):
     servers = {}
     for b in app.topology.current.backends:
         pool = app.pool_for(b, "app", "app")
-        conn = ServerConnection(b.name, b.host, b.port, "app", "app")
+        conn = ServerConnection(b.name, b.host, b.port, "app", "app", pool=pool)
         conn.connection_made(FakeTransport())
-        conn.pool = pool
         pool.idle.append(conn)
         servers[b.name] = conn
     return app, session, servers

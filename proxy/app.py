@@ -19,14 +19,14 @@ from proxy import wire
 from proxy.admin.http import Admin
 from proxy.admin.operations import AdminOps
 from proxy.auth import Verifiers
-from proxy.backend import UNKNOWN_SETTINGS, ServerConnection
 from proxy.commands import Commands
 from proxy.config import Config
 from proxy.dataplane import DataPlane
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
-from proxy.pool import Pool, Pools
 from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
+from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection
+from proxy.server.pool import Pool, Pools
 from proxy.session import ClientSession, State
 from router.classify.classifier import Classifier
 from router.lsn import CommitLsnFetcher

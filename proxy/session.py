@@ -14,7 +14,7 @@ then is routed afresh. In a transaction ('T'/'E') everything stays on the connec
 The connection goes back to its pool at ReadyForQuery 'I' with nothing in flight
 (transaction mode), or stays with the client (session mode, or pinned).
 
-Must not know: how replies are cut into steps (proxy.backend), SQL (router.classify),
+Must not know: how replies are cut into steps (proxy.server.replies), SQL (router.classify),
 which backend to pick (router.policy).
 """
 
@@ -30,11 +30,12 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from proxy import commands, local, wire
-from proxy.backend import UNKNOWN_SETTINGS, ServerConnection, Step, StepKind, send_cancel
 from proxy.errors import (
     AdminShutdown, ConnectionFailure, ProtocolViolation, ProxyError, RoutingError, ServerError, ServerLost,
     ServerLostInTransaction,
 )
+from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection, send_cancel
+from proxy.server.replies import ForwardStep, LocalStep, Step, StepKind, SwallowStep
 from router.classify import Analysis, Pin, Route, TxControl, Unpin
 from router.lsn import COMMIT_LSN_SQL, REPLAY_WAIT_SQL, CommitLsns, format_lsn, parse_lsn
 from router.monitor.probe import PollError
@@ -747,7 +748,7 @@ class ClientSession(asyncio.Protocol):
         elif server.steps and server.steps[0].retry is not None:
             read = server.steps[0]
             read.retrying = True
-            read.error = read.error or {"C": "replica_behind"}
+            read.retry_reason = "replica_behind"
             self._force_primary_next = True
             app.metrics.units.consistency["fallback"] += 1
 
@@ -1070,7 +1071,7 @@ class ClientSession(asyncio.Protocol):
         self.transport.write(reply)
 
     def _attach(self, conn: ServerConnection, backend: BackendState, unit: bytes, facts: UnitFacts) -> None:
-        conn.client = self
+        conn.attach(self, self.transport.write)
         conn.last_client_pid = self.process_id  # (a notification it sends names this client)
         self.server = conn
         self.backend = backend
@@ -1109,8 +1110,7 @@ class ClientSession(asyncio.Protocol):
                 "could not start the transaction on the server: " + step.error.get("M", "")))
 
     def _detach(self, server: ServerConnection) -> None:
-        if server.client is self:
-            server.client = None
+        server.detach(self)
         if self.server is server:
             self.server = None
             backend = self.backend
@@ -1156,7 +1156,7 @@ class ClientSession(asyncio.Protocol):
         return Boundary.GO
 
     def _new_step(self) -> Step:
-        step = Step(_FORWARD)
+        step = ForwardStep()
         step.backend, step.role = self._unit_key
         step.t0 = perf_counter()
         if self._retry_data is not None:
@@ -1221,8 +1221,7 @@ class ClientSession(asyncio.Protocol):
                             self._open = None
                         else:
                             reply = local.simple(answer, 0)[:-6]  # ReadyForQuery comes in turn
-                            local_step = Step(StepKind.LOCAL)
-                            local_step.payload = reply
+                            local_step = LocalStep(reply)
                             self._flush_out(server, out, buf, run, run)
                             out = []
                             server.push(local_step)
@@ -1273,7 +1272,7 @@ class ClientSession(asyncio.Protocol):
                         run = e
                         if sname in server.prepared:
                             server.prepared.move_to_end(sname)
-                            server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
+                            server.add_edit(step, step.sent, wire.PARSE_COMPLETE)
                         else:
                             out.append(self._register(step, sname))
                             out.append(st.parse)
@@ -1290,7 +1289,7 @@ class ClientSession(asyncio.Protocol):
                             self.stmts.pop(name, None)
                             out.append(buf[run:s])
                             run = e
-                            server.add_anchor(step, step.sent, wire.CLOSE_COMPLETE)
+                            server.add_edit(step, step.sent, wire.CLOSE_COMPLETE)
                             continue
                         st = self.stmts.get(name)
                         if st is not None:
@@ -1407,9 +1406,9 @@ class ClientSession(asyncio.Protocol):
         if len(prepared) >= prepared.limit:
             closes = self._close_oldest(step)
         prepared.add(name)
-        if step.regs is None:
-            step.regs = []
-        step.regs.append((step.sent, name))
+        if step.parses is None:
+            step.parses = []
+        step.parses.append((step.sent, name))
         return closes
 
     def _close_oldest(self, step: Step) -> bytes:
@@ -1419,7 +1418,7 @@ class ClientSession(asyncio.Protocol):
             step.closes = []
         for name in server.prepared.make_room():
             out.append(_close(name))
-            server.add_anchor(step, step.sent, None)
+            server.add_edit(step, step.sent, None)
             step.closes.append((step.sent, name))  # (an error before it: still prepared)
             step.sent += 1
         return b"".join(out)
@@ -1447,7 +1446,7 @@ class ClientSession(asyncio.Protocol):
         ParseComplete is dropped, the name is prepared on this connection. Returns the
         Closes to write just before the Parse (`_register`)."""
         closes = self._register(step, st.server_name)
-        self.server.add_anchor(step, step.sent, None)
+        self.server.add_edit(step, step.sent, None)
         step.sent += 1
         return closes
 
@@ -1471,8 +1470,7 @@ class ClientSession(asyncio.Protocol):
             if text is None or server.sql_prepared.get(name) == text:
                 continue
             sql = (f'DEALLOCATE "{name}";\n' if name in server.sql_prepared else "") + text
-            prepare = Step(StepKind.SWALLOW)
-            prepare.closed = True
+            prepare = SwallowStep()
             server.steps.insert(server.steps.index(step), prepare)
             out.append(buf[run:s])
             out.append(wire.query(sql))
@@ -1666,12 +1664,12 @@ class ClientSession(asyncio.Protocol):
     def _retry(self, server: ServerConnection, step: Step) -> None:
         """A replica refused an autocommit read (read-only or recovery conflict) before
         anything reached the client: run it again on the primary."""
-        self.app.metrics.retries.labels(reason=(step.error or {}).get("C", "?")).inc()
+        self.app.metrics.retries.labels(reason=step.retry_reason or "?").inc()
         data = step.retry
         self._release()
         self._requeue(data)
         self._retry_skip = step.delivered
-        if (step.error or {}).get("C") in ("25006", "40001"):
+        if step.retry_reason in ("25006", "40001"):
             self._force_primary_next = True  # the replica cannot run it; the primary can
         self.resume()
 

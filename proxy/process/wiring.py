@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from ops.cutover.logical import LogicalOptions
 from ops.cutover.machine import CutoverSettings
 from ops.migrate.control import publisher_conninfo
-from proxy.config import Config
-from proxy.pool import PoolSettings
+from proxy.config import Config, PoolConfig
 from router.monitor.probe import MonitorSettings
 from router.pg import Endpoint
 from router.topology import BackendSpec, Role
@@ -31,13 +30,13 @@ class RuntimeSettings:
     config in force when they need it)."""
 
     passwords: dict[str, str]  # user -> password: the SCRAM verifiers and the logins to backends
-    pool: PoolSettings
+    pool: PoolConfig  # the pools take [pool] as it is
     monitor: MonitorSettings
     backends: tuple[BackendSpec, ...]  # the active cluster's
 
 
 def runtime_settings(config: Config) -> RuntimeSettings:
-    return RuntimeSettings(passwords(config), pool_settings(config), monitor_settings(config),
+    return RuntimeSettings(passwords(config), config.pool, monitor_settings(config),
                            tuple(backend_specs(config, config.active)))
 
 
@@ -64,15 +63,6 @@ def monitor_settings(config: Config) -> MonitorSettings:
         interval_s=r.monitor_interval_ms / 1000, timeout_s=r.monitor_timeout_ms / 1000,
         catalog_refresh_s=r.catalog_refresh_s,
     )
-
-
-def pool_settings(config: Config) -> PoolSettings:
-    p = config.pool
-    return PoolSettings(size=p.size, connect_timeout_s=p.connect_timeout_s, acquire_timeout_s=p.acquire_timeout_s,
-                        idle_timeout_s=p.idle_timeout_s, server_lifetime_s=p.server_lifetime_s,
-                        keepalive_idle_s=p.keepalive_idle_s, keepalive_interval_s=p.keepalive_interval_s,
-                        keepalive_count=p.keepalive_count, tcp_user_timeout_s=p.tcp_user_timeout_s,
-                        max_prepared_statements=p.max_prepared_statements)
 
 
 def passwords(config: Config) -> dict[str, str]:

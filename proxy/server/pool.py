@@ -19,9 +19,10 @@ from collections import deque
 from time import monotonic
 from dataclasses import dataclass
 
-from proxy.backend import ServerConnection, open_connection, send_cancel
-from proxy.prepared import DEFAULT_LIMIT, Evictions, PreparedStatements
+from proxy.config import PoolConfig
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
+from proxy.server.connection import ServerConnection, open_connection, send_cancel
+from proxy.server.prepared import Evictions, PreparedStatements
 
 log = logging.getLogger("pgsplit.pool")
 
@@ -33,21 +34,7 @@ class Address:
     port: int
 
 
-@dataclass(frozen=True, slots=True)
-class PoolSettings:
-    size: int = 20
-    connect_timeout_s: float = 5.0
-    acquire_timeout_s: float = 10.0
-    idle_timeout_s: float = 600.0
-    server_lifetime_s: float = 3600.0
-    keepalive_idle_s: int = 15
-    keepalive_interval_s: int = 5
-    keepalive_count: int = 3
-    tcp_user_timeout_s: float = 30.0
-    max_prepared_statements: int = DEFAULT_LIMIT  # protocol-level, per server connection
-
-
-def tune_socket(conn: ServerConnection, settings: PoolSettings) -> None:
+def tune_socket(conn: ServerConnection, settings: PoolConfig) -> None:
     """Keepalive and TCP_USER_TIMEOUT on a server connection's socket: a peer that went
     silent (a partition, a stopped host) ends the connection instead of holding it forever,
     whether it is idle (keepalive probes go unanswered) or has data in flight (not
@@ -70,7 +57,7 @@ def tune_socket(conn: ServerConnection, settings: PoolSettings) -> None:
 
 class Pool:
     def __init__(self, address: Address, user: str, database: str, password: str | None,
-                 settings: PoolSettings, *, generation: int = 0, on_connect=None,
+                 settings: PoolConfig, *, generation: int = 0, on_connect=None,
                  evictions: Evictions | None = None):
         self.address = address
         self.user = user
@@ -89,6 +76,14 @@ class Pool:
 
     def set_password(self, password: str | None) -> None:
         self._password = password
+
+    def update_settings(self, settings: PoolConfig) -> None:
+        """New settings for the connections opened and given back from now on; open ones
+        keep their statements (a lower bound closes the extra at their next Parse)."""
+        self.settings = settings
+        self._lifetime = settings.server_lifetime_s
+        for conn in self.connections():
+            conn.prepared.limit = settings.max_prepared_statements
 
     @property
     def total(self) -> int:
@@ -138,7 +133,9 @@ class Pool:
         try:
             conn = await open_connection(
                 addr.backend, addr.host, addr.port, self.user, self.database, self._password,
-                timeout=self.settings.connect_timeout_s,
+                timeout=self.settings.connect_timeout_s, pool=self, generation=self.generation,
+                prepared=PreparedStatements(self.settings.max_prepared_statements, self.evictions),
+                on_lost=self._lost,
             )
         except BaseException as exc:
             self.opening -= 1
@@ -150,10 +147,6 @@ class Pool:
         if self._on_connect:
             self._on_connect(addr.backend, None)
         tune_socket(conn, self.settings)
-        conn.generation = self.generation
-        conn.prepared = PreparedStatements(self.settings.max_prepared_statements, self.evictions)
-        conn.pool = self
-        conn.on_lost = self._lost
         if self.closed:
             conn.close()
             raise ConnectionFailure(f"backend {addr.backend} is no longer in use")
@@ -288,7 +281,7 @@ class Pool:
 class Pools:
     """Every pool of the process, created on first use."""
 
-    def __init__(self, settings: PoolSettings, passwords: dict[str, str], on_connect=None):
+    def __init__(self, settings: PoolConfig, passwords: dict[str, str], on_connect=None):
         self.settings = settings
         self._passwords = passwords
         self._pools: dict[tuple[str, str, str], Pool] = {}
@@ -316,13 +309,10 @@ class Pools:
         for pool in self:
             pool.set_password(passwords.get(pool.user))
 
-    def update_settings(self, settings: PoolSettings) -> None:
+    def update_settings(self, settings: PoolConfig) -> None:
         self.settings = settings
         for pool in self:
-            pool.settings = settings
-            pool._lifetime = settings.server_lifetime_s
-            for conn in pool.connections():  # a lower bound: they close the extra at their next Parse
-                conn.prepared.limit = settings.max_prepared_statements
+            pool.update_settings(settings)
 
     def sweep(self) -> None:
         now = time.monotonic()
