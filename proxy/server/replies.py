@@ -84,6 +84,7 @@ class Step:
     closed = False  # its Sync/Query has been sent
     error: dict[str, str] | None = None  # the fields of its first ErrorResponse
     callback: Callable[[Any], None] | None = None  # (SwallowStep's: run at its ReadyForQuery)
+    t0 = 0.0  # when it was sent (perf_counter; 0 if untimed): units stuck on a down backend are found by it
 
 
 class ForwardStep(Step):
@@ -110,7 +111,6 @@ class ForwardStep(Step):
     backend = ""
     role = ""
     writes = False
-    t0 = 0.0
     analyses: list | None = None  # analyses with effects, pins or transaction control
 
     def __init__(self) -> None:
@@ -124,7 +124,6 @@ class SwallowStep(Step):
     closed = True  # written whole
     rows: list[bytes] | None = None  # DataRow bodies, kept when asked
     lsn = 0  # the LSN a replay check waits for
-    t0 = 0.0  # when a replay check started
     server: Any = None  # the connection, for a callback that needs it
 
     def __init__(self, callback: Callable[[SwallowStep], None] | None = None) -> None:
