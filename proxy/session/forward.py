@@ -159,7 +159,8 @@ class Forwarding:
     def _forward(self, buf: bytes, frames: list, first: int) -> int | None:
         """Forward the complete client messages from frames[first] to the attached server.
         Returns None when all were forwarded, else the index of the first one that must
-        wait."""
+        wait. Each message type's work is a handler of its own (`_BY_TYPE`); the bytes
+        no handler changes go out as they came, in runs."""
         server = self.server
         out: list[bytes] = []
         run = frames[first][1]  # start of a run of bytes forwarded unchanged
@@ -167,7 +168,7 @@ class Forwarding:
         if step is not None and step.retry is not None:
             self._keep_for_retry(step, buf, frames, first)
         stop = None
-        query_analysis: Analysis | None = None
+        by_type = _BY_TYPE
         for i in range(first, len(frames)):
             t, s, e = frames[i]
             if step is not None and step.left_open and t in _MAY_WRITE and self._leaves_replica(step, buf, t, s, e):
@@ -184,6 +185,7 @@ class Forwarding:
                 self._open = step = None
                 stop = i
                 break
+            query = None
             if step is None and t in OPENS_STEP:
                 if t == F_SYNC and server.copy_in_absorb and self._copy_done:
                     server.copy_in_absorb = False  # answered by the step that ran the COPY
@@ -196,134 +198,172 @@ class Forwarding:
                         self._release()
                     break
                 if t == F_QUERY:
-                    query_analysis = self._query_analysis(buf, s, e)
-                    answer = commands.own_answer(self, query_analysis) if query_analysis.effects else None
-                    if answer is not None:
-                        # SET/SHOW pgsplit.* on an attached connection (in a transaction,
-                        # or behind units in flight): answered in its turn.
-                        out.append(buf[run:s])
+                    query = self._query_analysis(buf, s, e)
+                    if query.effects and self._answered_in_turn(query, server, out, buf, run, s):
                         run = e
-                        if answer.error is not None and self.tx.status != TX_IDLE:
-                            out.append(commands.raise_on_server(answer.error))
-                            self._new_step().closed = True
-                            self._open = None
-                        else:
-                            reply = replies.simple(answer, 0)[:-6]  # ReadyForQuery comes in turn
-                            local_step = Step(StepKind.LOCAL)
-                            local_step.payload = reply
-                            self._flush_out(server, out, buf, run, run)
-                            out = []
-                            server.push(local_step)
                         continue
                 step = self._new_step()
+            handler = by_type.get(t)
+            if handler is None:
+                continue
             try:
-                if t == F_EXECUTE:
-                    step.sent += 1
-                    if self._bound_copy:
-                        self._copy_done = False
-                elif t == F_SYNC:
-                    step.closed = step.extended = True
-                    self._open = step = None
-                elif t == F_BIND:
-                    portal, name, off = wire.parse_bind_names(buf[s + 5 : e])
-                    if name:
-                        st = self.carried.stmts.get(name)
-                        if st is not None:
-                            self._note_analysis(step, st.analysis)
-                            a = st.analysis
-                            if step.sent == 0 and (a.executes or a.effects) and self.carried.sql_statements_used(a):
-                                run = self._prepare_sql(server, st.analysis, step, out, buf, run, s)
-                            if st.local:
-                                return self._local_statement_error()
-                            run = self._use_statement(step, st, out, buf, run, s)
-                            out.append(buf[run:s])
-                            out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
-                            run = e
-                            self._bound_copy = st.analysis.is_copy_in
-                        else:
-                            self._bound_copy = False
-                    elif self._unnamed is not None:
-                        self._note_analysis(step, self._unnamed)
-                        self._bound_copy = self._unnamed.is_copy_in
-                    step.sent += 1
-                elif t == F_PARSE:
-                    name, sql, params = wire.parse_parse(buf[s + 5 : e])
-                    if not wire.param_types_ok(params):
-                        raise wire.ProtocolViolation("invalid Parse message")
-                    analysis = self.classify(sql)
-                    self._note_analysis(step, analysis)
-                    if step.sent == 0 and (analysis.executes or analysis.effects) and self.carried.sql_statements_used(analysis):
-                        run = self._prepare_sql(server, analysis, step, out, buf, run, s)
-                    if name:
-                        st = self.register_statement(name, sql, params)
-                        sname = st.server_name
-                        out.append(buf[run:s])
-                        run = e
-                        if sname in server.prepared:
-                            server.prepared.move_to_end(sname)
-                            server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
-                        else:
-                            out.append(self._register(step, sname))
-                            out.append(st.parse)
-                            step.sent += 1
-                    else:
-                        self._unnamed = analysis
-                        step.sent += 1
-                elif t == F_DESCRIBE or t == F_CLOSE:
-                    kind, name = wire.parse_target(buf[s + 5 : e])
-                    if kind == STATEMENT_KIND and name:
-                        if t == F_CLOSE:
-                            # Statements stay prepared on the server for other clients;
-                            # the client's name is forgotten and CloseComplete is its answer.
-                            self.carried.stmts.pop(name, None)
-                            out.append(buf[run:s])
-                            run = e
-                            server.add_anchor(step, step.sent, wire.CLOSE_COMPLETE)
-                            continue
-                        st = self.carried.stmts.get(name)
-                        if st is not None:
-                            run = self._use_statement(step, st, out, buf, run, s)
-                            out.append(buf[run:s])
-                            out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
-                            run = e
-                    step.sent += 2 if (t == F_DESCRIBE and kind == STATEMENT_KIND) else 1
-                elif t == F_QUERY:
-                    if query_analysis is None:  # a Query that closes an open extended group
-                        query_analysis = self._query_analysis(buf, s, e)
-                    analysis, query_analysis = query_analysis, None
-                    self._note_analysis(step, analysis)
-                    if step.sent == 0 and (analysis.executes or analysis.effects) and self.carried.sql_statements_used(analysis):
-                        run = self._prepare_sql(server, analysis, step, out, buf, run, s)
-                    step.closed = True
-                    self._open = step = None
+                run = handler(self, step, buf, s, e, out, run, query)
             except wire.ProtocolViolation:
                 # A body the proxy cannot read goes to the server unchanged: PostgreSQL
                 # answers it (ERROR 08P01) and skips to the Sync, as without the proxy.
                 if t == F_QUERY:
                     step.closed = True
-                    self._open = step = None
+                    self._open = None
                 else:
                     step.sent += 1
-                continue
-            if t == F_COPY_DONE or t == F_COPY_FAIL:
-                self._copy_done = True
-            elif t == F_FLUSH and step is not None:
-                step.left_open = True  # the group stays open, its replies out: see _leaves_replica
-            elif t == F_FUNCTION_CALL:
-                step.writes = True
-                step.closed = True
-                self._open = step = None
-            elif t == F_TERMINATE:
-                out.append(buf[run:s])
-                run = e
-                self._flush_out(server, out, buf, run, s)
-                self.close("client sent Terminate")
-                return None
+            if run < 0:
+                return None  # the session ended
+            step = self._open
         end = frames[stop][1] if stop is not None else frames[-1][2]
         self._flush_out(server, out, buf, run, end)
         if self._open is not None:
             self._open.left_open = True  # the rest of its group comes later: see _leaves_replica
         return stop
+
+    def _answered_in_turn(self, query: Analysis, server: ServerConnection, out: list[bytes], buf: bytes,
+                          run: int, s: int) -> bool:
+        """SET/SHOW pgsplit.* on an attached connection (in a transaction, or behind units
+        in flight): answered in its turn. False when the Query is not the proxy's."""
+        answer = commands.own_answer(self, query)
+        if answer is None:
+            return False
+        out.append(buf[run:s])
+        if answer.error is not None and self.tx.status != TX_IDLE:
+            out.append(commands.raise_on_server(answer.error))
+            self._new_step().closed = True
+            self._open = None
+        else:
+            reply = replies.simple(answer, 0)[:-6]  # ReadyForQuery comes in turn
+            local_step = Step(StepKind.LOCAL)
+            local_step.payload = reply
+            self._flush_out(server, out, buf, s, s)
+            out.clear()
+            server.push(local_step)
+        return True
+
+    # --- one handler per message type: (step, buf, s, e, out, run, query) -> run --------------
+    # `run` is where the bytes forwarded unchanged start; a handler that rewrites the
+    # message appends what precedes it and its own bytes to `out` and moves `run` past it.
+    # -1: the session ended.
+
+    def _on_execute(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        step.sent += 1
+        if self._bound_copy:
+            self._copy_done = False
+        return run
+
+    def _on_sync(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        step.closed = step.extended = True
+        self._open = None
+        return run
+
+    def _on_bind(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        portal, name, off = wire.parse_bind_names(buf[s + 5 : e])
+        if name:
+            st = self.carried.stmts.get(name)
+            if st is not None:
+                a = st.analysis
+                self._note_analysis(step, a)
+                if step.sent == 0 and (a.executes or a.effects) and self.carried.sql_statements_used(a):
+                    run = self._prepare_sql(self.server, a, step, out, buf, run, s)
+                if st.local:
+                    self.fail(ProtocolViolation("a pgsplit command cannot be prepared together with other statements"))
+                    return -1
+                run = self._use_statement(step, st, out, buf, run, s)
+                out.append(buf[run:s])
+                out.append(wire.build_bind(portal, st.server_name, memoryview(buf)[s + 5 + off : e]))
+                run = e
+                self._bound_copy = a.is_copy_in
+            else:
+                self._bound_copy = False
+        elif self._unnamed is not None:
+            self._note_analysis(step, self._unnamed)
+            self._bound_copy = self._unnamed.is_copy_in
+        step.sent += 1
+        return run
+
+    def _on_parse(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        name, sql, params = wire.parse_parse(buf[s + 5 : e])
+        if not wire.param_types_ok(params):
+            raise wire.ProtocolViolation("invalid Parse message")
+        analysis = self.classify(sql)
+        self._note_analysis(step, analysis)
+        server = self.server
+        if step.sent == 0 and (analysis.executes or analysis.effects) and self.carried.sql_statements_used(analysis):
+            run = self._prepare_sql(server, analysis, step, out, buf, run, s)
+        if not name:
+            self._unnamed = analysis
+            step.sent += 1
+            return run
+        st = self.register_statement(name, sql, params)
+        sname = st.server_name
+        out.append(buf[run:s])
+        if sname in server.prepared:
+            server.prepared.move_to_end(sname)
+            server.add_anchor(step, step.sent, wire.PARSE_COMPLETE)
+        else:
+            out.append(self._register(step, sname))
+            out.append(st.parse)
+            step.sent += 1
+        return e
+
+    def _on_describe_or_close(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int,
+                              query) -> int:
+        t = buf[s]
+        kind, name = wire.parse_target(buf[s + 5 : e])
+        if kind == STATEMENT_KIND and name:
+            if t == F_CLOSE:
+                # Statements stay prepared on the server for other clients; the client's
+                # name is forgotten and CloseComplete is its answer.
+                self.carried.stmts.pop(name, None)
+                out.append(buf[run:s])
+                self.server.add_anchor(step, step.sent, wire.CLOSE_COMPLETE)
+                return e
+            st = self.carried.stmts.get(name)
+            if st is not None:
+                run = self._use_statement(step, st, out, buf, run, s)
+                out.append(buf[run:s])
+                out.append(wire.build_target(F_DESCRIBE, kind, st.server_name))
+                run = e
+        step.sent += 2 if (t == F_DESCRIBE and kind == STATEMENT_KIND) else 1
+        return run
+
+    def _on_query(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        if query is None:  # a Query that closes an open extended group
+            query = self._query_analysis(buf, s, e)
+        self._note_analysis(step, query)
+        if step.sent == 0 and (query.executes or query.effects) and self.carried.sql_statements_used(query):
+            run = self._prepare_sql(self.server, query, step, out, buf, run, s)
+        step.closed = True
+        self._open = None
+        return run
+
+    def _on_copy_end(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        self._copy_done = True
+        return run
+
+    def _on_flush(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        if step is not None:
+            step.left_open = True  # the group stays open, its replies out: see _leaves_replica
+        return run
+
+    def _on_function_call(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int,
+                          query) -> int:
+        step.writes = True
+        step.closed = True
+        self._open = None
+        return run
+
+    def _on_terminate(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int, query) -> int:
+        out.append(buf[run:s])
+        self._flush_out(self.server, out, buf, e, s)
+        self.close("client sent Terminate")
+        return -1
 
     def _leaves_replica(self, step: Step, buf: bytes, t: int, s: int, e: int) -> bool:
         """The Query, Parse or Bind at `s` needs the primary, and the group it would join
@@ -375,10 +415,6 @@ class Forwarding:
             out.append(buf[run:end])
         server.send(b"".join(out))
 
-    def _local_statement_error(self) -> None:
-        self.fail(ProtocolViolation("a pgsplit command cannot be prepared together with other statements"))
-        return None
-
     def _answer_locally(self, buf: bytes, frames: list, analyses: list[Analysis]) -> Answered:
         """Units the proxy answers without a server: pgsplit commands, a BEGIN whose
         routing waits for the transaction's first statement, standalone DEALLOCATE."""
@@ -419,3 +455,11 @@ class Forwarding:
         self.transport.write(wire.PARSE_COMPLETE * len(parses) + wire.ready_for_query(self.tx.status))
         return True
 
+
+_BY_TYPE = {
+    F_EXECUTE: Forwarding._on_execute, F_SYNC: Forwarding._on_sync, F_BIND: Forwarding._on_bind,
+    F_PARSE: Forwarding._on_parse, F_DESCRIBE: Forwarding._on_describe_or_close,
+    F_CLOSE: Forwarding._on_describe_or_close, F_QUERY: Forwarding._on_query,
+    F_COPY_DONE: Forwarding._on_copy_end, F_COPY_FAIL: Forwarding._on_copy_end, F_FLUSH: Forwarding._on_flush,
+    F_FUNCTION_CALL: Forwarding._on_function_call, F_TERMINATE: Forwarding._on_terminate,
+}

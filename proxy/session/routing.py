@@ -87,8 +87,12 @@ class Routing:
         short ways take."""
         if data[0] == wire.F_QUERY:
             return (self.classify(data[5:-1]), None) if is_lone_query(data) else None
-        ext = extended_unit(data, self.classify, self.carried.stmts)
-        return None if ext is None else (ext.analysis, ext)
+        ext = extended_unit(data, self.carried.stmts)
+        if ext is None:
+            return None
+        if ext.stmt is None:
+            ext.analysis = self.classify(ext.sql)
+        return ext.analysis, ext
 
     def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "Extended | None",
                    trailer: bytes = b"") -> Step:

@@ -70,22 +70,24 @@ class Extended:
     """A Bind-Execute-Sync unit (`extended_unit`): its analysis and, for a Bind of a
     prepared statement, the pieces to rebuild the Bind with the server's name."""
 
-    __slots__ = ("analysis", "stmt", "described", "portal", "bind_rest", "tail")
+    __slots__ = ("analysis", "stmt", "described", "portal", "bind_rest", "tail", "sql")
 
-    def __init__(self, analysis: Analysis, stmt: Stmt | None, described: bool,
-                 portal: bytes = b"", bind_rest: bytes = b"", tail: bytes = b""):
-        self.analysis = analysis
-        self.stmt = stmt  # None: behind an unnamed Parse
+    def __init__(self, analysis: Analysis | None, stmt: Stmt | None, described: bool,
+                 portal: bytes = b"", bind_rest: bytes = b"", tail: bytes = b"", sql: bytes = b""):
+        self.analysis = analysis  # None until the caller has classified `sql`
+        self.stmt = stmt  # None: behind an unnamed Parse, whose text is `sql`
+        self.sql = sql
         self.described = described
         self.portal = portal
         self.bind_rest = bind_rest  # the Bind's body after the portal and statement names
         self.tail = tail  # [Describe,] Execute, Sync
 
 
-def extended_unit(data: bytes, classify: Classify, stmts: dict[bytes, Stmt]) -> Extended | None:
+def extended_unit(data: bytes, stmts: dict[bytes, Stmt]) -> Extended | None:
     """`data` as Bind, [Describe portal,] Execute, Sync of a statement the session
     prepared (libpq sends the Describe: psql, pgbench, psycopg; asyncpg does not), or the
-    same behind an unnamed Parse (libpq's PQexecParams). None for anything else."""
+    same behind an unnamed Parse (libpq's PQexecParams; its analysis is left to the
+    caller). None for anything else."""
     t = data[0]
     if t != F_BIND and t != F_PARSE:
         return None
@@ -106,7 +108,7 @@ def extended_unit(data: bytes, classify: Classify, stmts: dict[bytes, Stmt]) -> 
         end_sql = data.find(b"\0", 6, start_b)
         if end_sql < 0:
             return None
-        return Extended(classify(data[6:end_sql]), None, described)
+        return Extended(None, None, described, sql=data[6:end_sql])
     try:
         portal, name, off = wire.parse_bind_names(data[5:end_b])
     except wire.ProtocolViolation:
