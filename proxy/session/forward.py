@@ -17,7 +17,6 @@ from proxy import wire
 from proxy.backend import ServerConnection, Step, StepKind
 from proxy.errors import ProtocolViolation
 from proxy.session import commands, replies
-from proxy.session.carried import Stmt
 from proxy.session.commands import Answered
 from proxy.session.stream import State
 from proxy.session.units import (
@@ -426,34 +425,6 @@ class Forwarding:
             if a.effects or a.tx is not None:
                 return commands.answer(self, buf, frames, analyses)
         return Answered.NO
-
-    def register_statement(self, name: bytes, sql: bytes, params: bytes) -> Stmt:
-        """Remember a named statement the client prepared; servers get it when needed."""
-        return self.carried.register(name, sql, params, self.classify(sql))
-
-    def _prepare_locally(self, buf: bytes, frames: list) -> bool:
-        """Named Parses and a Sync, nothing else: the statements are remembered and
-        prepared on a server when first used (as PgBouncer does). No server connection
-        is held for them: a client that prepares synchronously while other clients of
-        the same thread hold the pool's connections (pgbench -M prepared) cannot
-        deadlock on the pool."""
-        if frames[-1][0] != F_SYNC or len(frames) < 2:
-            return False
-        parses = []
-        for t, s, e in frames[:-1]:
-            if t != F_PARSE:
-                return False
-            name, sql, params = wire.parse_parse(buf[s + 5 : e])
-            if not name or not wire.param_types_ok(params):
-                return False  # (a malformed one is the server's to refuse)
-            parses.append((name, sql, params))
-        for name, sql, params in parses:
-            if commands.answers_each_time(self.classify(sql)):
-                return False  # answered by the proxy on each execution
-        for name, sql, params in parses:
-            self.register_statement(name, sql, params)
-        self.transport.write(wire.PARSE_COMPLETE * len(parses) + wire.ready_for_query(self.tx.status))
-        return True
 
 
 _BY_TYPE = {

@@ -1,10 +1,12 @@
-"""The client's statements on the attached server connection.
+"""The client's prepared statements, and putting them on the attached server connection.
 
-Owns (as a part of ClientSession): preparing a named statement where it is first used
-(its ParseComplete dropped: an anchor of the step), keeping each connection within its
-bound of prepared statements (the least recently used closed first), preparing the
-client's SQL-prepared statements ahead of the unit that EXECUTEs them, and noting on a
-step what the session must learn from its end (writes, effects, transaction control).
+Owns (as a part of ClientSession): remembering the named statements a client prepares (a
+group of named Parses and a Sync is answered here, no server needed), preparing one where
+it is first used (its ParseComplete dropped: an anchor of the step), keeping each
+connection within its bound of prepared statements (the least recently used closed
+first), preparing the client's SQL-prepared statements ahead of the unit that EXECUTEs
+them, and noting on a step what the session must learn from its end (writes, effects,
+transaction control).
 Must not know: routing, the process.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from proxy import wire
 from proxy.backend import ServerConnection, Step, StepKind
+from proxy.session import commands
 from proxy.session.carried import Stmt
 from proxy.session.units import STATEMENT_KIND
 from router.classify import Analysis, Route, TxControl
@@ -103,3 +106,31 @@ class Statements:
             out.append(wire.query(sql))
             run = s
         return run
+
+    def register_statement(self, name: bytes, sql: bytes, params: bytes) -> Stmt:
+        """Remember a named statement the client prepared; servers get it when needed."""
+        return self.carried.register(name, sql, params, self.classify(sql))
+
+    def _prepare_locally(self, buf: bytes, frames: list) -> bool:
+        """Named Parses and a Sync, nothing else: the statements are remembered and
+        prepared on a server when first used (as PgBouncer does). No server connection
+        is held for them: a client that prepares synchronously while other clients of
+        the same thread hold the pool's connections (pgbench -M prepared) cannot
+        deadlock on the pool."""
+        if frames[-1][0] != wire.F_SYNC or len(frames) < 2:
+            return False
+        parses = []
+        for t, s, e in frames[:-1]:
+            if t != wire.F_PARSE:
+                return False
+            name, sql, params = wire.parse_parse(buf[s + 5 : e])
+            if not name or not wire.param_types_ok(params):
+                return False  # (a malformed one is the server's to refuse)
+            parses.append((name, sql, params))
+        for name, sql, params in parses:
+            if commands.answers_each_time(self.classify(sql)):
+                return False  # answered by the proxy on each execution
+        for name, sql, params in parses:
+            self.register_statement(name, sql, params)
+        self.transport.write(wire.PARSE_COMPLETE * len(parses) + wire.ready_for_query(self.tx.status))
+        return True
