@@ -147,12 +147,9 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
     def data_received(self, data: bytes) -> None:
         if self.state is State.READY:
             # The common unit (a lone Query, or Bind/Execute/Sync of a prepared statement)
-            # of an idle session or inside a transaction takes a short way; anything else
+            # of an idle session or inside a transaction takes the short way; anything else
             # the general one.
-            if self.server is None:
-                if self._plain and not self._stash and self._fast_unit(data):
-                    return
-            elif self.tx.status == wire.TX_IN_BLOCK and self._in_transaction_unit(data):
+            if not self._stash and self._common_unit(data):
                 return
             if self._skip:
                 data = self._pass_long(data)

@@ -1,12 +1,12 @@
 """Choosing a server connection for a unit, and the short way for the common unit.
 
-Owns (as a part of ClientSession): the short way a lone Query or a Bind-Execute-Sync of
-an idle session (or of a transaction whose BEGIN the proxy answered) is routed and sent
-in one go, with the replay check or the commit's LSN read on its connection when
-read-your-writes needs them; the same unit inside a transaction; the slow way of routing
-(fetch the token, wait for a replica, wait for a pool connection, in a task while the
-unit's bytes wait); and the answers for a unit that cannot run (no backend, a
-transaction the proxy rolled back).
+Owns (as a part of ClientSession): the short way (`_common_unit`): a lone Query or a
+Bind-Execute-Sync, recognised once, of an idle session (or of a transaction whose BEGIN
+the proxy answered) is routed and sent in one go, with the replay check or the commit's
+LSN read on its connection when read-your-writes needs them, and inside a transaction is
+sent on the attached connection; the slow way of routing (fetch the token, wait for a
+replica, wait for a pool connection, in a task while the unit's bytes wait); and the
+answers for a unit that cannot run (no backend, a transaction the proxy rolled back).
 Must not know: the process (only proxy.session.host), how replies are cut into steps.
 """
 
@@ -33,7 +33,7 @@ from router.topology import BackendState, Role
 
 log = logging.getLogger("pgsplit.session")
 
-TX_IDLE = wire.TX_IDLE
+TX_IDLE, TX_IN_BLOCK = wire.TX_IDLE, wire.TX_IN_BLOCK
 _WRITE = Route.WRITE
 _READ_UNIT = UnitFacts(False, None)
 _WRITE_UNIT = UnitFacts(True, None)
@@ -123,16 +123,33 @@ class Routing:
         conn.send(parse + wire.build_bind(ext.portal, stmt.server_name, ext.bind_rest) + ext.tail + trailer)
         return step
 
-    def _fast_unit(self, data: bytes) -> bool:
-        """Route and forward a lone Query or a Bind-Execute-Sync of an idle session, or
-        the first statement of a transaction whose BEGIN the proxy answered (it goes to the
-        primary, the BEGIN ahead of it), without the general framing loop. False (nothing
-        done) when the unit is anything else: the general path then handles it from
-        scratch."""
+    def _common_unit(self, data: bytes) -> bool:
+        """The short way: a lone Query or a Bind-Execute-Sync (its shape recognised once,
+        `_short_unit`) that needs none of the general path's work. From an idle session
+        (or the first statement of a transaction whose BEGIN the proxy answered: it goes
+        to the primary, the BEGIN ahead of it) it is routed and sent in one go; inside the
+        transaction of the attached connection, with nothing in flight, it is sent there
+        (COMMIT and ROLLBACK too: their analysis goes with the step). False (nothing
+        done) for anything else: the general path then handles it from scratch."""
+        server = self.server
+        if server is None:
+            if not self._plain:
+                return False
+        elif (self.tx.status != TX_IN_BLOCK or server.steps or self._open is not None or self._skip
+                or self._skip_to_sync or self._routing is not None):
+            return False
         unit = self._short_unit(data)
         if unit is None:
             return False
         analysis, ext = unit
+        if server is not None:
+            if tracked_in_transaction(analysis):
+                return False
+            self._fresh = False
+            step = self._send_unit(server, data, analysis, ext)
+            if analysis.tx is not None:  # COMMIT, ROLLBACK, SAVEPOINT...: seen at its ReadyForQuery
+                self._note_analysis(step, analysis)
+            return True
         deferred = self.tx.deferred_begin
         if needs_tracking(analysis) or analysis.hint is not None:
             if (analysis.tx is TxControl.BEGIN and ext is None and deferred is None
@@ -185,27 +202,6 @@ class Routing:
             conn.swallow(_COMMIT_LSNS, self._commit_lsns_read, rows=True, written=True).server = conn
         else:
             self._send_unit(conn, data, analysis, ext)
-        return True
-
-    def _in_transaction_unit(self, data: bytes) -> bool:
-        """A lone Query or a Bind-Execute-Sync inside the transaction of the attached
-        connection, with nothing in flight and nothing `tracked_in_transaction` (COMMIT
-        and ROLLBACK are fine: their analysis goes with the step, as on the general path):
-        forwarded as the general path would. False (nothing done) otherwise."""
-        server = self.server
-        if (server.steps or self._open is not None or self._stash or self._skip or self._skip_to_sync
-                or self._routing is not None):
-            return False
-        unit = self._short_unit(data)
-        if unit is None:
-            return False
-        analysis, ext = unit
-        if tracked_in_transaction(analysis):
-            return False
-        self._fresh = False
-        step = self._send_unit(server, data, analysis, ext)
-        if analysis.tx is not None:  # COMMIT, ROLLBACK, SAVEPOINT...: seen at its ReadyForQuery
-            self._note_analysis(step, analysis)
         return True
 
     def _replay_checked(self, wait: Step) -> None:
