@@ -84,7 +84,7 @@ class Routing:
     def _short_unit(self, data: bytes) -> "tuple[Analysis, Extended | None] | None":
         """(analysis, None) for a lone Query, (analysis, its parts) for a
         Bind-Execute-Sync (units.extended_unit), None for any other unit: the shapes the
-        short ways take."""
+        short way takes."""
         if data[0] == wire.F_QUERY:
             return (self.classify(data[5:-1]), None) if is_lone_query(data) else None
         ext = extended_unit(data, self.carried.stmts)
