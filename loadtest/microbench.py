@@ -22,7 +22,7 @@ from proxy import wire
 from proxy.app import Proxy
 from proxy.config import parse_config
 from proxy.server.connection import ServerConnection
-from proxy.session import ClientSession, State
+from proxy.session.client import ClientSession, State
 
 CONFIG = """
 active = "main"

@@ -19,21 +19,20 @@ from proxy import wire
 from proxy.admin.http import Admin
 from proxy.admin.operations import AdminOps
 from proxy.auth import Verifiers
-from proxy.commands import Commands
 from proxy.config import Config
+from proxy.consistency import ReadYourWrites
 from proxy.dataplane import DataPlane
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
 from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
 from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection
 from proxy.server.pool import Pool, Pools
-from proxy.session import ClientSession, State
+from proxy.session.client import ClientSession, State
 from router.classify.classifier import Classifier
 from router.lsn import CommitLsnFetcher
 from router.monitor.lag import initial_topology
 from router.monitor.monitor import Monitor
-from router.monitor.probe import PollError
-from router.policy import Decision, UnitFacts, startup_backend
+from router.policy import startup_backend
 from router.topology import BackendState, Role, TopologyHolder
 
 log = logging.getLogger("pgsplit")
@@ -49,7 +48,6 @@ class Proxy:
         settings = runtime_settings(config)
         self.verifiers = Verifiers(settings.passwords)
         self.classifier = Classifier(config.routing.classify_cache_size)
-        self.commands = Commands(self)
         self.session_pooling = config.pool.mode == "session"
         self.pools = Pools(settings.pool, settings.passwords, on_connect=self._connected)
         specs = list(settings.backends)
@@ -59,6 +57,8 @@ class Proxy:
         self._catalog_databases: set[str] = set()  # databases whose catalog was read
         self.monitor.databases = lambda: self._catalog_databases
         self.lsn_fetcher = CommitLsnFetcher(self.monitor.primary_commit_lsns)
+        self.consistency = ReadYourWrites(self.lsn_fetcher, self.monitor, self.topology, self.metrics,
+                                          lambda: self.config.routing)
         self._async_default: dict[tuple[str, str], bool] = {}  # (user, db): synchronous_commit off
         self.load: dict[str, int] = {}
         self.sessions: set[ClientSession] = set()
@@ -195,7 +195,7 @@ class Proxy:
         for s in self.sessions:
             if s.state is State.HANDSHAKE:
                 counts["handshake"] += 1
-            elif s._routing is not None:
+            elif s.waiting:
                 counts["waiting"] += 1
             elif s.server is not None:
                 counts["active"] += 1
@@ -250,19 +250,23 @@ class Proxy:
                     exc.fields = {**exc.fields, "M": exc.message}
                 raise
         try:
-            if conn.settings_key != session.settings_key:
+            replay = session.carried.settings_for(conn)
+            if replay is not None:
                 done = asyncio.get_running_loop().create_future()
-                conn.swallow(wire.query(session.replay_sql()), done.set_result)
-                step = await done
+                conn.swallow(replay, done.set_result)
+                try:
+                    step = await done
+                except BaseException:
+                    conn.settings_key = UNKNOWN_SETTINGS  # (whether the replay ran is not known)
+                    raise
                 if step.error is not None:
                     conn.settings_key = UNKNOWN_SETTINGS  # (the replay was undone as a whole)
                     raise ServerError(step.error, fatal=True)
-                conn.settings_key = session.settings_key
             params = dict(conn.params)
             key = (session.user, session.database)
             if key not in self._async_default:
                 self._async_default[key] = await _async_commit_default(conn)
-            session.async_default = self._async_default[key]
+            session.carried.async_default = self._async_default[key]
         finally:
             pool.release(conn)
         if "in_hot_standby" in params:
@@ -288,50 +292,6 @@ class Proxy:
         self.config = self.config.with_active(name)
         self.pools.retire_backends({s.name for s in specs})
         return topology
-
-    # --- read-your-writes --------------------------------------------------------------------
-
-    async def lsn_token(self, session: ClientSession) -> int:
-        """The LSN a replica must have replayed for this session's next read."""
-        try:
-            if session.consistency == "global":
-                # Other sessions' commits may be asynchronous: the insert position covers them.
-                return (await self.lsn_fetcher.fetch_current()).covering(True)
-            lsn = (await self.lsn_fetcher.fetch_after(session.commit_ticket)).covering(session.commit_async)
-        except (PollError, ConnectionError, OSError, TimeoutError):
-            # The primary does not answer. The monitor's last sample of its WAL position
-            # still serves if that poll was sent after the commit (or the read) began.
-            since = session.commit_time if session.consistency != "global" else asyncio.get_running_loop().time()
-            topo = self.topology.current
-            if topo.primary_lsn is None or topo.primary_lsn_at <= since:
-                raise
-            lsn = topo.primary_lsn
-            if session.consistency == "global":
-                return lsn
-        session.token = lsn if session.token is None else max(session.token, lsn)
-        session.commit_pending = False
-        token = session.token
-        if session.consistency == "token" and session.min_lsn is not None:
-            token = max(token, session.min_lsn)
-        return token
-
-    def note_consistency(self, decision: Decision) -> None:
-        """A read that carried a token was routed without waiting."""
-        if decision.backend is not None and decision.backend.role is Role.REPLICA:
-            self.metrics.units.consistency["immediate"] += 1
-        else:
-            self.metrics.units.consistency["fallback"] += 1
-
-    async def wait_for_replica(self, session: ClientSession, facts: UnitFacts, lsn: int) -> Decision:
-        # (only reached with consistency_wait_ms > 0: the policy offers no wait otherwise)
-        t0 = time.perf_counter()
-        await self.monitor.wait_for_lsn(lsn, self.config.routing.consistency_wait_ms / 1000)
-        decision = session._decide(facts, lsn, allow_wait=False)
-        waited = time.perf_counter() - t0
-        self.metrics.consistency_wait_seconds.observe(waited)
-        outcome = "waited" if decision.backend is not None and decision.backend.role is Role.REPLICA else "fallback"
-        self.metrics.units.consistency[outcome] += 1
-        return decision
 
     # --- what the admin operations ask of the process (proxy.admin.operations) --------------------
 

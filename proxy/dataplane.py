@@ -21,7 +21,7 @@ from proxy.errors import AdminShutdown
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.app import Proxy
-    from proxy.session import ClientSession
+    from proxy.session.client import ClientSession
     from router.topology import Topology
 
 log = logging.getLogger("pgsplit.dataplane")
@@ -69,14 +69,7 @@ class DataPlane:
     @staticmethod
     def _busy(session: "ClientSession") -> tuple[bool, bool]:
         """(a unit is in flight, the session is idle in a transaction)"""
-        server = session.server
-        if session._routing is not None:
-            return True, False
-        if server is None:
-            return False, session.status != 0x49 and session._deferred_begin is None
-        if server.steps or session._open is not None:
-            return True, False
-        return False, session.status != 0x49
+        return session.activity()
 
     def census(self) -> tuple[int, int]:
         in_flight = idle_tx = 0
@@ -137,7 +130,7 @@ class DataPlane:
         """Sessions pinned to a server connection of the old set lose that state."""
         n = 0
         for session in list(self.proxy.sessions):
-            if session.pins:
+            if session.carried.pins:
                 session.fail(AdminShutdown(reason))
                 n += 1
         return n

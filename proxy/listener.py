@@ -20,7 +20,7 @@ from proxy.auth import SCRAM
 from proxy.errors import (
     FeatureNotSupported, InvalidAuthorization, ProtocolViolation, ProxyError, QueryCanceled, TooManyConnections,
 )
-from proxy.session import ClientSession
+from proxy.session.client import ClientSession
 
 if TYPE_CHECKING:  # pragma: no cover
     from proxy.app import Proxy

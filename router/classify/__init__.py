@@ -1,6 +1,3 @@
-"""SQL text -> routing and session-state analysis (router.classify.classifier). Import
-from the submodules; the names below are re-exported for proxy/session.py only."""
-
-from router.classify.analysis import Analysis, Pin, Route, TxControl, Unpin
-
-__all__ = ["Analysis", "Pin", "Route", "TxControl", "Unpin"]
+"""SQL text -> routing and session-state analysis. Import from the submodules: analysis
+(what a statement is), prefilter (the no-parse shortcuts), functions (writer and volatile
+functions), tree (the parse-tree walk), classifier (the caches in front of it)."""

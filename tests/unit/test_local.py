@@ -1,4 +1,4 @@
-"""proxy.local: replies the proxy composes must have exactly the shape a server's would.
+"""proxy.session.replies: replies the proxy composes must have exactly the shape a server's would.
 
 Message flow per the PostgreSQL docs, "Frontend/Backend Protocol", 55.2 Message Flow
 (Simple Query; Extended Query): ParseComplete '1', BindComplete '2', CloseComplete '3',
@@ -16,9 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import local, wire
+from proxy import wire
 from proxy.errors import InvalidParameterValue, UndefinedObject
-from proxy.local import Answer
+from proxy.session import replies as local
+from proxy.session.replies import Answer
 
 # See tests/unit/test_policy.py: keeps a failing hypothesis example readable under
 # filterwarnings=error (libcst warns on import when hypothesis prints a patch).

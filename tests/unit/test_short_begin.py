@@ -36,7 +36,7 @@ def replay(script: list[bytes], general: bool) -> list[tuple]:
                 session.data_received(msg)
             server = session.server
             sent = taken(server.transport) if server is not None else b""
-            seen.append((taken(session.transport), session.status, session._deferred_begin, sent))
+            seen.append((taken(session.transport), session.status, session.tx.deferred_begin, sent))
             if server is not None:
                 queries = sent.count(b"Q\0\0\0")
                 status = b"I" if b"COMMIT" in sent else b"T"

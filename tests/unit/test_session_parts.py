@@ -1,0 +1,293 @@
+"""The parts of a client session, each on its own (the transaction's transitions, the
+carried state's catch-up, the token's rules, unit framing), and a real ClientSession
+driven through tests/support's FakeSessionHost with recording transports."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from proxy import wire
+from proxy.session.carried import CarriedState
+from proxy.session.consistency import SessionToken, outcome
+from proxy.session.transaction import Phase, Transaction, TransitionError
+from proxy.session.units import extended_unit, is_lone_query, scan_unit, unit_facts
+from router.classify.classifier import Classifier
+from tests.support.fakes import FakeSessionHost, new_session, taken
+
+I, T, E = wire.TX_IDLE, wire.TX_IN_BLOCK, wire.TX_FAILED
+classifier = Classifier(1000)
+
+
+def analyse(sql: str):
+    return classifier.classify(sql)
+
+
+def execute() -> bytes:
+    return wire.message(wire.F_EXECUTE, b"\0\0\0\0\0")
+
+
+# --- transaction -------------------------------------------------------------------------
+
+
+def test_a_deferred_begin_is_sent_once_and_the_server_then_decides():
+    tx = Transaction()
+    tx.begin_answered(b"BEGIN")
+    assert (tx.phase, tx.status, tx.deferred_begin) == (Phase.DEFERRED, T, b"BEGIN")
+    assert tx.begin_sent() == b"BEGIN"
+    assert (tx.phase, tx.status, tx.deferred_begin) == (Phase.IN_BLOCK, T, None)
+    tx.ready(E)
+    assert (tx.phase, tx.status) == (Phase.FAILED, E)
+    tx.ready(I)
+    assert (tx.phase, tx.status) == (Phase.IDLE, I)
+
+
+def test_an_error_answered_fails_an_open_block_and_leaves_an_idle_session_idle():
+    tx = Transaction()
+    tx.error_answered()
+    assert tx.status == I
+    tx.begin_answered(b"BEGIN")
+    tx.error_answered()
+    assert (tx.phase, tx.status, tx.deferred_begin) == (Phase.DEFERRED_FAILED, E, b"BEGIN")
+    tx.end_answered()
+    assert (tx.phase, tx.status, tx.deferred_begin) == (Phase.IDLE, I, None)
+
+
+def test_a_rollback_by_the_proxy_lasts_until_the_client_ends_the_block():
+    tx = Transaction()
+    tx.ready(T)
+    tx.rolled_back_here("the cutover")
+    assert (tx.status, tx.aborted) == (E, "the cutover")
+    tx.rollback_answered()
+    assert (tx.status, tx.aborted) == (I, None)
+
+
+@pytest.mark.parametrize("event", ["begin_sent", "end_answered", "rollback_answered"])
+def test_an_event_the_phase_does_not_allow_fails_loudly(event):
+    tx = Transaction()
+    with pytest.raises(TransitionError):
+        getattr(tx, event)()
+    assert tx.status == I
+
+
+def test_a_begin_inside_a_block_is_not_answered_again():
+    tx = Transaction()
+    tx.ready(T)
+    with pytest.raises(TransitionError):
+        tx.begin_answered(b"BEGIN")
+
+
+def test_session_effects_in_a_transaction_wait_for_its_commit():
+    carried = CarriedState(classifier.classify)
+    tx = Transaction()
+    step = SimpleNamespace(status=T, error=None, writes=False, role="primary",
+                           analyses=[analyse("SET work_mem = '64MB'")])
+    assert tx.after_unit(step, carried, None) is None
+    assert "work_mem" not in carried.settings
+    step = SimpleNamespace(status=I, error=None, writes=False, role="primary", analyses=[analyse("COMMIT")])
+    tx.after_unit(step, carried, None)
+    assert carried.settings["work_mem"].lower().startswith("set work_mem")
+
+
+def test_a_write_that_ended_asks_for_its_commit_to_be_noted():
+    carried = CarriedState(classifier.classify)
+    tx = Transaction()
+    step = SimpleNamespace(status=I, error=None, writes=True, role="primary", analyses=None)
+    assert tx.after_unit(step, carried, None) is True  # (the default: commits may be asynchronous)
+    carried.async_default = False
+    assert tx.after_unit(step, carried, None) is False
+    step.role = "replica"
+    assert tx.after_unit(step, carried, None) is None
+
+
+# --- carried state ------------------------------------------------------------------------
+
+
+def test_a_connection_is_sent_the_settings_it_lacks_once():
+    carried = CarriedState(classifier.classify)
+    carried.startup({"application_name": "it's"})
+    conn = SimpleNamespace(settings_key=(), sql_prepared={})
+    replay = carried.settings_for(conn)
+    assert replay == wire.query("RESET SESSION AUTHORIZATION;\nRESET ALL;\nSET application_name = 'it''s'")
+    assert carried.settings_for(conn) is None
+    carried.apply(analyse("SET work_mem = '64MB'"), None)
+    assert b"work_mem" in carried.settings_for(conn)
+    carried.apply(analyse("RESET ALL"), None)
+    assert carried.settings_for(conn) == replay
+
+
+def test_a_connection_is_sent_the_sql_prepared_statements_a_unit_executes():
+    carried = CarriedState(classifier.classify)
+    carried.apply(analyse("PREPARE q AS SELECT 1"), None)
+    conn = SimpleNamespace(settings_key=(), sql_prepared={})
+    assert carried.sql_prepares_for(conn, analyse("EXECUTE q")) == ["PREPARE q AS SELECT 1"]
+    assert carried.sql_prepares_for(conn, analyse("EXECUTE q")) == []
+    conn.sql_prepared["q"] = "PREPARE q AS SELECT 2"  # another client's, left there
+    assert carried.sql_prepares_for(conn, analyse("EXECUTE q")) == ['DEALLOCATE "q";\nPREPARE q AS SELECT 1']
+
+
+def test_pins_come_and_go_with_their_statements():
+    carried = CarriedState(classifier.classify)
+    carried.pin(analyse("LISTEN x"))
+    assert carried.pins
+    carried.pin(analyse("UNLISTEN *"))
+    assert not carried.pins
+
+
+# --- token -------------------------------------------------------------------------------
+
+
+def test_a_read_after_a_commit_needs_its_lsn_fetched_then_carries_it():
+    token = SessionToken("session")
+    assert token.read_requirement(False) == (None, False)
+    token.note_commit(7, False, 1.0)
+    assert token.read_requirement(False) == (None, True)
+    assert token.read_requirement(True) == (None, False)  # a write needs no token
+    assert token.learned(100) == 100
+    assert token.learned(50) == 100  # never goes back
+    assert token.read_requirement(False) == (100, False)
+
+
+def test_the_modes_of_the_token():
+    token = SessionToken("token")
+    token.min_lsn = 500
+    assert token.read_requirement(False) == (500, False)
+    assert token.learned(100) == 500
+    token.mode = "global"
+    assert token.read_requirement(False) == (None, True)
+    token.mode = "eventual"
+    assert token.read_requirement(False) == (None, False)
+    token.restart(42)
+    assert (token.lsn, token.min_lsn, token.pending) == (42, None, False)
+
+
+def test_how_a_read_with_a_token_was_served():
+    assert [outcome(True, False), outcome(True, True), outcome(False, True), outcome(False, False)] == \
+        ["immediate", "waited", "fallback", "fallback"]
+
+
+# --- units -------------------------------------------------------------------------------
+
+
+def test_the_shapes_of_the_common_unit():
+    assert is_lone_query(wire.query("SELECT 1"))
+    assert not is_lone_query(wire.query("SELECT 1") + wire.query("SELECT 2"))
+    parse = wire.build_parse(b"", b"SELECT $1", b"\0\0")
+    bind = wire.build_bind(b"", b"", b"\0\0\0\0\0\0")
+    ext = extended_unit(parse + bind + execute() + wire.SYNC, {})
+    assert ext is not None and (ext.stmt, ext.sql, ext.described) == (None, b"SELECT $1", False)
+    assert extended_unit(parse + bind + execute() + wire.FLUSH, {}) is None
+
+
+def test_a_unit_ends_at_its_sync_and_waits_for_it():
+    buf = wire.build_parse(b"", b"UPDATE t SET a = 1", b"\0\0") + wire.build_bind(b"", b"", b"\0\0\0\0\0\0")
+    whole = buf + execute() + wire.SYNC
+    frames, _ = wire.split_messages(whole)
+    last, analyses, fcall = scan_unit(whole, frames, 0, lambda sql: analyse(sql.decode()), {}, None)
+    assert (last, len(analyses), fcall) == (3, 2, False)  # the Bind runs the unnamed Parse's statement
+    assert unit_facts(analyses, fcall, {}, False).writes
+    more = whole + wire.query("SELECT 1")  # a unit behind it, cut short
+    frames, _ = wire.split_messages(more + b"Q\0\0\0\x20SEL")
+    assert scan_unit(more, frames, 0, lambda sql: analyse(sql.decode()), {}, None)[0] == 3
+
+
+def test_an_execute_of_a_prepared_read_is_a_read():
+    facts = unit_facts([analyse("EXECUTE q")], False, {"q": analyse("SELECT 1")}, False)
+    assert not facts.writes
+
+
+# --- a session through the fake host ------------------------------------------------------
+
+
+def drive(script):
+    async def go():
+        await script()
+    asyncio.run(go())
+
+
+def test_a_read_runs_on_the_replica_and_its_connection_goes_back():
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(wire.query("SELECT 1"))
+        server = session.server
+        assert server is host.servers["r"] and host.load == {"r": 1}
+        assert taken(server.transport) == wire.query("SELECT 1")
+        server.data_received(wire.command_complete("SELECT 1") + wire.ready_for_query())
+        assert session.server is None and host.load == {"r": 0}
+        assert host.pools["r"].released == [server]
+        assert taken(session.transport) == wire.command_complete("SELECT 1") + wire.ready_for_query()
+    drive(script)
+
+
+def test_a_transaction_goes_to_the_primary_with_its_begin_ahead_and_its_commit_is_noted():
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(wire.query("BEGIN"))
+        assert session.status == T and session.server is None
+        assert taken(session.transport) == wire.command_complete("BEGIN") + wire.ready_for_query(T)
+        session.data_received(wire.query("SELECT 1"))
+        server = session.server
+        assert server is host.servers["p"]
+        assert taken(server.transport) == wire.query("BEGIN") + wire.query("SELECT 1")
+        server.data_received(wire.command_complete("BEGIN") + wire.ready_for_query(T)
+                             + wire.command_complete("SELECT 1") + wire.ready_for_query(T))
+        session.data_received(wire.query("INSERT INTO t VALUES (1)"))
+        server.data_received(wire.command_complete("INSERT 0 1") + wire.ready_for_query(T))
+        session.data_received(wire.query("COMMIT"))
+        server.data_received(wire.command_complete("COMMIT") + wire.ready_for_query(I))
+        assert session.status == I and session.server is None
+        assert session.token.pending and host.consistency.tickets == 1
+    drive(script)
+
+
+def test_a_read_after_a_commit_fetches_the_token_from_the_host_then_reads_where_it_is_replayed():
+    async def script():
+        host = FakeSessionHost(replica_lsn=200)
+        host.consistency.primary_lsn = 150
+        session = new_session(host)
+        session.token.note_commit(1, False, 0.0)
+        session.data_received(wire.query("SELECT 1"))
+        assert session.waiting and session.server is None
+        await asyncio.gather(*host.tasks)
+        assert not session.waiting and session.server is host.servers["r"]
+        assert session.token.lsn == 150 and host.consistency.counted == ["immediate"]
+    drive(script)
+
+
+def test_a_session_setting_follows_the_client_to_the_next_connection():
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(wire.query("SET work_mem = '64MB'"))
+        server = session.server
+        assert server is host.servers["r"]  # (a SET reads nothing)
+        taken(server.transport)
+        server.data_received(wire.command_complete("SET") + wire.ready_for_query(I))
+        assert session.server is None and server.settings_key == session.carried.settings_key
+        session.data_received(wire.query("INSERT INTO t VALUES (1)"))
+        primary = host.servers["p"]
+        assert session.server is primary
+        replay = session.carried.settings_for(SimpleNamespace(settings_key=()))
+        assert b"SET work_mem = '64MB'" in replay
+        # the settings ahead of the write, in the same write (then the commit's LSN query)
+        assert taken(primary.transport).startswith(replay + wire.query("INSERT INTO t VALUES (1)"))
+    drive(script)
+
+
+def test_the_activity_a_pause_waits_for():
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        assert session.activity() == (False, False)
+        session.data_received(wire.query("BEGIN"))
+        assert session.activity() == (False, False)  # (its BEGIN never left the proxy)
+        session.data_received(wire.query("UPDATE t SET a = 1"))
+        assert session.activity() == (True, False)
+        session.server.data_received(wire.command_complete("BEGIN") + wire.ready_for_query(T)
+                                     + wire.command_complete("UPDATE 1") + wire.ready_for_query(T))
+        assert session.activity() == (False, True)
+    drive(script)
