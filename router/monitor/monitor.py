@@ -20,7 +20,8 @@ A round (every `interval_s`, 100 ms by default):
    probe (re)connects first if it has no connection;
 2. the round waits for the polls of backends believed up, at most half an interval, so a
    slow or dead backend never holds back the others: it keeps its last sample until its
-   own `timeout_s` has passed, then counts as down (a failed poll counts at once);
+   own `timeout_s` has passed, then counts as down (a failed poll counts at once, in
+   the next round, even if a newer poll has answered by then: `Probe.take`);
 3. the samples are turned into a new `Topology` (`build_topology`), installed with one
    assignment; state changes are logged and gauges updated; LSN waiters are woken.
 """
@@ -189,7 +190,7 @@ class Monitor:
         now = asyncio.get_running_loop().time()
         samples: dict[str, Sample | BaseException] = {}
         for p in probes:
-            s = p.current(now)
+            s = p.take(now)
             if s is not None:
                 samples[p.name] = s
         topo = build_topology(previous, samples,

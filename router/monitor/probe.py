@@ -75,6 +75,7 @@ class Probe:
         self.task_started = 0.0
         self.latest: Sample | PollError | None = None
         self.latest_started = 0.0
+        self.unreported: PollError | None = None  # a failed poll no round has installed yet
         self.down_since: float | None = None  # mark_down: ignore samples sent before it
 
     @property
@@ -89,9 +90,20 @@ class Probe:
             self.task = loop.create_task(self._poll(self.task_started), name=f"pgsplit-monitor-poll-{self.name}")
         return self.task
 
+    def take(self, now: float) -> Sample | PollError | None:
+        """What a round installs: `current(now)`, but a failed poll first, even when a
+        later poll has answered since. A poll fails (say, at its timeout) between rounds,
+        and the next round starts a new one on a new connection: where only the old
+        connection hung, that one answers within the round's wait and would hide the
+        failure from every round. Timer order makes this a race: the timeout can fall on
+        the same millisecond as a round (uvloop's clock counts whole milliseconds) or
+        between two (a timeout that is not a multiple of the interval)."""
+        failure, self.unreported = self.unreported, None
+        return failure if failure is not None else self.current(now)
+
     def current(self, now: float) -> Sample | PollError | None:
-        """The sample this round uses: the latest, or a failure if the poll in flight is
-        older than the timeout (it may be stuck connecting)."""
+        """The latest sample, or a failure if the poll in flight is older than the
+        timeout (it may be stuck connecting)."""
         timeout = self.settings.timeout_s
         if self.task is not None and not self.task.done() and now - self.task_started > timeout:
             return PollError(f"poll: no answer within {timeout * 1000:.0f} ms")
@@ -133,6 +145,7 @@ class Probe:
         except Exception as exc:  # noqa: BLE001  every failure means "down"; the reason is kept
             self.drop_connection()
             result = poll_error(exc, stage, self.settings.connect_timeout_s if stage == "connect" else timeout)
+            self.unreported = result
         self.latest, self.latest_started = result, started
 
     async def replay_wait(self, lsn: int, timeout_ms: int) -> int | None:
