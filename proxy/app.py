@@ -22,7 +22,7 @@ from proxy.auth import Verifiers
 from proxy.config import Config
 from proxy.consistency import ReadYourWrites
 from proxy.dataplane import DataPlane
-from proxy.errors import ConnectionFailure, ProxyError, ServerError
+from proxy.errors import AdminShutdown, ConnectionFailure, ProxyError, RoutingError, ServerError
 from proxy.listener import Listener, new_cancel_key
 from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
 from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection
@@ -228,8 +228,6 @@ class Proxy:
         """Borrow a server connection for a freshly authenticated client: check that the
         database exists, apply the client's startup settings, learn the parameter set
         the client is shown."""
-        from proxy.errors import RoutingError
-
         for attempt in range(2):
             decision = startup_backend(self.topology.current, self.load)
             if decision.error is not None:
@@ -399,6 +397,4 @@ async def _async_commit_default(conn: ServerConnection) -> bool:
 
 
 def _shutdown() -> ProxyError:
-    from proxy.errors import AdminShutdown
-
     return AdminShutdown("terminating connection due to administrator command: pgsplit is shutting down")

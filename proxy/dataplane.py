@@ -15,14 +15,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import Protocol
 
 from proxy.errors import AdminShutdown
-
-if TYPE_CHECKING:  # pragma: no cover
-    from proxy.app import Proxy
-    from proxy.session.client import ClientSession
-    from router.topology import Topology
+from proxy.session.client import ClientSession
+from router.topology import Topology
 
 log = logging.getLogger("pgsplit.dataplane")
 
@@ -45,11 +43,19 @@ class DrainReport:
     cancelled_transactions: int
 
 
+class DataPlaneHost(Protocol):
+    """What the pause and the swap ask of the process (proxy.app.Proxy)."""
+
+    sessions: Collection[ClientSession]
+
+    async def switch_cluster(self, name: str) -> Topology: ...
+
+
 class DataPlane:
-    def __init__(self, proxy: "Proxy"):
+    def __init__(self, proxy: DataPlaneHost):
         self.proxy = proxy
         self.holding = False
-        self.held: set["ClientSession"] = set()
+        self.held: set[ClientSession] = set()
         self.held_units = 0  # units that waited during the current/last pause
         self.paused_at: float | None = None
 
@@ -61,13 +67,13 @@ class DataPlane:
         self.held_units = 0
         self.paused_at = time.monotonic()
 
-    def hold_session(self, session: "ClientSession") -> None:
+    def hold_session(self, session: ClientSession) -> None:
         if session not in self.held:
             self.held.add(session)
             self.held_units += 1
 
     @staticmethod
-    def _busy(session: "ClientSession") -> tuple[bool, bool]:
+    def _busy(session: ClientSession) -> tuple[bool, bool]:
         """(a unit is in flight, the session is idle in a transaction)"""
         return session.activity()
 
@@ -116,7 +122,7 @@ class DataPlane:
 
     # --- swap ----------------------------------------------------------------------------
 
-    async def install(self, cluster: str) -> "Topology":
+    async def install(self, cluster: str) -> Topology:
         """Make `cluster` the active backend set: one assignment of its topology (a new
         generation), connections to the old set retired, sessions told."""
         proxy = self.proxy

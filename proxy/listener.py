@@ -13,17 +13,17 @@ import contextlib
 import logging
 import os
 import shlex
-from typing import TYPE_CHECKING
+import ssl
+from typing import Protocol
 
 from proxy import wire
 from proxy.auth import SCRAM
 from proxy.errors import (
     FeatureNotSupported, InvalidAuthorization, ProtocolViolation, ProxyError, QueryCanceled, TooManyConnections,
 )
+from proxy.auth import Verifiers
 from proxy.session.client import ClientSession
-
-if TYPE_CHECKING:  # pragma: no cover
-    from proxy.app import Proxy
+from proxy.session.host import SessionHost
 
 log = logging.getLogger("pgsplit.listener")
 
@@ -115,10 +115,23 @@ def parse_options(options: str) -> dict[str, str]:
     return out
 
 
+class ListenerHost(SessionHost, Protocol):
+    """What accepting a client asks of the process (proxy.app.Proxy), besides what its
+    session will."""
+
+    ssl_context: ssl.SSLContext | None
+    verifiers: Verifiers
+
+    def too_many_clients(self) -> bool: ...
+    def cancel(self, process_id: int, secret_key: bytes) -> asyncio.Task | None: ...
+    async def first_contact(self, session: ClientSession) -> dict[str, str]: ...
+    def register_session(self, session: ClientSession) -> tuple[int, bytes]: ...
+
+
 class Listener:
     """The client-facing socket; one ClientSession per connection."""
 
-    def __init__(self, app: "Proxy"):
+    def __init__(self, app: "ListenerHost"):
         self.app = app
         self.server: asyncio.AbstractServer | None = None
 
