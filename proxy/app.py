@@ -20,7 +20,7 @@ from proxy.admin.http import Admin
 from proxy.admin.operations import AdminOps
 from proxy.auth import Verifiers
 from proxy.config import Config
-from proxy.consistency import ReadYourWrites
+from proxy.process.consistency import ReadYourWrites
 from proxy.dataplane import DataPlane
 from proxy.errors import AdminShutdown, ConnectionFailure, ProxyError, RoutingError, ServerError
 from proxy.listener import Listener, new_cancel_key
