@@ -34,6 +34,8 @@ class Statements:
         """`name`'s Parse goes out next in `step`. Returns the Closes to write just before
         it: the least recently used statements beyond the connection's bound
         (`pool.max_prepared_statements`), their CloseCompletes dropped."""
+        if step.error is not None:  # the server skips the rest of the group: nothing changes there
+            return b""
         prepared = self.server.prepared
         closes = b""
         if len(prepared) >= prepared.limit:

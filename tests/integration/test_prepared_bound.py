@@ -10,11 +10,13 @@ transparently, also when one pipelined unit uses more statements than the bound.
 from __future__ import annotations
 
 import re
+import struct
 import urllib.request
 
 import asyncpg
 import psycopg
 import pytest
+from rawclient import RawClient, message
 
 COUNT_SQL = "SELECT count(*)::int FROM pg_prepared_statements"
 
@@ -83,4 +85,42 @@ def test_a_close_the_server_skipped_after_an_error_is_remembered(make_proxy, clu
                 conn.execute("SELECT 100::int * %s", (2,), prepare=True)
         for i in range(19):
             assert conn.execute(f"SELECT {i}::int * %s", (3,), prepare=True).fetchone()[0] == i * 3
+    assert server_statements(proxy) <= 20
+
+
+def _parse(name: str, sql: str) -> bytes:
+    return message(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + b"\0\0")
+
+
+def _bind_execute(name: str, value: str) -> bytes:
+    bind = b"\0" + name.encode() + b"\0" + struct.pack("!hhi", 0, 1, len(value)) + value.encode() + b"\0\0"
+    return message(b"B", bind) + message(b"E", b"\0" + b"\0\0\0\0")
+
+
+def _until(client: RawClient, last: str) -> list[str]:
+    types = []
+    while not types or types[-1] != last:
+        types.append(client.read_message()[0])
+    return types
+
+
+def test_statements_named_after_an_error_has_come_back_are_skipped_too(make_proxy, cluster) -> None:
+    # The same as above, made deterministic: the error has reached the client (so the proxy
+    # has seen it) before the rest of the group is sent. The server skips that rest up to
+    # the Sync: the Close of the oldest statement ahead of the new Parse closes nothing.
+    proxy = make_proxy(pool={"size": 1, "max_prepared_statements": 20})
+    with RawClient("127.0.0.1", proxy.port, timeout=20) as client:
+        client.login("app", "app-secret", "app")
+        client.query("SET pgsplit.route = 'primary'")
+        for i in range(19):  # 19, and the failing one makes 20
+            client.send(_parse(f"s{i}", f"SELECT {i}::int * $1") + _bind_execute(f"s{i}", "2") + message(b"S"))
+            assert _until(client, "Z") == ["1", "2", "D", "C", "Z"]
+        client.send(_parse("fails", "SELECT 1 / $1") + _bind_execute("fails", "0") + message(b"H"))
+        assert _until(client, "E") == ["1", "E"]  # (1 / $1 fails at its Bind: planning folds it)
+        client.send(_parse("new", "SELECT 100::int * $1") + _bind_execute("new", "2") + message(b"S"))
+        assert _until(client, "Z") == ["Z"]  # skipped by the server, as PostgreSQL does
+        for i in range(19):  # s0 is still prepared on the server: used again, not prepared twice
+            client.send(_bind_execute(f"s{i}", "3") + message(b"S"))
+            types = _until(client, "Z")
+            assert types == ["2", "D", "C", "Z"], (i, types)
     assert server_statements(proxy) <= 20
