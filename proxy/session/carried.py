@@ -21,6 +21,7 @@ from typing import Callable
 
 from proxy import wire
 from router.classify.analysis import Analysis, Pin, Unpin
+from router.pg import quote_literal
 
 # Settings RESET ALL leaves as they are (GUC_NO_RESET_ALL); setting or resetting the
 # session authorization resets the role as well.
@@ -47,10 +48,6 @@ def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
     """The proxy's name for a statement: derived from its text and parameter types, so
     every pooled connection that has it prepared can serve every client that uses it."""
     return b"pgsplit_" + hashlib.blake2b(sql + b"\0" + param_section, digest_size=10).hexdigest().encode()
-
-
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class CarriedState:

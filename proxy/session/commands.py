@@ -17,12 +17,13 @@ from typing import Protocol
 from proxy import wire
 from proxy.errors import CannotConnectNow, FeatureNotSupported, InvalidParameterValue, ProxyError, UndefinedObject
 from proxy.session import replies
-from proxy.session.carried import CarriedState, quote_literal
+from proxy.session.carried import CarriedState
 from proxy.session.consistency import SessionToken
 from proxy.session.host import SessionHost, TokenUnavailable
 from proxy.session.transaction import Transaction
 from router.classify.analysis import Analysis, TxControl
 from router.lsn import format_lsn, parse_lsn
+from router.pg import quote_literal
 from router.topology import BackendState
 
 ROUTES = ("primary", "auto")

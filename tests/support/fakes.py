@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from loadtest.microbench import CONFIG as MICROBENCH_CONFIG
 from loadtest.microbench import FakeTransport
 from metrics import Metrics
 from proxy.server.connection import ServerConnection
@@ -16,23 +17,7 @@ from proxy.session.client import ClientSession, State
 from router.classify.classifier import Classifier
 from router.topology import BackendState, Role, Topology, TopologyHolder
 
-CONFIG = """
-active = "main"
-[[users]]
-name = "app"
-password = "x"
-[backends.p]
-host = "127.0.0.1"
-port = 1
-[backends.r]
-host = "127.0.0.1"
-port = 2
-[clusters.main]
-primary = "p"
-replicas = ["r"]
-[routing]
-consistency = "{consistency}"
-"""
+CONFIG = MICROBENCH_CONFIG + '[routing]\nconsistency = "{consistency}"\n'  # one primary, one replica
 
 
 def taken(transport: FakeTransport) -> bytes:
