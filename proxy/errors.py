@@ -109,6 +109,21 @@ class UndefinedObject(ProxyError):
     sqlstate = "42704"
 
 
+class InvalidSqlStatementName(ProxyError):
+    sqlstate = "26000"
+
+
+class InFailedSqlTransaction(ProxyError):
+    sqlstate = "25P02"
+
+
+class ServerLostWithSessionState(ServerLost):
+    """The server connection is gone with state the session kept on it (temporary tables,
+    LISTEN, ...): the session ends, as it would have with that server."""
+
+    fatal = True
+
+
 class RoutingError(ProxyError):
     """No backend can run the unit now (the policy said why)."""
 

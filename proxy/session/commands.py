@@ -15,7 +15,9 @@ import enum
 from typing import Protocol
 
 from proxy import wire
-from proxy.errors import CannotConnectNow, FeatureNotSupported, InvalidParameterValue, ProxyError, UndefinedObject
+from proxy.errors import (
+    CannotConnectNow, FeatureNotSupported, InvalidParameterValue, InvalidSqlStatementName, ProxyError, UndefinedObject,
+)
 from proxy.session import replies
 from proxy.session.carried import CarriedState
 from proxy.session.consistency import SessionToken
@@ -283,9 +285,7 @@ def _invalid(name: str, value: str, allowed: tuple[str, ...]) -> ProxyError:
 
 
 def _undefined_prepared(name: str | None) -> ProxyError:
-    err = UndefinedObject(f'prepared statement "{name}" does not exist')
-    err.sqlstate = "26000"
-    return err
+    return InvalidSqlStatementName(f'prepared statement "{name}" does not exist')
 
 
 def raise_on_server(error: ProxyError) -> bytes:

@@ -15,7 +15,7 @@ import logging
 from proxy import wire
 from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step
-from proxy.errors import ServerError, ServerLost, ServerLostInTransaction
+from proxy.errors import ServerError, ServerLost, ServerLostInTransaction, ServerLostWithSessionState
 from proxy.session.stream import State
 from router.classify.analysis import TxControl
 
@@ -110,10 +110,9 @@ class Recovery:
         if self.carried.pins:
             # What the session kept on that server (temporary tables, LISTEN, advisory
             # locks, WITH HOLD cursors) is gone: carrying on elsewhere would hide that.
-            error = ServerLost(f"{lost}; this session's server-side state (temporary tables, LISTEN, "
-                               "advisory locks, WITH HOLD cursors) is gone with it")
-            error.fatal = True
-            self.fail(error)
+            self.fail(ServerLostWithSessionState(
+                f"{lost}; this session's server-side state (temporary tables, LISTEN, "
+                "advisory locks, WITH HOLD cursors) is gone with it"))
             return
         if pending:
             # Each unit in flight gets its error and its ReadyForQuery, in order. A write's

@@ -19,7 +19,7 @@ from time import perf_counter
 from proxy import wire
 from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step
-from proxy.errors import ConnectionFailure, ProxyError, RoutingError, ServerError
+from proxy.errors import ConnectionFailure, InFailedSqlTransaction, ProxyError, RoutingError, ServerError
 from proxy.session import commands, replies, units
 from proxy.session.consistency import TOKEN_MODES, outcome
 from proxy.session.host import TokenUnavailable
@@ -404,7 +404,5 @@ class Routing:
                 self.transport.write(replies.extended(replies.Answer(tag="ROLLBACK"),
                                                       units.reply_shape(unit, frames), TX_IDLE))
             return
-        err = ProxyError("current transaction is aborted, commands ignored until end of transaction block",
-                         detail=self.tx.aborted)
-        err.sqlstate = "25P02"
-        self._reply_error(unit, err)
+        self._reply_error(unit, InFailedSqlTransaction(
+            "current transaction is aborted, commands ignored until end of transaction block", detail=self.tx.aborted))
