@@ -12,6 +12,7 @@ Must not know: routing, pools, the client's protocol state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Callable, Protocol
 
@@ -20,6 +21,8 @@ from proxy.auth import BackendAuth
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.server.prepared import PreparedStatements
 from proxy.server.replies import ReplyStream, Step, StepKind, SwallowStep
+
+log = logging.getLogger("pgsplit.backend")
 
 
 class ServerSessionState:
@@ -169,7 +172,10 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
             if step.kind is StepKind.SWALLOW and step.callback is not None:
                 step.error = step.error or {"C": "08006", "M": f"server connection to {self.backend} lost"}
                 step.status = 0
-                step.callback(step)
+                try:
+                    step.callback(step)
+                except Exception:  # noqa: BLE001  the owner must still hear of the loss below
+                    log.exception("a step's callback failed as the connection to %s was lost", self.backend)
         owner = self.owner
         pending = [s for s in self.steps if s.kind is StepKind.FORWARD]
         self.steps.clear()

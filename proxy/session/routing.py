@@ -18,7 +18,7 @@ from time import perf_counter
 
 from proxy import wire
 from proxy.server.connection import ServerConnection
-from proxy.server.replies import Step
+from proxy.server.replies import Step, StepKind
 from proxy.errors import ConnectionFailure, InFailedSqlTransaction, ProxyError, RoutingError, ServerError
 from proxy.session import commands, replies, units
 from proxy.session.consistency import TOKEN_MODES, outcome
@@ -220,8 +220,8 @@ class Routing:
         if replayed is not None and replayed >= wait.lsn:
             consistency.replayed(server.backend, replayed)
             consistency.count(outcome(True, True), perf_counter() - wait.t0)
-        elif server.steps and server.steps[0].retry is not None:
-            read = server.steps[0]
+        elif server.steps and server.steps[0].kind is StepKind.FORWARD and server.steps[0].retry is not None:
+            read = server.steps[0]  # (when the connection is lost, the wait itself heads the queue)
             read.retrying = True
             read.retry_reason = "replica_behind"
             self._force_primary_next = True
