@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from collections.abc import Collection
 from typing import Protocol
 
-from proxy.errors import AdminShutdown
 from proxy.session.client import ClientSession
 from router.topology import Topology
 
@@ -131,12 +130,3 @@ class DataPlane:
         for session in list(proxy.sessions):
             session.topology_swapped(keep, topology.primary_lsn)
         return topology
-
-    def end_pinned_sessions(self, reason: str) -> int:
-        """Sessions pinned to a server connection of the old set lose that state."""
-        n = 0
-        for session in list(self.proxy.sessions):
-            if session.carried.pins:
-                session.fail(AdminShutdown(reason))
-                n += 1
-        return n

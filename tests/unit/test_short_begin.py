@@ -1,4 +1,4 @@
-"""A lone BEGIN of an idle session is answered on the short path (ClientSession._fast_unit)
+"""A lone BEGIN of an idle session is answered on the short path (ClientSession._common_unit)
 exactly as the general path (ClientSession._process) answers it: the same reply, the same
 session state, and the same bytes to the server for the statements after it. Real
 ClientSession and ServerConnection; loadtest.microbench's transports record the bytes."""
