@@ -764,8 +764,8 @@ async def test_a_read_whose_replica_backend_is_terminated_after_a_buffered_row_g
         def find() -> bool:
             for node in ("replica1", "replica2"):
                 victims.extend((node, pid) for (pid,) in cluster.sql(
-                    node, "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
-                    f"%{marker}%"))
+                    node, "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND state = 'active' "
+                          "AND pid <> pg_backend_pid()", f"%{marker}%"))  # (not the idle one that prepared it)
             return bool(victims)
 
         await async_wait_until(lambda: asyncio.to_thread(find), timeout=5, message="the read running on a replica")
