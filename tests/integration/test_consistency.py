@@ -140,9 +140,13 @@ async def test_an_autocommit_write_brings_its_own_token(make_proxy, apply_delay)
         await conn.close()
 
 
-def waited(proxy) -> float:
+def waited(proxy, outcome: str = "waited") -> float:
     text = proxy.call(lambda: proxy.proxy.metrics.exposition().decode())
-    return metric_value(text, "pgsplit_consistency_waits_total", {"outcome": "waited"})
+    return metric_value(text, "pgsplit_consistency_waits_total", {"outcome": outcome})
+
+
+def fallbacks(proxy) -> float:
+    return waited(proxy, "fallback")
 
 
 async def replica_connections_open(conn) -> set[int]:
@@ -194,14 +198,16 @@ async def test_a_read_checked_on_a_lagging_replica_runs_again_on_the_primary(mak
     read says the replica does not have the write: the read's rows from the replica are
     dropped before the client sees any, and it runs again on the primary."""
     proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": 50})
-    before = retries(proxy, "replica_behind")
+    before, fell_back = retries(proxy, "replica_behind"), fallbacks(proxy)
     rows = await write_then_read(proxy, "cc_replay_behind", 10)
     assert [(i, seen) for i, seen, _ in rows if seen != i] == [], f"stale reads: {rows}"
     assert not any(r for _, _, r in rows), rows
-    # Each read was checked on a replica and run again (one whose replica's pooled
-    # connection was not idle just then went the general way: the proxy waited, then
-    # the primary).
-    assert retries(proxy, "replica_behind") - before >= 8
+    # Each read was checked on a replica and run again, or (when its replica's pooled
+    # connection was not idle just then) went the general way: the proxy waited, then
+    # sent it to the primary. Most go the first way; how many varies with timing.
+    behind = retries(proxy, "replica_behind") - before
+    assert behind + fallbacks(proxy) - fell_back >= 10
+    assert behind >= 3
 
 
 async def test_eventual_mode_shows_stale_reads_under_apply_delay(make_proxy, apply_delay):
