@@ -95,6 +95,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self._retry_data: bytes | None = None
         self._retry_skip = 0  # reply bytes of a retried unit the client already has
         self._skip_to_sync = False
+        self._group_error: bytes | None = None  # for the next message of a group whose server was lost
         self._pause_reasons: set[str] = set()
         self._write_paused = False
         self._memo_sql = b""

@@ -45,7 +45,7 @@ class Recovery:
         """The server connection died while lent to this session; `pending` are the steps
         of this client's units it had not finished."""
         pool = server.pool
-        in_tx = self.tx.status != TX_IDLE or self._open is not None
+        in_tx = self.tx.status != TX_IDLE
         first = pending[0] if pending else None
         self._detach(server)
         self.owned.pop(server.backend, None)
@@ -114,12 +114,32 @@ class Recovery:
                 f"{lost}; this session's server-side state (temporary tables, LISTEN, "
                 "advisory locks, WITH HOLD cursors) is gone with it"))
             return
-        if pending:
-            # Each unit in flight gets its error and its ReadyForQuery, in order. A write's
-            # outcome is unknown: it may have committed before the connection went.
-            ready = wire.ready_for_query(TX_IDLE)
-            self.transport.write(b"".join(ServerLost(
-                f"{lost} while a write was in flight; its outcome is unknown: it may or may not have committed"
-                if s.writes else f"{lost} during the query").to_wire() + ready for s in pending))
+        group = pending[-1] if pending and not pending[-1].closed else None
+        answered = pending[:-1] if group is not None else pending
+        ready = wire.ready_for_query(TX_IDLE)
+        # Each unit in flight gets its error and its ReadyForQuery, in order.
+        out = b"".join(_lost_error(lost, s) + ready for s in answered)
+        if group is not None:
+            # The client's group is still open (a Flush in it, its Sync to come). As a
+            # server after an error, the proxy skips to that Sync and answers it; the
+            # error comes now if the client waits for replies of the group, else with
+            # its next message: a client idle between its prepare and its execute
+            # (asyncpg) must not get an ErrorResponse it did not ask for.
+            self._skip_to_sync = True
+            if group.error is None or group.retrying:
+                if group.done < group.sent:
+                    out += _lost_error(lost, group)
+                else:
+                    self._group_error = _lost_error(lost, group)
+        if out:
+            self.transport.write(out)
+        if answered:
             self.tx.ready(TX_IDLE)
         self.resume()
+
+
+def _lost_error(lost: str, step: Step) -> bytes:
+    """A unit's error when its server connection is lost. A write's outcome is unknown:
+    it may have committed before the connection went."""
+    return ServerLost(f"{lost} while a write was in flight; its outcome is unknown: it may or may not have committed"
+                      if step.writes else f"{lost} during the query").to_wire()

@@ -104,7 +104,12 @@ class ByteStream:
 
     def _skip_group(self, frames: list, i: int) -> int:
         """After an error the proxy answered for a group still arriving: drop messages up
-        to its Sync, then answer that Sync, as a server skips after an error."""
+        to its Sync, then answer that Sync, as a server skips after an error. An error
+        kept for the group's next message (its server was lost while the client waited
+        for nothing) goes first."""
+        if self._group_error is not None:
+            self.transport.write(self._group_error)
+            self._group_error = None
         for j in range(i, len(frames)):
             if frames[j][0] == wire.F_SYNC:
                 self._skip_to_sync = False

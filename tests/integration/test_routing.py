@@ -781,6 +781,36 @@ async def test_a_read_whose_replica_backend_is_terminated_after_a_buffered_row_g
         conn.terminate()
 
 
+async def test_a_server_lost_between_a_prepare_and_its_execute(make_proxy, cluster) -> None:
+    """asyncpg prepares with Parse, Describe, Flush and executes later with Bind, Execute,
+    Sync: its group stays open on the server connection in between, the client waiting
+    for nothing. A backend terminated then (pg_terminate_backend sends FATAL 57P01 and
+    ends the connection): the client gets the FATAL and its connection ends, as
+    PostgreSQL's would; other sessions are served as before. (A connection lost without
+    a word is answered at the execute: tests/unit/test_session_parts.py.)"""
+    proxy = make_proxy(routing={"monitor_interval_ms": INTERVAL_MS})
+    marker = f"open_group_{uuid.uuid4().hex[:8]}"
+    dsn = f"postgresql://app:app-secret@127.0.0.1:{proxy.port}/app"
+    conn = await asyncpg.connect(dsn, ssl=False, timeout=10)
+    try:
+        stmt = await conn.prepare(f"SELECT 1 AS n /* {marker} */")
+        victims = [(node, pid) for node in ("primary", "replica1", "replica2") for (pid,) in cluster.sql(
+            node, "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()", f"%{marker}%")]
+        assert len(victims) == 1, victims
+        node, pid = victims[0]
+        assert cluster.sql(node, "SELECT pg_terminate_backend(%s)", pid)[0][0]
+        await async_wait_until(conn.is_closed, timeout=5, message="the client's connection ended")
+        with pytest.raises(asyncpg.InterfaceError, match="connection is closed"):
+            await asyncio.wait_for(stmt.fetch(), 10)
+        other = await asyncpg.connect(dsn, ssl=False, timeout=10)
+        try:
+            assert await asyncio.wait_for(other.fetchval("SELECT 41 + 1"), 10) == 42
+        finally:
+            await other.close(timeout=5)
+    finally:
+        conn.terminate()
+
+
 async def test_a_replica_that_refuses_logins_does_not_end_client_sessions(make_proxy, cluster, clients) -> None:
     """A replica that answers the pool's login with a FATAL error (here pg_hba.conf
     rejects the user; 57P03 while it shuts down is the common case) is its own failure:

@@ -15,6 +15,7 @@ from proxy.session.consistency import SessionToken, outcome
 from proxy.session.transaction import Phase, Transaction, TransitionError
 from proxy.session.units import extended_unit, is_lone_query, scan_unit, unit_facts
 from router.classify.classifier import Classifier
+from proxy.session.client import State
 from tests.support.fakes import FakeSessionHost, new_session, taken
 
 I, T, E = wire.TX_IDLE, wire.TX_IN_BLOCK, wire.TX_FAILED
@@ -290,4 +291,60 @@ def test_the_activity_a_pause_waits_for():
         session.server.data_received(wire.command_complete("BEGIN") + wire.ready_for_query(T)
                                      + wire.command_complete("UPDATE 1") + wire.ready_for_query(T))
         assert session.activity() == (False, True)
+    drive(script)
+
+
+# --- a server lost while the client's group is open ------------------------------------------
+
+
+PREPARE = (wire.build_parse(b"", b"SELECT 1") + wire.build_target(wire.F_DESCRIBE, ord("S"), b"")
+           + wire.FLUSH)
+PREPARED = (wire.message(wire.B_PARSE_COMPLETE) + wire.message(wire.B_PARAM_DESCRIPTION, b"\0\0")
+            + wire.message(wire.B_NO_DATA))
+EXECUTE = wire.build_bind(b"", b"", b"\0\0\0\0\0\0") + execute() + wire.SYNC
+
+
+def _error_codes(data: bytes) -> list[str]:
+    frames, _ = wire.split_messages(data)
+    return [wire.parse_fields(data[s + 5 : e])["C"] for t, s, e in frames if t == wire.B_ERROR]
+
+
+def test_a_server_lost_between_a_prepare_and_its_execute_answers_the_execute():
+    """asyncpg's shape: Parse, Describe, Flush, its replies, and (later) Bind, Execute,
+    Sync. The connection lost in between: the client, waiting for nothing, is sent
+    nothing then; its execute gets the error and a ReadyForQuery, and the session goes
+    on with another connection."""
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(PREPARE)
+        server = session.server
+        assert taken(server.transport) == PREPARE
+        server.data_received(PREPARED)
+        assert taken(session.transport) == PREPARED
+        server.connection_lost(None)
+        await asyncio.gather(*host.tasks)
+        assert taken(session.transport) == b"", "an ErrorResponse the client did not ask for"
+        session.data_received(EXECUTE)
+        reply = taken(session.transport)
+        assert _error_codes(reply) == ["08006"] and reply.endswith(wire.ready_for_query(I)), reply
+        assert session.state is State.READY and session.server is None
+        fresh = host.pools["r"].add()
+        session.data_received(wire.query("SELECT 1"))
+        assert session.server is fresh
+    drive(script)
+
+
+def test_a_server_lost_while_the_client_waits_for_its_group_replies_answers_at_once():
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(PREPARE)
+        server = session.server
+        server.connection_lost(None)
+        await asyncio.gather(*host.tasks)
+        assert _error_codes(taken(session.transport)) == ["08006"]  # (no ReadyForQuery: the Sync is to come)
+        session.data_received(EXECUTE)
+        assert taken(session.transport) == wire.ready_for_query(I)
+        assert session.state is State.READY
     drive(script)
