@@ -256,6 +256,7 @@ def cmd_cutover(args: argparse.Namespace) -> int:
                 print(format_event(event), flush=True)
             if event.get("event") == "summary":
                 summary = event
+                break  # the last event: what the proxy does after it is not the CLI's to wait for
     if summary is None:
         print("the proxy ended the stream without a summary", file=sys.stderr)
         return 1

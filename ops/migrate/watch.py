@@ -9,7 +9,7 @@ Must not know: the proxy's metrics (`Watch` calls back with itself; the proxy ex
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import io
 import logging
 import time
 from collections.abc import Sequence
@@ -69,26 +69,40 @@ class Watch:
         self.checked_at: float | None = None  # time.time() of the last good round
         self.rounds = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._round = asyncio.Lock()
 
     def start(self) -> Watch:
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the rounds and wait for them, at most `timeout` seconds: a round that a
+        cancellation does not end (one swallowed somewhere below it) is logged with
+        where it stands and left to end at its loop's next turn, so that the cutover
+        or the shutdown that stops the watch is never held by it."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if task is None:
+            return
+        self._stopping = True
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            where = io.StringIO()
+            task.print_stack(file=where)
+            _log.warning("migration %s: the watch did not stop within %g s; it ends at its next round. %s",
+                         self.label, timeout, where.getvalue().strip())
+        elif not task.cancelled() and task.exception() is not None:
+            _log.warning("migration %s: the watch ended with %r", self.label, task.exception())
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.check()
             except (MigrateError, OSError, asyncio.TimeoutError, asyncpg.PostgresError,

@@ -468,3 +468,33 @@ async def test_migrate_posts_need_the_token_and_the_status_get_does_not() -> Non
         assert (await client.get("/v1/migrate/status", params={"target": "next"})).status == 200
     finally:
         await client.close()
+
+
+async def test_stopping_a_watch_is_bounded_when_a_round_swallows_its_cancellation(monkeypatch, caplog) -> None:
+    """A round below which a cancellation is lost (a library catching it) must not hold
+    the cutover or the shutdown that stops the watch: stop() returns within its bound,
+    says so, and the loop ends at its next turn."""
+    rounds = []
+
+    async def stubborn_status(*a: Any, **kw: Any) -> Status:
+        rounds.append(1)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # swallowed: the round goes on, then ends normally
+        return status({"public.t": "r"})
+
+    async def fake_drift(*a: Any, **kw: Any) -> list[str]:
+        return []
+
+    monkeypatch.setattr(migrate_watch, "status", stubborn_status)
+    monkeypatch.setattr(migrate_watch, "drift", fake_drift)
+    ep = Endpoint("h", 1)
+    watch = Watch(ep, ep, name="n", databases=["app"], interval=0.01, label="main -> next").start()
+    while not rounds:
+        await asyncio.sleep(0.005)
+    caplog.set_level(logging.WARNING, logger="pgsplit.migrate")
+    await asyncio.wait_for(watch.stop(timeout=0.1), 1)
+    assert any("did not stop within 0.1 s" in r.getMessage() for r in caplog.records), caplog.text
+    await asyncio.sleep(0.5)
+    assert len(rounds) == 1  # no round after the stop
