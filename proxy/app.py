@@ -50,6 +50,7 @@ class Proxy:
         self.classifier = Classifier(config.routing.classify_cache_size)
         self.session_pooling = config.pool.mode == "session"
         self.pools = Pools(settings.pool, settings.passwords, on_connect=self._connected)
+        self.statement_names = self.pools.statement_names
         specs = list(settings.backends)
         self.topology = TopologyHolder(initial_topology(config.active, specs))
         self.monitor = Monitor(self.topology, specs, settings.monitor, self.metrics,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from proxy.config import PoolConfig
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
 from proxy.server.connection import ServerConnection, open_connection, send_cancel
-from proxy.server.prepared import Evictions, PreparedStatements
+from proxy.server.prepared import Evictions, PreparedStatements, StatementNames
 
 log = logging.getLogger("pgsplit.pool")
 
@@ -58,7 +58,7 @@ def tune_socket(conn: ServerConnection, settings: PoolConfig) -> None:
 class Pool:
     def __init__(self, address: Address, user: str, database: str, password: str | None,
                  settings: PoolConfig, *, generation: int = 0, on_connect=None,
-                 evictions: Evictions | None = None):
+                 evictions: Evictions | None = None, statement_names: StatementNames | None = None):
         self.address = address
         self.user = user
         self.database = database
@@ -73,6 +73,7 @@ class Pool:
         self.closed = False
         self._on_connect = on_connect  # hook: (backend, exception or None)
         self.evictions = evictions if evictions is not None else Evictions()
+        self.statement_names = statement_names if statement_names is not None else StatementNames()
 
     def set_password(self, password: str | None) -> None:
         self._password = password
@@ -134,7 +135,8 @@ class Pool:
             conn = await open_connection(
                 addr.backend, addr.host, addr.port, self.user, self.database, self._password,
                 timeout=self.settings.connect_timeout_s, pool=self, generation=self.generation,
-                prepared=PreparedStatements(self.settings.max_prepared_statements, self.evictions),
+                prepared=PreparedStatements(self.settings.max_prepared_statements, self.evictions,
+                                            self.statement_names),
                 on_lost=self._lost,
             )
         except BaseException as exc:
@@ -287,6 +289,7 @@ class Pools:
         self._pools: dict[tuple[str, str, str], Pool] = {}
         self._on_connect = on_connect
         self.evictions = Evictions()  # statements closed to keep connections within the bound
+        self.statement_names = StatementNames()  # the server-side names of client statements
 
     def get(self, backend: str, host: str, port: int, user: str, database: str) -> Pool:
         key = (backend, user, database)
@@ -296,7 +299,7 @@ class Pools:
                 pool.close()
             pool = self._pools[key] = Pool(
                 Address(backend, host, port), user, database, self._passwords.get(user), self.settings,
-                on_connect=self._on_connect, evictions=self.evictions,
+                on_connect=self._on_connect, evictions=self.evictions, statement_names=self.statement_names,
             )
         return pool
 

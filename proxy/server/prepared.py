@@ -16,9 +16,45 @@ prepares it first. Must not know: the protocol, sessions.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 DEFAULT_LIMIT = 100
+
+
+class StatementNames:
+    """The proxy's server-side names for client statements, for the whole process.
+
+    A name comes from the statement's text and parameter types, so every pooled
+    connection that has it prepared serves every client that uses it. After DDL changes
+    the columns a statement returns, PostgreSQL refuses to run a statement prepared
+    before it (0A000 "cached plan must not change result type") until the client
+    prepares it again; shared by text, the client's new Parse would find the old one
+    and change nothing. So a name a server refused so is retired: the text gets a new
+    name, and a client that prepares it again gets a fresh statement on every
+    connection, as on its own server. (The old one ages out of each connection's LRU.)"""
+
+    __slots__ = ("_generation",)
+
+    def __init__(self) -> None:
+        self._generation: dict[bytes, int] = {}  # base name -> times retired
+
+    def name(self, sql: bytes, param_section: bytes) -> bytes:
+        base = b"pgsplit_" + hashlib.blake2b(sql + b"\0" + param_section, digest_size=10).hexdigest().encode()
+        generation = self._generation.get(base)
+        return base if generation is None else b"%s_%d" % (base, generation)
+
+    def retire(self, name: bytes) -> None:
+        """`name` can no longer serve its text; only the current name moves on (the old
+        ones left on other connections fail there, each once per client, as they would)."""
+        base = name[:_BASE_LENGTH]
+        generation = self._generation.get(base)
+        current = base if generation is None else b"%s_%d" % (base, generation)
+        if name == current:
+            self._generation[base] = (generation or 0) + 1
+
+
+_BASE_LENGTH = len(b"pgsplit_") + 20
 
 
 class Evictions:
@@ -34,12 +70,14 @@ class PreparedStatements(OrderedDict):
     """Server-side statement names, least recently used first. `name in prepared` is the
     plain dict look-up (the hot path's check); a use moves the name to the end."""
 
-    __slots__ = ("limit", "evictions")
+    __slots__ = ("limit", "evictions", "names")
 
-    def __init__(self, limit: int = DEFAULT_LIMIT, evictions: Evictions | None = None) -> None:
+    def __init__(self, limit: int = DEFAULT_LIMIT, evictions: Evictions | None = None,
+                 names: StatementNames | None = None) -> None:
         super().__init__()
         self.limit = limit
         self.evictions = evictions if evictions is not None else Evictions()
+        self.names = names if names is not None else StatementNames()
 
     def add(self, name: bytes) -> None:
         self[name] = None
@@ -55,4 +93,14 @@ class PreparedStatements(OrderedDict):
             return []
         names = [self.popitem(last=False)[0] for _ in range(over)]
         self.evictions.count += over
+        return names
+
+    def retire_all(self) -> list[bytes]:
+        """A plan here no longer gives the result type it was prepared with, and the
+        server does not say whose: every name here is forgotten (returned, to be closed)
+        and retired (`StatementNames`)."""
+        names = list(self)
+        for name in names:
+            self.names.retire(name)
+        self.clear()
         return names

@@ -56,8 +56,8 @@ COMPLETES = bytes(COMPLETES)
 _Z, _E, _S, _D, _G = wire.B_READY, wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_DATA_ROW, wire.B_COPY_IN
 _A = wire.B_NOTIFICATION
 
-# A client's named statement as the servers know it (proxy.session.server_statement_name).
-_SERVER_STATEMENT = re.compile(rb"pgsplit_[0-9a-f]{20}")
+# A client's named statement as the servers know it (proxy.server.prepared.StatementNames).
+_SERVER_STATEMENT = re.compile(rb"pgsplit_[0-9a-f]{20}(?:_[0-9]+)?")
 # Where PostgreSQL raises "cached plan must not change result type" (0A000; the routine
 # field is never translated): the statement fails so until it is prepared again.
 _STALE_PLAN_ROUTINE = "RevalidateCachedQuery"
@@ -403,16 +403,17 @@ class ReplyStream:
         """A statement's plan no longer gives the result type it was prepared with (a
         column's type changed): the server fails it until it is prepared again, for
         every client that shares it here. The error does not say which statement, so all
-        the proxy prepared here are closed and forgotten, and each is prepared again where
-        next used (a driver's re-prepare, as asyncpg's, then works). The Closes go behind
+        the proxy prepared here are closed, forgotten and retired: each is prepared again
+        where next used, and a driver's re-prepare (asyncpg's) gets a fresh statement on
+        whichever connection it runs next, not one left stale there. The Closes go behind
         the requests sent so far, or, when the failed unit still owes its Sync (cut at a
         Flush, as asyncpg's Parse/Describe), right behind that Sync."""
         if self.closed or not self.prepared or self.after_sync:
             return
-        closes = b"".join(wire.message(wire.F_CLOSE, b"S" + name + b"\0") for name in self.prepared)
+        names = self.prepared.retire_all()
+        closes = b"".join(wire.message(wire.F_CLOSE, b"S" + name + b"\0") for name in names)
         log.info("backend %s: a cached plan changed its result type; %d prepared statement(s) closed there",
-                 self.backend, len(self.prepared))
-        self.prepared.clear()
+                 self.backend, len(names))
         if all(s.closed for s in self.steps):
             self.swallow(closes + wire.SYNC, self._statements_dropped)
             return

@@ -15,11 +15,11 @@ Must not know: routing, sockets, the reply stream.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from typing import Callable
 
 from proxy import wire
+from proxy.server.prepared import StatementNames
 from router.classify.analysis import Analysis, Pin, Unpin
 from router.pg import quote_literal
 
@@ -44,15 +44,10 @@ class Stmt:
         self.local = local
 
 
-def server_statement_name(sql: bytes, param_section: bytes) -> bytes:
-    """The proxy's name for a statement: derived from its text and parameter types, so
-    every pooled connection that has it prepared can serve every client that uses it."""
-    return b"pgsplit_" + hashlib.blake2b(sql + b"\0" + param_section, digest_size=10).hexdigest().encode()
-
-
 class CarriedState:
-    def __init__(self, classify: Callable[[str], Analysis]):
+    def __init__(self, classify: Callable[[str], Analysis], names: StatementNames):
         self._classify = classify  # for the statement a PREPARE names
+        self._names = names  # the process's server-side statement names
         self.settings: dict[str, str] = {}  # GUC name -> statement that sets it
         self.startup_settings: dict[str, str] = {}
         self.settings_key: tuple = ()
@@ -102,7 +97,7 @@ class CarriedState:
 
     def register(self, name: bytes, sql: bytes, params: bytes, analysis: Analysis) -> Stmt:
         """Remember a named statement the client prepared; servers get it when needed."""
-        sname = server_statement_name(sql, params)
+        sname = self._names.name(sql, params)
         st = self.stmts[name] = Stmt(sname, wire.build_parse(sname, sql, params), analysis)
         return st
 

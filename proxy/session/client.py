@@ -73,7 +73,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self.secret_key = b""
         self.tls = False
         self.tx = Transaction()
-        self.carried = CarriedState(host.classifier.classify)
+        self.carried = CarriedState(host.classifier.classify, host.statement_names)
         self.token = SessionToken(host.config.routing.consistency)
         self.server: ServerConnection | None = None
         self.backend: BackendState | None = None

@@ -300,15 +300,10 @@ class Forwarding:
             step.sent += 1
             return run
         st = self.register_statement(name, sql, params)
-        sname = st.server_name
         out.append(buf[run:s])
-        if sname in server.prepared:
-            server.prepared.move_to_end(sname)
-            server.add_edit(step, step.sent, wire.PARSE_COMPLETE)
-        else:
-            out.append(self._register(step, sname))
-            out.append(st.parse)
-            step.sent += 1
+        out.append(self._reprepare(step, st.server_name) + self._register(step, st.server_name))
+        out.append(st.parse)
+        step.sent += 1
         return e
 
     def _on_describe_or_close(self, step: Step, buf: bytes, s: int, e: int, out: list[bytes], run: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Coroutine, Protocol
 
+from proxy.server.prepared import StatementNames
 from router.classify.classifier import Classifier
 from router.topology import BackendState, TopologyHolder
 
@@ -61,6 +62,7 @@ class SessionHost(Protocol):
     classifier: Classifier
     metrics: Any  # metrics.Metrics: .units.record(...) per unit, .retries per retry
     consistency: Consistency
+    statement_names: StatementNames  # the server-side names of client statements, process-wide
 
     def pool_for(self, backend: BackendState, user: str, database: str) -> Any:
         """The pool of server connections for (backend, user, database)."""

@@ -2,7 +2,8 @@
 
 Owns (as a part of ClientSession): remembering the named statements a client prepares (a
 group of named Parses and a Sync is answered here, no server needed), preparing one where
-it is first used (its ParseComplete dropped: an anchor of the step), keeping each
+it is first used (its ParseComplete dropped: an anchor of the step), making afresh one the
+client Parses where the connection has it already (after DDL the old one may fail), keeping each
 connection within its bound of prepared statements (the least recently used closed
 first), preparing the client's SQL-prepared statements ahead of the unit that EXECUTEs
 them, and noting on a step what the session must learn from its end (writes, effects,
@@ -45,6 +46,23 @@ class Statements:
             step.parses = []
         step.parses.append((step.sent, name))
         return closes
+
+    def _reprepare(self, step: Step, name: bytes) -> bytes:
+        """The client's own Parse of a statement this connection has (from this client or
+        another): closed first, so that the Parse makes it afresh, as the client's own
+        server would. One prepared before DDL changed the columns it returns would fail
+        the client's Describe and Binds with 0A000 ("cached plan must not change result
+        type") after the client did what PostgreSQL asks: prepare it again."""
+        prepared = self.server.prepared
+        if name not in prepared or step.error is not None:
+            return b""
+        prepared.discard(name)
+        self.server.add_edit(step, step.sent, None)
+        if step.closes is None:
+            step.closes = []
+        step.closes.append((step.sent, name))  # (an error before it: still prepared)
+        step.sent += 1
+        return close_statement(name)
 
     def _close_oldest(self, step: Step) -> bytes:
         server = self.server

@@ -12,6 +12,7 @@ from loadtest.microbench import CONFIG as MICROBENCH_CONFIG
 from loadtest.microbench import FakeTransport
 from metrics import Metrics
 from proxy.server.connection import ServerConnection
+from proxy.server.prepared import StatementNames
 from proxy.config import parse_config
 from proxy.session.client import ClientSession, State
 from router.classify.classifier import Classifier
@@ -108,6 +109,7 @@ class FakeSessionHost:
         self.classifier = Classifier(1000)
         self.metrics = Metrics()
         self.consistency = FakeConsistency()
+        self.statement_names = StatementNames()
         self.pools = {b.name: FakePool(b) for b in (primary, replica)}
         self.servers = {name: pool.add() for name, pool in self.pools.items()}
         self.sessions: set = set()

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from proxy import wire
+from proxy.server.prepared import StatementNames
 from proxy.session.carried import CarriedState
 from proxy.session.consistency import SessionToken, outcome
 from proxy.session.transaction import Phase, Transaction, TransitionError
@@ -81,7 +82,7 @@ def test_a_begin_inside_a_block_is_not_answered_again():
 
 
 def test_session_effects_in_a_transaction_wait_for_its_commit():
-    carried = CarriedState(classifier.classify)
+    carried = CarriedState(classifier.classify, StatementNames())
     tx = Transaction()
     step = SimpleNamespace(status=T, error=None, writes=False, role="primary",
                            analyses=[analyse("SET work_mem = '64MB'")])
@@ -93,7 +94,7 @@ def test_session_effects_in_a_transaction_wait_for_its_commit():
 
 
 def test_a_write_that_ended_asks_for_its_commit_to_be_noted():
-    carried = CarriedState(classifier.classify)
+    carried = CarriedState(classifier.classify, StatementNames())
     tx = Transaction()
     step = SimpleNamespace(status=I, error=None, writes=True, role="primary", analyses=None)
     assert tx.after_unit(step, carried, None) is True  # (the default: commits may be asynchronous)
@@ -107,7 +108,7 @@ def test_a_write_that_ended_asks_for_its_commit_to_be_noted():
 
 
 def test_a_connection_is_sent_the_settings_it_lacks_once():
-    carried = CarriedState(classifier.classify)
+    carried = CarriedState(classifier.classify, StatementNames())
     carried.startup({"application_name": "it's"})
     conn = SimpleNamespace(settings_key=(), sql_prepared={})
     replay = carried.settings_for(conn)
@@ -120,7 +121,7 @@ def test_a_connection_is_sent_the_settings_it_lacks_once():
 
 
 def test_a_connection_is_sent_the_sql_prepared_statements_a_unit_executes():
-    carried = CarriedState(classifier.classify)
+    carried = CarriedState(classifier.classify, StatementNames())
     carried.apply(analyse("PREPARE q AS SELECT 1"), None)
     conn = SimpleNamespace(settings_key=(), sql_prepared={})
     assert carried.sql_prepares_for(conn, analyse("EXECUTE q")) == ["PREPARE q AS SELECT 1"]
@@ -130,7 +131,7 @@ def test_a_connection_is_sent_the_sql_prepared_statements_a_unit_executes():
 
 
 def test_pins_come_and_go_with_their_statements():
-    carried = CarriedState(classifier.classify)
+    carried = CarriedState(classifier.classify, StatementNames())
     carried.pin(analyse("LISTEN x"))
     assert carried.pins
     carried.pin(analyse("UNLISTEN *"))
