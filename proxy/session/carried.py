@@ -217,11 +217,14 @@ class CarriedState:
                     server.sql_prepared[eff.name] = eff.text
                 self.sql_prepared_analysis[eff.name] = self._classify(eff.text)
             elif kind == "deallocate" and eff.name:
+                # (one namespace on the server: DEALLOCATE also drops a protocol-level one)
+                self.stmts.pop(eff.name.encode(), None)
                 self.sql_prepared.pop(eff.name, None)
                 self.sql_prepared_analysis.pop(eff.name, None)
                 if server is not None:
                     server.sql_prepared.pop(eff.name, None)
             elif kind == "deallocate_all":
+                self.stmts.clear()
                 self.sql_prepared.clear()
                 self.sql_prepared_analysis.clear()
                 if server is not None:

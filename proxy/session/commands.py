@@ -115,7 +115,8 @@ def answer(session: Session, buf: bytes, frames: list, analyses: list[Analysis])
         return Answered.YES
     if a.effects and all(e.kind in ("deallocate", "deallocate_all") for e in a.effects):
         eff = a.effects[0]
-        if eff.kind == "deallocate" and eff.name not in session.carried.sql_prepared:
+        carried = session.carried
+        if eff.kind == "deallocate" and eff.name not in carried.sql_prepared and eff.name.encode() not in carried.stmts:
             reply = replies.Answer(error=_undefined_prepared(eff.name))
         else:
             session.carried.apply(a, None)  # the server, if one is attached, never saw it

@@ -122,3 +122,27 @@ async def test_asyncpg_recovers_from_a_changed_result_type(make_proxy, mode):
     finally:
         await conn.close(timeout=5)
         await other.close(timeout=5)
+
+
+@pytest.mark.parametrize("how", ["DEALLOCATE ALL", "DEALLOCATE {name}"])
+async def test_deallocate_drops_protocol_level_statements_as_postgresql_does(make_proxy, cluster, how):
+    """SQL and protocol-level prepared statements share one namespace on the server:
+    DEALLOCATE (by name, or ALL) drops one prepared with a Parse, and its next use fails
+    with 26000, directly and through pgsplit alike."""
+    proxy = make_proxy()
+
+    async def outcome(dsn: str) -> tuple:
+        conn = await asyncpg.connect(dsn, timeout=10, command_timeout=10)
+        try:
+            stmt = await conn.prepare("SELECT 41 + 1")
+            first = await stmt.fetchval()
+            await conn.execute(how.format(name=f'"{stmt.get_name()}"'))
+            with pytest.raises(asyncpg.InvalidSQLStatementNameError) as info:
+                await stmt.fetchval()
+            return first, info.value.sqlstate, await conn.fetchval("SELECT 7")
+        finally:
+            await conn.close(timeout=5)
+
+    direct = await outcome(cluster.primary.dsn(user="app", password=APP_PASSWORD, dbname="app"))
+    assert direct == (42, "26000", 7)
+    assert await outcome(proxy.dsn()) == direct
