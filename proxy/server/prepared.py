@@ -30,17 +30,27 @@ class StatementNames:
     the columns a statement returns, PostgreSQL refuses to run a statement prepared
     before it (0A000 "cached plan must not change result type") until the client
     prepares it again; shared by text, the client's new Parse would find the old one
-    and change nothing. So a name a server refused so is retired: the text gets a new
-    name, and a client that prepares it again gets a fresh statement on every
-    connection, as on its own server. (The old one ages out of each connection's LRU.)"""
+    and change nothing. So after a client's DDL every text gets a new name (`new_epoch`),
+    and a name a server refused so is retired (DDL the proxy did not see): a client that
+    prepares it again gets a fresh statement on every connection, as on its own server.
+    (The old ones age out of each connection's LRU.)"""
 
-    __slots__ = ("_generation",)
+    __slots__ = ("_generation", "_epoch")
 
     def __init__(self) -> None:
         self._generation: dict[bytes, int] = {}  # base name -> times retired
+        self._epoch = b""  # DDL seen through the proxy: see `new_epoch`
+
+    def new_epoch(self) -> None:
+        """A client's DDL has ended: every text gets a new name, so statements prepared
+        from now on are made afresh wherever they run (those prepared before are left to
+        each connection's LRU, as their clients may still use them, as on PostgreSQL).
+        DDL that does not pass through the proxy is met by `retire` instead, once."""
+        self._epoch = b"%d\0" % (int(self._epoch[:-1] or b"0") + 1)
 
     def name(self, sql: bytes, param_section: bytes) -> bytes:
-        base = b"pgsplit_" + hashlib.blake2b(sql + b"\0" + param_section, digest_size=10).hexdigest().encode()
+        base = b"pgsplit_" + hashlib.blake2b(self._epoch + sql + b"\0" + param_section,
+                                             digest_size=10).hexdigest().encode()
         generation = self._generation.get(base)
         return base if generation is None else b"%s_%d" % (base, generation)
 

@@ -411,6 +411,8 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
             self._record(step.backend, step.role, "write" if step.writes else "read", perf_counter() - step.t0)
             if step.writes or step.analyses or step.status != TX_IDLE or tx.wrote or tx.effects or tx.failed:
                 commit_async = tx.after_unit(step, self.carried, self.server)
+                if tx.changed_schema and tx.schema_settled():
+                    self.host.statement_names.new_epoch()
                 if commit_async is not None:
                     self.token.note_commit(self.host.consistency.ticket(), commit_async,
                                            asyncio.get_running_loop().time())

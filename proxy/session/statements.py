@@ -107,7 +107,7 @@ class Statements:
         if analysis.route is _WRITE or analysis.tx is TxControl.BEGIN:
             step.writes = True
         if (analysis.effects or analysis.pins or analysis.unpins or analysis.tx is not None
-                or analysis.mentions_sync_commit):
+                or analysis.mentions_sync_commit or analysis.changes_schema):
             if step.analyses is None:
                 step.analyses = []
             step.analyses.append(analysis)

@@ -74,6 +74,7 @@ class Transaction:
         self.names_sync_commit = False  # SET LOCAL synchronous_commit, set_config(...)
         self.effects: list[tuple[Analysis, bool]] = []  # (effects waiting for the commit, the unit succeeded)
         self.failed = False
+        self.changed_schema = False  # DDL ran: see `schema_settled`
 
     def _enter(self, event: str) -> None:
         after = _MOVES[event].get(self.phase)
@@ -123,6 +124,14 @@ class Transaction:
 
     # --- what the open transaction did --------------------------------------------------------
 
+    def schema_settled(self) -> bool:
+        """DDL ran and its transaction has ended (committed or not): True once, so that
+        statements prepared from now on are made afresh (StatementNames.new_epoch)."""
+        if self.changed_schema and self.status == TX_IDLE:
+            self.changed_schema = False
+            return True
+        return False
+
     def after_unit(self, step, carried: CarriedState, server) -> bool | None:
         """A unit ended (its step): track what the transaction did and apply the session
         effects that now hold to `carried`. Returns None, or, when a unit or
@@ -136,6 +145,8 @@ class Transaction:
             self.wrote = True
         if analyses and any(a.mentions_sync_commit for a in analyses):
             self.names_sync_commit = True
+        if analyses and any(a.changes_schema for a in analyses):
+            self.changed_schema = True
         commit_async = None
         if status == TX_IDLE and self.wrote:
             self.wrote = False

@@ -61,9 +61,9 @@ def needs_tracking(a: Analysis) -> bool:
 
 def tracked_in_transaction(a: Analysis) -> bool:
     """Statements that a unit in a transaction cannot send on the short way: SET and other
-    effects, pins, SQL EXECUTE, COPY FROM, several statements, synchronous_commit."""
+    effects, pins, SQL EXECUTE, COPY FROM, several statements, synchronous_commit, DDL."""
     return bool(a.effects or a.pins or a.unpins or a.executes or a.is_copy_in
-                or a.statements != 1 or a.mentions_sync_commit)
+                or a.statements != 1 or a.mentions_sync_commit or a.changes_schema)
 
 
 class Extended:

@@ -98,5 +98,8 @@ class Analysis:
     # The text names synchronous_commit (SET LOCAL, set_config): a commit of its transaction
     # may return before its WAL is flushed, which read-your-writes must know.
     mentions_sync_commit: bool = False
+    # DDL (CREATE, ALTER, DROP, RENAME...): a statement prepared before it may no longer
+    # return what it was prepared for; the proxy's shared server statements start afresh.
+    changes_schema: bool = False
     reason: str = ""  # short reason for WRITE, for logs and tests
 

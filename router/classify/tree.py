@@ -45,6 +45,9 @@ _TX_WRITE_REASON = {
     "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
     "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
 }
+# Utility statements that change the schema (pglast node names): CreateStmt, AlterTableStmt,
+# DropStmt, RenameStmt, ViewStmt, CompositeTypeStmt, DefineStmt, CreateEnumStmt...
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "CompositeType", "Define")
 _REASONS = {
     "CallStmt": "CALL",
     "DoStmt": "DO",
@@ -226,7 +229,7 @@ class _Acc:
 
     __slots__ = (
         "reason", "tx", "effects", "pins", "unpins", "executes", "copy_in", "const_dep",
-        "need_walk", "need_walk_select", "once", "once_effects",
+        "need_walk", "need_walk_select", "once", "once_effects", "schema",
     )
 
     def __init__(self) -> None:
@@ -242,6 +245,7 @@ class _Acc:
         self.need_walk_select = True  # ... or a DML node (writable CTE)
         self.once: tuple[Any, ...] = ()  # FuncCall nodes that run exactly once (a FROM-less SELECT's targets)
         self.once_effects: list[tuple[int, SessionEffect]] = []  # their effects, by position
+        self.schema = False  # DDL among the statements
 
     def write(self, reason: str) -> None:
         if self.reason is None:
@@ -332,6 +336,7 @@ class TreeAnalyzer:
             executes=tuple(acc.executes),
             is_copy_in=acc.copy_in,
             reason=acc.reason or "",
+            changes_schema=acc.schema,
         )
         fp_ok = fp_ok and not (acc.const_dep or acc.effects or acc.executes)
         return a, fp_ok
@@ -530,6 +535,8 @@ class TreeAnalyzer:
     def _utility(self, ntype: str, body: dict[str, Any], acc: _Acc, text_of: TextOf | None) -> None:
         """DDL and every other utility statement."""
         acc.write(_REASONS.get(ntype, ntype))
+        if ntype.startswith(_DDL_PREFIXES) and ntype != "AlterSystemStmt":
+            acc.schema = True
         if _mentions_temp(body):
             acc.pins.add(Pin.TEMP_TABLE)
 

@@ -45,11 +45,7 @@ MAX_CLIENTS = 3
 
 # Operations a not-yet-fixed defect breaks (name -> what goes wrong), left out of the
 # scripts unless PGSPLIT_DIFF_KNOWN_DEFECTS lists them (comma separated) or says "all".
-KNOWN_DEFECT_OPS: dict[str, str] = {
-    "ddl": "after ALTER TABLE changes a column's type, a statement the client prepares again "
-           "(or psycopg after its DEALLOCATE ALL) fails with 0A000 'cached plan must not change "
-           "result type': the server statement, shared by text, is never prepared again",
-}
+KNOWN_DEFECT_OPS: dict[str, str] = {}  # none now ("ddl" was, until statements got new names after DDL)
 
 
 def enabled_known_defects() -> set[str]:

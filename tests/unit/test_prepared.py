@@ -41,3 +41,13 @@ def test_a_stale_plan_retires_every_name_the_connection_had():
     prepared.add(b)
     assert prepared.retire_all() == [a, b] and not prepared
     assert names.name(b"SELECT 1", b"\0\0") == a + b"_1" and names.name(b"SELECT 2", b"\0\0") == b + b"_1"
+
+
+def test_ddl_gives_every_text_a_new_name():
+    names = StatementNames()
+    before = names.name(b"SELECT * FROM t", b"\0\0")
+    names.new_epoch()
+    after = names.name(b"SELECT * FROM t", b"\0\0")
+    assert after != before and after.startswith(b"pgsplit_") and len(after) == len(before)
+    names.new_epoch()
+    assert names.name(b"SELECT * FROM t", b"\0\0") not in (before, after)
