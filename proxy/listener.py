@@ -145,8 +145,7 @@ class Listener:
 
     def _new_session(self) -> ClientSession:
         session = ClientSession(self.app)
-        session.inbox = Inbox()
-        session._handshake_task = self.app.spawn(self._handshake(session))
+        session.begin_handshake(Inbox(), self._handshake(session))
         return session
 
     async def stop(self) -> None:

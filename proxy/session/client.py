@@ -25,6 +25,7 @@ import asyncio
 import logging
 import select
 from time import perf_counter
+from typing import Any, Coroutine
 
 from proxy import wire
 from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection, send_cancel
@@ -216,6 +217,12 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
             self.transport.resume_reading()
 
     # --- ending ----------------------------------------------------------------------------
+
+    def begin_handshake(self, inbox: Any, handshake: Coroutine[Any, Any, None]) -> None:
+        """The listener's part: its handshake reads the client's first bytes from `inbox`,
+        in a task that ends with the session."""
+        self.inbox = inbox
+        self._handshake_task = self.host.spawn(handshake)
 
     def fail(self, error: ProxyError) -> None:
         """Send an error; a fatal one also ends the session."""
