@@ -20,6 +20,7 @@ from proxy.admin.http import Admin
 from proxy.admin.operations import AdminOps
 from proxy.auth import Verifiers
 from proxy.config import Config
+from proxy.process import warmup
 from proxy.process.consistency import ReadYourWrites
 from proxy.dataplane import DataPlane
 from proxy.errors import AdminShutdown, ConnectionFailure, ProxyError, RoutingError, ServerError
@@ -36,8 +37,6 @@ from router.policy import startup_backend
 from router.topology import BackendState, Role, TopologyHolder
 
 log = logging.getLogger("pgsplit")
-
-WARM_UP_LOGINS = 4  # a cutover's warm-up opens this many server connections at a time (live traffic goes on)
 
 
 class Proxy:
@@ -311,57 +310,12 @@ class Proxy:
         return self.topology.current.generation
 
     async def warm_up(self, target: str) -> dict:
-        """Before the pause, open as many server connections to the target cluster per
-        (user, database) as the active one has now: sessions of a hot standby survive its
-        promotion and take writes after it, so held units find connections ready instead
-        of all logging in at once after the swap. A login failure refuses the cutover."""
-        active = {s.name: s for s in backend_specs(self.config, self.config.active)}
-        specs = backend_specs(self.config, target)
-        by_name = {s.name: s for s in specs}
-        want: dict[tuple[str, str, str], int] = {}
-        for pool in self.pools:
-            spec = active.get(pool.address.backend)
-            if spec is None or not pool.total:
-                continue
-            dests = specs[:1] if spec.role is Role.PRIMARY or len(specs) == 1 else specs[1:]
-            for d in dests:
-                key = (d.name, pool.user, pool.database)
-                want[key] = min(self.config.pool.size, want.get(key, 0) + -(-pool.total // len(dests)))
-
-        gate = asyncio.Semaphore(WARM_UP_LOGINS)
-
-        async def login(pool: Pool) -> ServerConnection:
-            async with gate:
-                return await pool.acquire()
-
-        async def fill(key: tuple[str, str, str], n: int) -> int:
-            spec = by_name[key[0]]
-            pool = self.pools.get(spec.name, spec.host, spec.port, key[1], key[2])
-            # all held until every one is open (a released one would be lent again)
-            conns = await asyncio.gather(*(login(pool) for _ in range(max(0, n - pool.total))),
-                                         return_exceptions=True)
-            for conn in conns:
-                if isinstance(conn, ServerConnection):
-                    pool.release(conn)
-            for conn in conns:
-                if isinstance(conn, BaseException):
-                    raise conn
-            return len(conns)
-
-        # The monitor logs in too, so the swap costs it one poll rather than logins.
-        staged, *opened = await asyncio.gather(self.monitor.stage(target, specs),
-                                               *(fill(k, n) for k, n in want.items()), return_exceptions=True)
-        for n, key in zip(opened, want):
-            if isinstance(n, BaseException):
-                raise ValueError(f"{key[1]}@{key[2]} cannot log in to {key[0]} of cluster {target!r}: {n}") from n
-        return {"server_connections": sum(opened), "pools": len(want),
-                "monitor_logins": staged if isinstance(staged, int) else 0}
+        """A cutover's warm-up of cluster `target` (proxy.process.warmup)."""
+        return await warmup.warm_up(self.pools, self.monitor, self.config, target)
 
     async def drop_warm_up(self) -> None:
-        """A cutover that did not switch: close what its warm-up opened (the target's pools,
-        the monitor's staged logins)."""
-        self.pools.retire_backends({s.name for s in backend_specs(self.config, self.config.active)})
-        await self.monitor.unstage()
+        """A cutover that did not switch: close what its warm-up opened."""
+        await warmup.drop_warm_up(self.pools, self.monitor, self.config)
 
     # --- status --------------------------------------------------------------------------------
 
