@@ -15,25 +15,23 @@ import logging
 import time
 
 from metrics import Metrics
-from proxy import wire
 from proxy.admin.http import Admin
 from proxy.admin.operations import AdminOps
 from proxy.auth import Verifiers
 from proxy.config import Config
 from proxy.process import warmup
 from proxy.process.consistency import ReadYourWrites
+from proxy.process.login import Logins
 from proxy.dataplane import DataPlane
-from proxy.errors import AdminShutdown, ConnectionFailure, ProxyError, RoutingError, ServerError
+from proxy.errors import AdminShutdown, ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
 from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
-from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection
 from proxy.server.pool import Pool, Pools
 from proxy.session.client import ClientSession, State
 from router.classify.classifier import Classifier
 from router.lsn import CommitLsnFetcher
 from router.monitor.lag import initial_topology
 from router.monitor.monitor import Monitor
-from router.policy import startup_backend
 from router.topology import BackendState, Role, TopologyHolder
 
 log = logging.getLogger("pgsplit")
@@ -54,12 +52,11 @@ class Proxy:
         self.topology = TopologyHolder(initial_topology(config.active, specs))
         self.monitor = Monitor(self.topology, specs, settings.monitor, self.metrics,
                                on_volatile_functions=self.classifier.set_volatile_functions)
-        self._catalog_databases: set[str] = set()  # databases whose catalog was read
-        self.monitor.databases = lambda: self._catalog_databases
+        self.logins = Logins(self, self.monitor)
+        self.monitor.databases = lambda: self.logins.catalog_databases
         self.lsn_fetcher = CommitLsnFetcher(self.monitor.primary_commit_lsns)
         self.consistency = ReadYourWrites(self.lsn_fetcher, self.monitor, self.topology, self.metrics,
                                           lambda: self.config.routing)
-        self._async_default: dict[tuple[str, str], bool] = {}  # (user, db): synchronous_commit off
         self.load: dict[str, int] = {}
         self.sessions: set[ClientSession] = set()
         self.by_key: dict[tuple[int, bytes], ClientSession] = {}
@@ -225,63 +222,8 @@ class Proxy:
         return await self.monitor.check(backend)
 
     async def first_contact(self, session: ClientSession) -> dict[str, str]:
-        """Borrow a server connection for a freshly authenticated client: check that the
-        database exists, apply the client's startup settings, learn the parameter set
-        the client is shown."""
-        for attempt in range(2):
-            decision = startup_backend(self.topology.current, self.load)
-            if decision.error is not None:
-                raise RoutingError(*decision.error)
-            pool = self.pool_for(decision.backend, session.user, session.database)
-            try:
-                conn = await pool.acquire()
-                break
-            except ConnectionFailure:
-                # The backend failed before the monitor noticed (a crashed primary refuses
-                # connections): once its check agrees, the login goes where the next
-                # decision says (a replica), instead of failing.
-                if attempt or await self.check_backend(decision.backend.name):
-                    raise
-            except ServerError as exc:
-                if exc.sqlstate.startswith("28"):
-                    exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
-                    exc.fields = {**exc.fields, "M": exc.message}
-                raise
-        try:
-            replay = session.carried.settings_for(conn)
-            if replay is not None:
-                done = asyncio.get_running_loop().create_future()
-                conn.swallow(replay, done.set_result)
-                try:
-                    step = await done
-                except BaseException:
-                    conn.settings_key = UNKNOWN_SETTINGS  # (whether the replay ran is not known)
-                    raise
-                if step.error is not None:
-                    conn.settings_key = UNKNOWN_SETTINGS  # (the replay was undone as a whole)
-                    raise ServerError(step.error, fatal=True)
-            params = dict(conn.params)
-            key = (session.user, session.database)
-            if key not in self._async_default:
-                self._async_default[key] = await _async_commit_default(conn)
-            session.carried.async_default = self._async_default[key]
-        finally:
-            pool.release(conn)
-        if "in_hot_standby" in params:
-            params["in_hot_standby"] = "off"  # the proxy accepts writes wherever they run
-        if session.database not in self._catalog_databases:
-            await self._read_catalog(session.database)
-        return params
-
-    async def _read_catalog(self, database: str) -> None:
-        """The first client of a database: read its volatile functions before its first
-        statement is routed (later refreshes run in the monitor)."""
-        self._catalog_databases.add(database)
-        try:
-            async with asyncio.timeout(self.config.routing.monitor_timeout_ms / 1000 * 5):
-                await self.monitor.refresh_catalog()
-        except Exception as exc:  # the periodic refresh tries again
-            log.warning("reading the volatile-function catalog of database %r failed: %s", database, exc)
+        """A freshly authenticated client's first server contact (proxy.process.login)."""
+        return await self.logins.first_contact(session)
 
     async def switch_cluster(self, name: str):
         """Make another configured cluster the active backend set (the cutover's swap)."""
@@ -337,18 +279,6 @@ class Proxy:
             "clients": self.client_counts(), "pool_mode": self.config.pool.mode,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
-
-
-async def _async_commit_default(conn: ServerConnection) -> bool:
-    """Whether this user's commits in this database are asynchronous unless the session
-    says otherwise (synchronous_commit = off from the server, database or role settings)."""
-    done = asyncio.get_running_loop().create_future()
-    conn.swallow(wire.query(b"SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'"),
-                 done.set_result, rows=True)
-    step = await done
-    if step.error is not None or not step.rows:
-        return True  # unknown: assume the worst (the insert position covers everything)
-    return wire.parse_data_row(step.rows[0])[0] == b"off"
 
 
 def _shutdown() -> ProxyError:
