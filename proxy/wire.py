@@ -302,8 +302,14 @@ def parse_bind_names(body: bytes) -> tuple[bytes, bytes, int]:
 
 
 def build_bind(portal: bytes, stmt: bytes, rest: bytes | memoryview) -> bytes:
-    body = portal + b"\0" + stmt + b"\0"
-    return bytes((F_BIND,)) + _I32.pack(4 + len(body) + len(rest)) + body + rest
+    return bind_head(portal, stmt, len(rest)) + rest
+
+
+def bind_head(portal: bytes, stmt: bytes, rest_length: int) -> bytes:
+    """The start of a Bind whose body after the names (`rest_length` bytes) follows
+    separately, as it arrives."""
+    head = portal + b"\0" + stmt + b"\0"
+    return bytes((F_BIND,)) + _I32.pack(4 + len(head) + rest_length) + head
 
 
 def parse_target(body: bytes) -> tuple[int, bytes]:

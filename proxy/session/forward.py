@@ -38,6 +38,7 @@ _READY = State.READY
 _MAY_WRITE = frozenset({F_QUERY, F_PARSE, F_BIND})
 _IGNORED_WHEN_IDLE = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_FLUSH})
 RETRY_MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
+STREAM_MIN = 1 << 20  # a Bind longer than this passes through as it arrives (_stream_bind)
 
 
 class Forwarding:
@@ -390,6 +391,50 @@ class Forwarding:
             st = self.carried.stmts.get(name) if name else None
             analysis = st.analysis if st is not None else None
         return analysis
+
+    def _stream_bind(self, buf: bytes, pos: int) -> bool:
+        """A Bind too large to hold whole (a big bytea parameter) that continues the group
+        open on the attached connection (behind its Parse, or a prepare's Flush): its head
+        goes out at once with the proxy's statement name, and the rest passes through as
+        it arrives (`_skip`), so the proxy holds no more of it than a read brings. False
+        (it is gathered whole and forwarded as usual) for anything else."""
+        step = self._open
+        if step is None or buf[pos] != F_BIND or len(buf) - pos < 5:
+            return False
+        length = wire.header_length(buf, pos)
+        if length < STREAM_MIN:
+            return False
+        end = min(pos + 1 + length, len(buf))
+        try:
+            portal, name, off = wire.parse_bind_names(buf[pos + 5 : end])
+        except wire.ProtocolViolation:
+            return False  # (its names have not all arrived)
+        if step.left_open and self._leaves_replica(step, buf, F_BIND, pos, end):
+            return False
+        out: list[bytes] = []
+        server_name = name
+        if name:
+            st = self.carried.stmts.get(name)
+            if st is not None:
+                a = st.analysis
+                if st.local or a.executes or a.effects:
+                    return False
+                self._note_analysis(step, a)
+                self._use_statement(step, st, out, buf, pos, pos)
+                server_name = st.server_name
+                self._bound_copy = a.is_copy_in
+            else:
+                self._bound_copy = False
+        elif self._unnamed is not None:
+            self._note_analysis(step, self._unnamed)
+            self._bound_copy = self._unnamed.is_copy_in
+        step.sent += 1
+        step.retry = None  # (too large to keep for a retry)
+        out.append(wire.bind_head(portal, server_name, length - 4 - off))
+        out.append(buf[pos + 5 + off :])
+        self.server.send(b"".join(out))
+        self._skip = pos + 1 + length - len(buf)
+        return True
 
     def _keep_for_retry(self, step: Step, buf: bytes, frames: list, first: int) -> None:
         """More messages of an open retry-able unit (sent after a Flush): keep them too."""

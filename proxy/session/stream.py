@@ -2,8 +2,9 @@
 
 Owns (as a part of ClientSession): framing the client's bytes a batch of messages at a
 time, holding the bytes that wait (for a route, for the units in flight, for a cutover's
-pause), gathering a message that arrives in pieces, passing a long CopyData through as it
-arrives, dropping a group after an error the proxy answered, and the session's lifecycle
+pause), gathering a message that arrives in pieces, passing a long CopyData (or the rest of
+a long Bind, proxy.session.forward) through as it arrives, dropping a group after an error
+the proxy answered, and the session's lifecycle
 `State`.
 Must not know: routing, SQL, the process.
 """
@@ -57,7 +58,7 @@ class ByteStream:
                 self.fail(ProtocolViolation(str(exc)))
                 return
             if not frames:
-                if self.server is not None and self._stream_long(buf, pos):
+                if self.server is not None and (self._stream_long(buf, pos) or self._stream_bind(buf, pos)):
                     return
                 break
             i = self._walk(buf, frames)

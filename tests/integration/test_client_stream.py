@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import struct
 import threading
@@ -22,6 +23,7 @@ import pytest
 import psycopg
 
 from helpers import wait_until
+from loadtest.harness import ProxyProcess, config_text
 from rawclient import RawClient, message, query_message
 
 APP_PASSWORD = "app-secret"
@@ -189,6 +191,37 @@ async def test_large_query_text_and_bind_parameter(make_proxy):
         assert await asyncio.wait_for(conn2.fetchval("SELECT 42"), 10) == 42
     finally:
         await asyncio.wait_for(conn2.close(), 10)
+
+
+def _peak_rss(proc: ProxyProcess) -> int:
+    with open(f"/proc/{proc.proc.pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+async def test_a_100mb_bind_parameter_passes_with_bounded_proxy_memory(cluster):
+    """A Bind larger than the proxy holds whole passes through as it arrives: behind its
+    Parse (psycopg's Parse, Bind, Describe, Execute, Sync in one write) and in a group a
+    prepare left open (asyncpg's Parse, Describe, Flush, then Bind, Execute, Sync). The
+    proxy's peak memory grows by much less than the message (held whole, it grew by two
+    or three times its size)."""
+    blob = bytes(range(256)) * (100 * 4096)  # 100 MiB
+    digest = hashlib.md5(blob).hexdigest()
+    with ProxyProcess(config_text({"main": cluster})) as proc:
+        dsn = f"postgresql://app:app-secret@127.0.0.1:{proc.port}/app"
+        with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            baseline = _peak_rss(proc)
+            assert conn.execute("SELECT md5(%b)", [blob]).fetchone() == (digest,)
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+        aconn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            stmt = await aconn.prepare("SELECT md5($1::bytea)")
+            assert await asyncio.wait_for(stmt.fetchval(blob), 60) == digest
+            assert await aconn.fetchval("SELECT 3") == 3
+        finally:
+            await aconn.close(timeout=10)
+        grown = _peak_rss(proc) - baseline
+        assert grown < 40 << 20, f"the proxy's peak memory grew by {grown >> 20} MiB for a 100 MiB message"
 
 
 def test_client_leaving_mid_message_releases_its_server(make_proxy, cluster):

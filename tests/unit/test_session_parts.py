@@ -349,3 +349,36 @@ def test_a_server_lost_while_the_client_waits_for_its_group_replies_answers_at_o
         assert taken(session.transport) == wire.ready_for_query(I)
         assert session.state is State.READY
     drive(script)
+
+
+# --- a Bind too large to hold whole ---------------------------------------------------------------
+
+
+def test_a_large_bind_in_an_open_group_passes_through_renamed_as_it_arrives():
+    """asyncpg's shape with a 2 MB parameter: Parse, Describe, Flush, then Bind, Execute,
+    Sync, the Bind arriving in pieces. Its head goes out at once under the proxy's name
+    for the statement, with the length of the message as renamed, and the rest of it as
+    it comes; the proxy never holds the Bind whole."""
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        parse = wire.build_parse(b"s1", b"SELECT length($1::bytea)")
+        session.data_received(parse + wire.build_target(wire.F_DESCRIBE, ord("S"), b"s1") + wire.FLUSH)
+        server = session.server
+        sent_parse = taken(server.transport)
+        server_name = session.stmts[b"s1"].server_name
+        assert server_name in sent_parse
+        server.data_received(PREPARED)
+        taken(session.transport)
+        value = bytes(range(256)) * 8192  # 2 MiB
+        rest = b"\0\0\0\1\0\0\0\0" + len(value).to_bytes(4, "big") + value + b"\0\0"
+        bind = wire.build_bind(b"", b"s1", rest)
+        tail = execute() + wire.SYNC
+        data = bind + tail
+        for cut in (300_000, 1_500_000):  # (a read brings a piece; the rest follows)
+            session.data_received(data[:cut])
+            data = data[cut:]
+            assert len(session._stash) < 64 << 10 and not session._parts
+        session.data_received(data)
+        assert taken(server.transport) == wire.build_bind(b"", server_name, rest) + tail
+    drive(script)
