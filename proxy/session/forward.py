@@ -21,7 +21,7 @@ from proxy.session import commands, replies
 from proxy.session.commands import Answered
 from proxy.session.stream import State
 from proxy.session.units import (
-    MALFORMED, OPENS_STEP, STATEMENT_KIND, Boundary, scan_unit, unit_bytes, unit_last,
+    MALFORMED, OPENS_STEP, STATEMENT_KIND, Boundary, needs_tracking, scan_unit, unit_bytes, unit_last,
 )
 from router.classify.analysis import Analysis, TxControl
 from router.policy import UnitFacts
@@ -393,47 +393,98 @@ class Forwarding:
         return analysis
 
     def _stream_bind(self, buf: bytes, pos: int) -> bool:
-        """A Bind too large to hold whole (a big bytea parameter) that continues the group
-        open on the attached connection (behind its Parse, or a prepare's Flush): its head
-        goes out at once with the proxy's statement name, and the rest passes through as
-        it arrives (`_skip`), so the proxy holds no more of it than a read brings. False
-        (it is gathered whole and forwarded as usual) for anything else."""
-        step = self._open
-        if step is None or buf[pos] != F_BIND or len(buf) - pos < 5:
+        """A Bind too large to hold whole (a big bytea parameter): its head goes out at
+        once with the proxy's statement name, and the rest passes through as it arrives
+        (`_skip`), so the proxy holds no more of it than a read brings. It continues the
+        group open on the attached connection (behind its Parse, or a prepare's Flush), or
+        starts its unit, routed from its statement's analysis. False (it is gathered whole
+        and forwarded as usual) for anything else."""
+        head = self._long_bind(buf, pos)
+        if head is None:
             return False
-        length = wire.header_length(buf, pos)
-        if length < STREAM_MIN:
-            return False
+        length, portal, name, off, st, analysis = head
         end = min(pos + 1 + length, len(buf))
-        try:
-            portal, name, off = wire.parse_bind_names(buf[pos + 5 : end])
-        except wire.ProtocolViolation:
-            return False  # (its names have not all arrived)
-        if step.left_open and self._leaves_replica(step, buf, F_BIND, pos, end):
+        step = self._open
+        if step is None:
+            if st is None or not self._route_long_bind(buf, pos, end, analysis):  # (an unnamed statement: see _start_unit)
+                return False
+            step = self._open
+        elif step.left_open and self._leaves_replica(step, buf, F_BIND, pos, end):
             return False
         out: list[bytes] = []
         server_name = name
-        if name:
-            st = self.carried.stmts.get(name)
-            if st is not None:
-                a = st.analysis
-                if st.local or a.executes or a.effects:
-                    return False
-                self._note_analysis(step, a)
-                self._use_statement(step, st, out, buf, pos, pos)
-                server_name = st.server_name
-                self._bound_copy = a.is_copy_in
-            else:
-                self._bound_copy = False
-        elif self._unnamed is not None:
-            self._note_analysis(step, self._unnamed)
-            self._bound_copy = self._unnamed.is_copy_in
+        if analysis is not None:
+            self._note_analysis(step, analysis)
+            self._bound_copy = analysis.is_copy_in
+        else:
+            self._bound_copy = False
+        if st is not None:
+            self._use_statement(step, st, out, buf, pos, pos)
+            server_name = st.server_name
         step.sent += 1
         step.retry = None  # (too large to keep for a retry)
         out.append(wire.bind_head(portal, server_name, length - 4 - off))
         out.append(buf[pos + 5 + off :])
         self.server.send(b"".join(out))
         self._skip = pos + 1 + length - len(buf)
+        return True
+
+    def _long_bind(self, buf: bytes, pos: int) -> tuple | None:
+        """(length, portal, statement name, offset of the rest, the client's statement or
+        None, its analysis or None) of a Bind at `pos` long enough to stream whose names
+        have arrived; None otherwise, or when binding it has effects the proxy tracks."""
+        if buf[pos] != F_BIND or len(buf) - pos < 5:
+            return None
+        length = wire.header_length(buf, pos)
+        if length < STREAM_MIN:
+            return None
+        try:
+            portal, name, off = wire.parse_bind_names(buf[pos + 5 : min(pos + 1 + length, len(buf))])
+        except wire.ProtocolViolation:
+            return None  # (its names have not all arrived)
+        st = self.carried.stmts.get(name) if name else None
+        if st is not None and st.local:
+            return None
+        analysis = st.analysis if st is not None else (self._unnamed if not name else None)
+        if analysis is not None and (analysis.executes or analysis.effects):
+            return None
+        return length, portal, name, off, st, analysis
+
+    def _route_long_bind(self, buf: bytes, pos: int, end: int, analysis: Analysis | None) -> bool:
+        """A long Bind of a named statement starts its unit (prepared earlier, run alone): route it
+        from its statement's analysis now, as `_start_unit` would once the whole unit had
+        arrived, and open its step. False where only the general path may decide (a
+        token to fetch, a wait, no idle connection, a cutover holding units...)."""
+        tx = self.tx
+        if (analysis is None or needs_tracking(analysis) or self._skip_to_sync or self._routing is not None
+                or tx.aborted is not None):
+            return False
+        if self.server is not None:
+            if self._boundary(buf, [(F_BIND, pos, end)], 0) is not Boundary.GO:
+                return False
+        else:
+            if self.host.dataplane.holding:
+                return False
+            facts = self._unit_facts([analysis], False)
+            if tx.deferred_begin is not None:
+                read_only = self.carried.default_read_only
+                facts = UnitFacts(writes=facts.writes or not read_only, hint=facts.hint)
+            token, fetch = self.token.read_requirement(facts.writes)
+            if fetch:
+                return False
+            self.units += 1
+            decision = self._decide(facts, token)
+            if decision.error is not None or decision.wait_lsn is not None:
+                return False
+            conn = self._borrow_now(decision.backend)
+            if conn is None:
+                return False
+            if token is not None:
+                self._count_read(decision, False)
+            self._attach(conn, decision.backend, b"", facts)
+            self._retry_data = None
+            self._fresh = False
+        self._new_step()
         return True
 
     def _keep_for_retry(self, step: Step, buf: bytes, frames: list, first: int) -> None:

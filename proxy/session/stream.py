@@ -58,7 +58,7 @@ class ByteStream:
                 self.fail(ProtocolViolation(str(exc)))
                 return
             if not frames:
-                if self.server is not None and (self._stream_long(buf, pos) or self._stream_bind(buf, pos)):
+                if (self.server is not None and self._stream_long(buf, pos)) or self._stream_bind(buf, pos):
                     return
                 break
             i = self._walk(buf, frames)

@@ -200,8 +200,9 @@ def _peak_rss(proc: ProxyProcess) -> int:
 
 async def test_a_100mb_bind_parameter_passes_with_bounded_proxy_memory(cluster):
     """A Bind larger than the proxy holds whole passes through as it arrives: behind its
-    Parse (psycopg's Parse, Bind, Describe, Execute, Sync in one write) and in a group a
-    prepare left open (asyncpg's Parse, Describe, Flush, then Bind, Execute, Sync). The
+    Parse (psycopg's Parse, Bind, Describe, Execute, Sync in one write), starting its unit
+    (psycopg's prepare=True), and in a group a prepare left open (asyncpg's Parse,
+    Describe, Flush, then Bind, Execute, Sync). The
     proxy's peak memory grows by much less than the message (held whole, it grew by two
     or three times its size)."""
     blob = bytes(range(256)) * (100 * 4096)  # 100 MiB
@@ -212,6 +213,8 @@ async def test_a_100mb_bind_parameter_passes_with_bounded_proxy_memory(cluster):
             assert conn.execute("SELECT 1").fetchone() == (1,)
             baseline = _peak_rss(proc)
             assert conn.execute("SELECT md5(%b)", [blob]).fetchone() == (digest,)
+            # prepared first (Parse, Sync), then run alone: the Bind starts its unit
+            assert conn.execute("SELECT md5(%b) AS again", [blob], prepare=True).fetchone() == (digest,)
             assert conn.execute("SELECT 2").fetchone() == (2,)
         aconn = await asyncpg.connect(dsn, timeout=10)
         try:

@@ -382,3 +382,31 @@ def test_a_large_bind_in_an_open_group_passes_through_renamed_as_it_arrives():
         session.data_received(data)
         assert taken(server.transport) == wire.build_bind(b"", server_name, rest) + tail
     drive(script)
+
+
+def test_a_large_bind_that_starts_its_unit_is_routed_from_its_head():
+    """psycopg's prepare=True: Parse and Sync (answered by the proxy), later Bind,
+    Describe, Execute, Sync with a 2 MB parameter. The unit is routed from the Bind's head
+    (a read: the replica), the statement prepared there first, and the Bind streamed."""
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(wire.build_parse(b"s2", b"SELECT length($1::bytea)") + wire.SYNC)
+        assert taken(session.transport) == wire.PARSE_COMPLETE + wire.ready_for_query(I)
+        st = session.stmts[b"s2"]
+        value = bytes(range(256)) * 8192
+        rest = b"\0\0\0\1\0\0\0\0" + len(value).to_bytes(4, "big") + value + b"\0\0"
+        tail = wire.build_target(wire.F_DESCRIBE, ord("P"), b"") + execute() + wire.SYNC
+        data = wire.build_bind(b"", b"s2", rest) + tail
+        session.data_received(data[:200_000])
+        server = session.server
+        assert server is host.servers["r"] and len(session._stash) < 64 << 10 and not session._parts
+        session.data_received(data[200_000:])
+        assert taken(server.transport) == st.parse + wire.build_bind(b"", st.server_name, rest) + tail
+        server.data_received(wire.message(wire.B_PARSE_COMPLETE) + wire.message(wire.B_BIND_COMPLETE)
+                             + wire.message(wire.B_NO_DATA) + wire.command_complete("SELECT 1")
+                             + wire.ready_for_query())
+        assert taken(session.transport) == (wire.message(wire.B_BIND_COMPLETE) + wire.message(wire.B_NO_DATA)
+                                            + wire.command_complete("SELECT 1") + wire.ready_for_query())
+        assert session.server is None and host.pools["r"].released == [server]
+    drive(script)
