@@ -250,6 +250,12 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
             data = ahead + data
         self.transport.write(data)
 
+    def pass_through(self, data: bytes) -> None:
+        """More of a long client message whose head went out through `send`: written as
+        it is (a request `ahead` inside it would split the message; it goes with the
+        next `send`)."""
+        self.transport.write(data)
+
     def _behind_sync(self, data: bytes) -> bytes:
         """`after_sync` goes right behind the first Sync in `data` (the open unit's own),
         or waits for a later write (`ahead` holds a Flush, harmless, to be called again)."""

@@ -86,6 +86,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self._parts: list[bytes] = []  # a message gathered in pieces (see _hold)
         self._missing = 0  # bytes of it still to come
         self._skip = 0  # bytes of a long client message still to pass through
+        self._skip_to: ServerConnection | None = None  # the connection that has its head
         self._open: Step | None = None  # the step receiving the current unit's messages
         self._fresh = False  # a server was just attached for the unit that follows
         self._routing: asyncio.Task | None = None  # the unit waits for a route, a token or a check

@@ -409,7 +409,10 @@ class Forwarding:
             if st is None or not self._route_long_bind(buf, pos, end, analysis):  # (an unnamed statement: see _start_unit)
                 return False
             step = self._open
-        elif step.left_open and self._leaves_replica(step, buf, F_BIND, pos, end):
+        elif (step.left_open and self._leaves_replica(step, buf, F_BIND, pos, end)) or any(
+                s is not step and s.kind is _FORWARD for s in self.server.steps):
+            # (a unit ahead of it may still be retried elsewhere, its connection released
+            # with this message half written)
             return False
         out: list[bytes] = []
         server_name = name
@@ -423,10 +426,12 @@ class Forwarding:
             server_name = st.server_name
         step.sent += 1
         step.retry = None  # (too large to keep for a retry)
+        step.left_open = True  # the rest of its group comes later: a write in it leaves a replica
         out.append(wire.bind_head(portal, server_name, length - 4 - off))
         out.append(buf[pos + 5 + off :])
         self.server.send(b"".join(out))
         self._skip = pos + 1 + length - len(buf)
+        self._skip_to = self.server
         return True
 
     def _long_bind(self, buf: bytes, pos: int) -> tuple | None:
@@ -457,10 +462,10 @@ class Forwarding:
         token to fetch, a wait, no idle connection, a cutover holding units...)."""
         tx = self.tx
         if (analysis is None or needs_tracking(analysis) or self._skip_to_sync or self._routing is not None
-                or tx.aborted is not None):
+                or tx.aborted is not None or self._force_primary_next):
             return False
         if self.server is not None:
-            if self._boundary(buf, [(F_BIND, pos, end)], 0) is not Boundary.GO:
+            if self.server.steps or self._boundary(buf, [(F_BIND, pos, end)], 0) is not Boundary.GO:
                 return False
         else:
             if self.host.dataplane.holding:
@@ -474,10 +479,9 @@ class Forwarding:
                 return False
             self.units += 1
             decision = self._decide(facts, token)
-            if decision.error is not None or decision.wait_lsn is not None:
-                return False
-            conn = self._borrow_now(decision.backend)
+            conn = self._borrow_now(decision.backend) if decision.error is None and decision.wait_lsn is None else None
             if conn is None:
+                self.units -= 1  # (the general path counts it: the same tie-breaker there)
                 return False
             if token is not None:
                 self._count_read(decision, False)

@@ -37,8 +37,10 @@ class ByteStream:
     def _pass_long(self, data: bytes) -> bytes:
         """Forward the rest of a long client message (CopyData) already partly sent."""
         n = min(self._skip, len(data))
-        if self.server is not None:
-            self.server.send(data[:n] if n < len(data) else data)
+        server = self.server
+        if server is not None and server is self._skip_to and not server.closed:
+            server.pass_through(data[:n] if n < len(data) else data)
+        # (else the connection that has the message's head is gone: the rest is dropped)
         self._skip -= n
         return data[n:]
 
@@ -127,6 +129,7 @@ class ByteStream:
             return False
         self.server.send(buf[pos:] if pos else buf)
         self._skip = 1 + length - (len(buf) - pos)
+        self._skip_to = self.server
         return True
 
     def resume(self) -> None:

@@ -410,3 +410,63 @@ def test_a_large_bind_that_starts_its_unit_is_routed_from_its_head():
                                             + wire.command_complete("SELECT 1") + wire.ready_for_query())
         assert session.server is None and host.pools["r"].released == [server]
     drive(script)
+
+
+def _prepare_here(session, name: bytes, sql: bytes) -> None:
+    session.data_received(wire.build_parse(name, sql) + wire.SYNC)
+    taken(session.transport)
+
+
+LONG_REST = b"\0\0\0\1\0\0\0\0" + (2 << 20).to_bytes(4, "big") + bytes(range(256)) * 8192 + b"\0\0"
+
+
+def test_a_request_queued_ahead_never_lands_inside_a_streaming_bind():
+    """A stale-plan error for an earlier Bind of the group arrives while a long Bind
+    streams: the connection queues its Closes behind the group's Sync, with a Flush
+    `ahead` of the next request. The rest of the Bind is not a request: it goes out as
+    it is, and the server reads the Bind intact."""
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        _prepare_here(session, b"a", b"SELECT * FROM t")
+        _prepare_here(session, b"b", b"SELECT length($1::bytea)")
+        head = wire.build_bind(b"", b"a", b"\0\0\0\0\0\0") + execute()
+        data = head + wire.build_bind(b"", b"b", LONG_REST) + execute() + wire.SYNC
+        cut = len(head) + 1_100_000
+        session.data_received(data[:cut])
+        server = session.server
+        assert session._skip
+        server.data_received(wire.message(wire.B_PARSE_COMPLETE) + wire.fields_response(
+            {"S": "ERROR", "V": "ERROR", "C": "0A000", "M": "cached plan must not change result type",
+             "R": "RevalidateCachedQuery"}))
+        assert server.ahead == wire.FLUSH
+        session.data_received(data[cut:])
+        out = taken(server.transport)
+        bind = wire.build_bind(b"", session.stmts[b"b"].server_name, LONG_REST)
+        assert bind in out, "the Bind reached the server split by a request of the proxy's"
+    drive(script)
+
+
+def test_a_long_bind_behind_a_read_that_may_run_again_elsewhere_is_not_streamed():
+    """A read in flight on a replica may still be refused there and run again on the
+    primary, its connection given back: a Bind half written behind it would leave that
+    connection waiting for the rest (and send the rest to the primary). So such a Bind is
+    gathered whole, as before."""
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        _prepare_here(session, b"b", b"SELECT length($1::bytea)")
+        session.data_received(wire.query("SELECT 1"))
+        replica = session.server
+        assert replica is host.servers["r"]
+        taken(replica.transport)
+        unit = wire.build_bind(b"", b"b", LONG_REST) + execute() + wire.SYNC
+        session.data_received(unit[:300_000])
+        assert not session._skip and taken(replica.transport) == b""
+        replica.data_received(wire.fields_response({"S": "ERROR", "V": "ERROR", "C": "40001", "M": "conflict"})
+                              + wire.ready_for_query())
+        session.data_received(unit[300_000:])
+        primary = host.servers["p"]
+        assert taken(primary.transport).startswith(wire.query("SELECT 1"))
+        assert not any(b"\xcc\xcd\xce\xcf" in chunk for chunk in replica.transport.out)
+    drive(script)
