@@ -136,6 +136,10 @@ class Forwarding:
             return Boundary.WAIT  # the unit is routed afresh once the token has arrived
         if self.backend.role is Role.PRIMARY or self.carried.pins:
             return Boundary.GO
+        if any(s.kind is _FORWARD and s.retry is not None for s in server.steps):
+            # A read that the replica may still refuse runs again on the primary and gives
+            # this connection back: a unit sent behind it here would be lost with it.
+            return Boundary.WAIT
         scan = scan_unit(buf, frames, i, self.classify, self.carried.stmts, self._unnamed)
         if scan is None:
             return Boundary.WAIT

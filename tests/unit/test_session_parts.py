@@ -470,3 +470,28 @@ def test_a_long_bind_behind_a_read_that_may_run_again_elsewhere_is_not_streamed(
         assert taken(primary.transport).startswith(wire.query("SELECT 1"))
         assert not any(b"\xcc\xcd\xce\xcf" in chunk for chunk in replica.transport.out)
     drive(script)
+
+
+def test_a_unit_pipelined_behind_a_read_that_may_run_again_elsewhere_waits_for_it():
+    """Two reads pipelined (the second sent before the first's reply): the replica
+    refuses the first (a recovery conflict), which runs again on the primary, its replica
+    connection given back. The second waited for that, and both replies reach the client
+    in order; before, it was sent behind the first on the replica and lost with it."""
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(wire.query("SELECT 1"))
+        replica = session.server
+        taken(replica.transport)
+        session.data_received(wire.query("SELECT 2"))
+        assert taken(replica.transport) == b""
+        replica.data_received(wire.fields_response({"S": "ERROR", "V": "ERROR", "C": "40001", "M": "conflict"})
+                              + wire.ready_for_query())
+        primary = host.servers["p"]
+        assert taken(primary.transport) == wire.query("SELECT 1") + wire.query("SELECT 2")  # (in turn, there)
+        assert replica in host.pools["r"].released and not replica.steps
+        primary.data_received(wire.command_complete("SELECT 1") + wire.ready_for_query()
+                              + wire.command_complete("SELECT 2") + wire.ready_for_query())
+        assert taken(session.transport) == (wire.command_complete("SELECT 1") + wire.ready_for_query()
+                                            + wire.command_complete("SELECT 2") + wire.ready_for_query())
+    drive(script)
