@@ -178,6 +178,10 @@ def run_file(directory: Path, test_file: str | list[str], env: dict[str, str], f
     if keyword:
         cmd += ["-k", keyword]
     result = FileResult(" ".join(paths))
+    # psycopg's conftest flags every session in the cache and clears the flag at its end:
+    # one that did not end (killed at its timeout, a crash, a test that signals its own
+    # process) makes it refuse every later file. Each file is a run of its own here.
+    (directory / ".pytest_cache" / "v" / "segfault").unlink(missing_ok=True)
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)
