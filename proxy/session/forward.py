@@ -410,7 +410,8 @@ class Forwarding:
         end = min(pos + 1 + length, len(buf))
         step = self._open
         if step is None:
-            if st is None or not self._route_long_bind(buf, pos, end, analysis):  # (an unnamed statement: see _start_unit)
+            # (an unnamed statement prepared in an earlier unit: the general path's)
+            if st is None or not self._route_long_bind(buf, pos, end, analysis):
                 return False
             step = self._open
         elif (step.left_open and self._leaves_replica(step, buf, F_BIND, pos, end)) or any(
