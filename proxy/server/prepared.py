@@ -39,29 +39,30 @@ class StatementNames:
 
     def __init__(self) -> None:
         self._generation: dict[bytes, int] = {}  # base name -> times retired
-        self._epoch = b""  # DDL seen through the proxy: see `new_epoch`
+        self._epoch = 0  # DDL seen through the proxy: see `new_epoch`
 
     def new_epoch(self) -> None:
         """A client's DDL has ended: every text gets a new name, so statements prepared
         from now on are made afresh wherever they run (those prepared before are left to
         each connection's LRU, as their clients may still use them, as on PostgreSQL).
         DDL that does not pass through the proxy is met by `retire` instead, once."""
-        self._epoch = b"%d\0" % (int(self._epoch[:-1] or b"0") + 1)
+        self._epoch += 1
 
     def name(self, sql: bytes, param_section: bytes) -> bytes:
-        base = b"pgsplit_" + hashlib.blake2b(self._epoch + sql + b"\0" + param_section,
-                                             digest_size=10).hexdigest().encode()
-        generation = self._generation.get(base)
-        return base if generation is None else b"%s_%d" % (base, generation)
+        epoch = b"%d\0" % self._epoch if self._epoch else b""
+        return self._current(b"pgsplit_" + hashlib.blake2b(epoch + sql + b"\0" + param_section,
+                                                           digest_size=10).hexdigest().encode())
 
     def retire(self, name: bytes) -> None:
         """`name` can no longer serve its text; only the current name moves on (the old
         ones left on other connections fail there, each once per client, as they would)."""
         base = name[:_BASE_LENGTH]
+        if name == self._current(base):
+            self._generation[base] = self._generation.get(base, 0) + 1
+
+    def _current(self, base: bytes) -> bytes:
         generation = self._generation.get(base)
-        current = base if generation is None else b"%s_%d" % (base, generation)
-        if name == current:
-            self._generation[base] = (generation or 0) + 1
+        return base if generation is None else b"%s_%d" % (base, generation)
 
 
 _BASE_LENGTH = len(b"pgsplit_") + 20

@@ -57,24 +57,20 @@ class Statements:
         if name not in prepared or step.error is not None:
             return b""
         prepared.discard(name)
+        return self._close_here(step, name)
+
+    def _close_oldest(self, step: Step) -> bytes:
+        return b"".join(self._close_here(step, name) for name in self.server.prepared.make_room())
+
+    def _close_here(self, step: Step, name: bytes) -> bytes:
+        """A Close of `name` (forgotten by the connection already) going out in `step`:
+        its CloseComplete is dropped."""
         self.server.add_edit(step, step.sent, None)
         if step.closes is None:
             step.closes = []
         step.closes.append((step.sent, name))  # (an error before it: still prepared)
         step.sent += 1
         return close_statement(name)
-
-    def _close_oldest(self, step: Step) -> bytes:
-        server = self.server
-        out = []
-        if step.closes is None:
-            step.closes = []
-        for name in server.prepared.make_room():
-            out.append(close_statement(name))
-            server.add_edit(step, step.sent, None)
-            step.closes.append((step.sent, name))  # (an error before it: still prepared)
-            step.sent += 1
-        return b"".join(out)
 
     def _use_statement(self, step: Step, st: Stmt, out: list[bytes], buf: bytes, run: int, s: int) -> int:
         """`st` is used by the message at `s`: prepared here first if the connection does
