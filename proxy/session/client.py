@@ -93,7 +93,8 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self._unnamed: Analysis | None = None
         self._bound_copy = False
         self._copy_done = False
-        self._force_primary_next = False
+        self._force_primary_next = False  # the next unit attached goes to the primary
+        self._lsn_after = False  # the unit about to be sent is followed by a read of its commit's LSN
         self._retry_data: bytes | None = None
         self._retry_skip = 0  # reply bytes of a retried unit the client already has
         self._skip_to_sync = False
@@ -353,6 +354,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self.backend = backend
         self._unit_key = (backend.name, "primary" if backend.role is Role.PRIMARY else "replica")
         self._fresh = True
+        self._force_primary_next = False
         host = self.host
         load = host.load
         load[backend.name] = load.get(backend.name, 0) + 1
@@ -397,6 +399,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
                 load[name] = load.get(name, 1) - 1 or 0
             self.backend = None
         self._open = None
+        self._lsn_after = False
         if self._write_paused and server.transport is not None and not server.closed:
             server.transport.resume_reading()
 
@@ -436,7 +439,8 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
             return
         if self.tx.status == TX_IDLE and not self.carried.pins and self._routing is None:
             self._release()
-        self.resume()
+        if self._stash or self._pause_reasons:
+            self.resume()
 
     def write_local(self, reply: bytes) -> None:
         self.transport.write(reply)

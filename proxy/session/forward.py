@@ -23,8 +23,7 @@ from proxy.session.stream import State
 from proxy.session.units import (
     MALFORMED, OPENS_STEP, STATEMENT_KIND, Boundary, needs_tracking, scan_unit, unit_bytes, unit_last,
 )
-from router.classify.analysis import Analysis, TxControl
-from router.policy import UnitFacts
+from router.classify.analysis import Analysis
 from router.topology import Role
 
 F_BIND, F_CLOSE, F_DESCRIBE, F_EXECUTE = wire.F_BIND, wire.F_CLOSE, wire.F_DESCRIBE, wire.F_EXECUTE
@@ -36,6 +35,8 @@ TX_IDLE = wire.TX_IDLE
 _FORWARD = StepKind.FORWARD
 _READY = State.READY
 _MAY_WRITE = frozenset({F_QUERY, F_PARSE, F_BIND})
+_ENDS_GROUP = frozenset({F_QUERY, F_SYNC, F_FUNCTION_CALL})
+_RUNS = frozenset({F_QUERY, F_EXECUTE, F_FUNCTION_CALL})  # (a unit without one only prepares or describes)
 _IGNORED_WHEN_IDLE = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_FLUSH})
 RETRY_MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
 STREAM_MIN = 1 << 20  # a Bind longer than this passes through as it arrives (_stream_bind)
@@ -102,23 +103,12 @@ class Forwarding:
         if answered is Answered.LATER:
             return -1
         facts = self._unit_facts(analyses, fcall)
-        if tx.deferred_begin is not None:
-            # The transaction's first statement: it runs on the primary unless the
-            # transaction was declared read only.
-            read_only = self.carried.default_read_only or any(a.tx is TxControl.SET_TX_READ_ONLY for a in analyses)
-            facts = UnitFacts(writes=facts.writes or not read_only, hint=facts.hint)
-        self.units += 1  # the tie-breaker between equally loaded replicas
-        token, fetch = self.token.read_requirement(facts.writes)
         unit = unit_bytes(buf, frames, i, last)
-        if not fetch:
-            decision = self._decide(facts, token)
-            if decision.error is None and decision.wait_lsn is None:
-                if token is not None:
-                    self._count_read(decision, False)
-                conn = self._borrow_now(decision.backend)
-                if conn is not None:
-                    self._attach(conn, decision.backend, unit, facts)
-                    return i
+        whole = (tx.status == TX_IDLE and tx.deferred_begin is None and frames[last][0] in _ENDS_GROUP
+                 and len(unit) <= RETRY_MAX_BYTES and not any(needs_tracking(a) for a in analyses)
+                 and any(frames[j][0] in _RUNS for j in range(i, last + 1)))
+        if self._route_now(facts, unit, whole):
+            return i
         self._routing = self.host.spawn(self._route_later(facts, unit))
         return -1
 
@@ -224,6 +214,10 @@ class Forwarding:
             if run < 0:
                 return None  # the session ended
             step = self._open
+            if step is None and self._lsn_after:  # (see _route_now)
+                out.append(buf[run:e])
+                out.append(self._commit_lsns_behind())
+                run = e
         end = frames[stop][1] if stop is not None else frames[-1][2]
         self._flush_out(server, out, buf, run, end)
         if self._open is not None:
@@ -467,7 +461,7 @@ class Forwarding:
         token to fetch, a wait, no idle connection, a cutover holding units...)."""
         tx = self.tx
         if (analysis is None or needs_tracking(analysis) or self._skip_to_sync or self._routing is not None
-                or tx.aborted is not None or self._force_primary_next):
+                or tx.aborted is not None):
             return False
         if self.server is not None:
             if self.server.steps or self._boundary(buf, [(F_BIND, pos, end)], 0) is not Boundary.GO:
@@ -475,22 +469,8 @@ class Forwarding:
         else:
             if self.host.dataplane.holding:
                 return False
-            facts = self._unit_facts([analysis], False)
-            if tx.deferred_begin is not None:
-                read_only = self.carried.default_read_only
-                facts = UnitFacts(writes=facts.writes or not read_only, hint=facts.hint)
-            token, fetch = self.token.read_requirement(facts.writes)
-            if fetch:
+            if not self._route_now(self._unit_facts([analysis], False), b"", False):
                 return False
-            self.units += 1
-            decision = self._decide(facts, token)
-            conn = self._borrow_now(decision.backend) if decision.error is None and decision.wait_lsn is None else None
-            if conn is None:
-                self.units -= 1  # (the general path counts it: the same tie-breaker there)
-                return False
-            if token is not None:
-                self._count_read(decision, False)
-            self._attach(conn, decision.backend, b"", facts)
             self._retry_data = None
             self._fresh = False
         self._new_step()

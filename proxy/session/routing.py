@@ -25,7 +25,7 @@ from proxy.session.consistency import TOKEN_MODES, outcome
 from proxy.session.host import TokenUnavailable
 from proxy.session.statements import close_statement
 from proxy.session.stream import State
-from proxy.session.units import Extended, extended_unit, is_lone_query, needs_tracking, tracked_in_transaction
+from proxy.session.units import Extended, extended_unit, is_lone_query
 from router.classify.analysis import Analysis, Route, TxControl
 from router.lsn import COMMIT_LSN_SQL, REPLAY_WAIT_SQL, CommitLsns, format_lsn, parse_lsn
 from router.policy import Decision, SessionFacts, UnitFacts, decide_route, replica_to_check
@@ -37,7 +37,6 @@ TX_IDLE, TX_IN_BLOCK = wire.TX_IDLE, wire.TX_IN_BLOCK
 _WRITE = Route.WRITE
 _READ_UNIT = UnitFacts(False, None)
 _WRITE_UNIT = UnitFacts(True, None)
-_NO_TOKEN = SessionFacts(False, None)
 _COMMIT_LSNS = wire.query(COMMIT_LSN_SQL)
 # The replay check ahead of a read (router.lsn.REPLAY_WAIT_SQL), prepared once per server
 # connection under a name no client statement gets (theirs are "pgsplit_" + hex digits).
@@ -64,35 +63,6 @@ class Routing:
     """Part of ClientSession (proxy.session.client), which holds the fields."""
 
     # --- the short way for the common unit ---------------------------------------------
-
-    @property
-    def _plain(self) -> bool:
-        """Nothing unusual about the session: idle, or in a transaction the proxy has
-        answered BEGIN for and not yet routed (not declared read only); unpinned, nothing
-        held or pending."""
-        tx = self.tx
-        if tx.deferred_begin is None:
-            if tx.status != TX_IDLE:  # (a transaction the proxy rolled back is one too)
-                return False
-        elif self.carried.default_read_only:
-            return False
-        host = self.host
-        return (not self.carried.pins and self._routing is None and not self._skip
-                and not self._skip_to_sync and not self.route_primary and not self._force_primary_next
-                and not self._retry_skip and not host.session_pooling and not host.dataplane.holding)
-
-    def _short_unit(self, data: bytes) -> "tuple[Analysis, Extended | None] | None":
-        """(analysis, None) for a lone Query, (analysis, its parts) for a
-        Bind-Execute-Sync (units.extended_unit), None for any other unit: the shapes the
-        short way takes."""
-        if data[0] == wire.F_QUERY:
-            return (self.classify(data[5:-1]), None) if is_lone_query(data) else None
-        ext = extended_unit(data, self.carried.stmts)
-        if ext is None:
-            return None
-        if ext.stmt is None:
-            ext.analysis = self.classify(ext.sql)
-        return ext.analysis, ext
 
     def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "Extended | None",
                    trailer: bytes = b"") -> Step:
@@ -124,85 +94,122 @@ class Routing:
         return step
 
     def _common_unit(self, data: bytes) -> bool:
-        """The short way: a lone Query or a Bind-Execute-Sync (its shape recognised once,
-        `_short_unit`) that needs none of the general path's work. From an idle session
-        (or the first statement of a transaction whose BEGIN the proxy answered: it goes
-        to the primary, the BEGIN ahead of it) it is routed and sent in one go; inside the
-        transaction of the attached connection, with nothing in flight, it is sent there
-        (COMMIT and ROLLBACK too: their analysis goes with the step). False (nothing
-        done) for anything else: the general path then handles it from scratch."""
+        """The fast case of forwarding a unit: a lone Query or a Bind-Execute-Sync whose
+        statement is `Analysis.plain`, framed without the general path's message walk.
+        From an idle session (or the first statement of a transaction whose BEGIN the
+        proxy answered: it goes to the primary, the BEGIN ahead of it) it is routed by
+        `_route_now`, as every unit is, and sent in one write; inside the transaction of
+        the attached connection, with nothing in flight, it is sent there (COMMIT and
+        ROLLBACK too: their analysis goes with the step). False (nothing done) for
+        anything else, and when `_route_now` cannot route it at once: the general path
+        (proxy.session.forward) then handles it from scratch."""
         server = self.server
         if server is None:
-            if not self._plain:
+            # Nothing unusual about the session: idle, or in a transaction the proxy has
+            # answered BEGIN for and not yet routed (not declared read only); unpinned,
+            # nothing held or pending.
+            tx = self.tx
+            if tx.deferred_begin is None:
+                if tx.status != TX_IDLE:  # (a transaction the proxy rolled back is one too)
+                    return False
+            elif self.carried.default_read_only:
+                return False
+            if (self.carried.pins or self._routing is not None or self._skip or self._skip_to_sync
+                    or self._retry_skip or self.host.session_pooling or self.host.dataplane.holding):
                 return False
         elif (self.tx.status != TX_IN_BLOCK or server.steps or self._open is not None or self._skip
                 or self._skip_to_sync or self._routing is not None):
             return False
-        unit = self._short_unit(data)
-        if unit is None:
-            return False
-        analysis, ext = unit
-        if server is not None:
-            if tracked_in_transaction(analysis):
+        # The two shapes, recognised once: (analysis, None) for a lone Query, (analysis,
+        # its parts) for a Bind-Execute-Sync (units.extended_unit).
+        if data[0] == wire.F_QUERY:
+            if not is_lone_query(data):
                 return False
+            analysis = self.classify(data[5:-1])
+            ext = None
+        else:
+            ext = extended_unit(data, self.carried.stmts)
+            if ext is None:
+                return False
+            analysis = ext.analysis
+            if analysis is None:  # behind an unnamed Parse
+                analysis = ext.analysis = self.classify(ext.sql)
+        if not analysis.plain:  # (units.needs_tracking, on the hot path)
+            return False
+        if server is not None:
             self._fresh = False
             step = self._send_unit(server, data, analysis, ext)
             if analysis.tx is not None:  # COMMIT, ROLLBACK, SAVEPOINT...: seen at its ReadyForQuery
                 self._note_analysis(step, analysis)
             return True
-        deferred = self.tx.deferred_begin
-        if needs_tracking(analysis) or analysis.hint is not None:
-            if (analysis.tx is TxControl.BEGIN and ext is None and deferred is None
-                    and analysis.statements == 1 and not analysis.effects and analysis.hint is None):
+        if analysis.tx is not None or analysis.hint is not None:
+            if (analysis.tx is TxControl.BEGIN and ext is None and self.tx.deferred_begin is None
+                    and analysis.hint is None):
                 commands.defer_begin(self, wire.parse_query(data[5:]))  # as the general path would
                 return True
             return False
-        in_tx = deferred is not None
-        writes = in_tx or analysis.route is _WRITE
-        token = None
-        mode = self.token.mode
-        if not writes and mode != "eventual":
-            if mode != "session" or self.token.pending:
-                return False  # a token to fetch first, or another mode: the general path
-            token = self.token.lsn
+        # (in a transaction whose BEGIN the proxy answered, the unit goes to the primary)
+        if not self._route_now(_WRITE_UNIT if (self.tx.deferred_begin is not None or analysis.route is _WRITE)
+                               else _READ_UNIT, data, True):
+            return False
+        self._fresh = False
+        lsns = self._lsn_after
+        self._send_unit(self.server, data, analysis, ext, _COMMIT_LSNS if lsns else b"")
+        if lsns:
+            self._commit_lsns_behind()
+        return True
+
+    def _route_now(self, facts: UnitFacts, unit: bytes, whole: bool) -> bool:
+        """Route a new unit of an idle session (or of a transaction whose BEGIN the proxy
+        answered) and attach a connection for it, now: the one place every unit, of any
+        shape, is routed without waiting. False when it must wait (a token to fetch, a
+        replica to wait for, no idle connection) or cannot run (its error is raised
+        there): `_route_later` then routes it.
+
+        `whole`: the unit is all here, ends its group, and `needs_tracking` finds none of
+        its statements (outside a transaction). Then read-your-writes needs no round trip
+        of its own: a read that no replica is known to be safe for goes to one behind
+        a check that waits there until it has replayed the session's writes (at most
+        consistency_wait_ms; the read runs again on the primary if that was not enough),
+        and a write's WAL position is read right behind it on its connection, in the same
+        write (`_lsn_after`, for the sender), so that the next read has its token."""
+        token, fetch = self.token.read_requirement(facts.writes)
+        if fetch:
+            return False
         host = self.host
-        # (the tie-breaker counts only units sent here: one handed to the general path
-        # must get the same choice there, where it waits for a connection if need be)
-        decision = decide_route(_WRITE_UNIT if writes else _READ_UNIT,
-                                _NO_TOKEN if token is None else SessionFacts(False, token),
-                                host.topology.current, host.load, tiebreak=self.units + 1,
-                                allow_wait=token is None or host.config.routing.consistency_wait_ms > 0)
+        decision = self._decide(facts, token)
         backend = decision.backend
         check = decision.wait_lsn
         if check is not None:
-            # No replica is known to have the session's writes yet: the read goes to one
-            # behind a query that waits there until it has replayed them (at most
-            # consistency_wait_ms), and runs again on the primary if that was not enough.
+            if not whole:
+                return False
             backend = replica_to_check(host.topology.current, host.load, self.units + 1)
         if backend is None:
             return False
         conn = self._borrow_now(backend)
         if conn is None:
             return False
-        self.units += 1
+        self.units += 1  # (the tie-breaker between equally loaded replicas)
         if token is not None and check is None:
             self._count_read(decision, False)
-        self._attach(conn, backend, data, None)
-        self._fresh = False
+        lsns = whole and facts.writes and self.tx.deferred_begin is None and self.token.mode in TOKEN_MODES
+        self._attach(conn, backend, unit, facts)
         if check is not None:
             wait = conn.swallow(_replay_wait_request(conn, check, host.config.routing.consistency_wait_ms),
                                 self._replay_checked, rows=True, ahead=True)
             wait.server, wait.lsn, wait.t0 = conn, check, perf_counter()
-            self._send_unit(conn, data, analysis, ext).retry = data
-        elif writes and not in_tx and mode in TOKEN_MODES:
-            # The WAL position, read right behind the write on its connection and in the
-            # same write: the next read has its token without a round trip of its own
-            # (router.lsn fetches it when this one fails).
-            self._send_unit(conn, data, analysis, ext, _COMMIT_LSNS)
-            conn.swallow(_COMMIT_LSNS, self._commit_lsns_read, rows=True, written=True).server = conn
-        else:
-            self._send_unit(conn, data, analysis, ext)
+            self._retry_data = unit
+        elif lsns:
+            self._lsn_after = True
         return True
+
+    def _commit_lsns_behind(self) -> bytes:
+        """The read of the commit's LSN that goes out right behind the unit just sent
+        (`_route_now`), in its write: its step, queued behind the unit's. Returns its bytes."""
+        self._lsn_after = False
+        server = self.server
+        server.swallow(_COMMIT_LSNS, self._commit_lsns_read, rows=True, written=True).server = server
+        return _COMMIT_LSNS
 
     def _replay_checked(self, wait: Step) -> None:
         """The replay check ahead of a read: the replica has the session's writes (it is
@@ -259,19 +266,22 @@ class Routing:
 
     def _unit_facts(self, analyses: list[Analysis], fcall: bool) -> UnitFacts:
         carried = self.carried
-        return units.unit_facts(analyses, fcall, carried.sql_prepared_analysis, carried.default_read_only)
+        facts = units.unit_facts(analyses, fcall, carried.sql_prepared_analysis, carried.default_read_only)
+        if self.tx.deferred_begin is not None and not facts.writes:
+            # The transaction's first statement: it runs on the primary unless the
+            # transaction was declared read only.
+            if not (carried.default_read_only or any(a.tx is TxControl.SET_TX_READ_ONLY for a in analyses)):
+                return UnitFacts(writes=True, hint=facts.hint)
+        return facts
 
     # --- routing a new unit ----------------------------------------------------------------
 
-    def _session_facts(self, token: int | None) -> SessionFacts:
-        if self._force_primary_next:
-            self._force_primary_next = False
-            return SessionFacts(True, token)
-        return SessionFacts(bool(self.carried.pins) or self.route_primary, token)
-
     def _decide(self, facts: UnitFacts, token: int | None, allow_wait: bool = True) -> Decision:
+        """`_force_primary_next` holds until a connection is attached (`_attach`): a unit
+        that has to wait for one is still sent to the primary."""
         host = self.host
-        return decide_route(facts, self._session_facts(token), host.topology.current, host.load, tiebreak=self.units,
+        session = SessionFacts(bool(self.carried.pins) or self.route_primary or self._force_primary_next, token)
+        return decide_route(facts, session, host.topology.current, host.load, tiebreak=self.units + 1,
                             allow_wait=allow_wait and host.config.routing.consistency_wait_ms > 0)
 
     def _borrow_now(self, backend: BackendState) -> ServerConnection | None:
@@ -344,6 +354,7 @@ class Routing:
                 conn.pool.release(conn)
                 return
             self._routing = None
+            self.units += 1
             self._attach(conn, backend, unit, facts)
             self.resume()
         except asyncio.CancelledError:

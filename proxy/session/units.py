@@ -55,15 +55,10 @@ def is_lone_query(data: bytes) -> bool:
 
 def needs_tracking(a: Analysis) -> bool:
     """Statements that an idle session's unit cannot send on the short way: transaction
-    control and what `tracked_in_transaction` lists."""
-    return a.tx is not None or tracked_in_transaction(a)
-
-
-def tracked_in_transaction(a: Analysis) -> bool:
-    """Statements that a unit in a transaction cannot send on the short way: SET and other
-    effects, pins, SQL EXECUTE, COPY FROM, several statements, synchronous_commit, DDL."""
-    return bool(a.effects or a.pins or a.unpins or a.executes or a.is_copy_in
-                or a.statements != 1 or a.mentions_sync_commit or a.changes_schema)
+    control, and those that are not `Analysis.plain` (SET and other effects, pins, SQL
+    EXECUTE, COPY FROM, several statements, synchronous_commit, DDL): the general path
+    follows what they do. Inside a transaction only the latter count."""
+    return a.tx is not None or not a.plain
 
 
 class Extended:

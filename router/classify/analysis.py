@@ -9,7 +9,7 @@ plane can read an analysis without importing pglast's tree walk.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Route(enum.Enum):
@@ -102,4 +102,13 @@ class Analysis:
     # return what it was prepared for; the proxy's shared server statements start afresh.
     changes_schema: bool = False
     reason: str = ""  # short reason for WRITE, for logs and tests
+    # One statement whose only effect is on data: no session state, pins, EXECUTE, COPY
+    # FROM STDIN, synchronous_commit or DDL for the proxy to follow (computed once, read
+    # per unit).
+    plain: bool = field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain", not (
+            self.effects or self.pins or self.unpins or self.executes or self.is_copy_in or self.statements != 1
+            or self.mentions_sync_commit or self.changes_schema))
 

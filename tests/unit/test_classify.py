@@ -322,7 +322,7 @@ ROWS: list[tuple[str, dict]] = [
     ("SELECT 1\x00 x", dict(route=W, parse_error=True, reason="parse error (NUL in text)")),
 ]
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Analysis) if f.name != "route"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Analysis) if f.name != "route" and f.init}
 
 
 def _ids(rows):

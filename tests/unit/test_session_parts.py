@@ -224,6 +224,29 @@ def test_a_read_runs_on_the_replica_and_its_connection_goes_back():
     drive(script)
 
 
+def test_a_read_a_replica_refused_goes_to_the_primary_even_when_it_waits_for_a_connection():
+    """A read the replica refuses as read-only (25006) runs again on the primary. When no
+    primary connection is idle at that moment, the unit waits for one: it must still go
+    to the primary then (deciding once to try, then again after the wait, must not lose
+    the reason), not back to the replica that refused it."""
+    async def script():
+        host = FakeSessionHost()
+        session = new_session(host)
+        session.data_received(wire.query("SELECT 1"))
+        replica = session.server
+        assert replica is host.servers["r"]
+        taken(replica.transport)
+        primary = host.pools["p"].idle.pop()  # lent to another client just now
+        replica.data_received(wire.error_response("25006", "cannot execute nextval() in a read-only transaction")
+                              + wire.ready_for_query())
+        assert session.waiting and session.server is None
+        host.pools["p"].idle.append(primary)  # given back
+        await asyncio.gather(*host.tasks)
+        assert session.server is primary
+        assert taken(primary.transport) == wire.query("SELECT 1")
+    drive(script)
+
+
 def test_a_transaction_goes_to_the_primary_with_its_begin_ahead_and_its_commit_is_noted():
     async def script():
         host = FakeSessionHost()
