@@ -103,6 +103,7 @@ class ForwardStep(Step):
     retry: bytes | None = None  # the unit's bytes, kept to re-send it elsewhere
     retrying = False
     retry_reason: str | None = None  # why it runs again elsewhere: a SQLSTATE, or "replica_behind"
+    cancelled = False  # the client cancelled it while it was to run again: it must not
     quiet_ready = False  # its ReadyForQuery answers a Sync of the proxy's own: not forwarded
     left_open = False  # a Flush in it, or a read ended before its end: the group goes on later
     delivered = 0  # bytes of replies that reached the client (retry-able steps only)

@@ -343,6 +343,14 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         server = self.server
         if server is None or not any(step.kind is _FORWARD for step in server.steps):
             return None
+        for step in server.steps:
+            if step.kind is _FORWARD:
+                # What the client cancels must not run again elsewhere: a unit already
+                # marked to (its replica found behind, its replies being dropped) ends with
+                # the cancellation instead, and none is kept for a retry any more.
+                step.retry = None
+                if step.retrying:
+                    step.cancelled = True
         return self.host.spawn(server.pool.cancel(server))
 
     # --- the attached server connection ------------------------------------------------------

@@ -15,7 +15,7 @@ import logging
 from proxy import wire
 from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step
-from proxy.errors import ServerError, ServerLost, ServerLostInTransaction, ServerLostWithSessionState
+from proxy.errors import QueryCanceled, ServerError, ServerLost, ServerLostInTransaction, ServerLostWithSessionState
 from proxy.session.stream import State
 from router.classify.analysis import TxControl
 
@@ -29,7 +29,13 @@ class Recovery:
 
     def _retry(self, server: ServerConnection, step: Step) -> None:
         """A replica refused an autocommit read (read-only or recovery conflict) before
-        anything reached the client: run it again on the primary."""
+        anything reached the client: run it again on the primary. One the client
+        cancelled meanwhile is answered as cancelled instead, as its server would have."""
+        if step.cancelled:
+            self.transport.write(QueryCanceled("canceling statement due to user request").to_wire()
+                                 + wire.ready_for_query(self.tx.status))
+            self._settle(server)
+            return
         self.host.metrics.retries.labels(reason=step.retry_reason or "?").inc()
         data = step.retry
         self._release()

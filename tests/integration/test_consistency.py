@@ -18,6 +18,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,6 +250,31 @@ async def test_a_read_checked_on_a_lagging_replica_runs_again_on_the_primary(mak
     behind = retries(proxy, "replica_behind") - before
     assert behind + fallbacks(proxy) - fell_back >= 10
     assert behind >= 3
+
+
+def test_a_cancel_of_a_read_checked_on_a_lagging_replica_is_not_lost(make_proxy, apply_delay, cluster):
+    """The read behind a replay check that finds the replica behind is dropped there and
+    runs again on the primary. A cancel the client sends meanwhile reaches the replica's
+    statement, whose replies are being dropped: the read must end cancelled, not start
+    again on the primary as if the client had not asked."""
+    proxy = make_proxy(routing={"consistency": "session", "consistency_wait_ms": 50})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS cc_cancel (id int)")
+        time.sleep(0.5)
+        cluster.wait_caught_up()  # (the replicas have the table: the read runs there, slowly)
+        for _ in range(10):  # (reads without a token: the replicas' pools get a connection)
+            conn.execute("SELECT 1")
+        conn.execute("INSERT INTO cc_cancel VALUES (1)")  # the read after it needs its token
+        # (the non-blocking cancel: the blocking one holds the GIL this proxy's thread needs)
+        timer = threading.Timer(0.5, conn.cancel_safe, kwargs={"timeout": 10})
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):  # (a slow read: pg_sleep is volatile, a write)
+            conn.execute("SELECT (SELECT count(*) FROM cc_cancel), count(*) FROM generate_series(1, 20000000)")
+        timer.join()
+        assert time.monotonic() - t0 < 2.5  # (run again on the primary, it ended after about 5 s)
+        assert conn.execute("SELECT count(*) FROM cc_cancel").fetchone() == (1,)  # the session goes on
+        conn.execute("DROP TABLE cc_cancel")
 
 
 async def test_eventual_mode_shows_stale_reads_under_apply_delay(make_proxy, apply_delay):
