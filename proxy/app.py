@@ -203,7 +203,7 @@ class Proxy:
     # --- server connections ----------------------------------------------------------------
 
     def pool_for(self, backend: BackendState, user: str, database: str) -> Pool:
-        return self.pools.get(backend.name, backend.host, backend.port, user, database)
+        return self.pools.get(backend.name, backend.host, backend.port, user, database, backend.tls)
 
     def _connected(self, backend: str, error: Exception | None) -> None:
         self.metrics.server_connects.labels(backend=backend, result="ok" if error is None else "error").inc()

@@ -40,6 +40,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from router.tls import SYSTEM_CA, ServerTls
+
 __all__ = [
     "AdminConfig",
     "BackendConfig",
@@ -137,12 +139,7 @@ class ListenConfig(BaseModel):
     @field_validator("tls_cert", "tls_key")
     @classmethod
     def _relative_to_config_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        # Relative paths are relative to the config file, not to the working directory.
-        if value is None or value.is_absolute():
-            return value
-        context = info.context if isinstance(info.context, Mapping) else {}
-        base = context.get("base_dir")
-        return (Path(base) / value) if base is not None else value.absolute()
+        return _config_relative(value, info)
 
     @model_validator(mode="after")
     def _check_tls(self) -> ListenConfig:
@@ -162,6 +159,34 @@ class ListenConfig(BaseModel):
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None
+
+
+def _config_relative(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Relative paths are relative to the config file, not to the working directory."""
+    if value is None or value.is_absolute() or str(value) == SYSTEM_CA:
+        return value
+    context = info.context if isinstance(info.context, Mapping) else {}
+    base = context.get("base_dir")
+    return (Path(base) / value) if base is not None else value.absolute()
+
+
+SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+
+
+class ServerTlsConfig(BaseModel):
+    """TLS towards the backends ([server_tls]; the same keys in [backends.NAME] override it
+    for that backend), with libpq's meanings: see router.tls."""
+
+    model_config = _FROZEN
+
+    sslmode: SslMode | None = None
+    sslrootcert: Path | None = None  # a PEM file, or "system"
+    sslcert: Path | None = None
+    sslkey: Path | None = None
+
+    _relative = field_validator("sslrootcert", "sslcert", "sslkey")(classmethod(
+        lambda cls, value, info: _config_relative(value, info)))
 
 
 def _is_loopback(host: str) -> bool:
@@ -243,6 +268,14 @@ class BackendConfig(BaseModel):
     weight: PositiveFloat = 1.0
     max_lag_bytes: NonNegativeInt | None = None
     max_lag_seconds: NonNegativeFloat | None = None
+    # TLS towards this backend; unset keys come from [server_tls]
+    sslmode: SslMode | None = None
+    sslrootcert: Path | None = None
+    sslcert: Path | None = None
+    sslkey: Path | None = None
+
+    _relative = field_validator("sslrootcert", "sslcert", "sslkey")(classmethod(
+        lambda cls, value, info: _config_relative(value, info)))
 
 
 class ClusterConfig(BaseModel):
@@ -377,6 +410,7 @@ class Config(BaseModel):
     monitor: MonitorConfig = MonitorConfig()
     cutover: CutoverConfig = CutoverConfig()
     migration: MigrationConfig = MigrationConfig()
+    server_tls: ServerTlsConfig = ServerTlsConfig()
 
     _users_by_name: dict[str, UserConfig] = PrivateAttr(default_factory=dict)
 
@@ -423,6 +457,9 @@ class Config(BaseModel):
                     problems.append((loc, f"{replica!r} is listed twice"))
                 listed.add(replica)
 
+        for name in self.backends:
+            problems += self._tls_problems(name)
+
         for cname in self.migration.conninfo:
             if cname not in self.clusters:
                 problems.append((("migration", "conninfo", cname),
@@ -434,6 +471,42 @@ class Config(BaseModel):
 
     def model_post_init(self, context: Any, /) -> None:
         self._users_by_name = {user.name: user for user in self.users}
+
+    def tls_for(self, backend: str) -> ServerTls:
+        """TLS towards `backend`: its own keys, else [server_tls]'s, else libpq's default
+        (prefer)."""
+        own, default = self.backends[backend], self.server_tls
+        values = {}
+        for key in _TLS_KEYS:
+            value = getattr(own, key)
+            if value is None:
+                value = getattr(default, key)
+            if value is not None:
+                values[key] = str(value)
+        return ServerTls(**values)
+
+    def _tls_problems(self, backend: str) -> list[tuple[tuple[str | int, ...], str]]:
+        """What would make TLS towards `backend` fail at its first connection, named by
+        the key that says it (the backend's own, or [server_tls]'s)."""
+        own = self.backends[backend]
+
+        def where(key: str) -> tuple[str, ...]:
+            return ("backends", backend, key) if getattr(own, key) is not None else ("server_tls", key)
+
+        tls = self.tls_for(backend)
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if tls.sslmode in ("verify-ca", "verify-full") and tls.sslrootcert is None:
+            problems.append((where("sslmode"), f"{tls.sslmode} needs sslrootcert (a PEM file of the CA that "
+                                               f"signed the server's certificate, or \"{SYSTEM_CA}\")"))
+        if (tls.sslcert is None) != (tls.sslkey is None):
+            missing = "sslkey" if tls.sslkey is None else "sslcert"
+            other = "sslcert" if missing == "sslkey" else "sslkey"
+            problems.append((where(other), f"{missing} is required when {other} is set (set both or neither)"))
+        for key in ("sslrootcert", "sslcert", "sslkey"):
+            value = getattr(tls, key)
+            if value is not None and value != SYSTEM_CA and not Path(value).is_file():
+                problems.append((where(key), f"file not found: {value}"))
+        return problems
 
     def user(self, name: str) -> UserConfig | None:
         """The [[users]] entry called `name`, or None."""

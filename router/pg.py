@@ -19,6 +19,8 @@ from typing import Any
 
 import asyncpg
 
+from router.tls import ServerTls
+
 __all__ = [
     "USER_SCHEMA_SQL",
     "Endpoint",
@@ -51,20 +53,30 @@ class Endpoint:
     password: str | None = None
     database: str = "postgres"
     connect_timeout_s: float = 10.0
+    tls: ServerTls = ServerTls()
 
-    def at(self, host: str, port: int) -> Endpoint:
-        """The same account on another server."""
-        return dataclasses.replace(self, host=host, port=port)
+    def at(self, host: str, port: int, tls: ServerTls | None = None) -> Endpoint:
+        """The same account on another server (with that server's TLS settings)."""
+        return dataclasses.replace(self, host=host, port=port, tls=self.tls if tls is None else tls)
 
     def conninfo(self, database: str | None = None, *, password: bool = True,
                  **extra: str) -> str:
         """libpq key/value connection string: with the password, what a subscription on
-        the other side uses when it is not told otherwise; without, for client programs
-        (which get it from PGPASSWORD, out of sight of ps)."""
+        the other side uses when it is not told otherwise (its sslmode as strict as can be
+        said there: the CA file is this machine's); without, for client programs here
+        (which get the password from PGPASSWORD, out of sight of ps, and the TLS files)."""
         params: dict[str, Any] = {"host": self.host, "port": self.port, "user": self.user,
                                   "dbname": database or self.database}
+        tls = self.tls
         if password and self.password is not None:
             params["password"] = self.password
+        mode = tls.subscription_sslmode() if password else tls.sslmode
+        if mode != "prefer":  # (libpq's default)
+            params["sslmode"] = mode
+        if not password:
+            for key in ("sslrootcert", "sslcert", "sslkey"):
+                if getattr(tls, key) is not None:
+                    params[key] = getattr(tls, key)
         params.update(extra)
         return " ".join(f"{k}={conninfo_value(str(v))}" for k, v in params.items())
 
@@ -80,7 +92,7 @@ async def connect(ep: Endpoint, *, application_name: str, database: str | None =
     pg_stat_activity."""
     return await asyncpg.connect(
         host=ep.host, port=ep.port, user=ep.user, password=ep.password,
-        database=database or ep.database, timeout=ep.connect_timeout_s,
+        database=database or ep.database, timeout=ep.connect_timeout_s, ssl=ep.tls.for_asyncpg(),
         server_settings={"application_name": application_name, **(settings or {})})
 
 

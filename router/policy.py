@@ -147,7 +147,8 @@ def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = N
                      "writes yet; retry shortly",
         ))
     return Decision(None, reason, error=(
-        "57P03", f"no backend of cluster {topo.cluster!r} is available: the primary {p.name} is not answering",
+        "57P03", f"no backend of cluster {topo.cluster!r} is available: the primary {p.name} ({p.host}:{p.port}) "
+                 f"is not available: {p.error or 'not answering'}",
     ))
 
 

@@ -15,6 +15,8 @@ import asyncio
 import enum
 from dataclasses import dataclass, field, replace
 
+from router.tls import ServerTls
+
 
 class Role(enum.Enum):
     PRIMARY = "primary"
@@ -32,6 +34,7 @@ class BackendSpec:
     weight: float = 1.0
     max_lag_bytes: int = 16 * 1024 * 1024
     max_lag_seconds: float = 5.0
+    tls: ServerTls = ServerTls()  # how every connection to it (data plane, monitor, cutover) uses TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +55,8 @@ class BackendState(BackendSpec):
     @classmethod
     def configured(cls, spec: BackendSpec) -> BackendState:
         """The optimistic state of a backend nobody has asked yet."""
-        return cls(spec.name, spec.host, spec.port, spec.role, spec.weight, spec.max_lag_bytes, spec.max_lag_seconds)
+        return cls(spec.name, spec.host, spec.port, spec.role, spec.weight, spec.max_lag_bytes, spec.max_lag_seconds,
+                   spec.tls)
 
     @property
     def address(self) -> tuple[str, int]:

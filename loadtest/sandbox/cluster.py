@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql as psql
 
 from loadtest.sandbox.binaries import find_bindir, server_major_version
+from loadtest.sandbox.certs import SandboxCa
 from loadtest.sandbox.processes import (
     LOCALHOST,
     SandboxError,
@@ -250,6 +251,7 @@ class Cluster:
         hot_standby_feedback: bool = True,
         keep: bool = False,
         start_timeout: float = 60.0,
+        tls: SandboxCa | None = None,
     ) -> None:
         if n_replicas < 0:
             raise ValueError("n_replicas must be >= 0")
@@ -264,6 +266,11 @@ class Cluster:
         self.superuser_password = superuser_password
         self.settings: dict[str, str] = {k: str(v) for k, v in (settings or {}).items()}
         self.hot_standby_feedback = hot_standby_feedback
+        # With `tls`, the servers run ssl = on with its server certificate and accept TCP
+        # connections only inside TLS (hostssl), as a managed service does.
+        self.tls = tls
+        if tls is not None:
+            self.settings.setdefault("ssl", "on")
         self.keep = keep or os.environ.get("PGSPLIT_SANDBOX_KEEP", "") not in ("", "0")
         self.start_timeout = start_timeout
         all_users = [*self.users, *self.md5_users, *self.trust_users]
@@ -480,6 +487,8 @@ class Cluster:
         lines += [f"host    all  {_hba_name(u)}  {LOCALHOST}/32  md5" for u in self.md5_users]
         lines += [f"host    all  {_hba_name(u)}  {LOCALHOST}/32  trust" for u in self.trust_users]
         lines.append(f"host    all          all   {LOCALHOST}/32  scram-sha-256")
+        if self.tls is not None:
+            lines = [line.replace("host    ", "hostssl ", 1) if line.startswith("host ") else line for line in lines]
         return "\n".join(lines) + "\n"
 
     def _init_primary(self, node: Node) -> None:
@@ -491,6 +500,10 @@ class Cluster:
             f.write(f"\ninclude = {_q(COMMON_CONF)}\ninclude_if_exists = {_q(NODE_CONF)}\n")
         self._write(node.datadir / COMMON_CONF, self._common_conf())
         self._write(node.datadir / "pg_hba.conf", self._hba_conf())
+        if self.tls is not None:  # (ssl_cert_file and ssl_key_file default to these; standbys copy them)
+            for source, name in ((self.tls.server_cert, "server.crt"), (self.tls.server_key, "server.key")):
+                self._write(node.datadir / name, Path(source).read_text())
+                (node.datadir / name).chmod(0o600)
         self._write_node_conf(node)
         self._start_nodes([node], new_port_on_conflict=True)
         self._setup_roles(node)

@@ -22,6 +22,7 @@ from ops.schema import Fingerprint, comparable_fingerprint, diff_databases, fing
 from router import pg
 from router.lsn import format_lsn, parse_lsn
 from router.pg import Endpoint, error_text
+from router.tls import ServerTls
 
 __all__ = ["APPLICATION_NAME", "POLL_S", "WRITE_LSN_SQL", "PhysicalControl", "ServerAddress"]
 
@@ -45,6 +46,9 @@ class ServerAddress(Protocol):
 
     @property
     def port(self) -> int: ...
+
+    @property
+    def tls(self) -> ServerTls: ...
 
 
 # What anyone may ask; the rest (pg_control_system() and friends) only if a superuser.
@@ -100,7 +104,7 @@ class PhysicalControl:
         self.terminate_writers: Any = None  # asyncpg PreparedStatement of _TERMINATE_WRITERS_SQL on src
 
     def _endpoint(self, spec: ServerAddress) -> Endpoint:
-        return self.account.at(spec.host, spec.port)
+        return self.account.at(spec.host, spec.port, spec.tls)
 
     async def _connect(self, spec: ServerAddress, database: str | None = None) -> asyncpg.Connection:
         return await pg.connect(self._endpoint(spec), application_name=APPLICATION_NAME, database=database)

@@ -46,7 +46,7 @@ async def warm_up(pools: Pools, monitor: Monitor, config: Config, target: str) -
 
     async def fill(key: tuple[str, str, str], n: int) -> int:
         spec = by_name[key[0]]
-        pool = pools.get(spec.name, spec.host, spec.port, key[1], key[2])
+        pool = pools.get(spec.name, spec.host, spec.port, key[1], key[2], spec.tls)
         # all held until every one is open (a released one would be lent again)
         conns = await asyncio.gather(*(login(pool) for _ in range(max(0, n - pool.total))),
                                      return_exceptions=True)

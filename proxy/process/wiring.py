@@ -52,6 +52,7 @@ def backend_specs(config: Config, cluster_name: str) -> list[BackendSpec]:
             weight=b.weight,
             max_lag_bytes=b.max_lag_bytes if b.max_lag_bytes is not None else config.routing.max_lag_bytes,
             max_lag_seconds=b.max_lag_seconds if b.max_lag_seconds is not None else config.routing.max_lag_seconds,
+            tls=config.tls_for(name),
         ))
     return specs
 
@@ -100,7 +101,7 @@ def control_endpoint(config: Config, cluster: str) -> Endpoint:
     """How the migration's connections reach `cluster`'s primary: the [monitor] account."""
     spec = backend_specs(config, cluster)[0]
     m = config.monitor
-    return Endpoint(spec.host, spec.port, m.user, m.secret(), m.dbname, config.pool.connect_timeout_s)
+    return Endpoint(spec.host, spec.port, m.user, m.secret(), m.dbname, config.pool.connect_timeout_s, spec.tls)
 
 
 def publisher_conninfo_of(config: Config, cluster: str) -> str | None:

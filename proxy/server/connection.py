@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Callable, Protocol
 
@@ -21,6 +22,7 @@ from proxy.auth import BackendAuth
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.server.prepared import PreparedStatements
 from proxy.server.replies import ReplyStream, Step, StepKind, SwallowStep
+from router.tls import ServerTls, describe_failure
 
 log = logging.getLogger("pgsplit.backend")
 
@@ -64,7 +66,8 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
     def __init__(self, backend: str, host: str, port: int, user: str, database: str, *,
                  pool: ConnectionPool | None = None, generation: int = 0,
                  prepared: PreparedStatements | None = None,
-                 on_lost: Callable[[ServerConnection, Exception | None], None] | None = None):
+                 on_lost: Callable[[ServerConnection, Exception | None], None] | None = None,
+                 tls: ServerTls = ServerTls()):
         ServerSessionState.__init__(self, prepared if prepared is not None else PreparedStatements())
         ReplyStream.__init__(self)
         self.backend = backend
@@ -72,6 +75,7 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
         self.port = port
         self.user = user
         self.database = database
+        self.tls = tls
         self.pool = pool  # the pool that lends it (a notification's sender is looked up there)
         self.generation = generation  # the pool's generation it was opened in
         self.on_lost = on_lost  # told when the server ends it (the pool forgets an idle one)
@@ -90,6 +94,7 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
         self._framer: wire.Framer | None = None
         self._auth: BackendAuth | None = None
         self._login_error: dict[str, str] | None = None
+        self._tls_answer: asyncio.Future | None = None  # the server's answer to an SSLRequest
 
     # --- login -----------------------------------------------------------------------
 
@@ -101,6 +106,8 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(lambda: self, self.host, self.port)
+                if self.tls.wanted:
+                    await self._start_tls(loop)
                 startup = {"user": self.user, "database": self.database, **params}
                 self.transport.write(wire.startup_message(startup))
                 await self._login
@@ -108,6 +115,12 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
             self.close()
             raise ConnectionFailure(
                 f"could not connect to backend {self.backend} ({self.host}:{self.port}): timeout after {timeout:g}s"
+            ) from None
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self.close()
+            raise ConnectionFailure(
+                f"could not connect to backend {self.backend} ({self.host}:{self.port}): {describe_failure(exc)} "
+                f"(sslmode={self.tls.sslmode})"
             ) from None
         except OSError as exc:
             self.close()
@@ -122,7 +135,44 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
             self._auth = None
         self._login = None
 
+    async def _start_tls(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SSLRequest first (protocol 55.2.10): on 'S' the TLS handshake runs on this
+        socket and the login goes on inside it; on 'N' the login goes on in plain text if
+        the sslmode allows it, else the connection is refused."""
+        self._tls_answer = loop.create_future()
+        self.transport.write(wire.ssl_request())
+        try:
+            answer = await self._tls_answer
+        finally:
+            self._tls_answer = None
+        if answer == b"N":
+            if self.tls.required:
+                raise ConnectionFailure(f"could not connect to backend {self.backend} ({self.host}:{self.port}): "
+                                        f"the server does not accept TLS, and sslmode is {self.tls.sslmode}")
+            return
+        self.transport = await loop.start_tls(self.transport, self, self.tls.context(), server_hostname=self.host)
+        self.transport.set_write_buffer_limits(high=256 * 1024)
+
+    def _tls_answered(self, data: bytes) -> None:
+        """The one byte that answers an SSLRequest. Anything after an 'S' would have been
+        sent before the encryption starts, where anyone on the path could have put it:
+        refused, as libpq does (CVE-2021-23222)."""
+        fut = self._tls_answer
+        if fut.done():
+            return
+        if data[:1] in (b"S", b"N") and len(data) == 1:
+            fut.set_result(data)
+        elif data[:1] == b"S":
+            fut.set_exception(ConnectionFailure(
+                f"backend {self.backend} sent unencrypted data after agreeing to TLS; refusing the connection"))
+        else:
+            fut.set_exception(ConnectionFailure(
+                f"backend {self.backend} answered the SSLRequest with {data[:1]!r}, not S or N"))
+
     def _login_received(self, data: bytes) -> None:
+        if self._tls_answer is not None:
+            self._tls_answered(data)
+            return
         fut = self._login
         try:
             for t, body in self._framer.feed(data):
@@ -276,19 +326,28 @@ async def open_connection(
     backend: str, host: str, port: int, user: str, database: str, password: str | None,
     *, params: dict[str, str] | None = None, timeout: float = 5.0, pool: ConnectionPool | None = None,
     generation: int = 0, prepared: PreparedStatements | None = None,
-    on_lost: Callable[[ServerConnection, Exception | None], None] | None = None,
+    on_lost: Callable[[ServerConnection, Exception | None], None] | None = None, tls: ServerTls = ServerTls(),
 ) -> ServerConnection:
     conn = ServerConnection(backend, host, port, user, database, pool=pool, generation=generation,
-                            prepared=prepared, on_lost=on_lost)
+                            prepared=prepared, on_lost=on_lost, tls=tls)
     await conn.login(password, params or {}, timeout)
     return conn
 
 
-async def send_cancel(host: str, port: int, process_id: int, secret_key: bytes, timeout: float = 5.0) -> None:
-    """Send a CancelRequest on a fresh connection (protocol 55.2.8); no reply comes."""
+async def send_cancel(host: str, port: int, process_id: int, secret_key: bytes, tls: ServerTls = ServerTls(),
+                      timeout: float = 5.0) -> None:
+    """Send a CancelRequest on a fresh connection (protocol 55.2.8), inside TLS when the
+    backend's sslmode asks for it, as the connection it cancels was; no reply comes."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host, port)
         try:
+            if tls.wanted:
+                writer.write(wire.ssl_request())
+                answer = await reader.readexactly(1)
+                if answer == b"S":
+                    await writer.start_tls(tls.context(), server_hostname=host)
+                elif tls.required:
+                    raise ConnectionFailure(f"{host}:{port} does not accept TLS, and sslmode is {tls.sslmode}")
             writer.write(wire.cancel_request(process_id, secret_key))
             await writer.drain()
             await reader.read()  # the server closes the connection when done

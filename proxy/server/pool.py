@@ -23,6 +23,7 @@ from proxy.config import PoolConfig
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
 from proxy.server.connection import ServerConnection, open_connection, send_cancel
 from proxy.server.prepared import Evictions, PreparedStatements, StatementNames
+from router.tls import ServerTls
 
 log = logging.getLogger("pgsplit.pool")
 
@@ -32,6 +33,7 @@ class Address:
     backend: str
     host: str
     port: int
+    tls: ServerTls = ServerTls()
 
 
 def tune_socket(conn: ServerConnection, settings: PoolConfig) -> None:
@@ -133,7 +135,7 @@ class Pool:
         addr = self.address
         try:
             conn = await open_connection(
-                addr.backend, addr.host, addr.port, self.user, self.database, self._password,
+                addr.backend, addr.host, addr.port, self.user, self.database, self._password, tls=addr.tls,
                 timeout=self.settings.connect_timeout_s, pool=self, generation=self.generation,
                 prepared=PreparedStatements(self.settings.max_prepared_statements, self.evictions,
                                             self.statement_names),
@@ -217,7 +219,7 @@ class Pool:
 
     async def _cancel(self, conn: ServerConnection) -> None:
         try:
-            await send_cancel(conn.host, conn.port, conn.process_id, conn.secret_key)
+            await send_cancel(conn.host, conn.port, conn.process_id, conn.secret_key, conn.tls)
         finally:
             conn.cancels -= 1
             if not conn.cancels and conn.release_after_cancel:
@@ -291,14 +293,18 @@ class Pools:
         self.evictions = Evictions()  # statements closed to keep connections within the bound
         self.statement_names = StatementNames()  # the server-side names of client statements
 
-    def get(self, backend: str, host: str, port: int, user: str, database: str) -> Pool:
+    def get(self, backend: str, host: str, port: int, user: str, database: str,
+            tls: ServerTls = ServerTls()) -> Pool:
+        """The pool for (backend, user, database); a new one (the old closed) when the
+        backend's address or TLS settings changed (a reload)."""
         key = (backend, user, database)
+        address = Address(backend, host, port, tls)
         pool = self._pools.get(key)
-        if pool is None or pool.address.host != host or pool.address.port != port:
+        if pool is None or pool.address != address:
             if pool is not None:
                 pool.close()
             pool = self._pools[key] = Pool(
-                Address(backend, host, port), user, database, self._passwords.get(user), self.settings,
+                address, user, database, self._passwords.get(user), self.settings,
                 on_connect=self._on_connect, evictions=self.evictions, statement_names=self.statement_names,
             )
         return pool

@@ -286,7 +286,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         pool = server.pool
         if busy or server.closed or self.carried.pins:
             if busy and not server.closed:
-                self.host.spawn(send_cancel(server.host, server.port, server.process_id, server.secret_key))
+                self.host.spawn(send_cancel(server.host, server.port, server.process_id, server.secret_key, server.tls))
                 server.abort()  # what the client left unsent to it goes too (a graceful close waits for it)
             pool.discard(server)
         else:

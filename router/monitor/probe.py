@@ -54,7 +54,7 @@ def poll_error(exc: BaseException, what: str, timeout: float) -> PollError:
 async def connect_as_monitor(spec: BackendSpec, settings: MonitorSettings, purpose: str,
                              database: str | None = None) -> asyncpg.Connection:
     account = pg.Endpoint(spec.host, spec.port, settings.user, settings.password, settings.dbname,
-                          settings.connect_timeout_s)
+                          settings.connect_timeout_s, spec.tls)
     return await pg.connect(account, application_name=f"{APPLICATION_NAME} ({purpose})", database=database)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from router.tls import ServerTls
+
 from proxy.config import (
     AdminConfig,
     Config,
@@ -422,3 +424,34 @@ def test_describe_renders_the_migration_section_and_reparses() -> None:
     assert '[migration]\ndatabases = ["app"]\nwatch_interval_s = 5.0\nverify_chunk_rows = 10000\n' in text
     assert '[migration.conninfo]\nnext = "host=far port=6000"\n' in text
     assert parse(text.replace('"********"', f'"{SECRET}"')) == config
+
+
+def test_server_tls_defaults_to_prefer_and_a_backend_overrides_it(tmp_path: Path) -> None:
+    (tmp_path / "root.crt").write_text("pem")
+    config = parse(MINIMAL)
+    assert config.tls_for("pg1") == ServerTls("prefer")
+    server_tls = f'[server_tls]\nsslmode = "verify-full"\nsslrootcert = "{tmp_path / "root.crt"}"\n'
+    text = MINIMAL.replace('active = "main"', 'active = "main"\n' + server_tls).replace(
+        'port = 5433', 'port = 5433\nsslmode = "require"')
+    config = parse(text)
+    assert config.tls_for("pg1") == ServerTls("verify-full", str(tmp_path / "root.crt"))
+    assert config.tls_for("pg2") == ServerTls("require", str(tmp_path / "root.crt"))  # (the CA: from [server_tls])
+
+
+def test_server_tls_problems_name_the_key_that_says_it(tmp_path: Path) -> None:
+    (tmp_path / "client.crt").write_text("pem")
+    text = MINIMAL.replace('active = "main"', 'active = "main"\n[server_tls]\nsslmode = "verify-ca"\n').replace(
+        'port = 5433', f'port = 5433\nsslcert = "{tmp_path / "client.crt"}"\nsslrootcert = "system"')
+    assert problems(text) == [
+        "test.toml: server_tls.sslmode: verify-ca needs sslrootcert (a PEM file of the CA that signed the "
+        "server's certificate, or \"system\")",
+        "test.toml: backends.pg2.sslcert: sslkey is required when sslcert is set (set both or neither)",
+    ]
+    missing = MINIMAL.replace('port = 5433', 'port = 5433\nsslmode = "verify-full"\nsslrootcert = "nowhere.crt"')
+    path = tmp_path / "pgsplit.toml"
+    path.write_text(missing)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value) == f"{path}: backends.pg2.sslrootcert: file not found: {tmp_path / 'nowhere.crt'}"
+    bad = MINIMAL.replace('port = 5433', 'port = 5433\nsslmode = "verify"')
+    assert problems(bad)[0].startswith("test.toml: backends.pg2.sslmode: Input should be 'disable', 'prefer'")
