@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a cutover to cluster NAME on a running proxy (preflight, pause, fence, "
                                    "catch-up, promote, swap, resume; rollback on failure before the swap). The "
                                    "admin token comes from -c FILE or PGSPLIT_ADMIN_TOKEN. Exit status 0 on "
-                                   "success (or a dry run without blockers), 1 otherwise.")
+                                   "success (or a dry run without blockers), 1 otherwise (a dry run "
+                                   "with blockers ends with: result refused, and the blockers).")
     p.add_argument("name", metavar="NAME", help="the target cluster ([clusters.NAME])")
     p.add_argument("--dry-run", action="store_true", help="run the preflight, print its report, change nothing")
     p.add_argument("--timeout", type=parse_duration, help="cap on how long clients may be held (e.g. 30s, 500ms)")
