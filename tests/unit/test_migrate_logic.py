@@ -99,14 +99,15 @@ async def test_fingerprint_leaves_out_not_null_constraints_of_postgresql_18() ->
 
 def _sub(db: str = "app", *, states: str = "rr", source_lsn: int = 10 * MB,
          confirmed: int | None = 10 * MB, sizes: tuple[int, int] = (4 * MB, 6 * MB),
-         copied: tuple[int, int] | None = None, running: bool = True) -> SubscriptionStatus:
+         copied: tuple[int, int] | None = None, running: bool = True,
+         lag_s: float = 0.5) -> SubscriptionStatus:
     copied = copied or sizes
     tables = tuple(TableCopy(f"public.t{i}", s, sizes[i], copied[i])
                    for i, s in enumerate(states))
     lag = source_lsn - confirmed if confirmed is not None else source_lsn
     return SubscriptionStatus(db, "pgsplit", f"pgsplit_{db}", True, running, tables,
                               source_lsn, confirmed, confirmed, lag, lag,
-                              lag_seconds_from(lag, None, 0.5), True)
+                              lag_seconds_from(lag, None, lag_s), True)
 
 
 def test_status_properties() -> None:
@@ -124,16 +125,36 @@ def test_status_properties() -> None:
 
 
 def test_rates_and_eta_from_two_samples() -> None:
+    # a backlog: 1 MB behind a source writing 0.5 MB/s is 2 s behind
     before = Status("pgsplit", 0.0, 100.0, (_sub(states="dr", copied=(0, 6 * MB),
-                                                 source_lsn=10 * MB, confirmed=8 * MB),))
+                                                 source_lsn=10 * MB, confirmed=8 * MB, lag_s=4.0),))
     after = Status("pgsplit", 2.0, 102.0, (_sub(states="dr", copied=(2 * MB, 6 * MB),
-                                                source_lsn=11 * MB, confirmed=10 * MB),))
+                                                source_lsn=11 * MB, confirmed=10 * MB, lag_s=2.0),))
     st = with_rates(after, before)
     assert st.copy_bytes_per_s == MB  # 2 MB in 2 s
     assert st.apply_bytes_per_s == MB and st.source_wal_bytes_per_s == MB / 2
     # 2 MB of copy left at 1 MB/s, then 1 MB of lag closing at 0.5 MB/s
     assert st.eta_seconds == pytest.approx(4.0)
     assert with_rates(after, None) is after
+
+
+def test_eta_right_after_the_copy_is_the_time_lag_not_noise() -> None:
+    """Every table ready, a light write load, 10 kB in flight: two rounds' rates differ
+    by the subscriber's last confirmation step. The ETA was 10 kB / (apply - WAL rate)
+    (13 s in the report, 20 s here), or none when that step fell the other way; it is
+    the time lag."""
+    kB = 1024
+    before = Status("pgsplit", 0.0, 100.0, (_sub(source_lsn=10 * MB, confirmed=10 * MB - 10 * kB - 512,
+                                                 lag_s=0.004),))
+    # 9 kB/s written, 9.5 kB/s confirmed: 10 kB / 0.5 kB/s was "20 s"
+    after = Status("pgsplit", 1.0, 101.0, (_sub(source_lsn=10 * MB + 9 * kB, confirmed=10 * MB - kB,
+                                                lag_s=0.004),))
+    # 9 kB/s both: was no ETA at all
+    later = Status("pgsplit", 2.0, 102.0, (_sub(source_lsn=10 * MB + 18 * kB, confirmed=10 * MB + 8 * kB,
+                                                lag_s=0.004),))
+    for st in (with_rates(after, before), with_rates(later, after)):
+        assert st.lag_bytes == 10 * kB and st.ready
+        assert st.eta_seconds == pytest.approx(0.004), (st.apply_bytes_per_s, st.source_wal_bytes_per_s)
 
 
 @pytest.mark.parametrize("remaining, copy_rate, lag, apply, wal, eta", [
@@ -148,6 +169,20 @@ def test_rates_and_eta_from_two_samples() -> None:
 def test_eta(remaining: int, copy_rate: float | None, lag: int, apply: float | None,
              wal: float | None, eta: float | None) -> None:
     assert estimate_eta(remaining, copy_rate, lag, apply, wal) == eta
+    # PostgreSQL measures the lag over a second: a backlog, the same arithmetic
+    assert estimate_eta(remaining, copy_rate, lag, apply, wal, lag_seconds=5.0) == eta
+
+
+@pytest.mark.parametrize("remaining, copy_rate, lag, apply, wal, lag_s, eta", [
+    (0, None, 10_240, 9_300.0, 8_500.0, 0.003, 0.003),  # was 10 kB / 800 B/s = 12.8 s
+    (0, None, 10_240, 8_500.0, 9_300.0, 0.003, 0.003),  # was None: "not closing"
+    (0, None, 10_240, 0.0, 9_300.0, 0.003, 0.003),  # no confirmation this round
+    (2 * MB, MB, 10_240, 9_300.0, 8_500.0, 0.25, 2.25),  # the copy, then the time lag
+    (0, None, 4 * MB, 3 * MB, 1 * MB, 1.0, 2.0),  # a second behind: a backlog
+])
+def test_eta_of_a_lag_in_flight(remaining: int, copy_rate: float | None, lag: int, apply: float,
+                                wal: float, lag_s: float, eta: float) -> None:
+    assert estimate_eta(remaining, copy_rate, lag, apply, wal, lag_s) == pytest.approx(eta)
 
 
 @pytest.mark.parametrize("lag, replay_lag, age, expected", [
