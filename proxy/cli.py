@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="online migration to another configured cluster (logical replication)",
                        description="Online migration from the active cluster to cluster NAME on a running proxy: "
-                                   "plan (what start would do, blockers by name), start (schema copy, publication "
+                                   "plan (what start would do, blockers by name, and what the cutover's preflight "
+                                   "will refuse), start (schema copy, publication "
                                    "and subscription; the proxy watches lag and schema drift from then on), "
                                    "status (per-table copy state, lag, ETA, drift), verify (row counts and "
                                    "chunked checksums). `pgsplit cutover NAME` ends it. Exit status: plan 1 "

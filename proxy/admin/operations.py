@@ -189,7 +189,11 @@ class AdminOps:
     async def migrate_plan(self, target: str) -> dict:
         """What `start` would do and what blocks it (ops.migrate.plan)."""
         m = await self._migration(target)
-        plan = await plan_migration(m["src"], m["tgt"], name=m["name"], databases=m["databases"])
+        # the primaries by the names the cutover's preflight gives them
+        servers = (wiring.backend_specs(self.config, m["source"])[0].name,
+                   wiring.backend_specs(self.config, m["target"])[0].name)
+        plan = await plan_migration(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
+                                    servers=servers)
         return {**_migration_head(m), "plan": plan.to_dict(), "text": plan.render()}
 
     async def migrate_start(self, target: str) -> dict:

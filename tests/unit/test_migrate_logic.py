@@ -26,6 +26,7 @@ from ops.migrate.plan import (
     TableFacts,
     assess,
 )
+from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState, build_report, record_schemas
 from ops.migrate.programs import find_client_bindir
 from ops.migrate.status import Status, SubscriptionStatus, TableCopy, estimate_eta, lag_seconds_from, with_rates
 from ops.migrate.verify import RangeDiff, TableCheck, VerifyReport, range_sql, source_chunk_sql
@@ -403,3 +404,47 @@ def test_assess_a_clean_migration_and_one_already_started() -> None:
     assert plan.databases[0].started and plan.databases[0].schema_diff == ()
     # an older target is allowed, with a warning
     assert any("older than the source" in n for n in assess("pgsplit", PG18, PG15, []).notes)
+
+
+def test_plan_names_what_the_cutover_will_refuse_with_the_preflights_own_words() -> None:
+    """Tables in ``postgres`` and a database outside [migration] databases: `start` has
+    nothing against them, the cutover refuses. The plan's blockers for them are the
+    preflight's (build_report on the facts the cutover will find), word for word."""
+    leftover = Fingerprint({("table", "public.leftover"): (None, "table")})
+    empty = Fingerprint()
+    prints = {"source": {"app": SRC_SCHEMA, "postgres": leftover, "other": leftover},
+              "target": {"postgres": empty}}
+    fresh = DatabaseFacts("app", tables=(TableFacts("public.t"),), source_schema=SRC_SCHEMA)
+    plan = assess("pgsplit_next", PG15, PG18, [fresh], prints=prints,
+                  servers=("main_primary", "next_primary"))
+    assert not plan.ok and plan.blockers == ()  # start is not refused; the plan says "blocked"
+    # what the real preflight reports once `app` is copied and subscribed
+    facts = PreflightFacts(ServerState("main_primary", "h:1", reachable=True, version_num=150018),
+                           ServerState("next_primary", "h:2", reachable=True, version_num=180006),
+                           ReplicationFacts("logical", status="streaming", subscription="pgsplit_next",
+                                            databases=["app"]))
+    record_schemas(facts, {"source": prints["source"], "target": {**prints["target"], "app": SRC_SCHEMA}})
+    expected = build_report(facts, max_lag_bytes=1 << 20).blockers
+    assert list(plan.cutover_blockers) == expected
+    assert expected == [
+        "database other has tables on the source but the target next_primary has no subscription "
+        "pgsplit_next there: its rows would not be carried over",
+        "database postgres has tables on the source but the target next_primary has no subscription "
+        "pgsplit_next there: its rows would not be carried over",
+        "schemas differ: database other: only on the source; "
+        "database postgres: table public.leftover: only on the source"]
+    text = plan.render()
+    assert "blockers:" in text.splitlines() and "  - the cutover will refuse: database other has tables on the " \
+        "source but the target next_primary has no subscription pgsplit_next there: its rows would not be " \
+        "carried over" in text.splitlines()
+    # the same migration with `other` carried too and postgres's table gone: nothing left
+    other = DatabaseFacts("other", tables=(TableFacts("public.leftover"),), source_schema=leftover)
+    clean = {"source": {**prints["source"], "postgres": empty}, "target": prints["target"]}
+    plan = assess("pgsplit_next", PG15, PG18, [fresh, other], prints=clean)
+    assert plan.ok and plan.cutover_blockers == () and "blockers: none" in plan.render().splitlines()
+    # once started, drift on the target counts as the cutover counts it
+    started = DatabaseFacts("app", tables=(TableFacts("public.t"),), source_schema=SRC_SCHEMA,
+                            target_schema=empty, started=True, publication_all_tables=True)
+    plan = assess("pgsplit_next", PG15, PG18, [started],
+                  prints={"source": {"app": SRC_SCHEMA}, "target": {"app": empty}})
+    assert plan.cutover_blockers == ("schemas differ: database app: table public.t: only on the source",)
