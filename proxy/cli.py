@@ -283,6 +283,8 @@ def _migration_head(result: dict) -> str:
 
 
 def format_migrate_status(result: dict) -> str:
+    if "finished" in result:  # ended by a cutover
+        return _migration_head(result) + "\n  " + result["text"]
     st = result["status"]
     copying = any(t["state"] != "r" for d in st["databases"] for t in d["tables"])
     state = "ready" if st["ready"] else "copying" if copying else "NOT READY"
@@ -477,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "plan (what start would do, blockers by name, and what the cutover's preflight "
                                    "will refuse), start (schema copy, publication "
                                    "and subscription; the proxy watches lag and schema drift from then on), "
-                                   "status (per-table copy state, lag, ETA, drift), verify (row counts and "
+                                   "status (per-table copy state, lag, ETA, drift; after the cutover: finished, "
+                                   "and when), verify (row counts and "
                                    "chunked checksums). `pgsplit cutover NAME` ends it. Exit status: plan 1 "
                                    "with blockers, verify 1 if the sides differ, 0 otherwise.")
     p.add_argument("action", choices=["plan", "start", "status", "verify"])
