@@ -199,8 +199,9 @@ def _rate(now: float | int, before: float | int, dt: float) -> float:
     return max(0.0, (now - before) / dt) if dt > 0 else 0.0
 
 
-# A subscriber whose lag PostgreSQL measures under this (the walsender's replay_lag) keeps
-# pace with the source: its lag is WAL in flight, not a backlog.
+# A subscriber less than this behind in time (`lag_seconds_from`: the walsender's
+# replay_lag; without one, the age of the subscriber's last report) keeps pace with the
+# source: its lag is WAL in flight, not a backlog.
 IN_FLIGHT_S = 1.0
 
 
