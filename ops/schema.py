@@ -20,14 +20,14 @@ System schemas are left out by router.pg's `USER_SCHEMA_SQL`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from router.pg import USER_SCHEMA_SQL
 
 __all__ = ["FINGERPRINT_SQL", "KINDS", "Fingerprint", "comparable_fingerprint", "diff", "diff_databases",
-           "fingerprint"]
+           "fingerprint", "fingerprint_for"]
 
 # In the order differences are listed.
 KINDS = ("table", "column", "index", "constraint", "sequence")
@@ -119,6 +119,14 @@ async def comparable_fingerprint(conn: Any) -> Fingerprint:
     return Fingerprint({
         key: value for key, value in fp.objects.items()
         if not (key[0] == "constraint" and value[1].startswith("NOT NULL "))})
+
+
+def fingerprint_for(source_major: int | None, target_major: int | None) -> Callable[[Any], Awaitable[Fingerprint]]:
+    """How a cutover compares two servers' schemas: across major versions what only the
+    version changes is left out (`comparable_fingerprint`), else everything counts."""
+    if None not in (source_major, target_major) and source_major != target_major:
+        return comparable_fingerprint
+    return fingerprint
 
 
 def diff(a: Fingerprint, b: Fingerprint, a_name: str = "source", b_name: str = "target") -> list[str]:

@@ -283,6 +283,8 @@ def _migration_head(result: dict) -> str:
 
 
 def format_migrate_status(result: dict) -> str:
+    if "finished" in result:  # ended by a cutover
+        return _migration_head(result) + "\n  " + result["text"]
     st = result["status"]
     copying = any(t["state"] != "r" for d in st["databases"] for t in d["tables"])
     state = "ready" if st["ready"] else "copying" if copying else "NOT READY"
@@ -461,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a cutover to cluster NAME on a running proxy (preflight, pause, fence, "
                                    "catch-up, promote, swap, resume; rollback on failure before the swap). The "
                                    "admin token comes from -c FILE or PGSPLIT_ADMIN_TOKEN. Exit status 0 on "
-                                   "success (or a dry run without blockers), 1 otherwise.")
+                                   "success (or a dry run without blockers), 1 otherwise (a dry run "
+                                   "with blockers ends with: result refused, and the blockers).")
     p.add_argument("name", metavar="NAME", help="the target cluster ([clusters.NAME])")
     p.add_argument("--dry-run", action="store_true", help="run the preflight, print its report, change nothing")
     p.add_argument("--timeout", type=parse_duration, help="cap on how long clients may be held (e.g. 30s, 500ms)")
@@ -473,9 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="online migration to another configured cluster (logical replication)",
                        description="Online migration from the active cluster to cluster NAME on a running proxy: "
-                                   "plan (what start would do, blockers by name), start (schema copy, publication "
+                                   "plan (what start would do, blockers by name, and what the cutover's preflight "
+                                   "will refuse), start (schema copy, publication "
                                    "and subscription; the proxy watches lag and schema drift from then on), "
-                                   "status (per-table copy state, lag, ETA, drift), verify (row counts and "
+                                   "status (per-table copy state, lag, ETA, drift; after the cutover: finished, "
+                                   "and when), verify (row counts and "
                                    "chunked checksums). `pgsplit cutover NAME` ends it. Exit status: plan 1 "
                                    "with blockers, verify 1 if the sides differ, 0 otherwise.")
     p.add_argument("action", choices=["plan", "start", "status", "verify"])

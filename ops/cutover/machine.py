@@ -89,8 +89,8 @@ class CutoverStep(enum.Enum):
 
 class Result(enum.Enum):
     SUCCESS = "success"  # traffic runs on the target
-    DRY_RUN = "dry_run"  # preflight only; nothing changed
-    REFUSED = "refused"  # preflight found blockers; nothing changed
+    DRY_RUN = "dry_run"  # preflight only, no blockers; nothing changed
+    REFUSED = "refused"  # preflight found blockers (a dry run too); nothing changed
     ROLLED_BACK = "rolled_back"  # a step before the swap failed; traffic runs on the source again
     FAILED = "failed"  # the swap or the rollback itself failed: an operator must look
 
@@ -308,12 +308,13 @@ class Cutover:
         s = self.settings
         report = await self._step(CutoverStep.PREFLIGHT, self._preflight)
         self.result.report = report
-        if s.dry_run:
-            self.result.result = Result.DRY_RUN
-            return
+        # A dry run that finds blockers is refused too: that is its answer.
         if not report["ok"]:
             self.result.result = Result.REFUSED
             self.result.error = "preflight: " + "; ".join(report["blockers"])
+            return
+        if s.dry_run:
+            self.result.result = Result.DRY_RUN
             return
         kind = report["replication"]["kind"]
         if self.warm_up is not None:

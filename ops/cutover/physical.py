@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import asyncpg
 
 from ops.cutover.machine import CutoverError
-from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState
-from ops.schema import Fingerprint, comparable_fingerprint, diff_databases, fingerprint
+from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState, record_schemas
+from ops.schema import Fingerprint, fingerprint_for
 from router import pg
 from router.lsn import format_lsn, parse_lsn
 from router.pg import Endpoint, error_text
@@ -207,8 +207,7 @@ class PhysicalControl:
         prints: dict[str, dict[str, Fingerprint]] = {"source": {}, "target": {}}
         # Across major versions, what only the version changes is left out (PostgreSQL 18
         # lists every NOT NULL as a constraint too): the migration's own comparison.
-        majors = facts.source.major, facts.target.major
-        take = comparable_fingerprint if None not in majors and majors[0] != majors[1] else fingerprint
+        take = fingerprint_for(facts.source.major, facts.target.major)
         for side, spec, conn in (("source", self.source, self.src), ("target", self.target, self.tgt)):
             for db in await pg.databases(conn, with_postgres=True):
                 try:
@@ -222,9 +221,7 @@ class PhysicalControl:
                             await other.close()
                 except Exception as exc:  # noqa: BLE001  reported; the rest is still compared
                     facts.schema_errors.append(f"schema of database {db} on the {side} not read: {error_text(exc)}")
-        facts.source_table_databases = sorted(db for db, fp in prints["source"].items() if fp.count("table"))
-        facts.schema_differences = diff_databases(prints["source"], prints["target"])
-        facts.schema_digests = {side: {db: fp.digest for db, fp in p.items()} for side, p in prints.items()}
+        record_schemas(facts, prints)
 
     # --- fence --------------------------------------------------------------------------
 

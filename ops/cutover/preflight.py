@@ -1,9 +1,12 @@
 """The cutover's preflight: what it saw of both servers and their replication, and the
 report built from that.
 
-Owns: the facts (`ServerState` per server, `ReplicationFacts`, `PreflightFacts`), the pure
-`build_report` that turns them into blockers (the cutover would fail or lose writes:
-nothing may change) and warnings, and `report_lines`, the report for a terminal.
+Owns: the facts (`ServerState` per server, `ReplicationFacts`, `PreflightFacts`;
+`record_schemas`, their schema part), the pure `build_report` that turns them into
+blockers (the cutover would fail or lose writes: nothing may change) and warnings, and
+`report_lines`, the report for a terminal. A migration's plan (ops.migrate.plan) runs
+`build_report` too, on the facts the cutover will find, so that it names every blocker
+the cutover will.
 Must not know: how the facts are gathered (physical.py, logical.py), the state machine.
 """
 
@@ -13,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ops.schema import Fingerprint, diff_databases
 from router.lsn import format_lsn
 from router.pg import major_version
 
@@ -22,6 +26,7 @@ __all__ = [
     "ReplicationFacts",
     "ServerState",
     "build_report",
+    "record_schemas",
     "report_lines",
 ]
 
@@ -73,6 +78,16 @@ class PreflightFacts:
     schema_errors: list[str] = field(default_factory=list)
     target_replicas: list[ServerState] = field(default_factory=list)
     source_table_databases: list[str] | None = None  # databases with tables on the source
+
+
+def record_schemas(facts: PreflightFacts, prints: Mapping[str, Mapping[str, Fingerprint]]) -> None:
+    """The schema part of ``facts`` from every database's fingerprint on both sides
+    (``{"source": {database: print}, "target": {...}}``): the differences, which databases
+    have tables on the source, the digests. The preflight calls it with what it read; a
+    migration's plan with the target as the migration will leave it (ops.migrate.plan)."""
+    facts.source_table_databases = sorted(db for db, fp in prints["source"].items() if fp.count("table"))
+    facts.schema_differences = diff_databases(prints["source"], prints["target"])
+    facts.schema_digests = {side: {db: fp.digest for db, fp in p.items()} for side, p in prints.items()}
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Owns: the facts `plan` gathers from both sides (`ClusterFacts`, once per server;
 `DatabaseFacts` and `TableFacts`, per database), `assess`, the pure function from those
-facts to a `Plan` of `Blocker`s and notes, and `BlockedError`, `start`'s refusal.
+facts to a `Plan` of `Blocker`s and notes, and `BlockedError`, `start`'s refusal; what
+the cutover will refuse (`cutover_blockers`: the preflight's own `build_report`, on the
+facts the cutover will find, not a copy of its checks).
 Must not know: how the schema is copied or the replication started (copy.py), how a
 started migration is followed (status.py, watch.py).
 """
@@ -11,13 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import asyncpg
 
 from ops import schema
+from ops.cutover.preflight import (
+    PreflightFacts,
+    ReplicationFacts,
+    ServerState,
+    build_report,
+    record_schemas,
+)
 from ops.migrate.control import (
     SOURCE,
     TARGET,
@@ -31,6 +40,7 @@ from ops.migrate.control import (
 from ops.migrate.programs import find_client_bindir
 from ops.text import human_bytes
 from router.pg import USER_SCHEMA_SQL, Endpoint, major_version
+from router.pg import databases as connectable_databases
 
 __all__ = [
     "BlockedError",
@@ -76,7 +86,9 @@ class DatabasePlan:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What `start` would do and what stops it (``blockers``; `start` refuses while any)."""
+    """What `start` would do and what stops it (``blockers``; `start` refuses while any),
+    and what the cutover's preflight will refuse once the migration runs as planned
+    (``cutover_blockers``: its own checks, ops.cutover.preflight's `build_report`)."""
 
     name: str
     source_version: str
@@ -89,10 +101,11 @@ class Plan:
     databases: tuple[DatabasePlan, ...]
     blockers: tuple[Blocker, ...]
     notes: tuple[str, ...]
+    cutover_blockers: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not self.blockers
+        return not self.blockers and not self.cutover_blockers
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (the admin API): the fields, ``ok``, blockers as objects."""
@@ -117,8 +130,9 @@ class Plan:
                 lines.append(f"    schema: {line}")
             if len(db.schema_diff) > 50:
                 lines.append(f"    schema: ... {len(db.schema_diff) - 50} more differences")
-        lines.append("blockers:" if self.blockers else "blockers: none")
+        lines.append("blockers:" if not self.ok else "blockers: none")
         lines += [f"  - {b}" for b in self.blockers]
+        lines += [f"  - the cutover will refuse: {b}" for b in self.cutover_blockers]
         if self.notes:
             lines.append("notes:")
             lines += [f"  - {n}" for n in self.notes]
@@ -186,6 +200,7 @@ class ClusterFacts:
     roles: frozenset[str] = frozenset()
     available_extensions: frozenset[str] = frozenset()
     databases: frozenset[str] = frozenset()
+    connectable: tuple[str, ...] = ()  # what a cutover compares: templates left out, postgres in
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +240,14 @@ def _table_blocker(t: TableFacts) -> bool:
 
 def assess(name: str, source: ClusterFacts, target: ClusterFacts,
            databases: Sequence[DatabaseFacts], missing: Sequence[str] = (),
-           dump_bindir: str | None = None, dump_problem: Blocker | None = None) -> Plan:
+           dump_bindir: str | None = None, dump_problem: Blocker | None = None,
+           prints: Mapping[str, Mapping[str, schema.Fingerprint]] | None = None,
+           servers: tuple[str, str] = ("source", "target")) -> Plan:
     """The plan from the facts (pure; `plan` gathers them). ``missing``: requested
-    databases the source does not have."""
+    databases the source does not have. ``prints``: every connectable database's
+    fingerprint on both sides, as the cutover takes them (``{"source": {db: print},
+    "target": {...}}``), for `cutover_blockers`; ``servers`` names the two primaries in
+    those lines."""
     blockers: list[Blocker] = []
     notes: list[str] = []
     s_major, t_major = major_version(source.version_num), major_version(target.version_num)
@@ -257,7 +277,34 @@ def assess(name: str, source: ClusterFacts, target: ClusterFacts,
                 source_major=s_major, target_major=t_major, wal_level=source.wal_level,
                 dump_major=major_version(max(source.version_num, target.version_num)),
                 dump_bindir=dump_bindir,
-                databases=tuple(plans), blockers=tuple(blockers), notes=tuple(notes))
+                databases=tuple(plans), blockers=tuple(blockers), notes=tuple(notes),
+                cutover_blockers=() if prints is None else cutover_blockers(
+                    name, source, target, plans, prints, servers))
+
+
+def cutover_blockers(name: str, source: ClusterFacts, target: ClusterFacts,
+                     plans: Sequence[DatabasePlan],
+                     prints: Mapping[str, Mapping[str, schema.Fingerprint]],
+                     servers: tuple[str, str] = ("source", "target")) -> tuple[str, ...]:
+    """What the cutover's preflight will refuse once this migration runs as planned: its
+    own checks (`build_report`, not a copy of them) on the facts it will find then. Every
+    planned database subscribed, its tables copied, no lag; its target schema the
+    source's (start copies it) unless started already (then as it is: drift counts).
+    What no start changes stays as it is now: databases outside the migration
+    (``postgres`` too) with tables on the source, schemas that differ there."""
+    carried = [p.database for p in plans]
+    target_prints = dict(prints["target"])
+    for p in plans:
+        if not p.started and p.database in prints["source"]:
+            target_prints[p.database] = prints["source"][p.database]
+    facts = PreflightFacts(
+        ServerState(servers[0], servers[0], reachable=True, version=source.version,
+                    version_num=source.version_num),
+        ServerState(servers[1], servers[1], reachable=True, version=target.version,
+                    version_num=target.version_num),
+        ReplicationFacts("logical", status="streaming", subscription=name, databases=carried))
+    record_schemas(facts, {"source": prints["source"], "target": target_prints})
+    return tuple(build_report(facts, max_lag_bytes=0).blockers)
 
 
 def _assess_database(name: str, f: DatabaseFacts, source: ClusterFacts, target: ClusterFacts,
@@ -331,7 +378,21 @@ async def _cluster_facts(conn: asyncpg.Connection) -> ClusterFacts:
                ARRAY(SELECT datname::text FROM pg_database) AS databases""")
     return ClusterFacts(num, text, row["wal_level"], row["free_slots"], row["free_senders"],
                         frozenset(row["slots"]), frozenset(row["roles"]),
-                        frozenset(row["extensions"]), frozenset(row["databases"]))
+                        frozenset(row["extensions"]), frozenset(row["databases"]),
+                        tuple(await connectable_databases(conn, with_postgres=True)))
+
+
+async def _cutover_prints(source: Endpoint, target: Endpoint, s_facts: ClusterFacts,
+                          t_facts: ClusterFacts) -> dict[str, dict[str, schema.Fingerprint]]:
+    """Every database's fingerprint on both sides, as the cutover's preflight takes them."""
+    take = schema.fingerprint_for(major_version(s_facts.version_num),
+                                  major_version(t_facts.version_num))
+    prints: dict[str, dict[str, schema.Fingerprint]] = {SOURCE: {}, TARGET: {}}
+    for side, ep, facts in ((SOURCE, source, s_facts), (TARGET, target, t_facts)):
+        for db in facts.connectable:
+            async with connection(ep, side, db) as conn:
+                prints[side][db] = await take(conn)
+    return prints
 
 
 async def _database_facts(source: Endpoint, target: Endpoint, name: str, db: str,
@@ -360,8 +421,11 @@ async def _database_facts(source: Endpoint, target: Endpoint, name: str, db: str
 
 async def plan(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
                databases: Sequence[str] | None = None,
-               bindir: str | os.PathLike[str] | None = None) -> Plan:
-    """Look at both sides and say what `start` would do and what blocks it (`assess`).
+               bindir: str | os.PathLike[str] | None = None,
+               servers: tuple[str, str] | None = None) -> Plan:
+    """Look at both sides and say what `start` would do and what blocks it (`assess`),
+    and what the cutover will refuse (`cutover_blockers`; ``servers`` names the two
+    primaries there, host:port by default).
 
     Blockers: the source's ``wal_level`` is not ``logical``; too few free replication
     slots or WAL senders on the source; a table with neither a primary key nor a replica
@@ -370,7 +434,9 @@ async def plan(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
     source that the target cannot install; a role owning or granted objects that the
     target lacks; a target database whose tables differ from the source's; a leftover
     slot of the same name; a missing source database; no pg_dump/psql of the newer major
-    version on this machine.
+    version on this machine. What the cutover will refuse (``cutover_blockers``, which do
+    not stop `start`): a database with tables on the source that the migration does not
+    carry (``postgres`` too), schemas that differ outside it, drift inside it.
     """
     dbs = databases_or_default(source, databases)
     async with connection(source, SOURCE) as sconn, connection(target, TARGET) as tconn:
@@ -387,5 +453,7 @@ async def plan(source: Endpoint, target: Endpoint, *, name: str = "pgsplit",
     present = [db for db in dbs if db in s_facts.databases]
     facts = [await _database_facts(source, target, name, db, db in t_facts.databases)
              for db in present]
+    prints = await _cutover_prints(source, target, s_facts, t_facts)
     return assess(name, s_facts, t_facts, facts, [db for db in dbs if db not in present],
-                  dump_bindir, dump_problem)
+                  dump_bindir, dump_problem, prints,
+                  servers or (f"{source.host}:{source.port}", f"{target.host}:{target.port}"))

@@ -34,6 +34,7 @@ from router.pg import USER_SCHEMA_SQL, Endpoint
 
 __all__ = [
     "COPY_STATES",
+    "IN_FLIGHT_S",
     "Status",
     "SubscriptionStatus",
     "TableCopy",
@@ -106,7 +107,7 @@ class Status:
     copy_bytes_per_s: float | None = None  # initial copy
     apply_bytes_per_s: float | None = None  # source WAL confirmed by the subscriber
     source_wal_bytes_per_s: float | None = None  # source WAL written
-    eta_seconds: float | None = None  # until ready with ~0 lag, at the current rates
+    eta_seconds: float | None = None  # until copied and caught up, at the current rates (estimate_eta)
 
     @property
     def ready(self) -> bool:
@@ -198,17 +199,33 @@ def _rate(now: float | int, before: float | int, dt: float) -> float:
     return max(0.0, (now - before) / dt) if dt > 0 else 0.0
 
 
+# A subscriber less than this behind in time (`lag_seconds_from`: the walsender's
+# replay_lag; without one, the age of the subscriber's last report) keeps pace with the
+# source: its lag is WAL in flight, not a backlog.
+IN_FLIGHT_S = 1.0
+
+
 def estimate_eta(remaining_copy_bytes: int, copy_rate: float | None, lag_bytes: int,
-                 apply_rate: float | None, wal_rate: float | None) -> float | None:
-    """Seconds until the copy is done and the lag is ~0 at the current rates: the copy
-    left at the copy rate, then the lag closing at (apply rate - source WAL rate).
-    None when a needed rate is unknown or the gap does not close."""
+                 apply_rate: float | None, wal_rate: float | None,
+                 lag_seconds: float | None = None) -> float | None:
+    """Seconds until the copy is done and the target has what the source has now, at the
+    current rates: the copy left at the copy rate, then the lag.
+
+    A lag under `IN_FLIGHT_S` in time (``lag_seconds``) is WAL in flight to a subscriber
+    that keeps pace: what the source writes now is applied ``lag_seconds`` later, so that
+    is its part. Dividing it by (apply rate - source WAL rate) instead, as for a backlog,
+    divides by the difference of two nearly equal rates, each measured over one round
+    (the subscriber confirms its position in steps): noise, which made 10 kB of lag
+    "13 s". A larger lag is a backlog, closing at that difference; None when a needed
+    rate is unknown or the gap does not close."""
     eta = 0.0
     if remaining_copy_bytes > 0:
         if not copy_rate:
             return None
         eta += remaining_copy_bytes / copy_rate
     if lag_bytes > 0:
+        if lag_seconds is not None and lag_seconds < IN_FLIGHT_S:
+            return eta + lag_seconds
         if apply_rate is None or wal_rate is None or apply_rate <= wal_rate:
             return None if remaining_copy_bytes <= 0 else eta
         eta += lag_bytes / (apply_rate - wal_rate)
@@ -236,7 +253,8 @@ def with_rates(current: Status, previous: Status | None) -> Status:
     wal_rate = wal_total / max(1, len(current.databases))
     apply_rate = apply_total / max(1, len(current.databases))
     remaining = current.copy_total_bytes - current.copy_done_bytes
-    eta = estimate_eta(remaining, copy_rate, current.lag_bytes, apply_rate, wal_rate)
+    eta = estimate_eta(remaining, copy_rate, current.lag_bytes, apply_rate, wal_rate,
+                       current.lag_seconds)
     return Status(name=current.name, taken_at=current.taken_at, monotonic=current.monotonic,
                   databases=current.databases, copy_bytes_per_s=copy_rate,
                   apply_bytes_per_s=apply_rate, source_wal_bytes_per_s=wal_rate,

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -62,6 +63,7 @@ class AdminOps:
         self.process = process
         self._busy: str | None = None  # "cutover" or "pause" while one is in progress: one at a time
         self.migration_watches: dict[str, Watch] = {}  # target cluster -> its watch
+        self.migrations_finished: dict[str, dict] = {}  # target cluster -> how its cutover ended it
         self._migration_locks: dict[str, asyncio.Lock] = {}
 
     @property
@@ -176,7 +178,9 @@ class AdminOps:
         if result.pause_seconds is not None:
             process.metrics.cutover_pause_seconds.observe(result.pause_seconds)
         if process.config.active == cutover.target:
-            await self._migration_cut_over(cutover.source, cutover.target, cutover.control)
+            await self._migration_cut_over(cutover.source, cutover.target, cutover.control,
+                                           dropped=any(s.step == "finish" and s.outcome == "ok"
+                                                       for s in result.steps))
         return result.to_dict()
 
     # --- online migration (pgsplit migrate; /v1/migrate/*) ------------------------------------------
@@ -189,7 +193,11 @@ class AdminOps:
     async def migrate_plan(self, target: str) -> dict:
         """What `start` would do and what blocks it (ops.migrate.plan)."""
         m = await self._migration(target)
-        plan = await plan_migration(m["src"], m["tgt"], name=m["name"], databases=m["databases"])
+        # the primaries by the names the cutover's preflight gives them
+        servers = (wiring.backend_specs(self.config, m["source"])[0].name,
+                   wiring.backend_specs(self.config, m["target"])[0].name)
+        plan = await plan_migration(m["src"], m["tgt"], name=m["name"], databases=m["databases"],
+                                    servers=servers)
         return {**_migration_head(m), "plan": plan.to_dict(), "text": plan.render()}
 
     async def migrate_start(self, target: str) -> dict:
@@ -215,6 +223,10 @@ class AdminOps:
     async def migrate_status(self, target: str) -> dict:
         """Per table the copy state, the lag, rates and ETA (from the round before, when
         watched), and the schema drift, asked now."""
+        finished = self.migrations_finished.get(self._cluster(target))
+        if finished is not None and target == self.config.active:
+            # the cutover ended it: the status is that, not "a migration goes from it"
+            return {**finished, "text": finished_text(finished)}
         m = await self._migration(target)
         watch = self.migration_watches.get(target)
         if watch is not None and watch.source == m["src"] and watch.name == m["name"]:
@@ -289,9 +301,17 @@ class AdminOps:
             drift = drift or bool(w.drift)
         self.process.metrics.set_migration(lag, states, drift)
 
-    async def _migration_cut_over(self, source: str, target: str, control: LogicalControl) -> None:
+    async def _migration_cut_over(self, source: str, target: str, control: LogicalControl, *,
+                                  dropped: bool = True) -> None:
         """After a cutover to `target`: its migration is over (no longer watched); with a
         reverse replication, the migration back to `source` is watched instead."""
+        # Noted before the first await: the client has the summary and may ask at once.
+        if control.kind == "logical":
+            self.migrations_finished[target] = {
+                "source": source, "target": target, "name": wiring.migration_name(target),
+                "databases": list(control.databases),
+                "finished": {"at": time.time(), "reverse": control.logical.reverse, "dropped": dropped}}
+        self.migrations_finished.pop(source, None)  # a migration back to it may start again
         watch = self.migration_watches.pop(target, None)
         if watch is not None:
             await watch.stop()
@@ -302,6 +322,20 @@ class AdminOps:
             except Exception as exc:  # noqa: BLE001  the cutover stands; status can still be asked
                 log.warning("watching the reverse migration %s -> %s failed: %s", target, source, exc)
         self._migration_metrics()
+
+
+def finished_text(finished: dict) -> str:
+    """A finished migration's status line (pgsplit migrate status after the cutover)."""
+    f = finished["finished"]
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(f["at"]))
+    text = (f"finished: the cutover to {finished['target']} ended it at {at} "
+            + (f"(subscription {finished['name']} and its slots dropped)" if f["dropped"] else
+               f"(but dropping subscription {finished['name']} failed: see the cutover's finish step)")
+            + f"; {finished['target']} is the active cluster")
+    if f["reverse"]:
+        text += (f"; the reverse, {finished['target']} -> {finished['source']}: "
+                 f"pgsplit migrate status {finished['source']}")
+    return text
 
 
 def _migration_head(m: dict) -> dict:

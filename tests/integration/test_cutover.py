@@ -296,7 +296,7 @@ async def test_preflight_reports_schema_differences_and_a_dry_run_changes_nothin
     try:
         before = c.sql(c.primary, "SELECT pg_current_wal_lsn()")[0][0]
         summary = await post_cutover(proxy.admin_url, {"target": "other", "dry_run": True})
-        assert summary["result"] == "dry_run"
+        assert summary["result"] == "refused" and summary["error"].startswith("preflight: ")
         report = summary["report"]
         assert not report["ok"]
         diffs = report["schema"]["differences"]

@@ -336,6 +336,16 @@ async def test_dry_run_changes_nothing() -> None:
     assert events[-1]["report"]["source"]["name"] == "pg1"
 
 
+async def test_a_dry_run_with_blockers_is_refused_and_says_why() -> None:
+    bad = facts(target={"reachable": False, "error": "refused"})
+    cutover, journal, events, _ = make(facts_=bad, settings=CutoverSettings(dry_run=True))
+    result = await cutover.run()
+    assert result.result is Result.REFUSED
+    assert journal == ["preflight", "close"]
+    assert result.error.startswith("preflight: the target ") and "cannot be reached: refused" in result.error
+    assert events[-1]["result"] == "refused" and events[-1]["error"] == result.error
+
+
 async def test_blockers_refuse_before_anything_changes() -> None:
     bad = facts(target={"reachable": False, "error": "refused"})
     cutover, journal, events, _ = make(facts_=bad)

@@ -26,6 +26,7 @@ from ops.migrate.plan import (
     TableFacts,
     assess,
 )
+from ops.cutover.preflight import PreflightFacts, ReplicationFacts, ServerState, build_report, record_schemas
 from ops.migrate.programs import find_client_bindir
 from ops.migrate.status import Status, SubscriptionStatus, TableCopy, estimate_eta, lag_seconds_from, with_rates
 from ops.migrate.verify import RangeDiff, TableCheck, VerifyReport, range_sql, source_chunk_sql
@@ -99,14 +100,15 @@ async def test_fingerprint_leaves_out_not_null_constraints_of_postgresql_18() ->
 
 def _sub(db: str = "app", *, states: str = "rr", source_lsn: int = 10 * MB,
          confirmed: int | None = 10 * MB, sizes: tuple[int, int] = (4 * MB, 6 * MB),
-         copied: tuple[int, int] | None = None, running: bool = True) -> SubscriptionStatus:
+         copied: tuple[int, int] | None = None, running: bool = True,
+         lag_s: float = 0.5) -> SubscriptionStatus:
     copied = copied or sizes
     tables = tuple(TableCopy(f"public.t{i}", s, sizes[i], copied[i])
                    for i, s in enumerate(states))
     lag = source_lsn - confirmed if confirmed is not None else source_lsn
     return SubscriptionStatus(db, "pgsplit", f"pgsplit_{db}", True, running, tables,
                               source_lsn, confirmed, confirmed, lag, lag,
-                              lag_seconds_from(lag, None, 0.5), True)
+                              lag_seconds_from(lag, None, lag_s), True)
 
 
 def test_status_properties() -> None:
@@ -124,16 +126,36 @@ def test_status_properties() -> None:
 
 
 def test_rates_and_eta_from_two_samples() -> None:
+    # a backlog: 1 MB behind a source writing 0.5 MB/s is 2 s behind
     before = Status("pgsplit", 0.0, 100.0, (_sub(states="dr", copied=(0, 6 * MB),
-                                                 source_lsn=10 * MB, confirmed=8 * MB),))
+                                                 source_lsn=10 * MB, confirmed=8 * MB, lag_s=4.0),))
     after = Status("pgsplit", 2.0, 102.0, (_sub(states="dr", copied=(2 * MB, 6 * MB),
-                                                source_lsn=11 * MB, confirmed=10 * MB),))
+                                                source_lsn=11 * MB, confirmed=10 * MB, lag_s=2.0),))
     st = with_rates(after, before)
     assert st.copy_bytes_per_s == MB  # 2 MB in 2 s
     assert st.apply_bytes_per_s == MB and st.source_wal_bytes_per_s == MB / 2
     # 2 MB of copy left at 1 MB/s, then 1 MB of lag closing at 0.5 MB/s
     assert st.eta_seconds == pytest.approx(4.0)
     assert with_rates(after, None) is after
+
+
+def test_eta_right_after_the_copy_is_the_time_lag_not_noise() -> None:
+    """Every table ready, a light write load, 10 kB in flight: two rounds' rates differ
+    by the subscriber's last confirmation step. The ETA was 10 kB / (apply - WAL rate)
+    (13 s in the report, 20 s here), or none when that step fell the other way; it is
+    the time lag."""
+    kB = 1024
+    before = Status("pgsplit", 0.0, 100.0, (_sub(source_lsn=10 * MB, confirmed=10 * MB - 10 * kB - 512,
+                                                 lag_s=0.004),))
+    # 9 kB/s written, 9.5 kB/s confirmed: 10 kB / 0.5 kB/s was "20 s"
+    after = Status("pgsplit", 1.0, 101.0, (_sub(source_lsn=10 * MB + 9 * kB, confirmed=10 * MB - kB,
+                                                lag_s=0.004),))
+    # 9 kB/s both: was no ETA at all
+    later = Status("pgsplit", 2.0, 102.0, (_sub(source_lsn=10 * MB + 18 * kB, confirmed=10 * MB + 8 * kB,
+                                                lag_s=0.004),))
+    for st in (with_rates(after, before), with_rates(later, after)):
+        assert st.lag_bytes == 10 * kB and st.ready
+        assert st.eta_seconds == pytest.approx(0.004), (st.apply_bytes_per_s, st.source_wal_bytes_per_s)
 
 
 @pytest.mark.parametrize("remaining, copy_rate, lag, apply, wal, eta", [
@@ -148,6 +170,20 @@ def test_rates_and_eta_from_two_samples() -> None:
 def test_eta(remaining: int, copy_rate: float | None, lag: int, apply: float | None,
              wal: float | None, eta: float | None) -> None:
     assert estimate_eta(remaining, copy_rate, lag, apply, wal) == eta
+    # PostgreSQL measures the lag over a second: a backlog, the same arithmetic
+    assert estimate_eta(remaining, copy_rate, lag, apply, wal, lag_seconds=5.0) == eta
+
+
+@pytest.mark.parametrize("remaining, copy_rate, lag, apply, wal, lag_s, eta", [
+    (0, None, 10_240, 9_300.0, 8_500.0, 0.003, 0.003),  # was 10 kB / 800 B/s = 12.8 s
+    (0, None, 10_240, 8_500.0, 9_300.0, 0.003, 0.003),  # was None: "not closing"
+    (0, None, 10_240, 0.0, 9_300.0, 0.003, 0.003),  # no confirmation this round
+    (2 * MB, MB, 10_240, 9_300.0, 8_500.0, 0.25, 2.25),  # the copy, then the time lag
+    (0, None, 4 * MB, 3 * MB, 1 * MB, 1.0, 2.0),  # a second behind: a backlog
+])
+def test_eta_of_a_lag_in_flight(remaining: int, copy_rate: float | None, lag: int, apply: float,
+                                wal: float, lag_s: float, eta: float) -> None:
+    assert estimate_eta(remaining, copy_rate, lag, apply, wal, lag_s) == pytest.approx(eta)
 
 
 @pytest.mark.parametrize("lag, replay_lag, age, expected", [
@@ -368,3 +404,47 @@ def test_assess_a_clean_migration_and_one_already_started() -> None:
     assert plan.databases[0].started and plan.databases[0].schema_diff == ()
     # an older target is allowed, with a warning
     assert any("older than the source" in n for n in assess("pgsplit", PG18, PG15, []).notes)
+
+
+def test_plan_names_what_the_cutover_will_refuse_with_the_preflights_own_words() -> None:
+    """Tables in ``postgres`` and a database outside [migration] databases: `start` has
+    nothing against them, the cutover refuses. The plan's blockers for them are the
+    preflight's (build_report on the facts the cutover will find), word for word."""
+    leftover = Fingerprint({("table", "public.leftover"): (None, "table")})
+    empty = Fingerprint()
+    prints = {"source": {"app": SRC_SCHEMA, "postgres": leftover, "other": leftover},
+              "target": {"postgres": empty}}
+    fresh = DatabaseFacts("app", tables=(TableFacts("public.t"),), source_schema=SRC_SCHEMA)
+    plan = assess("pgsplit_next", PG15, PG18, [fresh], prints=prints,
+                  servers=("main_primary", "next_primary"))
+    assert not plan.ok and plan.blockers == ()  # start is not refused; the plan says "blocked"
+    # what the real preflight reports once `app` is copied and subscribed
+    facts = PreflightFacts(ServerState("main_primary", "h:1", reachable=True, version_num=150018),
+                           ServerState("next_primary", "h:2", reachable=True, version_num=180006),
+                           ReplicationFacts("logical", status="streaming", subscription="pgsplit_next",
+                                            databases=["app"]))
+    record_schemas(facts, {"source": prints["source"], "target": {**prints["target"], "app": SRC_SCHEMA}})
+    expected = build_report(facts, max_lag_bytes=1 << 20).blockers
+    assert list(plan.cutover_blockers) == expected
+    assert expected == [
+        "database other has tables on the source but the target next_primary has no subscription "
+        "pgsplit_next there: its rows would not be carried over",
+        "database postgres has tables on the source but the target next_primary has no subscription "
+        "pgsplit_next there: its rows would not be carried over",
+        "schemas differ: database other: only on the source; "
+        "database postgres: table public.leftover: only on the source"]
+    text = plan.render()
+    assert "blockers:" in text.splitlines() and "  - the cutover will refuse: database other has tables on the " \
+        "source but the target next_primary has no subscription pgsplit_next there: its rows would not be " \
+        "carried over" in text.splitlines()
+    # the same migration with `other` carried too and postgres's table gone: nothing left
+    other = DatabaseFacts("other", tables=(TableFacts("public.leftover"),), source_schema=leftover)
+    clean = {"source": {**prints["source"], "postgres": empty}, "target": prints["target"]}
+    plan = assess("pgsplit_next", PG15, PG18, [fresh, other], prints=clean)
+    assert plan.ok and plan.cutover_blockers == () and "blockers: none" in plan.render().splitlines()
+    # once started, drift on the target counts as the cutover counts it
+    started = DatabaseFacts("app", tables=(TableFacts("public.t"),), source_schema=SRC_SCHEMA,
+                            target_schema=empty, started=True, publication_all_tables=True)
+    plan = assess("pgsplit_next", PG15, PG18, [started],
+                  prints={"source": {"app": SRC_SCHEMA}, "target": {"app": empty}})
+    assert plan.cutover_blockers == ("schemas differ: database app: table public.t: only on the source",)
