@@ -58,7 +58,8 @@ def tune_socket(conn: ServerConnection, settings: PoolConfig) -> None:
 class Pool:
     def __init__(self, address: Address, user: str, database: str, password: str | None,
                  settings: PoolConfig, *, generation: int = 0, on_connect=None,
-                 evictions: Evictions | None = None, statement_names: StatementNames | None = None):
+                 evictions: Evictions | None = None, statement_names: StatementNames | None = None,
+                 timeouts: dict[str, int] | None = None):
         self.address = address
         self.user = user
         self.database = database
@@ -74,6 +75,8 @@ class Pool:
         self._on_connect = on_connect  # hook: (backend, exception or None)
         self.evictions = evictions if evictions is not None else Evictions()
         self.statement_names = statement_names if statement_names is not None else StatementNames()
+        # units that failed with 53300 by backend, shared by the process's pools (a metric)
+        self.timeouts = timeouts if timeouts is not None else {}
 
     def set_password(self, password: str | None) -> None:
         self._password = password
@@ -115,6 +118,8 @@ class Pool:
             async with asyncio.timeout(self.settings.acquire_timeout_s):
                 return await fut
         except TimeoutError:
+            backend = self.address.backend
+            self.timeouts[backend] = self.timeouts.get(backend, 0) + 1
             raise PoolTimeout(
                 f"no server connection to {self.address.backend} became free within "
                 f"{self.settings.acquire_timeout_s:g}s (pool size {self.settings.size})",
@@ -290,6 +295,7 @@ class Pools:
         self._on_connect = on_connect
         self.evictions = Evictions()  # statements closed to keep connections within the bound
         self.statement_names = StatementNames()  # the server-side names of client statements
+        self.timeouts: dict[str, int] = {}  # units that waited acquire_timeout_s in vain, by backend
 
     def get(self, backend: str, host: str, port: int, user: str, database: str) -> Pool:
         key = (backend, user, database)
@@ -300,6 +306,7 @@ class Pools:
             pool = self._pools[key] = Pool(
                 Address(backend, host, port), user, database, self._passwords.get(user), self.settings,
                 on_connect=self._on_connect, evictions=self.evictions, statement_names=self.statement_names,
+                timeouts=self.timeouts,
             )
         return pool
 
@@ -340,6 +347,14 @@ class Pools:
         for pool in self:
             name = pool.address.backend
             out[name] = out.get(name, 0) + sum(len(conn.prepared) for conn in pool.connections())
+        return out
+
+    def waiting_counts(self) -> dict[str, int]:
+        """Units queued for a server connection (the pool at its size), by backend."""
+        out: dict[str, int] = {}
+        for pool in self:
+            name = pool.address.backend
+            out[name] = out.get(name, 0) + len(pool.waiters)
         return out
 
     def counts(self) -> dict[tuple[str, str], int]:
