@@ -74,7 +74,7 @@ class Proxy:
         self.metrics.prepared_counts = self.pools.prepared_counts
         self.metrics.prepared_evictions = lambda: self.pools.evictions.count
         self.metrics.pool_waiting = self.pools.waiting_counts
-        self.metrics.pool_timeouts = lambda: self.pools.timeouts
+        self.metrics.pool_timeouts = self.pools.timeout_counts
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -357,6 +357,13 @@ class Pools:
             out[name] = out.get(name, 0) + len(pool.waiters)
         return out
 
+    def timeout_counts(self) -> dict[str, int]:
+        """Units that failed with 53300, by backend: 0 from a backend's first pool on, so
+        that the first timeout is an increase a rate() or increase() can see."""
+        out = {pool.address.backend: 0 for pool in self}
+        out.update(self.timeouts)
+        return out
+
     def counts(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
         for pool in self:
