@@ -21,17 +21,16 @@ from collections.abc import Callable, Iterator
 
 from ops.text import human_bytes
 from proxy.config import Config, ConfigError, describe, load_config
+from proxy.logs import formatter
 
 DEFAULT_ADMIN = "http://127.0.0.1:9930"
 log = logging.getLogger("pgsplit")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 async def serve(config: Config, *, ready=None, config_path: str | None = None) -> None:
@@ -69,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    setup_logging(args.log_level or config.log_level)
+    setup_logging(args.log_level or config.log_level, config.log_format)
     loop.run(serve(config, config_path=args.config))
     return 0
 
