@@ -1,4 +1,4 @@
-"""The `pgsplit` command: run, demo, status, cutover, migrate, check-config.
+"""The `pgsplit` command: run, demo, status, cutover, migrate, check-config, --version.
 
 Owns: argument parsing, logging set-up, signals, and what a person reads on the terminal.
 `status` talks to a running proxy's admin API (found from -c FILE or --admin URL).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -31,6 +32,14 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's, through the package metadata)."""
+    try:
+        return importlib.metadata.version("pgsplit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 async def serve(config: Config, *, ready=None, config_path: str | None = None) -> None:
@@ -422,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="PostgreSQL proxy: writes to the primary, reads to replicas that have your writes, "
                     "lagging replicas out of rotation, atomic cutover to another cluster.",
     )
+    parser.add_argument("--version", action="version", version=f"pgsplit {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the proxy",
