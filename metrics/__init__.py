@@ -128,7 +128,7 @@ class _ScrapeCollector(Collector):
             value=self._sources.prepared_evictions(),
         )
         waiting = GaugeMetricFamily(
-            "pgsplit_pool_waiting", "Units queued for a server connection (their pool at its size), by backend",
+            "pgsplit_pool_waiting", "Units queued for a server connection of their pool (at pool.size, or opening for earlier ones), by backend",
             labels=["backend"],
         )
         for backend, n in sorted(self._sources.pool_waiting().items()):

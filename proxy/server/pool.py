@@ -350,7 +350,8 @@ class Pools:
         return out
 
     def waiting_counts(self) -> dict[str, int]:
-        """Units queued for a server connection (the pool at its size), by backend."""
+        """Units queued for a server connection (their pool is at its size, or opening
+        connections for units queued before them), by backend."""
         out: dict[str, int] = {}
         for pool in self:
             name = pool.address.backend
