@@ -127,6 +127,21 @@ class _ScrapeCollector(Collector):
             "Statements closed on a server connection to stay within pool.max_prepared_statements",
             value=self._sources.prepared_evictions(),
         )
+        waiting = GaugeMetricFamily(
+            "pgsplit_pool_waiting", "Units queued for a server connection of their pool (at pool.size, or opening for earlier ones), by backend",
+            labels=["backend"],
+        )
+        for backend, n in sorted(self._sources.pool_waiting().items()):
+            waiting.add_metric([backend], n)
+        yield waiting
+        timeouts = CounterMetricFamily(
+            "pgsplit_pool_timeouts",
+            "Units that failed with 53300: no server connection became free within pool.acquire_timeout_s",
+            labels=["backend"],
+        )
+        for backend, n in sorted(self._sources.pool_timeouts().items()):
+            timeouts.add_metric([backend], n)
+        yield timeouts
 
 
 def _empty() -> dict:
@@ -148,6 +163,8 @@ class Metrics:
         self.server_counts: Callable[[], Mapping[tuple[str, str], int]] = _empty
         self.prepared_counts: Callable[[], Mapping[str, int]] = _empty
         self.prepared_evictions: Callable[[], int] = _zero
+        self.pool_waiting: Callable[[], Mapping[str, int]] = _empty
+        self.pool_timeouts: Callable[[], Mapping[str, int]] = _empty
         r.register(_ScrapeCollector(self.units, self))
 
         self.backend_up = Gauge("pgsplit_backend_up", "1 if the backend answers the monitor", ["backend", "role"], registry=r)

@@ -73,6 +73,8 @@ class Proxy:
         self.metrics.server_counts = self.pools.counts
         self.metrics.prepared_counts = self.pools.prepared_counts
         self.metrics.prepared_evictions = lambda: self.pools.evictions.count
+        self.metrics.pool_waiting = self.pools.waiting_counts
+        self.metrics.pool_timeouts = self.pools.timeout_counts
 
     # --- lifecycle ---------------------------------------------------------------------------
 

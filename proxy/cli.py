@@ -1,4 +1,4 @@
-"""The `pgsplit` command: run, demo, status, cutover, migrate, check-config.
+"""The `pgsplit` command: run, demo, status, cutover, migrate, check-config, --version.
 
 Owns: argument parsing, logging set-up, signals, and what a person reads on the terminal.
 `status` talks to a running proxy's admin API (found from -c FILE or --admin URL).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -21,17 +22,24 @@ from collections.abc import Callable, Iterator
 
 from ops.text import human_bytes
 from proxy.config import Config, ConfigError, describe, load_config
+from proxy.logs import formatter
 
 DEFAULT_ADMIN = "http://127.0.0.1:9930"
 log = logging.getLogger("pgsplit")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's, through the package metadata)."""
+    try:
+        return importlib.metadata.version("pgsplit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 async def serve(config: Config, *, ready=None, config_path: str | None = None) -> None:
@@ -69,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    setup_logging(args.log_level or config.log_level)
+    setup_logging(args.log_level or config.log_level, config.log_format)
     loop.run(serve(config, config_path=args.config))
     return 0
 
@@ -425,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="PostgreSQL proxy: writes to the primary, reads to replicas that have your writes, "
                     "lagging replicas out of rotation, atomic cutover to another cluster.",
     )
+    parser.add_argument("--version", action="version", version=f"pgsplit {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the proxy",

@@ -400,6 +400,8 @@ class Config(BaseModel):
 
     active: Name
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "json": one JSON object per log line (time, level, logger, message), for log shippers.
+    log_format: Literal["text", "json"] = "text"
     listen: ListenConfig = ListenConfig()
     admin: AdminConfig = AdminConfig()
     users: Annotated[tuple[UserConfig, ...], Field(min_length=1)]
@@ -571,7 +573,7 @@ def _dotted(loc: Iterable[str | int]) -> str:
 
 
 # Top-level keys that TOML silently moves into the preceding [table] when written after it.
-_TOP_LEVEL_SCALARS = {"active", "log_level"}
+_TOP_LEVEL_SCALARS = {"active", "log_level", "log_format"}
 
 
 def _message(error: Mapping[str, Any]) -> str:
@@ -718,7 +720,8 @@ def describe(config: Config) -> str:
     """The effective config as TOML text (for `pgsplit check-config`), secrets masked."""
     data = config.redacted_dict()
     out = [f"active = {_toml_value(data['active'])}",
-           f"log_level = {_toml_value(data['log_level'])}", ""]
+           f"log_level = {_toml_value(data['log_level'])}",
+           f"log_format = {_toml_value(data['log_format'])}", ""]
     out += _toml_table("[listen]", data["listen"]) + [""]
     out += _toml_table("[admin]", data["admin"]) + [""]
     for user in data["users"]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pgsplit, its tests and its benchmarks need on a fresh Debian machine:
 # PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_basebackup), psql and pgbench,
-# openssl (test certificates), and the Python package with its test extras.
+# openssl (test certificates), promtool (checks deploy/'s alert rules; Debian's prometheus
+# package), and the Python package with its test extras.
 # Idempotent: a second run installs nothing. Pass "bench" to add pgbouncer, pgpool2 and
 # the plotting/profiling Python packages.
 set -euo pipefail
@@ -12,6 +13,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql
 command -v pgbench >/dev/null 2>&1 || apt_packages+=(postgresql-contrib)
 command -v psql >/dev/null 2>&1 || apt_packages+=(postgresql-client)
 command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
 if [ "${1:-}" = "bench" ]; then
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || apt_packages+=(pgbouncer)
   command -v pgpool >/dev/null 2>&1 || [ -x /usr/sbin/pgpool ] || apt_packages+=(pgpool2)

@@ -20,8 +20,9 @@ from proxy.process.wiring import runtime_settings
 
 log = logging.getLogger("pgsplit.reload")
 
-# Sections that only take effect when the proxy starts (sockets are bound then).
-RESTART_ONLY = ("listen", "admin")
+# What only takes effect when the proxy starts: sockets are bound then, and the log's
+# format is set once (a log shipper reads one format per stream).
+RESTART_ONLY = ("listen", "admin", "log_format")
 # [routing] keys read once at start: the classifier's cache is sized, the monitor's poll
 # and catalog loops take their period.
 RESTART_ONLY_ROUTING = ("classify_cache_size", "monitor_interval_ms", "catalog_refresh_s")
@@ -83,7 +84,7 @@ def compare(old: Config, new: Config) -> Reload:
         needs_restart.append("pool.mode")
     kept_routing = {k: getattr(old.routing, k) for k in RESTART_ONLY_ROUTING}
     needs_restart += [f"routing.{k}" for k, v in kept_routing.items() if getattr(new.routing, k) != v]
-    new = new.model_copy(update={"listen": old.listen, "admin": old.admin,
+    new = new.model_copy(update={"listen": old.listen, "admin": old.admin, "log_format": old.log_format,
                                  "pool": new.pool.model_copy(update={"mode": old.pool.mode}),
                                  "routing": new.routing.model_copy(update=kept_routing)})
     before, after = runtime_settings(old), runtime_settings(new)

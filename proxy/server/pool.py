@@ -60,7 +60,8 @@ def tune_socket(conn: ServerConnection, settings: PoolConfig) -> None:
 class Pool:
     def __init__(self, address: Address, user: str, database: str, password: str | None,
                  settings: PoolConfig, *, generation: int = 0, on_connect=None,
-                 evictions: Evictions | None = None, statement_names: StatementNames | None = None):
+                 evictions: Evictions | None = None, statement_names: StatementNames | None = None,
+                 timeouts: dict[str, int] | None = None):
         self.address = address
         self.user = user
         self.database = database
@@ -76,6 +77,8 @@ class Pool:
         self._on_connect = on_connect  # hook: (backend, exception or None)
         self.evictions = evictions if evictions is not None else Evictions()
         self.statement_names = statement_names if statement_names is not None else StatementNames()
+        # units that failed with 53300 by backend, shared by the process's pools (a metric)
+        self.timeouts = timeouts if timeouts is not None else {}
 
     def set_password(self, password: str | None) -> None:
         self._password = password
@@ -117,6 +120,8 @@ class Pool:
             async with asyncio.timeout(self.settings.acquire_timeout_s):
                 return await fut
         except TimeoutError:
+            backend = self.address.backend
+            self.timeouts[backend] = self.timeouts.get(backend, 0) + 1
             raise PoolTimeout(
                 f"no server connection to {self.address.backend} became free within "
                 f"{self.settings.acquire_timeout_s:g}s (pool size {self.settings.size})",
@@ -292,6 +297,7 @@ class Pools:
         self._on_connect = on_connect
         self.evictions = Evictions()  # statements closed to keep connections within the bound
         self.statement_names = StatementNames()  # the server-side names of client statements
+        self.timeouts: dict[str, int] = {}  # units that waited acquire_timeout_s in vain, by backend
 
     def get(self, backend: str, host: str, port: int, user: str, database: str,
             tls: ServerTls = ServerTls()) -> Pool:
@@ -306,6 +312,7 @@ class Pools:
             pool = self._pools[key] = Pool(
                 address, user, database, self._passwords.get(user), self.settings,
                 on_connect=self._on_connect, evictions=self.evictions, statement_names=self.statement_names,
+                timeouts=self.timeouts,
             )
         return pool
 
@@ -346,6 +353,22 @@ class Pools:
         for pool in self:
             name = pool.address.backend
             out[name] = out.get(name, 0) + sum(len(conn.prepared) for conn in pool.connections())
+        return out
+
+    def waiting_counts(self) -> dict[str, int]:
+        """Units queued for a server connection (their pool is at its size, or opening
+        connections for units queued before them), by backend."""
+        out: dict[str, int] = {}
+        for pool in self:
+            name = pool.address.backend
+            out[name] = out.get(name, 0) + len(pool.waiters)
+        return out
+
+    def timeout_counts(self) -> dict[str, int]:
+        """Units that failed with 53300, by backend: 0 from a backend's first pool on, so
+        that the first timeout is an increase a rate() or increase() can see."""
+        out = {pool.address.backend: 0 for pool in self}
+        out.update(self.timeouts)
         return out
 
     def counts(self) -> dict[tuple[str, str], int]:

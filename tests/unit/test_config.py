@@ -68,6 +68,7 @@ def test_defaults() -> None:
     assert (config.admin.host, config.admin.port, config.admin.token) == ("127.0.0.1", 9930, None)
     assert config.admin.is_loopback
     assert config.log_level == "info"
+    assert config.log_format == "text"
     r = config.routing
     assert r.consistency == "session" and r.consistency_wait_ms == 50
     assert r.max_lag_bytes == 16777216 and r.max_lag_seconds == 5.0
@@ -215,6 +216,16 @@ def test_top_level_key_after_a_table_gets_a_hint() -> None:
     (line,) = problems(text)
     assert line.startswith("test.toml: clusters.main.active: unknown key")
     assert "before the first [table]" in line
+
+
+def test_log_format() -> None:
+    assert parse('log_format = "json"\n' + MINIMAL).log_format == "json"
+    assert problems('log_format = "yaml"\n' + MINIMAL) == [
+        "test.toml: log_format: Input should be 'text' or 'json'"]
+    (line,) = problems(MINIMAL + 'log_format = "json"\n')
+    assert line.startswith("test.toml: clusters.main.log_format: unknown key")
+    assert "before the first [table]" in line
+    assert 'log_format = "json"' in describe(parse('log_format = "json"\n' + MINIMAL))
 
 
 def test_wrong_types_and_ranges_name_the_key() -> None:

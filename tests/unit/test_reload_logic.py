@@ -74,6 +74,12 @@ def test_what_only_a_restart_changes_is_kept_and_reported() -> None:
     assert change.config.routing == old.routing
 
 
+def test_a_new_log_format_needs_a_restart() -> None:
+    change = compare(config(), config(base='log_format = "json"\n' + BASE))
+    assert change.needs_restart == ("log_format",) and change.applied == ()
+    assert change.config.log_format == "text"
+
+
 def test_another_active_cluster_is_refused() -> None:
     with pytest.raises(ReloadRefused, match="run `pgsplit cutover next`"):
         compare(config(), config(base=BASE.replace('active = "main"', 'active = "next"')))
