@@ -15,6 +15,7 @@ import logging
 import time
 
 from metrics import Metrics
+from proxy.access import ClientCounts, refusal
 from proxy.admin.http import Admin
 from proxy.admin.operations import AdminOps
 from proxy.auth import Verifiers
@@ -46,7 +47,9 @@ class Proxy:
         self.verifiers = Verifiers(settings.passwords)
         self.classifier = Classifier(config.routing.classify_cache_size)
         self.session_pooling = config.pool.mode == "session"
-        self.pools = Pools(settings.pool, settings.passwords, on_connect=self._connected)
+        self.settings = settings  # built from self.config; swapped with it on reload
+        self.client_limits = ClientCounts()
+        self.pools = Pools(settings.pool, settings.passwords, on_connect=self._connected, sizes=settings.pool_sizes)
         self.statement_names = self.pools.statement_names
         specs = list(settings.backends)
         self.topology = TopologyHolder(initial_topology(config.active, specs))
@@ -170,9 +173,19 @@ class Proxy:
     def client_closed(self, session: ClientSession) -> None:
         self.sessions.discard(session)
         self.by_key.pop((session.process_id, session.secret_key), None)
+        self.client_limits.leave(session, session.user, session.database)
 
     def too_many_clients(self) -> bool:
         return len(self.sessions) > self.config.listen.max_client_connections
+
+    def refusal(self, user: str, database: str, host: str) -> ProxyError | None:
+        """[[access]]'s verdict on a client (proxy.access), before it is asked a password."""
+        return refusal(self.settings.access, user, database, host)
+
+    def admit(self, session: ClientSession) -> None:
+        """Count an authenticated session against max_client_connections of its user and
+        its database, or raise 53300; client_closed releases it."""
+        self.client_limits.admit(session, session.user, session.database, self.settings.limits)
 
     def register_session(self, session: ClientSession) -> tuple[int, bytes]:
         while True:
@@ -232,6 +245,7 @@ class Proxy:
         specs = backend_specs(self.config, name)
         topology = await self.monitor.retarget(name, specs)
         self.config = self.config.with_active(name)
+        self.settings = runtime_settings(self.config)
         self.pools.retire_backends({s.name for s in specs})
         return topology
 
@@ -242,13 +256,15 @@ class Proxy:
         restart changes): the config and the settings built from it are swapped together,
         nothing awaited in between; then a changed backend set or monitor account is polled
         with a new topology generation. Returns the generation in force."""
-        old, new = runtime_settings(self.config), runtime_settings(config)
+        old, new = self.settings, runtime_settings(config)
         verifiers = Verifiers(new.passwords) if new.passwords != old.passwords else self.verifiers
-        self.config, self.verifiers = config, verifiers
+        self.config, self.settings, self.verifiers = config, new, verifiers
         if new.passwords != old.passwords:
             self.pools.update_passwords(new.passwords)
         if new.pool != old.pool:
             self.pools.update_settings(new.pool)
+        if new.pool_sizes != old.pool_sizes:
+            self.pools.update_sizes(new.pool_sizes)
         if new.backends != old.backends or new.monitor != old.monitor:
             await self.monitor.retarget(config.active, new.backends, settings=new.monitor)
         return self.topology.current.generation

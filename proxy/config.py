@@ -43,12 +43,14 @@ from pydantic_core import PydanticCustomError
 from router.tls import SYSTEM_CA, ServerTls
 
 __all__ = [
+    "AccessConfig",
     "AdminConfig",
     "BackendConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
     "CutoverConfig",
+    "DatabaseConfig",
     "ListenConfig",
     "MigrationConfig",
     "MonitorConfig",
@@ -240,6 +242,10 @@ class UserConfig(BaseModel):
     name: Name
     password: Secret | None = None
     password_env: Name | None = None
+    # Authenticated sessions of this user at once (PostgreSQL's CONNECTION LIMIT); unset: no limit.
+    max_client_connections: PositiveInt | None = None
+    # Server connections per pool of this user; unset: [pool] size.
+    pool_size: PositiveInt | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -256,6 +262,62 @@ class UserConfig(BaseModel):
         """The password in plain text (resolved from password_env if that was used)."""
         assert self.password is not None  # guaranteed by _check_password
         return self.password.get_secret_value()
+
+
+class DatabaseConfig(BaseModel):
+    """Settings of one database as clients name it ([databases.NAME])."""
+
+    model_config = _FROZEN
+
+    # Authenticated sessions to this database at once; unset: no limit.
+    max_client_connections: PositiveInt | None = None
+
+
+ALL = "all"
+
+
+def _all_or_list(value: Any, what: str) -> Any:
+    """"all", or a list of names in which "all" would be ambiguous (a name or everyone?)."""
+    if not isinstance(value, (str, list, tuple)) or isinstance(value, str) and value != ALL:
+        _fail([((), f'must be "{ALL}" or a list of {what} (e.g. ["{value}"])' if isinstance(value, str)
+                   else f'must be "{ALL}" or a list of {what}')])
+    if isinstance(value, (list, tuple)) and not value:
+        _fail([((), f'must not be empty: list {what}, or write "{ALL}"')])
+    if isinstance(value, (list, tuple)) and ALL in value:
+        _fail([((), f'"{ALL}" cannot be in a list: write "{ALL}" alone')])
+    return value
+
+
+class AccessConfig(BaseModel):
+    """One rule of [[access]]: first match wins, as in pg_hba.conf."""
+
+    model_config = _FROZEN
+
+    # "all", or a non-empty list (the before-validator says so in words)
+    users: Literal["all"] | tuple[Name, ...] = ALL
+    databases: Literal["all"] | tuple[Name, ...] = ALL
+    addresses: Literal["all"] | tuple[Name, ...] = ALL
+    action: Literal["allow", "reject"]
+
+    @field_validator("users", "databases", "addresses", mode="before")
+    @classmethod
+    def _all_or_names(cls, value: Any, info: ValidationInfo) -> Any:
+        return _all_or_list(value, "addresses (CIDR)" if info.field_name == "addresses" else info.field_name)
+
+    @field_validator("addresses")
+    @classmethod
+    def _cidr(cls, value: Any) -> Any:
+        if value == ALL:
+            return value
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for index, text in enumerate(value):
+            try:
+                ipaddress.ip_network(text)
+            except ValueError as exc:
+                problems.append(((index,), f"not an address or CIDR network: {exc}"))
+        if problems:
+            _fail(problems)
+        return value
 
 
 class BackendConfig(BaseModel):
@@ -413,6 +475,9 @@ class Config(BaseModel):
     cutover: CutoverConfig = CutoverConfig()
     migration: MigrationConfig = MigrationConfig()
     server_tls: ServerTlsConfig = ServerTlsConfig()
+    # Who may reach which database from where; no rules: everyone (pgsplit's passwords still apply).
+    access: tuple[AccessConfig, ...] = ()
+    databases: dict[Name, DatabaseConfig] = {}
 
     _users_by_name: dict[str, UserConfig] = PrivateAttr(default_factory=dict)
 
@@ -438,6 +503,14 @@ class Config(BaseModel):
                                  f"duplicate user {user.name!r} (also users.{seen[user.name]})"))
             else:
                 seen[user.name] = index
+
+        # A misspelt name in a reject rule would let the user in: names must be [[users]].
+        for index, rule in enumerate(self.access):
+            if rule.users != ALL:
+                for position, name in enumerate(rule.users):
+                    if name not in seen:
+                        problems.append((("access", index, "users", position),
+                                         f"{name!r} is not a [[users]] name (known: {', '.join(sorted(seen))})"))
 
         if self.active not in self.clusters:
             problems.append((("active",), f"{self.active!r} is not a cluster "
@@ -726,6 +799,10 @@ def describe(config: Config) -> str:
     out += _toml_table("[admin]", data["admin"]) + [""]
     for user in data["users"]:
         out += _toml_table("[[users]]", user) + [""]
+    for rule in data["access"]:
+        out += _toml_table("[[access]]", rule) + [""]
+    for name, database in data["databases"].items():
+        out += _toml_table(f"[databases.{_dotted([name])}]", database) + [""]
     for name, backend in data["backends"].items():
         out += _toml_table(f"[backends.{_dotted([name])}]", backend) + [""]
     for name, cluster in data["clusters"].items():

@@ -123,6 +123,8 @@ class ListenerHost(SessionHost, Protocol):
     verifiers: Verifiers
 
     def too_many_clients(self) -> bool: ...
+    def refusal(self, user: str, database: str, host: str) -> ProxyError | None: ...
+    def admit(self, session: ClientSession) -> None: ...
     def cancel(self, process_id: int, secret_key: bytes) -> asyncio.Task | None: ...
     async def first_contact(self, session: ClientSession) -> dict[str, str]: ...
     def register_session(self, session: ClientSession) -> tuple[int, bytes]: ...
@@ -214,6 +216,11 @@ class Listener:
         if not user:
             raise InvalidAuthorization("no PostgreSQL user name specified in startup packet")
         database = params.pop("database", "") or user
+        # [[access]] decides before the password is asked, as pg_hba.conf does: a refused
+        # client learns nothing of the password, and no byte reaches a backend.
+        refused = app.refusal(user, database, _peer_host(session))
+        if refused is not None:
+            raise refused
         options = params.pop("options", "")
         if options:
             params.update(parse_options(options))
@@ -227,6 +234,9 @@ class Listener:
         session.transport.write(wire.auth_request(wire.AUTH_SASL_FINAL, final))
         session.user = user
         session.database = database
+        # The limits count authenticated sessions (as PostgreSQL's CONNECTION LIMIT does,
+        # after authentication), before the first server contact.
+        app.admit(session)
         session.set_startup_settings(params)
         reported = await app.first_contact(session)
         session.process_id, session.secret_key = app.register_session(session)
@@ -254,6 +264,11 @@ class Listener:
         transport = await loop.start_tls(session.transport, session, self.app.ssl_context, server_side=True)
         session.transport = transport
         session.tls = True
+
+
+def _peer_host(session: ClientSession) -> str:
+    peer = session.transport.get_extra_info("peername") if session.transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
 
 
 def new_cancel_key() -> tuple[int, bytes]:

@@ -11,14 +11,16 @@ Must not know: how the parts use these settings, or what a reload may change.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ops.cutover.logical import LogicalOptions
 from ops.cutover.machine import CutoverSettings
 from ops.migrate.control import publisher_conninfo
-from proxy.config import Config, PoolConfig
+from proxy.access import Limits, Rule
+from proxy.config import ALL, Config, PoolConfig
 from router.monitor.probe import MonitorSettings
 from router.pg import Endpoint
 from router.topology import BackendSpec, Role
@@ -33,11 +35,36 @@ class RuntimeSettings:
     pool: PoolConfig  # the pools take [pool] as it is
     monitor: MonitorSettings
     backends: tuple[BackendSpec, ...]  # the active cluster's
+    access: tuple[Rule, ...] = ()  # [[access]], in file order
+    limits: Limits = field(default_factory=Limits)  # max_client_connections per user, per database
+    pool_sizes: dict[str, int] = field(default_factory=dict)  # user -> its pool_size, where set
 
 
 def runtime_settings(config: Config) -> RuntimeSettings:
     return RuntimeSettings(passwords(config), config.pool, monitor_settings(config),
-                           tuple(backend_specs(config, config.active)))
+                           tuple(backend_specs(config, config.active)), access_rules(config),
+                           limits(config), pool_sizes(config))
+
+
+def access_rules(config: Config) -> tuple[Rule, ...]:
+    def names(value) -> frozenset[str] | None:
+        return None if value == ALL else frozenset(value)
+
+    return tuple(Rule(users=names(r.users), databases=names(r.databases),
+                      networks=None if r.addresses == ALL else tuple(ipaddress.ip_network(a) for a in r.addresses),
+                      allow=r.action == "allow")
+                 for r in config.access)
+
+
+def limits(config: Config) -> Limits:
+    return Limits(
+        per_user={u.name: u.max_client_connections for u in config.users if u.max_client_connections is not None},
+        per_database={name: d.max_client_connections for name, d in config.databases.items()
+                      if d.max_client_connections is not None})
+
+
+def pool_sizes(config: Config) -> dict[str, int]:
+    return {u.name: u.pool_size for u in config.users if u.pool_size is not None}
 
 
 def backend_specs(config: Config, cluster_name: str) -> list[BackendSpec]:

@@ -1,6 +1,6 @@
 """Pools of server connections, one per (backend, user, database).
 
-Owns: opening server connections (bounded by `pool.size`), lending an idle one, a FIFO
+Owns: opening server connections (bounded by `pool.size`, or the user's `pool_size`), lending an idle one, a FIFO
 wait queue with a deadline, taking connections back, and retiring them (lifetime, idle
 timeout, a new topology generation). A connection is lent for one unit of work in
 transaction mode, or for the client's whole session in session mode; the session decides
@@ -61,12 +61,13 @@ class Pool:
     def __init__(self, address: Address, user: str, database: str, password: str | None,
                  settings: PoolConfig, *, generation: int = 0, on_connect=None,
                  evictions: Evictions | None = None, statement_names: StatementNames | None = None,
-                 timeouts: dict[str, int] | None = None):
+                 timeouts: dict[str, int] | None = None, size: int | None = None):
         self.address = address
         self.user = user
         self.database = database
         self._password = password
         self.settings = settings
+        self.own_size = size  # the user's pool_size, overriding settings.size
         self._lifetime = settings.server_lifetime_s
         self.generation = generation
         self.idle: list[ServerConnection] = []  # LIFO: warm connections first
@@ -92,6 +93,10 @@ class Pool:
             conn.prepared.limit = settings.max_prepared_statements
 
     @property
+    def size(self) -> int:
+        return self.own_size if self.own_size is not None else self.settings.size
+
+    @property
     def total(self) -> int:
         return len(self.idle) + len(self.busy) + self.opening
 
@@ -109,12 +114,12 @@ class Pool:
             return conn
         if self.closed:
             raise ConnectionFailure(f"backend {self.address.backend} is no longer in use")
-        if self.total < self.settings.size and not self.waiters:
+        if self.total < self.size and not self.waiters:
             return await self._open()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.waiters.append(fut)
-        if self.total < self.settings.size:
+        if self.total < self.size:
             loop.create_task(self._open_for_waiters())
         try:
             async with asyncio.timeout(self.settings.acquire_timeout_s):
@@ -124,8 +129,9 @@ class Pool:
             self.timeouts[backend] = self.timeouts.get(backend, 0) + 1
             raise PoolTimeout(
                 f"no server connection to {self.address.backend} became free within "
-                f"{self.settings.acquire_timeout_s:g}s (pool size {self.settings.size})",
-                hint="raise pool.size or pool.acquire_timeout_s, or shorten transactions",
+                f"{self.settings.acquire_timeout_s:g}s (pool size {self.size})",
+                hint=(f'raise pool_size of user "{self.user}"' if self.own_size is not None else "raise pool.size")
+                + " or pool.acquire_timeout_s, or shorten transactions",
             ) from None
         finally:
             if not fut.done():
@@ -188,7 +194,7 @@ class Pool:
         self.idle.append(conn)
 
     def _wake_next(self) -> None:
-        if self.waiters and self.total < self.settings.size:
+        if self.waiters and self.total < self.size:
             asyncio.get_running_loop().create_task(self._open_for_waiters())
 
     def release(self, conn: ServerConnection) -> None:
@@ -290,9 +296,11 @@ class Pool:
 class Pools:
     """Every pool of the process, created on first use."""
 
-    def __init__(self, settings: PoolConfig, passwords: dict[str, str], on_connect=None):
+    def __init__(self, settings: PoolConfig, passwords: dict[str, str], on_connect=None,
+                 sizes: dict[str, int] | None = None):
         self.settings = settings
         self._passwords = passwords
+        self._sizes = sizes or {}  # user -> pool_size of [[users]]
         self._pools: dict[tuple[str, str, str], Pool] = {}
         self._on_connect = on_connect
         self.evictions = Evictions()  # statements closed to keep connections within the bound
@@ -312,7 +320,7 @@ class Pools:
             pool = self._pools[key] = Pool(
                 address, user, database, self._passwords.get(user), self.settings,
                 on_connect=self._on_connect, evictions=self.evictions, statement_names=self.statement_names,
-                timeouts=self.timeouts,
+                timeouts=self.timeouts, size=self._sizes.get(user),
             )
         return pool
 
@@ -329,6 +337,13 @@ class Pools:
         self.settings = settings
         for pool in self:
             pool.update_settings(settings)
+
+    def update_sizes(self, sizes: dict[str, int]) -> None:
+        """Users' own pool sizes, as for [pool] size: a pool opens no more connections
+        than its new size; those it has above it end at their idle timeout or lifetime."""
+        self._sizes = sizes
+        for pool in self:
+            pool.own_size = sizes.get(pool.user)
 
     def sweep(self) -> None:
         now = time.monotonic()

@@ -62,6 +62,17 @@ def test_a_monitor_account_change_is_the_monitor_and_another_clusters_backends_a
     assert compare(config(), new).applied == ("monitor", "backends")
 
 
+def test_access_rules_and_client_limits_are_applied() -> None:
+    new = config('\n[[access]]\nusers = ["app"]\naction = "reject"\n[databases.app]\nmax_client_connections = 3\n',
+                 base=BASE.replace('password = "app-secret"', 'password = "app-secret"\nmax_client_connections = 2\n'
+                                                              'pool_size = 4'))
+    change = compare(config(), new)
+    assert change.applied == ("users", "access", "databases") and change.needs_restart == ()
+    settings = wiring.runtime_settings(change.config)
+    assert settings.limits.per_user == {"app": 2} and settings.limits.per_database == {"app": 3}
+    assert settings.pool_sizes == {"app": 4} and not settings.access[0].allow
+
+
 def test_what_only_a_restart_changes_is_kept_and_reported() -> None:
     new = config('\n[listen]\nmax_client_connections = 77\n[pool]\nmode = "session"\n'
                  '[routing]\nclassify_cache_size = 5\ncatalog_refresh_s = 9.0\nmonitor_interval_ms = 250\n')
