@@ -19,7 +19,9 @@ from time import perf_counter
 from proxy import wire
 from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step, StepKind
-from proxy.errors import ConnectionFailure, InFailedSqlTransaction, ProxyError, RoutingError, ServerError
+from proxy.errors import (
+    ConnectionFailure, InFailedSqlTransaction, ProxyError, QueryCanceled, RoutingError, ServerError,
+)
 from proxy.session import commands, replies, units
 from proxy.session.consistency import TOKEN_MODES, outcome
 from proxy.session.host import TokenUnavailable
@@ -43,6 +45,10 @@ _COMMIT_LSNS = wire.query(COMMIT_LSN_SQL)
 _REPLAY_WAIT = b"pgsplit_replay_wait"
 _REPLAY_WAIT_PARSE = wire.build_parse(_REPLAY_WAIT, REPLAY_WAIT_SQL.encode())
 _EXECUTE_SYNC = wire.message(wire.F_EXECUTE, b"\0\0\0\0\0") + wire.SYNC  # unnamed portal, all rows
+
+
+def _cancelled() -> QueryCanceled:
+    return QueryCanceled("canceling statement due to user request")
 
 
 def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> bytes:
@@ -290,16 +296,18 @@ class Routing:
             if owned is not None and not owned.closed:
                 return owned
         pool = self._pools.get(backend.name)
-        if pool is None or pool.closed or pool.address.port != backend.port or pool.address.host != backend.host:
+        if (pool is None or pool.closed or pool.address.port != backend.port or pool.address.host != backend.host
+                or pool.address.tls is not backend.tls):  # (a reload: new settings, new connections)
             pool = self._pools[backend.name] = self.host.pool_for(backend, self.user, self.database)
         conn = pool.try_acquire()
         if conn is not None and self.host.session_pooling:
             self.owned[backend.name] = conn
         return conn
 
-    async def _route_later(self, facts: UnitFacts, unit: bytes) -> None:
+    async def _route_later(self, facts: UnitFacts, unit: bytes, rerunnable: bool = True) -> None:
         """The slow path of routing: fetch the LSN token, wait for a replica, wait for a
-        pool connection. The unit's bytes wait in the stash meanwhile."""
+        pool connection. The unit's bytes wait in the stash meanwhile. `rerunnable`: its
+        bytes alone may run again elsewhere (units.binds_earlier_unnamed)."""
         host = self.host
         try:
             try:
@@ -353,9 +361,16 @@ class Routing:
             if self.state is not State.READY:
                 conn.pool.release(conn)
                 return
+            if self._cancel_pending:
+                conn.pool.release(conn)
+                self._routing = None
+                self._refuse_unit(unit, _cancelled())
+                return
             self._routing = None
             self.units += 1
             self._attach(conn, backend, unit, facts)
+            if not rerunnable:
+                self._retry_data = None
             self.resume()
         except asyncio.CancelledError:
             raise
@@ -372,6 +387,8 @@ class Routing:
     async def _run_before(self, unit: bytes, wait) -> None:
         try:
             await wait
+            if self._cancel_pending:
+                raise _cancelled()
         except ProxyError as exc:
             self._routing = None
             self._refuse_unit(unit, exc)
@@ -384,6 +401,7 @@ class Routing:
     def _refuse_unit(self, unit: bytes, error: ProxyError) -> None:
         """Answer a unit that no backend can run with the error, as a server would: the
         error, then (after the rest of the group up to Sync is skipped) ReadyForQuery."""
+        self._cancel_pending = False
         stash = self._stash
         self._stash = stash[len(unit) :] if stash.startswith(unit) else stash
         self._reply_error(unit, error)

@@ -175,6 +175,24 @@ def unit_facts(analyses: list[Analysis], fcall: bool, sql_prepared: dict[str, An
     return UnitFacts(writes=writes, hint=hint)
 
 
+def binds_earlier_unnamed(buf: bytes, frames: list, i: int, last: int) -> bool:
+    """The unit binds the unnamed statement without a Parse of it before: the statement
+    comes from an earlier group (libpq's PQprepare with an empty name, then
+    PQexecPrepared), so the unit's bytes alone cannot run again on another connection."""
+    parsed = False
+    for j in range(i, last + 1):
+        t, s, e = frames[j]
+        if t == F_PARSE and buf[s + 5] == 0:
+            parsed = True
+        elif t == F_BIND and not parsed:
+            try:
+                if not wire.parse_bind_names(buf[s + 5 : e])[1]:
+                    return True
+            except wire.ProtocolViolation:
+                continue
+    return False
+
+
 def unit_last(frames: list, last: int) -> int:
     """The index of the last frame of the unit that ends at (or after) frames[last]: its
     Sync (or Query), which may come after the Flush it was routed at; as far as has
