@@ -153,8 +153,8 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
     def data_received(self, data: bytes) -> None:
         if self.state is State.READY:
             # The common unit (a lone Query, or Bind/Execute/Sync of a prepared statement)
-            # of an idle session or inside a transaction takes the short way; anything else
-            # the general one.
+            # of an idle session or inside a transaction is the fast case; anything else
+            # takes the general path.
             if not self._stash and self._common_unit(data):
                 return
             if self._skip:

@@ -1,12 +1,13 @@
-"""Choosing a server connection for a unit, and the short way for the common unit.
+"""Choosing a server connection for a unit, and the fast case of forwarding one.
 
-Owns (as a part of ClientSession): the short way (`_common_unit`): a lone Query or a
-Bind-Execute-Sync, recognised once, of an idle session (or of a transaction whose BEGIN
-the proxy answered) is routed and sent in one go, with the replay check or the commit's
-LSN read on its connection when read-your-writes needs them, and inside a transaction is
-sent on the attached connection; the slow way of routing (fetch the token, wait for a
-replica, wait for a pool connection, in a task while the unit's bytes wait); and the
-answers for a unit that cannot run (no backend, a transaction the proxy rolled back).
+Owns (as a part of ClientSession): routing a unit of any shape now (`_route_now`: decide,
+borrow, attach, and the replay check ahead of a read or the commit's LSN read behind a
+write when read-your-writes needs them) or in a task while its bytes wait (`_route_later`:
+fetch the token, wait for a replica, wait for a pool connection); the fast case
+(`_common_unit`): a lone Query or a Bind-Execute-Sync, recognised once, routed by
+`_route_now` and sent in one write, or sent on the attached connection inside a
+transaction; a cancel for a unit that waits for its route; and the answers for a unit
+that cannot run (no backend, a transaction the proxy rolled back).
 Must not know: the process (only proxy.session.host), how replies are cut into steps.
 """
 
@@ -68,7 +69,7 @@ def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> b
 class Routing:
     """Part of ClientSession (proxy.session.client), which holds the fields."""
 
-    # --- the short way for the common unit ---------------------------------------------
+    # --- the fast case ---------------------------------------------------------------------
 
     def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "Extended | None",
                    trailer: bytes = b"") -> Step:

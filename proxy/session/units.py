@@ -54,7 +54,7 @@ def is_lone_query(data: bytes) -> bool:
 
 
 def needs_tracking(a: Analysis) -> bool:
-    """Statements that an idle session's unit cannot send on the short way: transaction
+    """Statements that an idle session's unit cannot send on the fast case: transaction
     control, and those that are not `Analysis.plain` (SET and other effects, pins, SQL
     EXECUTE, COPY FROM, several statements, synchronous_commit, DDL): the general path
     follows what they do. Inside a transaction only the latter count."""
