@@ -33,6 +33,7 @@ from router.classify.classifier import Classifier
 from router.lsn import CommitLsnFetcher
 from router.monitor.lag import initial_topology
 from router.monitor.monitor import Monitor
+from router import tls
 from router.topology import BackendState, Role, TopologyHolder
 
 log = logging.getLogger("pgsplit")
@@ -257,6 +258,7 @@ class Proxy:
         nothing awaited in between; then a changed backend set or monitor account is polled
         with a new topology generation. Returns the generation in force."""
         old, new = self.settings, runtime_settings(config)
+        tls.forget_files()  # (certificate files rotated in place are read again)
         verifiers = Verifiers(new.passwords) if new.passwords != old.passwords else self.verifiers
         self.config, self.settings, self.verifiers = config, new, verifiers
         if new.passwords != old.passwords:

@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from router.tls import SYSTEM_CA, ServerTls
+from router.tls import SYSTEM_CA, ServerTls, server_tls
 
 __all__ = [
     "AccessConfig",
@@ -558,7 +558,7 @@ class Config(BaseModel):
                 value = getattr(default, key)
             if value is not None:
                 values[key] = str(value)
-        return ServerTls(**values)
+        return server_tls(**values)
 
     def _tls_problems(self, backend: str) -> list[tuple[tuple[str | int, ...], str]]:
         """What would make TLS towards `backend` fail at its first connection, named by
@@ -570,6 +570,10 @@ class Config(BaseModel):
 
         tls = self.tls_for(backend)
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if tls.sslrootcert == SYSTEM_CA and tls.sslmode != "verify-full":
+            # (any publicly trusted certificate would pass a weaker check: libpq refuses too)
+            problems.append((where("sslmode"), f"sslrootcert = \"{SYSTEM_CA}\" needs sslmode = \"verify-full\" "
+                                               f"(the system's roots vouch for any public name)"))
         if tls.sslmode in ("verify-ca", "verify-full") and tls.sslrootcert is None:
             problems.append((where("sslmode"), f"{tls.sslmode} needs sslrootcert (a PEM file of the CA that "
                                                f"signed the server's certificate, or \"{SYSTEM_CA}\")"))

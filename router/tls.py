@@ -50,8 +50,13 @@ class ServerTls:
         return _context(self)
 
     def for_asyncpg(self) -> ssl.SSLContext | str:
-        """asyncpg's `ssl` argument: its own 'disable' and 'prefer', else the context."""
-        return self.sslmode if self.sslmode in ("disable", "prefer") else self.context()
+        """asyncpg's `ssl` argument: its own 'disable' and 'prefer', else the context. With a
+        client certificate, `prefer` passes the context too (asyncpg has no other way to
+        present one), which makes TLS required on these control connections: a server
+        that asks for a certificate has TLS anyway."""
+        if self.sslmode == "disable" or (self.sslmode == "prefer" and self.sslcert is None):
+            return self.sslmode
+        return self.context()
 
     def subscription_sslmode(self) -> str:
         """The sslmode for a subscription on another server: as strict as can be said
@@ -60,10 +65,27 @@ class ServerTls:
         return "require" if self.required else self.sslmode
 
 
+@functools.lru_cache(maxsize=256)
+def server_tls(sslmode: str | None = None, sslrootcert: str | None = None, sslcert: str | None = None,
+               sslkey: str | None = None) -> ServerTls:
+    """The one ServerTls for these values (equal settings are the same object, so that a
+    connection's can be compared with its backend's by identity). Without a mode: libpq's
+    default, `prefer`; `verify-full` with sslrootcert = "system", as libpq 16 has it."""
+    if sslmode is None:
+        sslmode = "verify-full" if sslrootcert == SYSTEM_CA else "prefer"
+    return ServerTls(sslmode, sslrootcert, sslcert, sslkey)
+
+
+def forget_files() -> None:
+    """Read the certificate files again at the next connection (a reload: files rotated
+    in place)."""
+    _context.cache_clear()
+
+
 @functools.lru_cache(maxsize=64)
 def _context(tls: ServerTls) -> ssl.SSLContext:
     """One SSL context per distinct setting (its files are read once, at the first
-    connection; a reload with other settings makes a new one)."""
+    connection after a start or a reload)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # (PostgreSQL's own default minimum)
     if tls.verifies:
@@ -85,6 +107,9 @@ def describe_failure(exc: BaseException) -> str:
     """A TLS failure as an operator reads it: the verification's own reason when there is
     one ("certificate verify failed: unable to get local issuer certificate")."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"the server's certificate was not accepted: {exc.verify_message}"
+        reason = exc.verify_message or str(exc)
+        if not reason.startswith("certificate verify failed"):
+            reason = "certificate verify failed: " + reason
+        return f"the server's certificate was not accepted: {reason}"
     reason = getattr(exc, "reason", None)
     return f"TLS handshake failed: {reason or exc}"

@@ -211,6 +211,10 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_closed = self.closed
         self.closed = True
+        if self._tls_answer is not None and not self._tls_answer.done():
+            self._tls_answer.set_exception(
+                ConnectionFailure(f"backend {self.backend} closed the connection before answering the SSLRequest"))
+            return
         if self._login is not None and not self._login.done():
             self._login.set_exception(
                 ConnectionFailure(f"backend {self.backend} closed the connection during login")

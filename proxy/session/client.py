@@ -94,6 +94,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self._bound_copy = False
         self._copy_done = False
         self._force_primary_next = False  # the next unit attached goes to the primary
+        self._cancel_pending = False  # the client cancelled the unit that waits for its route
         self._lsn_after = False  # the unit about to be sent is followed by a read of its commit's LSN
         self._retry_data: bytes | None = None
         self._retry_skip = 0  # reply bytes of a retried unit the client already has
@@ -152,8 +153,8 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
     def data_received(self, data: bytes) -> None:
         if self.state is State.READY:
             # The common unit (a lone Query, or Bind/Execute/Sync of a prepared statement)
-            # of an idle session or inside a transaction takes the short way; anything else
-            # the general one.
+            # of an idle session or inside a transaction is the fast case; anything else
+            # takes the general path.
             if not self._stash and self._common_unit(data):
                 return
             if self._skip:
@@ -341,16 +342,20 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         flight, if any (nothing in flight, or only the proxy's own requests: dropped).
         Returns the task that sends it to the server."""
         server = self.server
-        if server is None or not any(step.kind is _FORWARD for step in server.steps):
+        if server is None:
+            if self._routing is not None:
+                # A unit waits for its route (a token, a replica, a pool connection, or to
+                # run again on the primary): it is answered as cancelled instead of sent.
+                self._cancel_pending = True
+            return None
+        if not any(step.kind is _FORWARD for step in server.steps):
             return None
         for step in server.steps:
             if step.kind is _FORWARD:
-                # What the client cancels must not run again elsewhere: a unit already
-                # marked to (its replica found behind, its replies being dropped) ends with
-                # the cancellation instead, and none is kept for a retry any more.
-                step.retry = None
-                if step.retrying:
-                    step.cancelled = True
+                # What the client cancels does not run again elsewhere: a unit marked to (a
+                # replica refused it, or was found behind, while the cancel reached the
+                # check ahead of it or the unit itself) ends with the cancellation instead.
+                step.cancelled = True
         return self.host.spawn(server.pool.cancel(server))
 
     # --- the attached server connection ------------------------------------------------------

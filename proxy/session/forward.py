@@ -21,7 +21,8 @@ from proxy.session import commands, replies
 from proxy.session.commands import Answered
 from proxy.session.stream import State
 from proxy.session.units import (
-    MALFORMED, OPENS_STEP, STATEMENT_KIND, Boundary, needs_tracking, scan_unit, unit_bytes, unit_last,
+    MALFORMED, OPENS_STEP, STATEMENT_KIND, Boundary, binds_earlier_unnamed, needs_tracking, scan_unit, unit_bytes,
+    unit_last,
 )
 from router.classify.analysis import Analysis
 from router.topology import Role
@@ -104,12 +105,16 @@ class Forwarding:
             return -1
         facts = self._unit_facts(analyses, fcall)
         unit = unit_bytes(buf, frames, i, last)
-        whole = (tx.status == TX_IDLE and tx.deferred_begin is None and frames[last][0] in _ENDS_GROUP
-                 and len(unit) <= RETRY_MAX_BYTES and not any(needs_tracking(a) for a in analyses)
+        rerunnable = not binds_earlier_unnamed(buf, frames, i, last)
+        whole = (rerunnable and tx.status == TX_IDLE and tx.deferred_begin is None
+                 and frames[last][0] in _ENDS_GROUP and len(unit) <= RETRY_MAX_BYTES
+                 and not any(needs_tracking(a) for a in analyses)
                  and any(frames[j][0] in _RUNS for j in range(i, last + 1)))
         if self._route_now(facts, unit, whole):
+            if not rerunnable:
+                self._retry_data = None
             return i
-        self._routing = self.host.spawn(self._route_later(facts, unit))
+        self._routing = self.host.spawn(self._route_later(facts, unit, rerunnable))
         return -1
 
     def _boundary(self, buf: bytes, frames: list, i: int) -> Boundary:

@@ -32,6 +32,7 @@ class Recovery:
         anything reached the client: run it again on the primary. One the client
         cancelled meanwhile is answered as cancelled instead, as its server would have."""
         if step.cancelled:
+            self._force_primary_next = False  # (it was for the unit that does not run again)
             self.transport.write(QueryCanceled("canceling statement due to user request").to_wire()
                                  + wire.ready_for_query(self.tx.status))
             self._settle(server)
@@ -58,7 +59,8 @@ class Recovery:
         pool.discard(server)
         if self.state is not State.READY:
             return
-        if (first is not None and first.retry is not None and not first.rows_out and len(pending) == 1
+        if (first is not None and first.retry is not None and not first.rows_out and not first.cancelled
+                and len(pending) == 1
                 and not self.tx.effects and self.tx.status == TX_IDLE):
             # A read that could run elsewhere: it does if the backend failed. One lost
             # connection is not that (the unit may have ended its own server, or someone

@@ -1,12 +1,13 @@
-"""Choosing a server connection for a unit, and the short way for the common unit.
+"""Choosing a server connection for a unit, and the fast case of forwarding one.
 
-Owns (as a part of ClientSession): the short way (`_common_unit`): a lone Query or a
-Bind-Execute-Sync, recognised once, of an idle session (or of a transaction whose BEGIN
-the proxy answered) is routed and sent in one go, with the replay check or the commit's
-LSN read on its connection when read-your-writes needs them, and inside a transaction is
-sent on the attached connection; the slow way of routing (fetch the token, wait for a
-replica, wait for a pool connection, in a task while the unit's bytes wait); and the
-answers for a unit that cannot run (no backend, a transaction the proxy rolled back).
+Owns (as a part of ClientSession): routing a unit of any shape now (`_route_now`: decide,
+borrow, attach, and the replay check ahead of a read or the commit's LSN read behind a
+write when read-your-writes needs them) or in a task while its bytes wait (`_route_later`:
+fetch the token, wait for a replica, wait for a pool connection); the fast case
+(`_common_unit`): a lone Query or a Bind-Execute-Sync, recognised once, routed by
+`_route_now` and sent in one write, or sent on the attached connection inside a
+transaction; a cancel for a unit that waits for its route; and the answers for a unit
+that cannot run (no backend, a transaction the proxy rolled back).
 Must not know: the process (only proxy.session.host), how replies are cut into steps.
 """
 
@@ -19,7 +20,9 @@ from time import perf_counter
 from proxy import wire
 from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step, StepKind
-from proxy.errors import ConnectionFailure, InFailedSqlTransaction, ProxyError, RoutingError, ServerError
+from proxy.errors import (
+    ConnectionFailure, InFailedSqlTransaction, ProxyError, QueryCanceled, RoutingError, ServerError,
+)
 from proxy.session import commands, replies, units
 from proxy.session.consistency import TOKEN_MODES, outcome
 from proxy.session.host import TokenUnavailable
@@ -45,6 +48,10 @@ _REPLAY_WAIT_PARSE = wire.build_parse(_REPLAY_WAIT, REPLAY_WAIT_SQL.encode())
 _EXECUTE_SYNC = wire.message(wire.F_EXECUTE, b"\0\0\0\0\0") + wire.SYNC  # unnamed portal, all rows
 
 
+def _cancelled() -> QueryCanceled:
+    return QueryCanceled("canceling statement due to user request")
+
+
 def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> bytes:
     """Bind and Execute of the replay check for `lsn` (prepared here first if need be)."""
     parse = b""
@@ -62,7 +69,7 @@ def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> b
 class Routing:
     """Part of ClientSession (proxy.session.client), which holds the fields."""
 
-    # --- the short way for the common unit ---------------------------------------------
+    # --- the fast case ---------------------------------------------------------------------
 
     def _send_unit(self, conn: ServerConnection, data: bytes, analysis: Analysis, ext: "Extended | None",
                    trailer: bytes = b"") -> Step:
@@ -290,16 +297,18 @@ class Routing:
             if owned is not None and not owned.closed:
                 return owned
         pool = self._pools.get(backend.name)
-        if pool is None or pool.closed or pool.address.port != backend.port or pool.address.host != backend.host:
+        if (pool is None or pool.closed or pool.address.port != backend.port or pool.address.host != backend.host
+                or pool.address.tls is not backend.tls):  # (a reload: new settings, new connections)
             pool = self._pools[backend.name] = self.host.pool_for(backend, self.user, self.database)
         conn = pool.try_acquire()
         if conn is not None and self.host.session_pooling:
             self.owned[backend.name] = conn
         return conn
 
-    async def _route_later(self, facts: UnitFacts, unit: bytes) -> None:
+    async def _route_later(self, facts: UnitFacts, unit: bytes, rerunnable: bool = True) -> None:
         """The slow path of routing: fetch the LSN token, wait for a replica, wait for a
-        pool connection. The unit's bytes wait in the stash meanwhile."""
+        pool connection. The unit's bytes wait in the stash meanwhile. `rerunnable`: its
+        bytes alone may run again elsewhere (units.binds_earlier_unnamed)."""
         host = self.host
         try:
             try:
@@ -353,9 +362,16 @@ class Routing:
             if self.state is not State.READY:
                 conn.pool.release(conn)
                 return
+            if self._cancel_pending:
+                conn.pool.release(conn)
+                self._routing = None
+                self._refuse_unit(unit, _cancelled())
+                return
             self._routing = None
             self.units += 1
             self._attach(conn, backend, unit, facts)
+            if not rerunnable:
+                self._retry_data = None
             self.resume()
         except asyncio.CancelledError:
             raise
@@ -372,6 +388,8 @@ class Routing:
     async def _run_before(self, unit: bytes, wait) -> None:
         try:
             await wait
+            if self._cancel_pending:
+                raise _cancelled()
         except ProxyError as exc:
             self._routing = None
             self._refuse_unit(unit, exc)
@@ -384,6 +402,7 @@ class Routing:
     def _refuse_unit(self, unit: bytes, error: ProxyError) -> None:
         """Answer a unit that no backend can run with the error, as a server would: the
         error, then (after the rest of the group up to Sync is skipped) ReadyForQuery."""
+        self._cancel_pending = False
         stash = self._stash
         self._stash = stash[len(unit) :] if stash.startswith(unit) else stash
         self._reply_error(unit, error)

@@ -54,7 +54,7 @@ def is_lone_query(data: bytes) -> bool:
 
 
 def needs_tracking(a: Analysis) -> bool:
-    """Statements that an idle session's unit cannot send on the short way: transaction
+    """Statements that an idle session's unit cannot send on the fast case: transaction
     control, and those that are not `Analysis.plain` (SET and other effects, pins, SQL
     EXECUTE, COPY FROM, several statements, synchronous_commit, DDL): the general path
     follows what they do. Inside a transaction only the latter count."""
@@ -173,6 +173,24 @@ def unit_facts(analyses: list[Analysis], fcall: bool, sql_prepared: dict[str, An
         elif a.tx is TxControl.BEGIN and not default_read_only:
             writes = True
     return UnitFacts(writes=writes, hint=hint)
+
+
+def binds_earlier_unnamed(buf: bytes, frames: list, i: int, last: int) -> bool:
+    """The unit binds the unnamed statement without a Parse of it before: the statement
+    comes from an earlier group (libpq's PQprepare with an empty name, then
+    PQexecPrepared), so the unit's bytes alone cannot run again on another connection."""
+    parsed = False
+    for j in range(i, last + 1):
+        t, s, e = frames[j]
+        if t == F_PARSE and buf[s + 5] == 0:
+            parsed = True
+        elif t == F_BIND and not parsed:
+            try:
+                if not wire.parse_bind_names(buf[s + 5 : e])[1]:
+                    return True
+            except wire.ProtocolViolation:
+                continue
+    return False
 
 
 def unit_last(frames: list, last: int) -> int:

@@ -32,7 +32,7 @@ class FakePool:
     """One backend's connections for one user: what a session asks of a pool."""
 
     def __init__(self, backend: BackendState):
-        self.address = SimpleNamespace(backend=backend.name, host=backend.host, port=backend.port)
+        self.address = SimpleNamespace(backend=backend.name, host=backend.host, port=backend.port, tls=backend.tls)
         self.closed = False
         self.idle: list[ServerConnection] = []
         self.released: list[ServerConnection] = []

@@ -456,8 +456,14 @@ def test_server_tls_problems_name_the_key_that_says_it(tmp_path: Path) -> None:
     assert problems(text) == [
         "test.toml: server_tls.sslmode: verify-ca needs sslrootcert (a PEM file of the CA that signed the "
         "server's certificate, or \"system\")",
+        # (as libpq: the system's roots vouch for any public name, so only verify-full will do)
+        "test.toml: server_tls.sslmode: sslrootcert = \"system\" needs sslmode = \"verify-full\" (the system's "
+        "roots vouch for any public name)",
         "test.toml: backends.pg2.sslcert: sslkey is required when sslcert is set (set both or neither)",
     ]
+    system = MINIMAL.replace('port = 5433', 'port = 5433\nsslrootcert = "system"')
+    assert parse(system).tls_for("pg2") == ServerTls("verify-full", "system")  # (libpq 16's default for it)
+    assert parse(system).tls_for("pg2") is parse(system).tls_for("pg2")  # one object per setting
     missing = MINIMAL.replace('port = 5433', 'port = 5433\nsslmode = "verify-full"\nsslrootcert = "nowhere.crt"')
     path = tmp_path / "pgsplit.toml"
     path.write_text(missing)

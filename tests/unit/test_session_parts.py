@@ -17,7 +17,8 @@ from proxy.session.transaction import Phase, Transaction, TransitionError
 from proxy.session.units import extended_unit, is_lone_query, scan_unit, unit_facts
 from router.classify.classifier import Classifier
 from proxy.session.client import State
-from tests.support.fakes import FakeSessionHost, new_session, taken
+from proxy.config import parse_config
+from tests.support.fakes import CONFIG, FakeSessionHost, new_session, taken
 
 I, T, E = wire.TX_IDLE, wire.TX_IN_BLOCK, wire.TX_FAILED
 classifier = Classifier(1000)
@@ -517,4 +518,85 @@ def test_a_unit_pipelined_behind_a_read_that_may_run_again_elsewhere_waits_for_i
                               + wire.command_complete("SELECT 2") + wire.ready_for_query())
         assert taken(session.transport) == (wire.command_complete("SELECT 1") + wire.ready_for_query()
                                             + wire.command_complete("SELECT 2") + wire.ready_for_query())
+    drive(script)
+
+
+# --- a client's cancel and a read that may run again elsewhere ------------------------------
+
+BEHIND = wire.row_description(["lsn"]) + wire.data_row(["0/63"]) + wire.command_complete("SELECT 1") \
+    + wire.ready_for_query()  # the replay check's answer: the replica has replayed 99 of 200
+CANCELLED = wire.error_response("57014", "canceling statement due to user request") + wire.ready_for_query()
+
+
+def lagging_replica_session() -> tuple[FakeSessionHost, object]:
+    """A session that wrote up to LSN 200, a replica at 100, reads checked there."""
+    host = FakeSessionHost(replica_lsn=100)
+    host.config = parse_config(CONFIG.format(consistency="session") + "consistency_wait_ms = 100\n")
+    session = new_session(host)
+    session.token.learned(200)
+    return host, session
+
+
+def test_a_cancel_that_reaches_the_replay_check_does_not_let_the_stale_read_through():
+    """The cancel arrives while the check ahead of the read waits on the replica: the
+    check is what it cancels. The read behind it must neither reach the client from the
+    lagging replica nor run again on the primary: the client gets the cancellation."""
+    async def script():
+        host, session = lagging_replica_session()
+        session.data_received(wire.query("SELECT v FROM t"))
+        replica = session.server
+        assert replica is host.servers["r"]
+        taken(replica.transport)
+        session.cancel()
+        replica.data_received(CANCELLED + wire.row_description(["v"]) + wire.data_row(["stale"])
+                              + wire.command_complete("SELECT 1") + wire.ready_for_query())
+        await asyncio.gather(*host.tasks)
+        out = taken(session.transport)
+        assert b"stale" not in out and out == CANCELLED
+        assert not host.pools["p"].idle[0].transport.out  # nothing ran on the primary
+        assert not session._force_primary_next  # the next unit is routed as usual
+    drive(script)
+
+
+def test_a_cancel_while_the_read_waits_to_run_again_on_the_primary_is_not_lost():
+    """The replica's read ended and is to run again on the primary, whose only connection
+    is lent elsewhere: the unit waits for it, with no server connection to cancel on.
+    The cancel is kept for it, and the unit is answered as cancelled instead of sent."""
+    async def script():
+        host, session = lagging_replica_session()
+        session.data_received(wire.query("SELECT v FROM t"))
+        replica = session.server
+        taken(replica.transport)
+        primary = host.pools["p"].idle.pop()  # lent to another client
+        replica.data_received(BEHIND + wire.command_complete("SELECT 0") + wire.ready_for_query())
+        assert session.waiting and session.server is None
+        assert session.cancel() is None
+        host.pools["p"].idle.append(primary)
+        await asyncio.gather(*host.tasks)
+        assert not taken(primary.transport)
+        assert taken(session.transport) == CANCELLED
+        session.data_received(wire.query("SELECT 1"))  # the session goes on
+        assert session.server is not None
+    drive(script)
+
+
+def test_a_bind_of_the_unnamed_statement_from_an_earlier_group_is_not_run_again_without_it():
+    """libpq's PQprepare with an empty name, then PQexecPrepared: the unit is a Bind of a
+    statement parsed in an earlier group, so its bytes alone cannot run on the primary.
+    It is not checked on a lagging replica (nor kept to run again): it waits for a
+    replica that has the writes, or reads from the primary, whole."""
+    async def script():
+        host, session = lagging_replica_session()
+        session.token.lsn = None  # (the prepare first, without a token)
+        session.data_received(wire.build_parse(b"", b"SELECT v FROM t", b"\0\0") + wire.SYNC)
+        first = session.server
+        first.data_received(wire.PARSE_COMPLETE + wire.ready_for_query())
+        taken(first.transport)
+        session.token.learned(200)
+        session.data_received(wire.build_bind(b"", b"", b"\0\0\0\0\0\0") + execute() + wire.SYNC)
+        await asyncio.gather(*host.tasks)
+        server = session.server
+        sent = taken(server.transport)
+        assert b"pgsplit_replay_wait" not in sent
+        assert all(step.retry is None for step in server.steps)
     drive(script)

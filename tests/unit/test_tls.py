@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from loadtest.sandbox import make_sandbox_ca
+from proxy.errors import ConnectionFailure
+from proxy.server.connection import open_connection
 from router.pg import Endpoint
-from router.tls import ServerTls
+from router.tls import ServerTls, server_tls
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +55,32 @@ def test_a_subscription_gets_the_sslmode_and_local_programs_the_files(ca_file: s
     plain = psycopg.conninfo.conninfo_to_dict(Endpoint("h").conninfo())
     assert "sslmode" not in plain  # (prefer: libpq's own default)
     assert ep.at("10.0.0.6", 5433).tls == ep.tls and ep.at("h", 1, ServerTls("disable")).tls.sslmode == "disable"
+
+
+def test_a_client_certificate_reaches_asyncpg_under_prefer_too(ca_file: str, tmp_path: Path) -> None:
+    ca = make_sandbox_ca(tmp_path / "client")
+    with_cert = ServerTls("prefer", None, str(ca.server_cert), str(ca.server_key))
+    assert isinstance(with_cert.for_asyncpg(), ssl.SSLContext)  # (asyncpg takes a certificate only so)
+
+
+def test_system_roots_mean_verify_full_and_equal_settings_are_one_object() -> None:
+    assert server_tls(sslrootcert="system") == ServerTls("verify-full", "system")
+    assert server_tls() == ServerTls("prefer") and server_tls("require") is server_tls("require")
+
+
+async def test_a_server_that_closes_before_answering_the_sslrequest_fails_at_once() -> None:
+    """Not after the whole connect timeout: the login says what happened."""
+    async def hang_up(reader, writer):
+        await reader.readexactly(8)  # the SSLRequest
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionFailure, match="closed the connection before answering the SSLRequest"):
+            await open_connection("b", "127.0.0.1", port, "app", "app", None, tls=ServerTls("require"), timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        server.close()
+        await server.wait_closed()
