@@ -84,20 +84,24 @@ class ClientCounts:
 
     def admit(self, session: object, user: str, database: str, limits: Limits) -> None:
         """Count `session`, or raise 53300 (PostgreSQL's words) when a limit is reached."""
-        users = self._by_user.setdefault(user, set())
-        databases = self._by_database.setdefault(database, set())
         limit = limits.per_user.get(user)
-        if limit is not None and len(users) >= limit:
+        if limit is not None and self.user(user) >= limit:
             raise TooManyConnections(f'too many connections for role "{user}"')
         limit = limits.per_database.get(database)
-        if limit is not None and len(databases) >= limit:
+        if limit is not None and self.database(database) >= limit:
             raise TooManyConnections(f'too many connections for database "{database}"')
-        users.add(session)
-        databases.add(session)
+        self._by_user.setdefault(user, set()).add(session)
+        self._by_database.setdefault(database, set()).add(session)
 
     def leave(self, session: object, user: str, database: str) -> None:
-        self._by_user.get(user, set()).discard(session)
-        self._by_database.get(database, set()).discard(session)
+        # (an emptied entry goes: database names come from clients, the maps stay bounded
+        # by the sessions open now)
+        for counts, key in ((self._by_user, user), (self._by_database, database)):
+            sessions = counts.get(key)
+            if sessions is not None:
+                sessions.discard(session)
+                if not sessions:
+                    del counts[key]
 
     def user(self, name: str) -> int:
         return len(self._by_user.get(name, ()))
