@@ -1,0 +1,81 @@
+"""The compiled hot path: which modules run compiled, and the switch that runs them as Python.
+
+`make test` runs the suite with PGSPLIT_EXPECT_COMPILED=1 (an install that silently fell
+back to Python must fail CI, not pass it slower) and the unit tests again with
+PGSPLIT_UNCOMPILED=1.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from proxy import compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _report_in_child(**env: str) -> dict[str, bool]:
+    """compiled.report() in a fresh interpreter (the choice is made at the first import)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import json, proxy.compiled as c; print(json.dumps(c.report()))"],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    return json.loads(out)
+
+
+def test_the_hot_modules_are_those_with_a_pxd():
+    assert "proxy.server.replies" in compiled.hot_modules()
+    for name in compiled.hot_modules():
+        assert (ROOT / Path(*name.split("."))).with_suffix(".pxd").exists()
+
+
+def test_a_hot_module_runs_compiled_exactly_when_its_extension_is_built_and_current():
+    expected = {name: compiled._extension(name) is not None and not compiled._stale(name)
+                for name in compiled.hot_modules()}
+    assert _report_in_child(PGSPLIT_UNCOMPILED="") == expected
+
+
+def test_pgsplit_uncompiled_runs_every_hot_module_as_python():
+    assert not any(_report_in_child(PGSPLIT_UNCOMPILED="1").values())
+
+
+def test_this_run_is_compiled_or_not_as_its_lane_says():
+    report = compiled.report()
+    if os.environ.get("PGSPLIT_UNCOMPILED") == "1":
+        assert not any(report.values())
+    elif os.environ.get("PGSPLIT_EXPECT_COMPILED") == "1":  # make test's main lane
+        assert all(report.values()), compiled.describe()
+        assert compiled.describe().startswith("compiled")
+    else:
+        assert report == {name: compiled._extension(name) is not None and not compiled._stale(name)
+                          for name in compiled.hot_modules()}
+
+
+def test_an_extension_older_than_its_source_is_not_used(tmp_path):
+    """An editable install's extension built before an edit of its .py would run the old
+    code: such a module runs as Python instead, and says why."""
+    package = tmp_path / "proxy"
+    (package / "server").mkdir(parents=True)
+    for name in ("__init__.py", "compiled.py"):
+        (package / name).write_text((ROOT / "proxy" / name).read_text())
+    (package / "server" / "__init__.py").write_text("")
+    (package / "server" / "hot.py").write_text("WHERE = 'source'\n")
+    (package / "server" / "hot.pxd").write_text("")
+    # An "extension" that is really a renamed copy of a module saying it is the old build.
+    # An empty file where the extension would be: loading it would fail the import.
+    old = package / "server" / ("hot" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    old.write_bytes(b"")
+    os.utime(old, (1, 1))  # built long before the source
+    script = ("import proxy.compiled as c, proxy.server.hot as h; "
+              "print(h.WHERE); print(c.describe())")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path), "PGSPLIT_UNCOMPILED": ""})
+    assert out.returncode == 0, out.stderr
+    where, described = out.stdout.splitlines()
+    assert where == "source"
+    assert "proxy.server.hot changed since built" in described
