@@ -8,7 +8,8 @@ Python they are. One source either way; the modules with a `.pxd` are the list.
 The import system prefers an extension module to a source file of the same name, so a
 finder placed first sends a hot module to its source when PGSPLIT_UNCOMPILED=1 asks for
 it (the unit tests' second lane, the benchmark's comparison) or when the source was
-edited after the extension was built (an editable install would otherwise run old code).
+edited after the extension was built (an editable install would otherwise run old code);
+all of them, when any one cannot run compiled.
 Must not import anything of pgsplit's: it runs before the first hot module is imported.
 """
 
@@ -70,10 +71,16 @@ class _SourceFirst:
         return None
 
 
+def _unusable(name: str) -> bool:
+    return _extension(name) is None or _stale(name)
+
+
 def choose() -> None:
-    """Called by proxy/__init__, before any hot module is imported."""
-    names = hot_modules() if _asked_uncompiled() else [name for name in hot_modules() if _stale(name)]
-    if names:
+    """Called by proxy/__init__, before any hot module is imported. All or nothing: the
+    compiled modules know each other's C layout (a .pxd cimports another's types), so one
+    that runs as Python makes every other fail to import."""
+    names = hot_modules()
+    if _asked_uncompiled() or any(_unusable(name) for name in names):
         sys.meta_path.insert(0, _SourceFirst(names))
 
 
@@ -92,10 +99,11 @@ def describe() -> str:
     if _asked_uncompiled():
         return f"uncompiled: {ENV_UNCOMPILED} is set"
     why = []
-    stale = [name for name in plain if _stale(name)]
+    stale = [name for name in modules if _stale(name)]
     if stale:
         why.append(f"{', '.join(stale)} changed since built ({_REBUILD})")
-    if len(stale) < len(plain):
-        why.append(f"{len(plain) - len(stale)} not built (the install could not compile them; {_REBUILD}"
-                   " with a C compiler and the Python headers installed)")
-    return f"uncompiled, {len(plain)} of {len(modules)} modules: " + "; ".join(why)
+    missing = [name for name in modules if _extension(name) is None]
+    if missing:
+        why.append(f"{len(missing)} of {len(modules)} modules not built (the install could not compile them;"
+                   f" {_REBUILD} with a C compiler and the Python headers installed)")
+    return "uncompiled: " + "; ".join(why)

@@ -34,10 +34,14 @@ def test_the_hot_modules_are_those_with_a_pxd():
         assert (ROOT / Path(*name.split("."))).with_suffix(".pxd").exists()
 
 
-def test_a_hot_module_runs_compiled_exactly_when_its_extension_is_built_and_current():
-    expected = {name: compiled._extension(name) is not None and not compiled._stale(name)
-                for name in compiled.hot_modules()}
-    assert _report_in_child(PGSPLIT_UNCOMPILED="") == expected
+def _expected() -> dict[str, bool]:
+    """All compiled when every extension is built and current, else none."""
+    usable = not any(compiled._unusable(name) for name in compiled.hot_modules())
+    return {name: usable for name in compiled.hot_modules()}
+
+
+def test_the_hot_modules_run_compiled_exactly_when_every_extension_is_built_and_current():
+    assert _report_in_child(PGSPLIT_UNCOMPILED="") == _expected()
 
 
 def test_pgsplit_uncompiled_runs_every_hot_module_as_python():
@@ -52,30 +56,31 @@ def test_this_run_is_compiled_or_not_as_its_lane_says():
         assert all(report.values()), compiled.describe()
         assert compiled.describe().startswith("compiled")
     else:
-        assert report == {name: compiled._extension(name) is not None and not compiled._stale(name)
-                          for name in compiled.hot_modules()}
+        assert report == _expected()
 
 
-def test_an_extension_older_than_its_source_is_not_used(tmp_path):
-    """An editable install's extension built before an edit of its .py would run the old
-    code: such a module runs as Python instead, and says why."""
+def test_one_extension_older_than_its_source_sends_every_hot_module_to_its_source(tmp_path):
+    """An editable install's extension built before an edit of its .py or .pxd would run
+    the old code: it runs as Python instead, and says why. So do the others, built or
+    not: compiled modules cimport each other's C types, and a compiled one next to a
+    Python one fails at import ("size changed, may indicate binary incompatibility")."""
     package = tmp_path / "proxy"
     (package / "server").mkdir(parents=True)
     for name in ("__init__.py", "compiled.py"):
         (package / name).write_text((ROOT / "proxy" / name).read_text())
     (package / "server" / "__init__.py").write_text("")
-    (package / "server" / "hot.py").write_text("WHERE = 'source'\n")
-    (package / "server" / "hot.pxd").write_text("")
-    # An "extension" that is really a renamed copy of a module saying it is the old build.
-    # An empty file where the extension would be: loading it would fail the import.
-    old = package / "server" / ("hot" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    old.write_bytes(b"")
-    os.utime(old, (1, 1))  # built long before the source
-    script = ("import proxy.compiled as c, proxy.server.hot as h; "
-              "print(h.WHERE); print(c.describe())")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in ("current", "edited"):
+        (package / "server" / f"{name}.py").write_text("WHERE = 'source'\n")
+        (package / "server" / f"{name}.pxd").write_text("")
+        # An empty file where the extension would be: loading it would fail the import.
+        (package / "server" / f"{name}{suffix}").write_bytes(b"")
+    os.utime(package / "server" / f"edited{suffix}", (1, 1))  # built long before its source
+    script = ("import proxy.compiled as c, proxy.server.current as a, proxy.server.edited as b; "
+              "print(a.WHERE, b.WHERE); print(c.describe())")
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path), "PGSPLIT_UNCOMPILED": ""})
     assert out.returncode == 0, out.stderr
     where, described = out.stdout.splitlines()
-    assert where == "source"
-    assert "proxy.server.hot changed since built" in described
+    assert where == "source source"
+    assert described.startswith("uncompiled: proxy.server.edited changed since built")
