@@ -125,12 +125,16 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
     return b"md5" + hashlib.md5(inner + salt).hexdigest().encode()
 
 
+# A password, or for a user known by its verifier only, the ClientKey of its latest login.
+Credential = str | ScramKeys | None
+
+
 class BackendAuth:
     """Answers a backend's authentication requests for one connection attempt, with the
     user's password or, for a user pgsplit only has a verifier of, the ClientKey of the
     user's latest login."""
 
-    def __init__(self, user: str, credential: str | ScramKeys | None):
+    def __init__(self, user: str, credential: Credential):
         self.user = user
         self.password = credential if isinstance(credential, str) else None
         self.keys = credential if isinstance(credential, ScramKeys) else None

@@ -19,9 +19,11 @@ from collections import deque
 from time import monotonic
 from dataclasses import dataclass
 
+from proxy.auth import Credential
 from proxy.config import PoolConfig
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
 from proxy.server.connection import ServerConnection, open_connection, send_cancel
+from proxy.scram import ScramKeys
 from proxy.server.prepared import Evictions, PreparedStatements, StatementNames
 from router.tls import ServerTls
 
@@ -58,14 +60,14 @@ def tune_socket(conn: ServerConnection, settings: PoolConfig) -> None:
 
 
 class Pool:
-    def __init__(self, address: Address, user: str, database: str, password: str | None,
+    def __init__(self, address: Address, user: str, database: str, credential: Credential,
                  settings: PoolConfig, *, generation: int = 0, on_connect=None,
                  evictions: Evictions | None = None, statement_names: StatementNames | None = None,
                  timeouts: dict[str, int] | None = None, size: int | None = None):
         self.address = address
         self.user = user
         self.database = database
-        self._password = password
+        self._credential = credential
         self.settings = settings
         self.own_size = size  # the user's pool_size, overriding settings.size
         self._lifetime = settings.server_lifetime_s
@@ -81,8 +83,8 @@ class Pool:
         # units that failed with 53300 by backend, shared by the process's pools (a metric)
         self.timeouts = timeouts if timeouts is not None else {}
 
-    def set_password(self, password: str | None) -> None:
-        self._password = password
+    def set_credential(self, credential: Credential) -> None:
+        self._credential = credential
 
     def update_settings(self, settings: PoolConfig) -> None:
         """New settings for the connections opened and given back from now on; open ones
@@ -146,7 +148,7 @@ class Pool:
         addr = self.address
         try:
             conn = await open_connection(
-                addr.backend, addr.host, addr.port, self.user, self.database, self._password, tls=addr.tls,
+                addr.backend, addr.host, addr.port, self.user, self.database, self._credential, tls=addr.tls,
                 timeout=self.settings.connect_timeout_s, pool=self, generation=self.generation,
                 prepared=PreparedStatements(self.settings.max_prepared_statements, self.evictions,
                                             self.statement_names),
@@ -300,6 +302,8 @@ class Pools:
                  sizes: dict[str, int] | None = None):
         self.settings = settings
         self._passwords = passwords
+        # user -> the ClientKey of its latest login, for users pgsplit has no password of
+        self._keys: dict[str, ScramKeys] = {}
         self._sizes = sizes or {}  # user -> pool_size of [[users]]
         self._pools: dict[tuple[str, str, str], Pool] = {}
         self._on_connect = on_connect
@@ -318,7 +322,7 @@ class Pools:
             if pool is not None:
                 pool.close()
             pool = self._pools[key] = Pool(
-                address, user, database, self._passwords.get(user), self.settings,
+                address, user, database, self.credential(user), self.settings,
                 on_connect=self._on_connect, evictions=self.evictions, statement_names=self.statement_names,
                 timeouts=self.timeouts, size=self._sizes.get(user),
             )
@@ -327,11 +331,23 @@ class Pools:
     def __iter__(self):
         return iter(list(self._pools.values()))
 
+    def credential(self, user: str) -> Credential:
+        return self._passwords.get(user) or self._keys.get(user)
+
     def update_passwords(self, passwords: dict[str, str]) -> None:
         """New logins use these; open connections stay (the server already trusts them)."""
         self._passwords = passwords
         for pool in self:
-            pool.set_password(passwords.get(pool.user))
+            pool.set_credential(self.credential(pool.user))
+
+    def remember_keys(self, user: str, keys: ScramKeys) -> None:
+        """A client of a user known by its verifier logged in: its ClientKey logs the user in
+        to backends from now on (replacing an older one: after a password change, the
+        new key is the one the backends accept)."""
+        self._keys[user] = keys
+        for pool in self:
+            if pool.user == user:
+                pool.set_credential(self.credential(user))
 
     def update_settings(self, settings: PoolConfig) -> None:
         self.settings = settings
