@@ -1,0 +1,207 @@
+"""Logins without plaintext passwords in the config, against the sandbox cluster with real
+drivers (asyncpg, psycopg, psql): a [[users]] entry holding only the SCRAM verifier
+pg_authid holds, users looked up on the server with [auth_query], a password changed on
+the server, and a lookup whose server does not answer in time.
+
+pgsplit logs these users in to the backends with the ClientKey of their latest login:
+reads on the replicas show that the replicas accept it too (pg_authid is replicated)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from loadtest.harness import ProxyThread, config_text
+
+VERIFIED = ("scram_v", "v-secret-1")  # in [[users]] by its verifier
+LOOKED_UP = ("scram_q", "q-secret-1")  # not in [[users]]: [auth_query]
+TABLE = "scram_notes"
+
+
+@pytest.fixture(scope="module")
+def roles(cluster):
+    """The two roles on the cluster (scram-sha-256 verifiers, replicated), and a table they
+    may write; dropped at the end."""
+    for name, password in (VERIFIED, LOOKED_UP):
+        cluster.sql(cluster.primary, f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+    cluster.sql(cluster.primary, f"CREATE TABLE {TABLE} (id serial PRIMARY KEY, who text)", dbname="app")
+    cluster.sql(cluster.primary, f"GRANT ALL ON {TABLE}, {TABLE}_id_seq TO {VERIFIED[0]}, {LOOKED_UP[0]}",
+                dbname="app")
+    try:
+        yield
+    finally:
+        cluster.sql(cluster.primary, f"DROP TABLE {TABLE}", dbname="app")
+        for name, _ in (VERIFIED, LOOKED_UP):
+            cluster.sql(cluster.primary, f"DROP ROLE {name}")
+
+
+def verifier_of(cluster, user: str) -> str:
+    return cluster.sql(cluster.primary, "SELECT rolpassword FROM pg_authid WHERE rolname = %s", user)[0][0]
+
+
+@pytest.fixture
+def start(cluster, roles, tmp_path: Path):
+    """start(**sections) -> a proxy whose config file names scram_v by its verifier; the
+    file holds neither role's password."""
+    started: list[ProxyThread] = []
+
+    def make(**sections) -> ProxyThread:
+        text = config_text({"main": cluster}, sections=sections)
+        text += f'\n[[users]]\nname = "{VERIFIED[0]}"\nscram_verifier = "{verifier_of(cluster, VERIFIED[0])}"\n'
+        path = tmp_path / "pgsplit.toml"
+        path.write_text(text)
+        written = path.read_text()
+        assert VERIFIED[1] not in written and LOOKED_UP[1] not in written
+        proxy = ProxyThread(written).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def _run(coro):
+    """asyncio.run, except that a failure leaves its loop unclosed: closing it with a
+    driver's connections still open hung the test run instead of reporting the failure."""
+    loop = asyncio.new_event_loop()
+    result = loop.run_until_complete(coro)
+    loop.close()
+    return result
+
+
+async def _connect(proxy: ProxyThread, user: str, password: str, database: str = "app"):
+    return await asyncpg.connect(host="127.0.0.1", port=proxy.port, user=user, password=password,
+                                 database=database, ssl=False)
+
+
+async def _refused(proxy: ProxyThread, user: str, password: str, database: str = "app") -> Exception:
+    """The error of a login expected to fail; one that gets in is closed and fails the test."""
+    try:
+        conn = await _connect(proxy, user, password, database)
+    except (asyncpg.PostgresError, OSError) as exc:
+        return exc
+    await conn.close()
+    raise AssertionError(f"{user} was let in")
+
+
+async def _reads_and_writes(conn, user: str) -> None:
+    """A write on the primary, and reads that reach a replica (logged in with the same key)."""
+    await conn.execute(f"INSERT INTO {TABLE} (who) VALUES ($1)", user)
+    assert await conn.fetchval(f"SELECT count(*) FROM {TABLE} WHERE who = $1", user) >= 1
+    on_replica = False
+    for _ in range(100):
+        fresh = await conn.fetchval("SELECT pg_is_in_recovery()")
+        if fresh:
+            on_replica = True
+            break
+        await asyncio.sleep(0.05)
+    assert on_replica, "no read went to a replica"
+
+
+def test_a_user_known_by_its_verifier_logs_in_via_asyncpg_and_psql_with_reads_and_writes(start, cluster) -> None:
+    user, password = VERIFIED
+    proxy = start(routing={"consistency": "eventual"})
+
+    async def run() -> None:
+        conn = await _connect(proxy, user, password)
+        try:
+            assert await conn.fetchval("SELECT current_user") == user
+            await _reads_and_writes(conn, user)
+        finally:
+            await conn.close()
+        error = await _refused(proxy, user, "wrong")
+        assert (error.sqlstate, str(error)) == ("28P01", f'password authentication failed for user "{user}"')
+
+    _run(run())
+    url = f"postgresql://{user}:{password}@127.0.0.1:{proxy.port}/app?sslmode=disable"
+    sql = f"INSERT INTO {TABLE} (who) VALUES ('psql'); SELECT count(*) > 0 FROM {TABLE} WHERE who = 'psql'"
+    out = subprocess.run(["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql, url],
+                         capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "INSERT 0 1\nt\n", "")
+    # Every server connection of the user was logged in with the ClientKey, none with a password.
+    assert proxy.call(lambda: {type(proxy.proxy.pools.credential(user)).__name__}) == {"ScramKeys"}
+
+
+def test_a_user_not_in_users_logs_in_via_auth_query_and_unknown_or_wrong_look_alike(start) -> None:
+    user, password = LOOKED_UP
+    proxy = start(auth_query={}, routing={"consistency": "eventual"})
+
+    async def run() -> None:
+        conn = await _connect(proxy, user, password)
+        try:
+            assert await conn.fetchval("SELECT current_user") == user
+            await _reads_and_writes(conn, user)
+        finally:
+            await conn.close()
+        wrong = await _refused(proxy, user, "wrong")
+        unknown = await _refused(proxy, "nobody_at_all", password)
+        assert (wrong.sqlstate, str(wrong)) == ("28P01", f'password authentication failed for user "{user}"')
+        assert (unknown.sqlstate, str(unknown)) == ("28P01", 'password authentication failed for user "nobody_at_all"')
+
+    _run(run())
+    with psycopg.connect(f"postgresql://{user}:{password}@127.0.0.1:{proxy.port}/app?sslmode=disable") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (user,)
+
+
+def test_a_password_changed_on_the_server_works_after_the_cache_ttl_and_the_old_one_is_refused(
+        start, cluster) -> None:
+    user, old = LOOKED_UP
+    new = "q-secret-2"
+    proxy = start(auth_query={"cache_ttl_s": 1.0})
+
+    async def run() -> None:
+        conn = await _connect(proxy, user, old)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        cluster.sql(cluster.primary, f"ALTER ROLE {user} PASSWORD '{new}'")
+        try:
+            await asyncio.sleep(1.2)  # the cached verifier expires
+            error = await _refused(proxy, user, old)
+            assert error.sqlstate == "28P01"
+            # The new password logs in, also where pgsplit opens a new pool (another
+            # database): the backends take the new ClientKey.
+            for database in ("app", "postgres"):
+                conn = await _connect(proxy, user, new, database)
+                try:
+                    assert await conn.fetchval("SELECT current_database()") == database
+                finally:
+                    await conn.close()
+        finally:
+            cluster.sql(cluster.primary, f"ALTER ROLE {user} PASSWORD '{old}'")
+
+    _run(run())
+
+
+def test_a_lookup_that_gets_no_answer_fails_within_its_deadline_and_others_go_on(start) -> None:
+    slow = "SELECT usename, passwd FROM pg_shadow, pg_sleep(5) WHERE usename = $1"
+    proxy = start(auth_query={"query": slow, "timeout_s": 1.0})
+
+    async def run() -> None:
+        other = await _connect(proxy, "app", "app-secret")
+        try:
+            t0 = time.monotonic()
+            lookup = asyncio.ensure_future(_refused(proxy, *LOOKED_UP))
+            await asyncio.sleep(0.2)
+            # While the lookup waits, sessions go on and [[users]] still log in.
+            assert await other.fetchval("SELECT 42") == 42
+            again = await _connect(proxy, "app", "app-secret")
+            await again.close()
+            assert not lookup.done()
+            error = await lookup
+            elapsed = time.monotonic() - t0
+        finally:
+            await other.close()
+        assert elapsed < 3.0, elapsed
+        assert error.sqlstate == "08006"
+        assert str(error) == (f'could not look up user "{LOOKED_UP[0]}": the auth_query server main_primary '
+                              f"(127.0.0.1:{proxy.config.backends['main_primary'].port}) did not answer within 1s "
+                              "(auth_query.timeout_s)")
+
+    _run(run())
