@@ -18,6 +18,8 @@ import psycopg
 import pytest
 
 from loadtest.harness import ProxyThread, config_text
+from proxy.admin.reload import compare
+from proxy.config import parse_config
 
 VERIFIED = ("scram_v", "v-secret-1")  # in [[users]] by its verifier
 LOOKED_UP = ("scram_q", "q-secret-1")  # not in [[users]]: [auth_query]
@@ -203,5 +205,34 @@ def test_a_lookup_that_gets_no_answer_fails_within_its_deadline_and_others_go_on
         assert str(error) == (f'could not look up user "{LOOKED_UP[0]}": the auth_query server main_primary '
                               f"(127.0.0.1:{proxy.config.backends['main_primary'].port}) did not answer within 1s "
                               "(auth_query.timeout_s)")
+
+    _run(run())
+
+
+def test_a_reload_puts_a_new_verifier_in_force(start, cluster) -> None:
+    user, old = VERIFIED
+    new = "v-secret-2"
+    proxy = start()
+
+    async def run() -> None:
+        conn = await _connect(proxy, user, old)
+        await conn.close()
+        cluster.sql(cluster.primary, f"ALTER ROLE {user} PASSWORD '{new}'")
+        try:
+            text = proxy.text.replace(proxy.config.user(user).scram_verifier.get_secret_value(),
+                                      verifier_of(cluster, user))
+            change = compare(proxy.proxy.config, parse_config(text, source="<test>"))
+            assert change.applied == ("users",)
+            proxy.call(proxy.proxy.reconfigure, change.config)
+            error = await _refused(proxy, user, old)
+            assert error.sqlstate == "28P01"
+            for database in ("app", "postgres"):  # a pool opened after the reload logs in too
+                conn = await _connect(proxy, user, new, database)
+                try:
+                    assert await conn.fetchval("SELECT current_user") == user
+                finally:
+                    await conn.close()
+        finally:
+            cluster.sql(cluster.primary, f"ALTER ROLE {user} PASSWORD '{old}'")
 
     _run(run())
