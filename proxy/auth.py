@@ -174,9 +174,7 @@ class BackendAuth:
                 return wire.password_message(self._scram.client_final(payload.decode()).encode())
             except (ScramMismatch, UnicodeDecodeError) as exc:
                 raise AuthenticationFailed(
-                    f'cannot log in to the backend as user "{self.user}" without the password: {exc} '
-                    f"(the password was changed, and no client has logged in with the new one since; "
-                    f"or the backends hold different verifiers)") from None
+                    f'cannot log in to the backend as user "{self.user}" without the password: {exc}') from None
         if code == wire.AUTH_SASL_FINAL and isinstance(self._scram, KeyClient):
             try:
                 self._scram.check_server_final(payload.decode())

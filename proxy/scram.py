@@ -129,7 +129,8 @@ class KeyClient:
             raise ScramMismatch("malformed SCRAM server-first-message") from None
         if not same:
             raise ScramMismatch("the server's SCRAM verifier has another salt or iteration count than the one "
-                                "the client was verified against")
+                                "the client was verified against (the password was changed, and no client has "
+                                "logged in with the new one since; or the backends hold different verifiers)")
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{self._first_bare},{server_first},{without_proof}".encode()
         proof = _xor(self._keys.client_key, _hmac(verifier.stored_key, auth_message))

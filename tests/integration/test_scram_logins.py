@@ -9,6 +9,7 @@ reads on the replicas show that the replicas accept it too (pg_authid is replica
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from loadtest.harness import ProxyThread, config_text
 from proxy.admin.reload import compare
+from proxy.auth import password_verifier
 from proxy.config import parse_config
 
 VERIFIED = ("scram_v", "v-secret-1")  # in [[users]] by its verifier
@@ -109,7 +111,7 @@ async def _reads_and_writes(conn, user: str) -> None:
 
 def test_a_user_known_by_its_verifier_logs_in_via_asyncpg_and_psql_with_reads_and_writes(start, cluster) -> None:
     user, password = VERIFIED
-    proxy = start(routing={"consistency": "eventual"})
+    proxy = start()
 
     async def run() -> None:
         conn = await _connect(proxy, user, password)
@@ -133,7 +135,7 @@ def test_a_user_known_by_its_verifier_logs_in_via_asyncpg_and_psql_with_reads_an
 
 def test_a_user_not_in_users_logs_in_via_auth_query_and_unknown_or_wrong_look_alike(start) -> None:
     user, password = LOOKED_UP
-    proxy = start(auth_query={}, routing={"consistency": "eventual"})
+    proxy = start(auth_query={})
 
     async def run() -> None:
         conn = await _connect(proxy, user, password)
@@ -234,5 +236,39 @@ def test_a_reload_puts_a_new_verifier_in_force(start, cluster) -> None:
                     await conn.close()
         finally:
             cluster.sql(cluster.primary, f"ALTER ROLE {user} PASSWORD '{old}'")
+
+    _run(run())
+
+
+def test_backends_that_cannot_take_the_client_key_fail_the_login_clearly(start, cluster) -> None:
+    """A verifier of the same password with another salt than the backends' (as setting
+    the password again would make), and a backend that asks md5 (pg_hba.conf): 28P01
+    naming the reason, no secret."""
+    user, password = VERIFIED
+    own = password_verifier(password)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    other_salt = f"SCRAM-SHA-256${own.iterations}:{b64(own.salt)}${b64(own.stored_key)}:{b64(own.server_key)}"
+    md5_user, md5_password = "app_md5", "md5-secret"  # pg_hba.conf asks md5 for it
+    md5_verifier = password_verifier(md5_password)
+    proxy = start()
+    text = proxy.text.replace(verifier_of(cluster, user), other_salt).replace(
+        f'password = "{md5_password}"',
+        f'scram_verifier = "SCRAM-SHA-256${md5_verifier.iterations}:{b64(md5_verifier.salt)}$'
+        f'{b64(md5_verifier.stored_key)}:{b64(md5_verifier.server_key)}"')
+    assert md5_password not in text and password not in text
+    proxy.call(proxy.proxy.reconfigure, parse_config(text, source="<test>"))
+
+    async def run() -> None:
+        error = await _refused(proxy, user, password)
+        assert error.sqlstate == "28P01"
+        assert str(error).startswith(f'pgsplit could not log in to backend main_primary: cannot log in to the '
+                                     f'backend as user "{user}" without the password: the server\'s SCRAM '
+                                     "verifier has another salt or iteration count")
+        error = await _refused(proxy, md5_user, md5_password)
+        assert error.sqlstate == "28P01"
+        assert str(error) == (f'pgsplit could not log in to backend main_primary: the backend asks md5 '
+                              f'authentication for user "{md5_user}", and pgsplit holds only a SCRAM-SHA-256 '
+                              "verifier for this user: make the backend ask scram-sha-256 (pg_hba.conf), or "
+                              "configure the user's password")
 
     _run(run())
