@@ -272,3 +272,42 @@ def test_backends_that_cannot_take_the_client_key_fail_the_login_clearly(start, 
                               "configure the user's password")
 
     _run(run())
+
+
+LOOKUP_FUNCTION = """
+CREATE SCHEMA pgsplit_it;
+CREATE FUNCTION pgsplit_it.user_lookup(i_username text, OUT uname text, OUT phash text)
+RETURNS record AS $$
+    SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = i_username;
+$$ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog;
+REVOKE ALL ON FUNCTION pgsplit_it.user_lookup(text) FROM public;
+GRANT USAGE ON SCHEMA pgsplit_it TO pgsplit_it_auth;
+GRANT EXECUTE ON FUNCTION pgsplit_it.user_lookup(text) TO pgsplit_it_auth;
+"""
+
+
+def test_the_lookup_through_a_security_definer_function_as_operations_md_sets_it_up(
+        start, cluster, monkeypatch) -> None:
+    """A login of its own that may call the function and read nothing else."""
+    cluster.sql(cluster.primary, "CREATE ROLE pgsplit_it_auth LOGIN PASSWORD 'auth-secret'")
+    try:
+        cluster.sql(cluster.primary, LOOKUP_FUNCTION)  # (no parameters: one simple query)
+        monkeypatch.setenv("PGSPLIT_IT_AUTH_PASSWORD", "auth-secret")
+        proxy = start(auth_query={"user": "pgsplit_it_auth", "password_env": "PGSPLIT_IT_AUTH_PASSWORD",
+                                  "query": "SELECT * FROM pgsplit_it.user_lookup($1)"})
+        assert "auth-secret" not in proxy.text
+
+        async def run() -> None:
+            conn = await _connect(proxy, *LOOKED_UP)
+            try:
+                assert await conn.fetchval("SELECT current_user") == LOOKED_UP[0]
+            finally:
+                await conn.close()
+
+        _run(run())
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the login alone reads no pg_shadow
+            with psycopg.connect(cluster.primary.dsn("pgsplit_it_auth", "auth-secret")) as conn:
+                conn.execute("SELECT passwd FROM pg_shadow")
+    finally:
+        cluster.sql(cluster.primary, "DROP SCHEMA IF EXISTS pgsplit_it CASCADE")
+        cluster.sql(cluster.primary, "DROP ROLE pgsplit_it_auth")
