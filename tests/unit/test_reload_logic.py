@@ -125,3 +125,11 @@ def test_as_fatal_leaves_the_error_as_it_is() -> None:
     assert b"VFATAL" in server.as_fatal().to_wire() and not server.fatal
     canceled = QueryCanceled("canceling authentication due to timeout")
     assert canceled.as_fatal().sqlstate == "57014" and canceled.as_fatal().as_fatal().fatal
+
+
+def test_adding_changing_or_removing_auth_query_is_applied() -> None:
+    plain, looked_up = config(), config('\n[auth_query]\ncache_ttl_s = 1.0\n')
+    assert compare(plain, looked_up).applied == ("auth_query",)
+    assert compare(looked_up, plain).applied == ("auth_query",)
+    assert compare(looked_up, config('\n[auth_query]\ncache_ttl_s = 2.0\n')).applied == ("auth_query",)
+    assert compare(looked_up, config('\n[auth_query]\ncache_ttl_s = 1.0\n')).applied == ()
