@@ -139,6 +139,7 @@ class BackendAuth:
         self.password = credential if isinstance(credential, str) else None
         self.keys = credential if isinstance(credential, ScramKeys) else None
         self._scram: ScramClient | KeyClient | None = None
+        self._signed = False  # the server's SCRAM signature (SASLFinal) verified
 
     def _need_password(self, method: str) -> str:
         if self.password is None:
@@ -153,6 +154,12 @@ class BackendAuth:
     def respond(self, code: int, payload: bytes) -> bytes | None:
         """Return the message to send for an 'R' request, or None when none is due."""
         if code == wire.AUTH_OK:
+            # Once a SCRAM exchange started, only a server that proved it holds the verifier
+            # (its signature in SASLFinal) may say the login succeeded: else anyone between
+            # pgsplit and the backend could pose as it.
+            if self._scram is not None and not self._signed:
+                raise ProxyError("the backend ended the SCRAM exchange without its server signature: "
+                                 "the login is refused")
             return None
         if code == wire.AUTH_CLEARTEXT:
             return wire.password_message(self._need_password("password").encode() + b"\0")
@@ -180,6 +187,7 @@ class BackendAuth:
                 self._scram.check_server_final(payload.decode())
             except (ScramMismatch, UnicodeDecodeError) as exc:
                 raise ProxyError(f"the backend's SCRAM exchange did not verify: {exc}") from None
+            self._signed = True
             return None
         if code == wire.AUTH_SASL_CONTINUE and self._scram is not None:
             self._scram.set_server_first(payload.decode())
@@ -189,5 +197,6 @@ class BackendAuth:
                 self._scram.set_server_final(payload.decode())
             except ScramException as exc:
                 raise ProxyError("the backend's SCRAM signature did not verify") from exc
+            self._signed = True
             return None
         raise ProxyError(f"unsupported authentication request {code} from backend")

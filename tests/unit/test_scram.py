@@ -13,7 +13,7 @@ from scramp import ScramClient
 
 from proxy import wire
 from proxy.auth import BackendAuth, Verifiers, password_verifier
-from proxy.errors import AuthenticationFailed
+from proxy.errors import AuthenticationFailed, ProxyError
 from proxy.scram import BadVerifier, KeyClient, ScramKeys, ScramMismatch, Verifier
 
 PASSWORD = "correct horse"
@@ -136,3 +136,38 @@ def test_backend_auth_with_keys_answers_scram_and_refuses_md5_and_cleartext_clea
     assert b"n,,n=,r=" in first
     with pytest.raises(AuthenticationFailed, match="without the password"):
         auth.respond(wire.AUTH_SASL_CONTINUE, b"r=nope,s=c2FsdA==,i=4096")
+
+
+def _backend_login(auth: BackendAuth, server, *, final: bool) -> None:
+    """`auth` against the proxy's own server side, as a backend would drive it; the
+    server's SASLFinal is left out when `final` is false (a server, or someone between,
+    that skips its signature)."""
+    initial = auth.respond(wire.AUTH_SASL, b"SCRAM-SHA-256\0\0")
+    _, client_first = wire.parse_sasl_initial(initial[5:])
+    server_first = server.first("SCRAM-SHA-256", client_first)
+    client_final = auth.respond(wire.AUTH_SASL_CONTINUE, server_first)
+    server_final = server.final(client_final[5:])
+    if final:
+        assert auth.respond(wire.AUTH_SASL_FINAL, server_final) is None
+
+
+@pytest.mark.parametrize("with_keys", [True, False])
+def test_authentication_ok_needs_the_servers_scram_signature(with_keys: bool) -> None:
+    v = password_verifier(PASSWORD)
+    credential = ScramKeys(v, client_key_of(PASSWORD, v)) if with_keys else PASSWORD
+    verifiers = Verifiers({}, {"app": v})
+    # The whole exchange: AuthenticationOk is taken.
+    auth = BackendAuth("app", credential)
+    _backend_login(auth, verifiers.server_exchange("app"), final=True)
+    assert auth.respond(wire.AUTH_OK, b"") is None
+    # No SASLFinal, or not even a server-first-message: AuthenticationOk is refused.
+    auth = BackendAuth("app", credential)
+    _backend_login(auth, verifiers.server_exchange("app"), final=False)
+    with pytest.raises(ProxyError, match="without its server signature"):
+        auth.respond(wire.AUTH_OK, b"")
+    auth = BackendAuth("app", credential)
+    auth.respond(wire.AUTH_SASL, b"SCRAM-SHA-256\0\0")
+    with pytest.raises(ProxyError, match="without its server signature"):
+        auth.respond(wire.AUTH_OK, b"")
+    # Without SCRAM (trust), AuthenticationOk alone is the login.
+    assert BackendAuth("app", credential).respond(wire.AUTH_OK, b"") is None
