@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import hmac
 import os
+from collections import Counter
+from collections.abc import Iterable
 
 from scramp import ScramClient, ScramException, ScramMechanism
 
@@ -25,33 +27,50 @@ from proxy.scram import KeyClient, ScramKeys, ScramMismatch, Verifier, recover_c
 SCRAM = "SCRAM-SHA-256"
 _MECHANISM = ScramMechanism(SCRAM)
 _ITERATIONS = 4096  # PostgreSQL's scram_iterations default
+_SALT_LEN = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
 # Keys the decoy salts of unknown users; one per process, so a reload keeps them.
 _DECOY_SECRET = os.urandom(32)
 
 
-def password_verifier(password: str) -> Verifier:
-    salt, stored_key, server_key, iterations = _MECHANISM.make_auth_info(password, iteration_count=_ITERATIONS)
+def password_verifier(password: str, iterations: int = _ITERATIONS) -> Verifier:
+    """A verifier shaped as PostgreSQL makes one: a 16-byte random salt."""
+    salt, stored_key, server_key, iterations = _MECHANISM.make_auth_info(
+        password, iteration_count=iterations, salt=os.urandom(_SALT_LEN))
     return Verifier(iterations, salt, stored_key, server_key)
 
 
+def usual_iterations(verifiers: Iterable[Verifier]) -> int:
+    """The iteration count most [[users]] verifiers have (the server's scram_iterations
+    when they were made), else PostgreSQL's default."""
+    counts = Counter(v.iterations for v in verifiers).most_common(1)
+    return counts[0][0] if counts else _ITERATIONS
+
+
 class Verifiers:
-    """SCRAM verifiers for the configured users, computed once at start-up or reload."""
+    """SCRAM verifiers for the configured users, computed once at start-up or reload.
+
+    A client must not tell an unknown user from a known one by the server-first-message:
+    the decoy of an unknown user, and the verifiers made from [[users]] passwords, have
+    a 16-byte salt and the iteration count most configured verifiers have, as those
+    PostgreSQL makes (verifiers given in [[users]] or found by [auth_query] keep their own)."""
 
     def __init__(self, passwords: dict[str, str], verifiers: dict[str, Verifier] | None = None):
-        self._auth = {user: password_verifier(pw) for user, pw in passwords.items()}
+        iterations = usual_iterations((verifiers or {}).values())
+        self._auth = {user: password_verifier(pw, iterations) for user, pw in passwords.items()}
         self._auth.update(verifiers or {})
         # Unknown users get a full exchange against a random verifier, as PostgreSQL does,
         # so that a client cannot tell unknown users from wrong passwords.
-        self._decoy = password_verifier(os.urandom(16).hex())
+        self._decoy = password_verifier(os.urandom(16).hex(), iterations)
 
     def __contains__(self, user: str) -> bool:
         return user in self._auth
 
     def _decoy_for(self, user: str) -> Verifier:
-        """An unknown user's verifier: its salt is the name's HMAC, so each name has its
-        own, the same at every attempt and as long as a real one (a shared salt would
-        tell a client which names exist; PostgreSQL's mock authentication does this too)."""
-        salt = hmac.digest(_DECOY_SECRET, user.encode(), "sha256")
+        """An unknown user's verifier: its salt is the name's HMAC truncated to 16 bytes,
+        so each name has its own, the same at every attempt and as long as a real one (a
+        shared salt would tell a client which names exist; PostgreSQL's mock
+        authentication does this too)."""
+        salt = hmac.digest(_DECOY_SECRET, user.encode(), "sha256")[:_SALT_LEN]
         return dataclasses.replace(self._decoy, salt=salt)
 
     def server_exchange(self, user: str, looked_up: Verifier | None = None) -> "ScramExchange":

@@ -171,3 +171,29 @@ def test_authentication_ok_needs_the_servers_scram_signature(with_keys: bool) ->
         auth.respond(wire.AUTH_OK, b"")
     # Without SCRAM (trust), AuthenticationOk alone is the login.
     assert BackendAuth("app", credential).respond(wire.AUTH_OK, b"") is None
+
+
+def _server_first_shape(verifiers: Verifiers, user: str, looked_up: Verifier | None = None) -> tuple[int, int]:
+    """(salt length, iteration count) of the server-first-message a client gets for `user`."""
+    client = ScramClient(["SCRAM-SHA-256"], user, "whatever")
+    first = verifiers.server_exchange(user, looked_up).first("SCRAM-SHA-256", client.get_client_first().encode())
+    attrs = dict(part.split("=", 1) for part in first.decode().split(","))
+    return len(base64.b64decode(attrs["s"])), int(attrs["i"])
+
+
+@pytest.mark.parametrize("iterations", [4096, 8192])
+def test_an_unknown_user_gets_the_salt_length_and_iterations_of_a_real_verifier(iterations: int) -> None:
+    """As PostgreSQL makes them (16-byte salts, the server's scram_iterations): the
+    configured verifiers' count is taken by the decoy and the [[users]] passwords."""
+    real = password_verifier(PASSWORD, iterations)
+    assert len(real.salt) == 16
+    verifiers = Verifiers({"pw_user": "pw"}, {"v_user": real, "v_user2": password_verifier("x", iterations),
+                                             "odd": password_verifier("y", 10000)})
+    shape = _server_first_shape(verifiers, "v_user")
+    assert shape == (16, iterations)
+    assert _server_first_shape(verifiers, "nobody") == shape
+    assert _server_first_shape(verifiers, "someone else") == shape
+    assert _server_first_shape(verifiers, "pw_user") == shape
+    assert _server_first_shape(verifiers, "looked_up", real) == shape
+    # Without [[users]] verifiers: PostgreSQL's default.
+    assert _server_first_shape(Verifiers({"pw_user": "pw"}), "nobody") == (16, 4096)
