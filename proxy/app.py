@@ -27,7 +27,7 @@ from proxy.process.lookup import UserLookup
 from proxy.dataplane import DataPlane
 from proxy.errors import AdminShutdown, ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
-from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
+from proxy.process.wiring import backend_specs, keeps_client_key, runtime_settings, ssl_context
 from proxy.scram import ScramKeys, Verifier
 from proxy.server.pool import Pool, Pools
 from proxy.session.client import ClientSession, State
@@ -198,8 +198,10 @@ class Proxy:
     def logged_in(self, user: str, exchange: ScramExchange) -> None:
         """A client proved its password: for a user pgsplit has no password of, its
         ClientKey logs the user in to the backends from now on."""
-        if user not in self.settings.passwords and exchange.client_key is not None:
-            self.pools.remember_keys(user, ScramKeys(exchange.verifier, exchange.client_key))
+        if exchange.client_key is not None:
+            keys = ScramKeys(exchange.verifier, exchange.client_key)
+            if keeps_client_key(self.settings, user, keys):  # (not when a reload changed the user meanwhile)
+                self.pools.remember_keys(user, keys)
 
     def admit(self, session: ClientSession) -> None:
         """Count an authenticated session against max_client_connections of its user and
@@ -284,8 +286,9 @@ class Proxy:
             if self.lookup is not None:
                 self.lookup.close()
             self.lookup = UserLookup(new.lookup) if new.lookup is not None else None
-        if new.passwords != old.passwords:
-            self.pools.update_passwords(new.passwords)
+        if (new.passwords, new.verifiers, new.lookup) != (old.passwords, old.verifiers, old.lookup):
+            settings = new
+            self.pools.update_credentials(new.passwords, lambda user, keys: keeps_client_key(settings, user, keys))
         if new.pool != old.pool:
             self.pools.update_settings(new.pool)
         if new.pool_sizes != old.pool_sizes:

@@ -22,7 +22,7 @@ from ops.migrate.control import publisher_conninfo
 from proxy.access import Limits, Rule
 from proxy.config import ALL, Config, PoolConfig
 from proxy.process.lookup import LookupSettings
-from proxy.scram import Verifier
+from proxy.scram import ScramKeys, Verifier
 from router.monitor.probe import MonitorSettings
 from router.pg import Endpoint
 from router.topology import BackendSpec, Role
@@ -49,6 +49,17 @@ def runtime_settings(config: Config) -> RuntimeSettings:
     return RuntimeSettings(passwords(config), config.pool, monitor_settings(config),
                            tuple(backend_specs(config, config.active)), access_rules(config),
                            limits(config), pool_sizes(config), verifiers(config), lookup_settings(config))
+
+
+def keeps_client_key(settings: RuntimeSettings, user: str, keys: ScramKeys) -> bool:
+    """Whether the ClientKey of a login of `user` may log it in to the backends under
+    `settings`: the user has no password there, and either its [[users]] verifier is
+    still the one the key was proved for, or it is not in [[users]] and [auth_query] is on."""
+    if user in settings.passwords:
+        return False
+    if user in settings.verifiers:
+        return settings.verifiers[user] == keys.verifier
+    return settings.lookup is not None
 
 
 def access_rules(config: Config) -> tuple[Rule, ...]:

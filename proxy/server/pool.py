@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 import socket
 import time
@@ -334,9 +334,13 @@ class Pools:
     def credential(self, user: str) -> Credential:
         return self._passwords.get(user) or self._keys.get(user)
 
-    def update_passwords(self, passwords: dict[str, str]) -> None:
-        """New logins use these; open connections stay (the server already trusts them)."""
+    def update_credentials(self, passwords: dict[str, str], keep_key: Callable[[str, ScramKeys], bool]) -> None:
+        """A reload: new logins use these passwords, and only the ClientKeys `keep_key`
+        keeps (a user removed, given a password, or another verifier loses its key: it
+        logs in to the backends again only after a client of it has); open connections
+        stay (the server already trusts them)."""
         self._passwords = passwords
+        self._keys = {user: keys for user, keys in self._keys.items() if keep_key(user, keys)}
         for pool in self:
             pool.set_credential(self.credential(pool.user))
 
