@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from scramp import ScramClient
 
 from loadtest.harness import ProxyThread, config_text
 from proxy.admin.reload import compare
@@ -148,6 +151,13 @@ def test_a_user_not_in_users_logs_in_via_auth_query_and_unknown_or_wrong_look_al
         unknown = await _refused(proxy, "nobody_at_all", password)
         assert (wrong.sqlstate, str(wrong)) == ("28P01", f'password authentication failed for user "{user}"')
         assert (unknown.sqlstate, str(unknown)) == ("28P01", 'password authentication failed for user "nobody_at_all"')
+        # The exchange itself does not tell them apart either: the server-first-message of an
+        # unknown name has the salt length and iteration count of the real verifiers.
+        real = await _server_first(proxy, user)
+        assert real == (16, 4096)  # (PostgreSQL's verifiers)
+        assert await _server_first(proxy, VERIFIED[0]) == real
+        assert await _server_first(proxy, "nobody_at_all") == real
+        assert await _server_first(proxy, "app") == real  # ([[users]] with a password)
 
     _run(run())
     with psycopg.connect(f"postgresql://{user}:{password}@127.0.0.1:{proxy.port}/app?sslmode=disable") as conn:
@@ -183,32 +193,70 @@ def test_a_password_changed_on_the_server_works_after_the_cache_ttl_and_the_old_
     _run(run())
 
 
-def test_a_lookup_that_gets_no_answer_fails_within_its_deadline_and_others_go_on(start) -> None:
-    slow = "SELECT usename, passwd FROM pg_shadow, pg_sleep(5) WHERE usename = $1"
+def test_a_lookup_that_gets_no_answer_fails_within_its_deadline_and_others_go_on(start, caplog) -> None:
+    """The lookup of one name hangs on the server: that login fails within timeout_s with
+    a generic 08006 (the log names the server), while sessions, [[users]] logins and the
+    lookup of another name (an [auth_query] user) go on."""
+    # (the sleep on the outer side of the join: it runs whether the role exists or not)
+    slow = ("SELECT u.usename, u.passwd FROM pg_sleep(CASE WHEN $1::text = 'slow_name' THEN 5 ELSE 0 END) AS s "
+            "LEFT JOIN pg_shadow AS u ON u.usename = $1")
     proxy = start(auth_query={"query": slow, "timeout_s": 1.0})
 
     async def run() -> None:
         other = await _connect(proxy, "app", "app-secret")
         try:
             t0 = time.monotonic()
-            lookup = asyncio.ensure_future(_refused(proxy, *LOOKED_UP))
+            lookup = asyncio.ensure_future(_refused(proxy, "slow_name", "whatever"))
             await asyncio.sleep(0.2)
-            # While the lookup waits, sessions go on and [[users]] still log in.
+            # While the lookup waits, sessions go on, [[users]] and auth_query users log in.
             assert await other.fetchval("SELECT 42") == 42
             again = await _connect(proxy, "app", "app-secret")
             await again.close()
+            looked_up = await _connect(proxy, *LOOKED_UP)
+            try:
+                assert await looked_up.fetchval("SELECT current_user") == LOOKED_UP[0]
+            finally:
+                await looked_up.close()
             assert not lookup.done()
             error = await lookup
             elapsed = time.monotonic() - t0
         finally:
             await other.close()
         assert elapsed < 3.0, elapsed
-        assert error.sqlstate == "08006"
-        assert str(error) == (f'could not look up user "{LOOKED_UP[0]}": the auth_query server main_primary '
-                              f"(127.0.0.1:{proxy.config.backends['main_primary'].port}) did not answer within 1s "
-                              "(auth_query.timeout_s)")
+        assert (error.sqlstate, str(error)) == ("08006", "authentication lookup failed; see the pgsplit log")
 
-    _run(run())
+    with caplog.at_level(logging.WARNING, logger="pgsplit.auth_query"):
+        _run(run())
+        time.sleep(1.2)  # (the lookup itself ends at its own deadline, and logs why)
+    port = proxy.config.backends["main_primary"].port
+    assert (f'could not look up user "slow_name": the auth_query server main_primary (127.0.0.1:{port}) did not '
+            "answer within 1s (auth_query.timeout_s)") in caplog.text
+
+
+async def _server_first(proxy: ProxyThread, user: str) -> tuple[int, int]:
+    """(salt length, iteration count) of the server-first-message pgsplit sends for `user`:
+    a raw startup and SASLInitialResponse, then the connection is dropped."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        body = struct.pack("!i", 196608) + f"user\0{user}\0database\0app\0\0".encode()
+        writer.write(struct.pack("!i", len(body) + 4) + body)
+        client_first = ScramClient(["SCRAM-SHA-256"], user, "whatever").get_client_first().encode()
+
+        async def auth_request() -> tuple[int, bytes]:
+            kind, length = struct.unpack("!ci", await reader.readexactly(5))
+            payload = await reader.readexactly(length - 4)
+            assert kind == b"R", (kind, payload)
+            return struct.unpack("!i", payload[:4])[0], payload[4:]
+
+        assert (await asyncio.wait_for(auth_request(), 5))[0] == 10  # AuthenticationSASL
+        body = b"SCRAM-SHA-256\0" + struct.pack("!i", len(client_first)) + client_first
+        writer.write(b"p" + struct.pack("!i", len(body) + 4) + body)
+        code, server_first = await asyncio.wait_for(auth_request(), 5)
+        assert code == 11  # AuthenticationSASLContinue
+        attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
+        return len(base64.b64decode(attrs["s"])), int(attrs["i"])
+    finally:
+        writer.close()
 
 
 def test_a_reload_puts_a_new_verifier_in_force(start, cluster) -> None:
