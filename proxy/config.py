@@ -298,7 +298,9 @@ class UserConfig(BaseModel):
         return None if self.scram_verifier is None else Verifier.parse(self.scram_verifier.get_secret_value())
 
 
-DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"
+# (a role whose password expired has no verifier to log in with, as PostgreSQL refuses it)
+DEFAULT_AUTH_QUERY = ("SELECT usename, passwd FROM pg_shadow WHERE usename = $1 "
+                      "AND (valuntil IS NULL OR valuntil > now())")
 
 
 class AuthQueryConfig(BaseModel):

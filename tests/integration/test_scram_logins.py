@@ -193,6 +193,23 @@ def test_a_password_changed_on_the_server_works_after_the_cache_ttl_and_the_old_
     _run(run())
 
 
+def test_a_role_whose_password_expired_is_not_found_by_the_default_query(start, cluster) -> None:
+    user, password = LOOKED_UP
+    proxy = start(auth_query={"cache_ttl_s": 0.0})
+    cluster.sql(cluster.primary, f"ALTER ROLE {user} VALID UNTIL '2000-01-01'")
+    try:
+        error = _run(_refused(proxy, user, password))
+        assert (error.sqlstate, str(error)) == ("28P01", f'password authentication failed for user "{user}"')
+    finally:
+        cluster.sql(cluster.primary, f"ALTER ROLE {user} VALID UNTIL 'infinity'")
+
+    async def run() -> None:
+        conn = await _connect(proxy, user, password)
+        await conn.close()
+
+    _run(run())
+
+
 def test_a_lookup_that_gets_no_answer_fails_within_its_deadline_and_others_go_on(start, caplog) -> None:
     """The lookup of one name hangs on the server: that login fails within timeout_s with
     a generic 08006 (the log names the server), while sessions, [[users]] logins and the
@@ -326,7 +343,8 @@ LOOKUP_FUNCTION = """
 CREATE SCHEMA pgsplit_it;
 CREATE FUNCTION pgsplit_it.user_lookup(i_username text, OUT uname text, OUT phash text)
 RETURNS record AS $$
-    SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = i_username;
+    SELECT usename, passwd FROM pg_catalog.pg_shadow
+    WHERE usename = i_username AND (valuntil IS NULL OR valuntil > now());
 $$ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog;
 REVOKE ALL ON FUNCTION pgsplit_it.user_lookup(text) FROM public;
 GRANT USAGE ON SCHEMA pgsplit_it TO pgsplit_it_auth;

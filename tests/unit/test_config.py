@@ -512,7 +512,8 @@ def test_auth_query_defaults_and_users_become_optional() -> None:
     config = parse(without_users + "[auth_query]\n")
     q = config.auth_query
     assert config.users == () and q is not None
-    assert q.query == "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"
+    assert q.query == ("SELECT usename, passwd FROM pg_shadow WHERE usename = $1 "
+                       "AND (valuntil IS NULL OR valuntil > now())")
     assert (q.user, q.secret(), q.dbname, q.timeout_s, q.cache_ttl_s, q.cache_size) == (None, None, None, 2.0, 5.0, 1000)
     # any role of the server may log in: an access rule may name one
     parse(without_users + '[auth_query]\n[[access]]\nusers = ["someone"]\naction = "reject"\n')
