@@ -276,6 +276,9 @@ class UserConfig(BaseModel):
     @classmethod
     def _parse_verifier(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
+            if value.get_secret_value() == REDACTED:
+                _fail([((), f'"{REDACTED}" is how check-config masks a verifier, not a verifier: put the '
+                            "user's verifier (or its scram_verifier_env) back")])
             try:
                 Verifier.parse(value.get_secret_value())
             except BadVerifier as exc:
@@ -874,7 +877,8 @@ def _toml_table(header: str, table: Mapping[str, Any]) -> list[str]:
         if key.endswith("password") or key in ("token", "scram_verifier"):
             if table.get(f"{key}_env") is not None:
                 continue  # shown as its *_env reference instead
-        lines.append(f"{_dotted([key])} = {_toml_value(value)}")
+        masked = "  # masked: a secret; put the real value back to load this text" if value == REDACTED else ""
+        lines.append(f"{_dotted([key])} = {_toml_value(value)}{masked}")
     return lines
 
 

@@ -527,3 +527,13 @@ def test_auth_query_password_needs_its_user_and_is_secret() -> None:
     config = parse(MINIMAL + '[auth_query]\nuser = "pgsplit_auth"\npassword = "lookup-secret"\n')
     assert config.auth_query.secret() == "lookup-secret"
     assert "lookup-secret" not in describe(config)
+
+
+def test_check_config_output_says_a_verifier_is_masked_and_reloads_with_it_put_back() -> None:
+    config = parse(MINIMAL.replace(f'password = "{SECRET}"', f'scram_verifier = "{VERIFIER}"'))
+    text = describe(config)
+    assert 'scram_verifier = "********"  # masked: a secret; put the real value back to load this text' in text
+    assert VERIFIER not in text
+    assert problems(text) == ['test.toml: users.0.scram_verifier: "********" is how check-config masks a verifier, '
+                              "not a verifier: put the user's verifier (or its scram_verifier_env) back"]
+    assert parse(text.replace('"********"', f'"{VERIFIER}"')) == config
