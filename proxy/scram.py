@@ -118,6 +118,8 @@ class KeyClient:
         return "n,," + self._first_bare
 
     def client_final(self, server_first: str) -> str:
+        if server_first.startswith("m="):  # RFC 5802: a client must abort on a mandatory extension
+            raise ScramMismatch("the server asks a mandatory SCRAM extension (m=), which pgsplit does not support")
         attrs = _attributes(server_first)
         nonce, salt, iterations = attrs.get("r", ""), attrs.get("s", ""), attrs.get("i", "")
         if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):

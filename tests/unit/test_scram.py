@@ -197,3 +197,11 @@ def test_an_unknown_user_gets_the_salt_length_and_iterations_of_a_real_verifier(
     assert _server_first_shape(verifiers, "looked_up", real) == shape
     # Without [[users]] verifiers: PostgreSQL's default.
     assert _server_first_shape(Verifiers({"pw_user": "pw"}), "nobody") == (16, 4096)
+
+
+def test_a_key_client_aborts_on_a_mandatory_extension() -> None:
+    v = password_verifier(PASSWORD)
+    client = KeyClient(ScramKeys(v, client_key_of(PASSWORD, v)), nonce="abc")
+    salt = base64.b64encode(v.salt).decode()
+    with pytest.raises(ScramMismatch, match="mandatory SCRAM extension"):
+        client.client_final(f"m=ext,r=abcdef,s={salt},i={v.iterations}")
