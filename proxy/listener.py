@@ -21,7 +21,8 @@ from proxy.auth import SCRAM
 from proxy.errors import (
     FeatureNotSupported, InvalidAuthorization, ProtocolViolation, ProxyError, QueryCanceled, TooManyConnections,
 )
-from proxy.auth import Verifiers
+from proxy.auth import ScramExchange, Verifiers
+from proxy.scram import Verifier
 from proxy.session.client import ClientSession
 from proxy.session.host import SessionHost
 
@@ -124,6 +125,8 @@ class ListenerHost(SessionHost, Protocol):
 
     def too_many_clients(self) -> bool: ...
     def refusal(self, user: str, database: str, host: str) -> ProxyError | None: ...
+    async def look_up(self, user: str) -> Verifier | None: ...
+    def logged_in(self, user: str, exchange: ScramExchange) -> None: ...
     def admit(self, session: ClientSession) -> None: ...
     def cancel(self, process_id: int, secret_key: bytes) -> asyncio.Task | None: ...
     async def first_contact(self, session: ClientSession) -> dict[str, str]: ...
@@ -224,13 +227,17 @@ class Listener:
         options = params.pop("options", "")
         if options:
             params.update(parse_options(options))
+        # A user not in [[users]]: [auth_query] reads its verifier on the server (bounded
+        # in time), before the client is asked a password it would type in vain.
+        looked_up = await app.look_up(user)
         # SCRAM-SHA-256 (RFC 7677) before anything else happens for this client.
         session.transport.write(wire.auth_sasl([SCRAM]))
         body = await self._expect_password_message(inbox)
         mechanism, client_first = wire.parse_sasl_initial(body) if body else ("", b"")
-        exchange = app.verifiers.server_exchange(user)
+        exchange = app.verifiers.server_exchange(user, looked_up)
         session.transport.write(wire.auth_request(wire.AUTH_SASL_CONTINUE, exchange.first(mechanism, client_first)))
         final = exchange.final(await self._expect_password_message(inbox))
+        app.logged_in(user, exchange)
         session.transport.write(wire.auth_request(wire.AUTH_SASL_FINAL, final))
         session.user = user
         session.database = database

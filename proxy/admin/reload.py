@@ -97,7 +97,8 @@ def compare(old: Config, new: Config) -> Reload:
         applied.append("backends of the active cluster")
     elif after.monitor != before.monitor:
         applied.append("monitor")
-    for section in ("routing", "cutover", "migration", "backends", "clusters", "access", "databases", "log_level"):
+    for section in ("auth_query", "routing", "cutover", "migration", "backends", "clusters", "access", "databases",
+                    "log_level"):
         if getattr(new, section) != getattr(old, section) and section not in applied:
             applied.append(section)
     return Reload(new, tuple(applied), tuple(needs_restart))
