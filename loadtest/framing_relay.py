@@ -198,13 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RelayProcess:
     """`python -m loadtest.framing_relay` as a child process, like pgsplit's ProxyProcess."""
 
     def __init__(self, to_host: str, to_port: int, *, port: int | None = None) -> None:
-        from loadtest.harness import free_port
-
-        self.port = port or free_port()
+        self.port = port or _free_port()
         self.to = f"{to_host}:{to_port}"
         self.dir = tempfile.mkdtemp(prefix="framing-relay-")
         self.log_path = Path(self.dir) / "relay.log"
