@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import time
 from time import perf_counter
 from typing import Any, Coroutine
 
@@ -110,6 +111,9 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self._unit_key = ("", "")  # (backend name, role) of the attached server, for metrics
         self._record = host.metrics.units.record
         self._handshake_task: asyncio.Task | None = None
+        self.connected_at = time.time()  # (SHOW CLIENTS)
+        self.application_name = ""
+        self._db_counters = [0, 0, 0]  # transactions, units, unit µs of its database (SHOW STATS)
 
     # --- what others may read ----------------------------------------------------------------
 
@@ -169,8 +173,8 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
                 data = self._stash + data
                 self._stash = b""
             self._process(data)
-        elif self.state is State.HANDSHAKE and self.inbox is not None:
-            self.inbox.feed(data)
+        elif self.inbox is not None and self.state is not State.CLOSED:
+            self.inbox.feed(data)  # the handshake's, or the admin console's
 
     def eof_received(self) -> bool:
         return False
@@ -298,6 +302,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
     def start(self, leftover: bytes) -> None:
         self.state = State.READY
         self.inbox = None
+        self._db_counters = self.host.metrics.units.database_counters(self.database)
         if leftover:
             self._process(leftover)
 
@@ -432,7 +437,13 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         if step.status != tx.status:
             tx.ready(step.status)
         if step.kind is _FORWARD:
-            self._record(step.backend, step.role, "write" if step.writes else "read", perf_counter() - step.t0)
+            seconds = perf_counter() - step.t0
+            self._record(step.backend, step.role, "write" if step.writes else "read", seconds)
+            counters = self._db_counters
+            counters[1] += 1
+            counters[2] += int(seconds * 1_000_000)
+            if step.status == TX_IDLE:  # a transaction ended (a lone statement's too), as PgBouncer counts
+                counters[0] += 1
             if step.writes or step.analyses or step.status != TX_IDLE or tx.wrote or tx.effects or tx.failed:
                 commit_async = tx.after_unit(step, self.carried, self.server)
                 if tx.changed_schema and tx.schema_settled():
