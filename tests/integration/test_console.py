@@ -1,0 +1,253 @@
+"""The admin console over the PostgreSQL protocol (`psql -p PORT -U app pgsplit`), against
+the sandbox cluster with real clients: psql, psycopg 3 (simple queries), asyncpg (which
+uses the extended protocol and must get a clear error, not a hang) and the raw client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from helpers import wait_until
+from rawclient import RawClient, message
+
+APP_PASSWORD = "app-secret"
+MD5_PASSWORD = "md5-secret"
+CONSOLE = {"console_users": ["app"]}
+
+
+@pytest.fixture
+def proxy(make_proxy):
+    return make_proxy(admin=CONSOLE)
+
+
+def psql(proxy, sql: str, user: str = "app", password: str = APP_PASSWORD, database: str = "pgsplit"):
+    env = {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"}
+    return subprocess.run(["psql", "-X", "-A", "-t", "-F", "|", "-h", "127.0.0.1", "-p", str(proxy.port),
+                           "-U", user, "-d", database, "-v", "ON_ERROR_STOP=1", "-c", sql],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def console(proxy) -> psycopg.Connection:
+    # prepare_threshold=None: psycopg would prepare a query run 5 times (the extended protocol)
+    return psycopg.connect(proxy.dsn("app", dbname="pgsplit"), autocommit=True, prepare_threshold=None)
+
+
+def rows(conn: psycopg.Connection, sql: str) -> list[dict]:
+    cur = conn.execute(sql)
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def _run(coro):
+    """A failure leaves the loop unclosed: closing it with a driver's connection open hangs."""
+    loop = asyncio.new_event_loop()
+    result = loop.run_until_complete(coro)
+    loop.close()
+    return result
+
+
+def test_psql_gets_every_show_command_and_help_lists_them(proxy) -> None:
+    out = psql(proxy, "SHOW HELP")
+    assert out.returncode == 0, out.stderr
+    listed = [line.split("|")[0] for line in out.stdout.splitlines() if line]
+    for command in ("SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW STATS", "SHOW DATABASES", "SHOW CONFIG",
+                    "SHOW VERSION", "SHOW BACKENDS", "SHOW CONSISTENCY", "SHOW CUTOVER", "SHOW MIGRATION",
+                    "PAUSE", "RESUME", "RELOAD"):
+        assert command in listed
+        if command.startswith("SHOW"):
+            # case-insensitive, spaces and a trailing semicolon are fine
+            shown = psql(proxy, "  " + command.lower().replace(" ", "   ") + " ; ")
+            assert shown.returncode == 0, (command, shown.stderr)
+    assert psql(proxy, "show version").stdout.startswith("pgsplit ")
+    backends = [line.split("|") for line in psql(proxy, "SHOW BACKENDS").stdout.splitlines()]
+    assert [(b[0], b[1], b[4]) for b in backends] == [
+        ("main_primary", "primary", "1"), ("main_replica1", "replica", "1"), ("main_replica2", "replica", "1")]
+    cutover = psql(proxy, "SHOW CUTOVER").stdout.strip().split("|")
+    assert cutover[:2] == ["main", cutover[1]] and cutover[3] == ""  # active "main", nothing in progress
+
+    # several commands in one Query: each answered, up to an error
+    both = psql(proxy, "SHOW VERSION; SHOW CONSISTENCY").stdout.splitlines()
+    assert both[0].startswith("pgsplit ") and both[1] == "session|50|0|0|0"
+    bad = psql(proxy, "SHOW VERSION; SHOW NONSENSE; SHOW STATS")
+    assert bad.returncode != 0
+    assert 'unknown admin console command "SHOW NONSENSE"' in bad.stderr
+    assert "HINT:  commands: SHOW HELP, SHOW CLIENTS" in bad.stderr
+
+
+def test_unknown_command_is_42601_and_the_session_goes_on(proxy) -> None:
+    with console(proxy) as conn:
+        with pytest.raises(psycopg.errors.SyntaxError) as info:
+            conn.execute("DROP TABLE users")
+        assert "SHOW POOLS" in info.value.diag.message_hint
+        assert rows(conn, "SHOW VERSION")[0]["version"].startswith("pgsplit ")
+
+
+def test_a_non_admin_is_refused_before_the_password(proxy, cluster) -> None:
+    with RawClient("127.0.0.1", proxy.port) as client:
+        with pytest.raises(Exception) as info:
+            client.login("app_md5", MD5_PASSWORD, "pgsplit")
+        assert client.auth_codes == [], "the proxy asked for a password before refusing"
+    fields = info.value.fields
+    assert (fields["S"], fields["C"]) == ("FATAL", "28000")
+    assert fields["M"] == ('user "app_md5" may not use the pgsplit admin console (database "pgsplit"): '
+                           "it is not in [admin] console_users")
+    out = psql(proxy, "SHOW POOLS", user="app_md5", password=MD5_PASSWORD)
+    assert out.returncode != 0 and "not in [admin] console_users" in out.stderr
+    # a wrong password of an admin is refused as any login is
+    assert psql(proxy, "SHOW POOLS", password="wrong").returncode != 0
+
+
+def test_without_console_users_nobody_gets_the_console(make_proxy) -> None:
+    proxy = make_proxy()
+    out = psql(proxy, "SHOW POOLS")
+    assert out.returncode != 0 and "28000" not in out.stdout and "not in [admin] console_users" in out.stderr
+
+
+def test_show_clients_lists_a_second_client_and_pools_follow_its_transaction(proxy) -> None:
+    with console(proxy) as admin, psycopg.connect(proxy.dsn("app", application_name="second")) as app:
+        # opens a transaction (psycopg's implicit BEGIN), held on a server connection
+        server_pid = app.execute("SELECT pg_backend_pid()").fetchone()[0]
+        clients = rows(admin, "SHOW CLIENTS")
+        mine = [c for c in clients if c["database"] == "app"]
+        assert len(mine) == 1
+        c = mine[0]
+        assert (c["type"], c["user"], c["state"], c["application_name"], c["addr"]) == (
+            "C", "app", "active", "second", "127.0.0.1")
+        assert int(c["port"]) > 0 and c["local_port"] == str(proxy.port)
+        assert c["id"] == str(app.info.backend_pid)  # the id the client was given (its cancel key's)
+        assert c["backend"] is not None and c["server_pid"] == str(server_pid)
+        assert c["connect_time"].endswith(" UTC")
+        me = [c for c in clients if c["database"] == "pgsplit"]
+        assert len(me) == 1 and me[0]["state"] == "active"
+
+        pools = rows(admin, "SHOW POOLS")
+        held = [p for p in pools if p["database"] == "app" and p["user"] == "app" and p["backend"] == c["backend"]]
+        assert len(held) == 1
+        assert (held[0]["cl_active"], held[0]["sv_active"], held[0]["pool_mode"]) == ("1", "1", "transaction")
+        servers = [s for s in rows(admin, "SHOW SERVERS") if s["remote_pid"] == str(server_pid)]
+        assert len(servers) == 1 and servers[0]["state"] == "active" and servers[0]["client_id"] == c["id"]
+
+        app.commit()  # the transaction ends: the connection goes back to its pool
+        after = [p for p in rows(admin, "SHOW POOLS") if p["database"] == "app" and p["backend"] == c["backend"]]
+        assert (after[0]["cl_active"], after[0]["sv_active"]) == ("0", "0")
+        assert int(after[0]["sv_idle"]) >= 1
+        assert [c["state"] for c in rows(admin, "SHOW CLIENTS") if c["database"] == "app"] == ["idle"]
+        stats = {s["database"]: s for s in rows(admin, "SHOW STATS")}
+        assert int(stats["app"]["total_xact_count"]) >= 1 and int(stats["app"]["total_query_count"]) >= 2
+        assert "pgsplit" not in stats  # the console's commands are no units of work
+        dbs = {d["name"]: d for d in rows(admin, "SHOW DATABASES")}
+        assert dbs["app"]["current_client_connections"] == "1" and dbs["pgsplit"]["pool_size"] is None
+    # the console reached no backend: no pool of its database
+    assert proxy.call(lambda: {pool.database for pool in proxy.proxy.pools}) == {"app"}
+
+
+def test_show_config_masks_every_secret(proxy) -> None:
+    out = psql(proxy, "SHOW CONFIG")
+    assert out.returncode == 0, out.stderr
+    assert APP_PASSWORD not in out.stdout and MD5_PASSWORD not in out.stdout
+    assert proxy.config.monitor.secret() not in out.stdout
+    config = dict(line.split("|", 1) for line in out.stdout.splitlines() if line)
+    assert config["users.0.password"].startswith("********")
+    assert config["monitor.password"].startswith("********")
+    assert config["admin.console_users"] == '["app"]|1'  # (value, changeable by RELOAD)
+    assert config["listen.port"].endswith("|0")
+
+
+def test_pause_holds_a_real_query_until_resume(proxy) -> None:
+    done: list[float] = []
+
+    def client() -> None:
+        with psycopg.connect(proxy.dsn("app"), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+            done.append(time.monotonic())
+
+    with console(proxy) as admin:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="traffic is not paused"):
+            admin.execute("RESUME")
+        admin.execute("PAUSE")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="a pause is in progress"):
+            admin.execute("PAUSE")
+        assert rows(admin, "SHOW CUTOVER")[0]["in_progress"] == "pause"
+        assert {d["name"]: d["paused"] for d in rows(admin, "SHOW DATABASES")}["pgsplit"] == "1"
+        thread = threading.Thread(target=client)
+        thread.start()
+        wait_until(lambda: any(c["state"] == "waiting" for c in rows(admin, "SHOW CLIENTS")), timeout=10)
+        time.sleep(0.3)
+        assert not done, "a query ran while traffic was paused"
+        resumed_at = time.monotonic()
+        admin.execute("RESUME")
+        thread.join(10)
+        assert done and done[0] >= resumed_at
+        assert rows(admin, "SHOW CUTOVER")[0]["in_progress"] is None
+
+
+def test_a_refused_reload_is_55000_and_a_good_one_says_reload(proxy, tmp_path) -> None:
+    with console(proxy) as admin:
+        # this proxy was started without a file: the operation's own refusal
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="without a config file"):
+            admin.execute("RELOAD")
+        path = tmp_path / "pgsplit.toml"
+        path.write_text(proxy.text.replace('console_users = ["app"]', 'console_users = ["app", "app_md5"]'))
+        proxy.call(lambda: setattr(proxy.proxy, "config_path", str(path)))
+        cur = admin.execute("RELOAD")
+        assert cur.statusmessage == "RELOAD"
+    # the reloaded console_users are in force at the next login
+    out = psql(proxy, "SHOW VERSION", user="app_md5", password=MD5_PASSWORD)
+    assert out.returncode == 0, out.stderr
+
+
+def test_asyncpg_gets_a_clear_error_for_the_extended_protocol_and_the_session_resyncs(proxy) -> None:
+    async def go():
+        conn = await asyncpg.connect(host="127.0.0.1", port=proxy.port, user="app", password=APP_PASSWORD,
+                                     database="pgsplit", ssl=False, timeout=10)
+        try:
+            with pytest.raises(asyncpg.exceptions.FeatureNotSupportedError) as info:
+                await asyncio.wait_for(conn.fetch("SHOW POOLS"), 10)
+            assert "simple queries only" in str(info.value)
+            # a plain execute() is a simple Query: it works on the same session
+            assert await asyncio.wait_for(conn.execute("SHOW VERSION"), 10) == "SHOW"
+        finally:
+            await conn.close()
+
+    _run(go())
+
+
+def test_raw_protocol_resync_terminate_and_the_slot_is_released(proxy) -> None:
+    before = proxy.call(lambda: len(proxy.proxy.sessions))
+    with RawClient("127.0.0.1", proxy.port) as client:
+        client.login("app", APP_PASSWORD, "pgsplit")
+        assert proxy.call(lambda: len(proxy.proxy.sessions)) == before + 1
+        # Parse/Bind/Execute/Sync: one error, the rest dropped, ReadyForQuery at Sync
+        client.send(message(b"P", b"\0SHOW POOLS\0\0\0") + message(b"B", b"\0\0\0\0\0\0\0\0")
+                    + message(b"E", b"\0\0\0\0\0") + message(b"S"))
+        kinds = []
+        while True:
+            kind, body = client.read_message()
+            kinds.append(kind)
+            if kind == "Z":
+                break
+        assert kinds == ["E", "Z"]
+        result = client.query("SHOW VERSION")
+        assert result.rows[0][0].startswith("pgsplit ")
+        assert client.query("  ;  ").rows == []  # an empty query
+        client.send(message(b"X"))
+        assert client.is_closed()
+    wait_until(lambda: proxy.call(lambda: len(proxy.proxy.sessions)) == before, timeout=5)
+
+
+def test_a_console_client_that_leaves_mid_session_frees_its_slot(make_proxy) -> None:
+    proxy = make_proxy(admin=CONSOLE, **{"databases.pgsplit": {"max_client_connections": 1}})
+    client = RawClient("127.0.0.1", proxy.port)
+    client.login("app", APP_PASSWORD, "pgsplit")
+    assert client.query("SHOW VERSION").rows
+    out = psql(proxy, "SHOW VERSION")
+    assert out.returncode != 0 and "too many" in out.stderr  # the one slot is taken
+    client.close()  # gone without a Terminate: the slot is free again
+    wait_until(lambda: psql(proxy, "SHOW VERSION").returncode == 0, timeout=10)
