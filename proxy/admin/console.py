@@ -178,6 +178,10 @@ class Console:
             except ProxyError as exc:
                 out.append(exc.to_wire())
                 break
+            except Exception as exc:  # a bug in one command must not end the admin's session
+                log.exception("admin console command %r failed", command)
+                out.append(ProxyError(f"internal error in {command}: {exc!r}").to_wire())
+                break
         return b"".join(out)
 
     # --- the commands -------------------------------------------------------------------------------
