@@ -239,10 +239,10 @@ class Listener:
         refused = app.refusal(user, database, _peer_host(session))
         if refused is not None:
             raise refused
-        session.application_name = params.get("application_name", "")
         options = params.pop("options", "")
         if options:
             params.update(parse_options(options))
+        session.application_name = params.get("application_name", "")  # (as it logged in: SHOW CLIENTS)
         # SCRAM-SHA-256 (RFC 7677) before anything else happens for this client.
         session.transport.write(wire.auth_sasl([SCRAM]))
         body = await self._expect_password_message(inbox)

@@ -217,8 +217,8 @@ def config(redacted: Mapping[str, Any], restart_only: Iterable[str]) -> Table:
     return CONFIG_COLUMNS, rows
 
 
-def version(text_: str) -> Table:
-    return ["version"], [[f"pgsplit {text_}"]]
+def version(number: str) -> Table:
+    return ["version"], [[f"pgsplit {number}"]]
 
 
 # --- pgsplit's own: backends, consistency, cutover, migration --------------------------------
