@@ -131,13 +131,13 @@ class Console:
         log.info("admin console session %s opened by %s from %s", session.process_id, session.user, session.peer)
         skipping = False  # an extended-protocol message was refused: drop up to Sync
         while True:
-            try:
-                t, body = await inbox.message(MAX_QUERY, "in the admin console")
-            except wire.ProtocolViolation as exc:
-                raise ProtocolViolation(str(exc)) from None
+            t, body = await inbox.message(MAX_QUERY, "in the admin console")  # (08P01 past the limit)
             if t == wire.F_QUERY:
                 if not skipping:
-                    sql = wire.parse_query(body).decode("utf-8", "replace")
+                    try:
+                        sql = wire.parse_query(body).decode("utf-8", "replace")
+                    except wire.ProtocolViolation as exc:
+                        raise ProtocolViolation(str(exc)) from None
                     self.write(await self.query(sql) + wire.ready_for_query())
             elif t == wire.F_SYNC:
                 skipping = False

@@ -270,3 +270,14 @@ def test_a_console_client_that_leaves_mid_session_frees_its_slot(make_proxy) -> 
     assert out.returncode != 0 and "too many" in out.stderr  # the one slot is taken
     client.close()  # gone without a Terminate: the slot is free again
     wait_until(lambda: psql(proxy, "SHOW VERSION").returncode == 0, timeout=10)
+
+
+def test_a_message_out_of_place_ends_the_console_session_with_08p01(proxy) -> None:
+    with RawClient("127.0.0.1", proxy.port) as client:
+        client.login("app", APP_PASSWORD, "pgsplit")
+        client.send(message(b"d", b"stray copy data"))  # ignored outside COPY, as PostgreSQL does
+        assert client.query("SHOW VERSION").rows
+        client.send(message(b"p", b"a password, after login"))
+        fields = client.read_fatal_or_eof()
+        assert fields is not None and (fields["S"], fields["C"]) == ("FATAL", "08P01")
+        assert client.is_closed()
