@@ -17,6 +17,9 @@ import psycopg
 import pytest
 
 from helpers import wait_until
+from loadtest.harness import NodeSet, ProxyThread, config_text
+from loadtest.sandbox import Cluster
+from proxy.admin.show import CUTOVER_COLUMNS
 from rawclient import RawClient, message
 
 APP_PASSWORD = "app-secret"
@@ -281,3 +284,31 @@ def test_a_message_out_of_place_ends_the_console_session_with_08p01(proxy) -> No
         fields = client.read_fatal_or_eof()
         assert fields is not None and (fields["S"], fields["C"]) == ("FATAL", "08P01")
         assert client.is_closed()
+
+
+def test_show_cutover_and_backends_after_a_real_cutover() -> None:
+    """A cutover run over the HTTP API (to a physical standby of the primary) is what the
+    console then shows: the new active cluster and primary, and the last cutover's outcome."""
+    c = Cluster(0, name="console-co").start()
+    proxy = None
+    try:
+        c.add_standby("hop1")
+        c.wait_caught_up()
+        proxy = ProxyThread(config_text({"main": NodeSet.of(c, "primary"), "hop1": NodeSet.of(c, "hop1")},
+                                        sections={"admin": CONSOLE})).start()
+        before = dict(zip(CUTOVER_COLUMNS, psql(proxy, "SHOW CUTOVER").stdout.strip().split("|")))
+        assert (before["active_cluster"], before["last_result"]) == ("main", "")
+        request = urllib.request.Request(proxy.admin_url + "/v1/cutover", data=json.dumps({"target": "hop1"}).encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            summary = [json.loads(line) for line in response.read().splitlines() if line.strip()][-1]
+        assert summary["result"] == "success", summary
+        after = dict(zip(CUTOVER_COLUMNS, psql(proxy, "SHOW CUTOVER").stdout.strip().split("|")))
+        assert (after["active_cluster"], after["last_target"], after["last_result"]) == ("hop1", "hop1", "success")
+        assert after["last_at"].endswith(" UTC") and float(after["last_seconds"]) == pytest.approx(summary["seconds"], abs=0.001)
+        backends = [line.split("|")[:2] for line in psql(proxy, "SHOW BACKENDS").stdout.splitlines() if line]
+        assert backends == [["hop1_hop1", "primary"]]
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        c.stop()
