@@ -42,7 +42,7 @@ PAUSE_GRACE_S = 5.0  # PAUSE waits for cutover.pause_timeout_s, the drain's own 
 SERVER_VERSION = "16.0 (pgsplit admin console)"  # what drivers parse; no backend is asked
 
 # The extended protocol's messages: refused, then dropped up to Sync.
-_EXTENDED = frozenset((wire.F_PARSE, wire.F_BIND, wire.F_DESCRIBE, wire.F_EXECUTE, wire.F_CLOSE, wire.F_FLUSH))
+_EXTENDED = frozenset((wire.F_PARSE, wire.F_BIND, wire.F_DESCRIBE, wire.F_EXECUTE, wire.F_CLOSE))
 # Outside COPY PostgreSQL ignores these; so does the console.
 _IGNORED = frozenset((wire.F_COPY_DATA, wire.F_COPY_DONE, wire.F_COPY_FAIL))
 
@@ -125,32 +125,44 @@ class Console:
 
     async def run(self) -> None:
         """Answer the client until it sends Terminate or goes away (the inbox then raises
-        EOFError, and the session's end cancels this task wherever it waits)."""
+        EOFError, and the session's end cancels this task wherever it waits).
+
+        Flow control: a client that does not read its answers stops the console. Before
+        each message, and between the commands of one Query, the console waits while the
+        client's write buffer is above its high-water mark (its input is not read
+        meanwhile); the unread input is bounded by the session (CONSOLE_INBOX_MAX). The
+        wait ends when the client reads, or when it goes away (the session's end)."""
         session = self.session
         inbox = session.inbox
         log.info("admin console session %s opened by %s from %s", session.process_id, session.user, session.peer)
         skipping = False  # an extended-protocol message was refused: drop up to Sync
         while True:
+            await session.writable()
             t, body = await inbox.message(MAX_QUERY, "in the admin console")  # (08P01 past the limit)
+            session.console_input_taken()
             if t == wire.F_QUERY:
                 if not skipping:
                     try:
                         sql = wire.parse_query(body).decode("utf-8", "replace")
                     except wire.ProtocolViolation as exc:
                         raise ProtocolViolation(str(exc)) from None
-                    self.write(await self.query(sql) + wire.ready_for_query())
+                    await self.query(sql)
+                    self.write(wire.ready_for_query())
             elif t == wire.F_SYNC:
                 skipping = False
                 self.write(wire.ready_for_query())
             elif t == wire.F_TERMINATE:
                 session.close("client sent Terminate")
                 return
+            elif t == wire.F_FLUSH:
+                pass  # nothing is pending: nothing to send (PostgreSQL answers a lone Flush with nothing)
             elif t in _EXTENDED:
                 if not skipping:
                     skipping = True
                     self.write(self.extended_refusal().to_wire())
             elif t == wire.F_FUNCTION_CALL:
-                self.write(self.extended_refusal().to_wire() + wire.ready_for_query())
+                if not skipping:  # (in skip mode it is dropped up to Sync like the rest)
+                    self.write(self.extended_refusal().to_wire() + wire.ready_for_query())
             elif t not in _IGNORED:
                 raise ProtocolViolation(f"invalid frontend message type {t} in the admin console")
 
@@ -161,28 +173,32 @@ class Console:
 
     @staticmethod
     def extended_refusal() -> ProxyError:
-        return FeatureNotSupported(
+        error = FeatureNotSupported(
             "the pgsplit admin console takes simple queries only (the extended query protocol is not supported)",
             hint="send the command as a plain query: psql does; asyncpg's execute() without arguments does; "
                  "psycopg's execute() without parameters does, with prepare_threshold=None")
+        error.fatal = False  # an ERROR, not a FATAL: the session goes on (0A000 is fatal by default)
+        return error
 
-    async def query(self, sql: str) -> bytes:
-        """One Query message's answers: each command's, up to the first error."""
+    async def query(self, sql: str) -> None:
+        """One Query message's answers: each command's, up to the first error, written as
+        each is done (waiting while the client does not read)."""
         commands = statements(sql)
         if not commands:
-            return wire.EMPTY_QUERY
-        out = []
-        for command in commands:
+            self.write(wire.EMPTY_QUERY)
+            return
+        for index, command in enumerate(commands):
+            if index:
+                await self.session.writable()
             try:
-                out.append(await self.command(command))
+                self.write(await self.command(command))
             except ProxyError as exc:
-                out.append(exc.to_wire())
-                break
+                self.write(exc.to_wire())
+                return
             except Exception as exc:  # a bug in one command must not end the admin's session
                 log.exception("admin console command %r failed", command)
-                out.append(ProxyError(f"internal error in {command}: {exc!r}").to_wire())
-                break
-        return b"".join(out)
+                self.write(ProxyError(f"internal error in {command}: {exc!r}").to_wire())
+                return
 
     # --- the commands -------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -20,7 +22,8 @@ from helpers import wait_until
 from loadtest.harness import NodeSet, ProxyThread, config_text
 from loadtest.sandbox import Cluster
 from proxy.admin.show import CUTOVER_COLUMNS
-from rawclient import RawClient, message
+from proxy.session.client import CONSOLE_INBOX_MAX
+from rawclient import RawClient, error_fields, message, query_message
 
 APP_PASSWORD = "app-secret"
 MD5_PASSWORD = "md5-secret"
@@ -75,7 +78,9 @@ def test_psql_gets_every_show_command_and_help_lists_them(proxy) -> None:
     assert [(b[0], b[1], b[4]) for b in backends] == [
         ("main_primary", "primary", "1"), ("main_replica1", "replica", "1"), ("main_replica2", "replica", "1")]
     cutover = psql(proxy, "SHOW CUTOVER").stdout.strip().split("|")
-    assert cutover[:2] == ["main", cutover[1]] and cutover[3] == ""  # active "main", nothing in progress
+    generation = proxy.call(lambda: proxy.proxy.topology.current.generation)
+    # active "main" at the topology's generation, nothing in progress
+    assert cutover[:4] == ["main", str(generation), "main", ""]
 
     # several commands in one Query: each answered, up to an error
     both = psql(proxy, "SHOW VERSION; SHOW CONSISTENCY").stdout.splitlines()
@@ -258,7 +263,8 @@ def test_raw_protocol_resync_terminate_and_the_slot_is_released(proxy) -> None:
         assert kinds == ["E", "Z"]
         result = client.query("SHOW VERSION")
         assert result.rows[0][0].startswith("pgsplit ")
-        assert client.query("  ;  ").rows == []  # an empty query
+        # an empty query: EmptyQueryResponse and ReadyForQuery, no error
+        assert [kind for kind, _ in _answer_messages(client, query_message("  ;  "))] == ["I", "Z"]
         client.send(message(b"X"))
         assert client.is_closed()
     wait_until(lambda: proxy.call(lambda: len(proxy.proxy.sessions)) == before, timeout=5)
@@ -312,3 +318,106 @@ def test_show_cutover_and_backends_after_a_real_cutover() -> None:
         if proxy is not None:
             proxy.stop()
         c.stop()
+
+
+def _session_of(proxy, process_id: int):
+    return proxy.call(lambda: next(s for s in proxy.proxy.sessions if s.process_id == process_id))
+
+
+def test_a_client_that_does_not_read_its_answers_stops_the_console(proxy) -> None:
+    """Pipelined commands from a client that reads nothing: the proxy keeps at most its
+    write buffer's high-water mark (and one command's answer) and a bounded inbox, then
+    stops reading; the client reading again gets every answer, and leaving ends it."""
+    client = RawClient("127.0.0.1", proxy.port)
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.login("app", APP_PASSWORD, "pgsplit")
+        session = _session_of(proxy, client.backend_key[0])
+        one = query_message("SHOW CONFIG;SHOW HELP;SHOW CONFIG;SHOW HELP")
+        answer = len(b"".join(_raw_answer(client, one)))  # the bytes of one answer
+        pipeline = one * 20000  # answered in full, some 100 MB
+        client.sock.setblocking(False)
+        sent, stalled_since = 0, None
+        while sent < len(pipeline):
+            try:
+                sent += client.sock.send(pipeline[sent:sent + 65536])
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 2.0:
+                    break  # the proxy stopped reading
+                time.sleep(0.01)
+        time.sleep(0.5)
+        buffered = proxy.call(lambda: session.transport.get_write_buffer_size())
+        inbox = proxy.call(lambda: len(session.inbox.buf))
+        # (before: the proxy had read all and written hundreds of MB into its buffer)
+        assert buffered < 256 * 1024 + 4 * answer, (buffered, inbox, sent)
+        assert inbox <= CONSOLE_INBOX_MAX + 256 * 1024, (buffered, inbox, sent)
+        assert session.state.value == "console"
+    finally:
+        client.close()
+    # the client left without reading: the session ends (its paused reading is checked)
+    wait_until(lambda: proxy.call(lambda: session.state.value) == "closed", timeout=10)
+
+
+def _raw_answer(client: RawClient, query: bytes) -> list[bytes]:
+    """The messages answering one Query, up to ReadyForQuery, as bytes."""
+    client.send(query)
+    out = []
+    while True:
+        kind, body = client.read_message()
+        out.append(kind.encode() + struct.pack("!i", len(body) + 4) + body)
+        if kind == "Z":
+            return out
+
+
+def _answer_messages(client: RawClient, data: bytes) -> list[tuple[str, bytes]]:
+    """Send `data`; the messages read up to the next ReadyForQuery."""
+    client.send(data)
+    out = []
+    while True:
+        kind, body = client.read_message()
+        out.append((kind, body))
+        if kind == "Z":
+            return out
+
+
+def test_the_extended_protocol_refusal_is_an_error_and_the_session_goes_on(proxy) -> None:
+    with RawClient("127.0.0.1", proxy.port) as client:
+        client.login("app", APP_PASSWORD, "pgsplit")
+        answer = _answer_messages(client, message(b"P", b"\0SHOW POOLS\0\0\0") + message(b"S"))
+        assert [kind for kind, _ in answer] == ["E", "Z"]
+        fields = error_fields(answer[0][1])
+        assert (fields["S"], fields["V"], fields["C"]) == ("ERROR", "ERROR", "0A000")
+        assert client.query("SHOW VERSION").rows[0][0].startswith("pgsplit ")
+
+
+def test_a_lone_flush_is_answered_with_nothing_and_the_next_query_runs(proxy) -> None:
+    with RawClient("127.0.0.1", proxy.port) as client:
+        client.login("app", APP_PASSWORD, "pgsplit")
+        client.send(message(b"H"))
+        result = client.query("SHOW VERSION")
+        assert result.errors == [] and result.rows[0][0].startswith("pgsplit ")
+
+
+def test_a_function_call_in_the_skip_mode_is_dropped_up_to_sync(proxy) -> None:
+    call = message(b"F", b"\0\0\0\1\0\0\0\0\0\0\0\0")
+    with RawClient("127.0.0.1", proxy.port) as client:
+        client.login("app", APP_PASSWORD, "pgsplit")
+        # outside the skip mode: refused (an ERROR) with its ReadyForQuery
+        answer = _answer_messages(client, call)
+        assert [kind for kind, _ in answer] == ["E", "Z"] and error_fields(answer[0][1])["S"] == "ERROR"
+        # after a refused Parse: dropped with the rest, one ReadyForQuery at Sync
+        answer = _answer_messages(client, message(b"P", b"\0SHOW POOLS\0\0\0") + call + message(b"S"))
+        assert [kind for kind, _ in answer] == ["E", "Z"]
+        assert client.query("SHOW VERSION").rows[0][0].startswith("pgsplit ")
+
+
+def test_a_terminate_in_a_pipeline_ends_the_session_and_what_follows_is_not_run(proxy) -> None:
+    with RawClient("127.0.0.1", proxy.port) as client:
+        client.login("app", APP_PASSWORD, "pgsplit")
+        client.send(query_message("SHOW VERSION") + message(b"X") + query_message("PAUSE"))
+        assert client.read_result().rows[0][0].startswith("pgsplit ")
+        assert client.is_closed()
+    time.sleep(0.3)
+    assert proxy.call(lambda: (proxy.proxy.admin_ops._busy, proxy.proxy.dataplane.holding)) == (None, False)
