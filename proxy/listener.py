@@ -4,8 +4,9 @@ SCRAM-SHA-256 exchange, up to the first ReadyForQuery.
 Owns: everything a client sends before it is authenticated. No byte of it reaches a
 backend: only after SCRAM succeeds does the proxy borrow a server connection (to learn the
 parameter set and apply the client's startup settings). A client asking for the admin
-console's database ([admin] console_database) must be in [admin] console_users (refused
-before the password otherwise); once authenticated it is answered by the console
+console's database ([admin] console_database, while [admin] console_users is not empty)
+must be in console_users (refused after [[access]] and the password otherwise, so that
+who is an admin is not told to anyone else); once authenticated it is answered by the console
 (proxy.admin.console, through the host) and never reaches a backend. Must not know:
 units, routing, the console's commands.
 """
@@ -227,18 +228,15 @@ class Listener:
         if not user:
             raise InvalidAuthorization("no PostgreSQL user name specified in startup packet")
         database = params.pop("database", "") or user
-        admin = app.config.admin
-        console = database == admin.console_database
-        if console and user not in admin.console_users:
-            # Before the password and before [[access]]: the console is for its admins only.
-            raise InvalidAuthorization(
-                f'user "{user}" may not use the pgsplit admin console (database "{database}"): '
-                "it is not in [admin] console_users")
         # [[access]] decides before the password is asked, as pg_hba.conf does: a refused
         # client learns nothing of the password, and no byte reaches a backend.
         refused = app.refusal(user, database, _peer_host(session))
         if refused is not None:
             raise refused
+        # The console's database is the console's only while it has admins: without
+        # console_users a backend database of that name is reached as any other.
+        admin = app.config.admin
+        console = bool(admin.console_users) and database == admin.console_database
         options = params.pop("options", "")
         if options:
             params.update(parse_options(options))
@@ -251,6 +249,12 @@ class Listener:
         session.transport.write(wire.auth_request(wire.AUTH_SASL_CONTINUE, exchange.first(mechanism, client_first)))
         final = exchange.final(await self._expect_password_message(inbox))
         session.transport.write(wire.auth_request(wire.AUTH_SASL_FINAL, final))
+        if console and user not in admin.console_users:
+            # After the password, as for anyone (a decoy exchange for an unknown name): who
+            # is an admin is told only to a client that has authenticated.
+            raise InvalidAuthorization(
+                f'user "{user}" may not use the pgsplit admin console (database "{database}"): '
+                "it is not in [admin] console_users")
         session.user = user
         session.database = database
         # The limits count authenticated sessions (as PostgreSQL's CONNECTION LIMIT does,

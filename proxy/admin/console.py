@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from proxy import wire
 from proxy.admin import reload, show
 from proxy.admin.operations import AdminOps
-from proxy.errors import FeatureNotSupported, InvalidSyntax, ObjectNotInPrerequisiteState, ProtocolViolation, ProxyError
+from proxy.errors import FeatureNotSupported, InvalidAuthorization, InvalidSyntax, ObjectNotInPrerequisiteState, ProtocolViolation, ProxyError
 from proxy.server.pool import Pools
 from proxy.session.client import ClientSession
 from proxy.session.stream import State
@@ -147,6 +147,8 @@ class Console:
                     except wire.ProtocolViolation as exc:
                         raise ProtocolViolation(str(exc)) from None
                     await self.query(sql)
+                    if session.state is State.CLOSED:  # (a fatal error ended it)
+                        return
                     self.write(wire.ready_for_query())
             elif t == wire.F_SYNC:
                 skipping = False
@@ -194,6 +196,8 @@ class Console:
                 self.write(await self.command(command))
             except ProxyError as exc:
                 self.write(exc.to_wire())
+                if exc.fatal:
+                    self.session.close(exc.message)
                 return
             except Exception as exc:  # a bug in one command must not end the admin's session
                 log.exception("admin console command %r failed", command)
@@ -202,7 +206,17 @@ class Console:
 
     # --- the commands -------------------------------------------------------------------------------
 
+    def still_admin(self) -> None:
+        """The login's rights are checked again at each command: a reload that took the
+        user out of [admin] console_users or out of [[users]] ends its console (FATAL 28000)."""
+        config = self.host.config
+        user = self.session.user
+        if user not in config.admin.console_users or all(u.name != user for u in config.users):
+            raise InvalidAuthorization(f'user "{user}" may no longer use the pgsplit admin console: '
+                                       "it is not in [admin] console_users (or not a [[users]] name) any more")
+
     async def command(self, command: str) -> bytes:
+        self.still_admin()
         key = command.upper()
         build = self.shows.get(key)
         if build is not None:

@@ -23,7 +23,7 @@ from loadtest.harness import NodeSet, ProxyThread, config_text
 from loadtest.sandbox import Cluster
 from proxy.admin.show import CUTOVER_COLUMNS
 from proxy.session.client import CONSOLE_INBOX_MAX
-from rawclient import RawClient, error_fields, message, query_message
+from rawclient import RawClient, ServerError, error_fields, message, query_message
 
 APP_PASSWORD = "app-secret"
 MD5_PASSWORD = "md5-secret"
@@ -99,12 +99,17 @@ def test_unknown_command_is_42601_and_the_session_goes_on(proxy) -> None:
         assert rows(conn, "SHOW VERSION")[0]["version"].startswith("pgsplit ")
 
 
-def test_a_non_admin_is_refused_before_the_password(proxy, cluster) -> None:
+def _login_attempt(proxy, user: str, password: str, database: str = "pgsplit") -> tuple[list[int], dict]:
+    """(the authentication requests the proxy made, the FATAL it then sent)."""
     with RawClient("127.0.0.1", proxy.port) as client:
-        with pytest.raises(Exception) as info:
-            client.login("app_md5", MD5_PASSWORD, "pgsplit")
-        assert client.auth_codes == [], "the proxy asked for a password before refusing"
-    fields = info.value.fields
+        with pytest.raises(ServerError) as info:
+            client.login(user, password, database)
+        return client.auth_codes, info.value.fields
+
+
+def test_a_non_admin_is_refused_only_after_the_password(proxy) -> None:
+    codes, fields = _login_attempt(proxy, "app_md5", MD5_PASSWORD)
+    assert codes == [10, 11, 12], "the refusal came before the password was checked"
     assert (fields["S"], fields["C"]) == ("FATAL", "28000")
     assert fields["M"] == ('user "app_md5" may not use the pgsplit admin console (database "pgsplit"): '
                            "it is not in [admin] console_users")
@@ -114,10 +119,55 @@ def test_a_non_admin_is_refused_before_the_password(proxy, cluster) -> None:
     assert psql(proxy, "SHOW POOLS", password="wrong").returncode != 0
 
 
-def test_without_console_users_nobody_gets_the_console(make_proxy) -> None:
+def test_who_is_an_admin_is_not_told_to_a_client_without_the_password(proxy) -> None:
+    """An admin, a non-admin and an unknown name, each with a wrong password: the same
+    exchange and the same error, but for the name."""
+    seen = []
+    for user in ("app", "app_md5", "nosuchuser"):
+        codes, fields = _login_attempt(proxy, user, "not-the-password")
+        seen.append((codes, fields["S"], fields["C"], fields["M"].replace(user, "USER")))
+    assert seen[0] == seen[1] == seen[2], seen
+    assert seen[0][:3] == ([10, 11], "FATAL", "28P01")
+
+
+def test_access_rules_refuse_the_console_as_any_database_before_the_password(cluster) -> None:
+    text = config_text({"main": cluster}, sections={"admin": CONSOLE}) + (
+        '\n[[access]]\naddresses = ["127.0.0.1/32"]\naction = "reject"\n')
+    proxy = ProxyThread(text).start()
+    try:
+        seen = []
+        for user, password in (("app", APP_PASSWORD), ("app_md5", MD5_PASSWORD), ("nosuchuser", "x")):
+            codes, fields = _login_attempt(proxy, user, password)
+            seen.append((codes, fields["C"], fields["M"].replace(user, "USER")))
+        assert seen[0] == seen[1] == seen[2] and seen[0][:2] == ([], "28000"), seen
+    finally:
+        proxy.stop()
+
+
+def test_without_console_users_the_console_database_is_a_backend_database(make_proxy) -> None:
     proxy = make_proxy()
-    out = psql(proxy, "SHOW POOLS")
-    assert out.returncode != 0 and "not in [admin] console_users" in out.stderr
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(proxy.dsn("app", dbname="pgsplit"), connect_timeout=10).close()
+    # the backend answered: no database of that name in the sandbox
+    assert 'database "pgsplit" does not exist' in str(info.value)
+    assert "console" not in str(info.value)
+
+
+def test_an_admin_taken_out_of_console_users_by_a_reload_loses_the_console(proxy, tmp_path) -> None:
+    path = tmp_path / "pgsplit.toml"
+    path.write_text(proxy.text.replace('console_users = ["app"]', 'console_users = ["app_md5"]'))
+    proxy.call(lambda: setattr(proxy.proxy, "config_path", str(path)))
+    with RawClient("127.0.0.1", proxy.port) as client, RawClient("127.0.0.1", proxy.port) as other:
+        client.login("app", APP_PASSWORD, "pgsplit")
+        other.login("app", APP_PASSWORD, "pgsplit")
+        reloaded = client.query("RELOAD")
+        assert reloaded.tags == ["RELOAD"] and not reloaded.errors
+        for c in (client, other):
+            c.send(query_message("SHOW VERSION"))
+            fields = c.read_fatal_or_eof()
+            assert fields is not None and (fields["S"], fields["C"]) == ("FATAL", "28000"), fields
+            assert "may no longer use the pgsplit admin console" in fields["M"]
+    assert psql(proxy, "SHOW VERSION", user="app_md5", password=MD5_PASSWORD).returncode == 0
 
 
 def test_show_clients_lists_a_second_client_and_pools_follow_its_transaction(proxy) -> None:
