@@ -62,6 +62,8 @@ class AdminOps:
     def __init__(self, process: Process):
         self.process = process
         self._busy: str | None = None  # "cutover" or "pause" while one is in progress: one at a time
+        self._pause: object | None = None  # the pause in force or still draining (its own token)
+        self._pausing = False  # the pause's drain has not returned yet: RESUME waits for it
         self.migration_watches: dict[str, Watch] = {}  # target cluster -> its watch
         self.migrations_finished: dict[str, dict] = {}  # target cluster -> how its cutover ended it
         self._migration_locks: dict[str, asyncio.Lock] = {}
@@ -102,7 +104,7 @@ class AdminOps:
         dataplane = self.process.dataplane
         paused_at = dataplane.paused_at
         return {"active": self.config.active, "generation": self.process.topology.current.generation,
-                "clusters": sorted(self.config.clusters), "in_progress": self._busy,
+                "clusters": sorted(self.config.clusters), "in_progress": "pausing" if self._pausing else self._busy,
                 "paused_seconds": None if paused_at is None else time.monotonic() - paused_at,
                 "units_held": dataplane.held_units, "last": self.last_cutover}
 
@@ -134,15 +136,22 @@ class AdminOps:
             raise CutoverBusy(f"a {self._busy} is in progress")
         dataplane = self.process.dataplane
         self._busy = "pause"
+        self._pause = token = object()
+        self._pausing = True
         dataplane.hold()
         try:
             drained = await dataplane.drain(timeout_s or self.config.cutover.pause_timeout_s)
         except BaseException as exc:
-            dataplane.release()
-            self._busy = None
+            # A failed drain releases its own pause only, never one taken after it.
+            if self._pause is token:
+                dataplane.release()
+                self._busy = self._pause = None
+                self._pausing = False
             if isinstance(exc, TimeoutError):
                 raise ValueError(f"not paused: {exc}") from exc
             raise
+        if self._pause is token:
+            self._pausing = False
         log.info("traffic paused by the admin API (drained in %.1f ms)", drained.seconds * 1000)
         return {"paused": True, "drain_seconds": round(drained.seconds, 4),
                 "waited_for_units": drained.waited_for_units}
@@ -153,9 +162,12 @@ class AdminOps:
             raise CutoverBusy("a cutover is in progress; it resumes traffic itself")
         if self._busy != "pause":
             raise ValueError("traffic is not paused")
+        if self._pausing:
+            raise CutoverBusy("a pause is still waiting for the units in flight to finish (at most "
+                              "cutover.pause_timeout_s); resume once it has returned")
         dataplane = self.process.dataplane
         paused = dataplane.release()
-        self._busy = None
+        self._busy = self._pause = None
         log.info("traffic resumed by the admin API after %.3f s (%d units held)", paused, dataplane.held_units)
         return {"resumed": True, "pause_seconds": round(paused, 4), "units_held": dataplane.held_units}
 

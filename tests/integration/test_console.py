@@ -471,3 +471,42 @@ def test_a_terminate_in_a_pipeline_ends_the_session_and_what_follows_is_not_run(
         assert client.is_closed()
     time.sleep(0.3)
     assert proxy.call(lambda: (proxy.proxy.admin_ops._busy, proxy.proxy.dataplane.holding)) == (None, False)
+
+
+class _BusySession:
+    """A session with a unit in flight until `until` (what a drain waits for)."""
+
+    def __init__(self, seconds: float):
+        self.until = time.monotonic() + seconds
+
+    def activity(self) -> tuple[bool, bool]:
+        return time.monotonic() < self.until, False
+
+
+def test_resume_is_refused_while_a_pause_drains_and_a_failed_drain_releases_only_its_own_pause(make_proxy) -> None:
+    proxy = make_proxy(admin=CONSOLE, cutover={"pause_timeout_s": 2.0})
+    busy = _BusySession(2.5)  # longer than the pause's drain may take
+    proxy.call(lambda: proxy.proxy.sessions.add(busy))
+    try:
+        with RawClient("127.0.0.1", proxy.port) as a, RawClient("127.0.0.1", proxy.port) as b:
+            a.login("app", APP_PASSWORD, "pgsplit")
+            b.login("app", APP_PASSWORD, "pgsplit")
+            a.send(query_message("PAUSE"))
+            wait_until(lambda: proxy.call(lambda: proxy.proxy.dataplane.holding), timeout=5)
+            assert b.query("SHOW CUTOVER").rows[0][CUTOVER_COLUMNS.index("in_progress")] == "pausing"
+            resumed = b.query("RESUME")
+            assert [e["C"] for e in resumed.errors] == ["55000"]
+            assert "still waiting for the units in flight" in resumed.errors[0]["M"]
+            again = b.query("PAUSE")
+            assert [e["C"] for e in again.errors] == ["55000"]
+            assert proxy.call(lambda: proxy.proxy.dataplane.holding)  # the first pause still holds
+            failed = a.read_result()
+            assert [e["C"] for e in failed.errors] == ["55000"] and "not paused" in failed.errors[0]["M"]
+            assert proxy.call(lambda: (proxy.proxy.dataplane.holding, proxy.proxy.admin_ops._busy)) == (False, None)
+            # the next pause is a pause of its own, and RESUME ends it
+            busy.until = 0.0
+            assert b.query("PAUSE").tags == ["PAUSE"]
+            assert b.query("RESUME").tags == ["RESUME"]
+            assert proxy.call(lambda: proxy.proxy.dataplane.holding) is False
+    finally:
+        proxy.call(lambda: proxy.proxy.sessions.discard(busy))
