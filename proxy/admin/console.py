@@ -247,23 +247,26 @@ class Console:
         """Run an admin operation in a task of the process, so that a client leaving does not
         cut it in half (a reload's swap, a pause taking effect), and wait at most `seconds`
         for it. A refused operation (ValueError: not paused, one already in progress, an
-        invalid file) is a 55000 error with its message."""
+        invalid file) is a 55000 error with its message; so is a timeout of the operation's
+        own (TimeoutError), told apart from the console's wait running out."""
 
-        async def outcome() -> tuple[dict | None, ValueError | None]:
+        async def outcome() -> tuple[dict | None, ValueError | TimeoutError | None]:
             try:
                 return await operation, None
-            except ValueError as exc:
+            except (ValueError, TimeoutError) as exc:
                 return None, exc
 
         task = self.host.spawn(outcome())
-        started = time.monotonic()
         try:
             async with asyncio.timeout(seconds):
                 result, refused = await asyncio.shield(task)
         except TimeoutError:
             raise ObjectNotInPrerequisiteState(
-                f"{name} did not finish within {time.monotonic() - started:.0f} s; it goes on in the proxy "
+                f"{name} did not finish within {seconds:g} s; it goes on in the proxy "
                 "(SHOW CUTOVER tells when it is done)") from None
+        if isinstance(refused, TimeoutError):
+            raise ObjectNotInPrerequisiteState(f"{name} failed: a step of it timed out"
+                                               + (f" ({refused})" if str(refused) else ""))
         if refused is not None:
             raise ObjectNotInPrerequisiteState(str(refused))
         return result

@@ -185,3 +185,43 @@ def test_a_reload_applies_the_console_keys_and_keeps_the_rest_of_admin() -> None
     assert change.config.admin.port == 9930
     only = compare(old, config('port = 9930\nconsole_users = ["app", "ops"]\n'))
     assert only.applied == ("admin.console_users",) and only.needs_restart == ()
+
+
+def test_bounded_tells_an_operations_own_timeout_from_the_wait_running_out() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from proxy.admin.console import Console
+    from proxy.errors import ObjectNotInPrerequisiteState
+
+    async def own_timeout() -> dict:
+        raise TimeoutError("the monitor did not answer")
+
+    async def slow() -> dict:
+        await asyncio.sleep(5)
+        return {}
+
+    async def refused() -> dict:
+        raise ValueError("traffic is not paused")
+
+    async def go() -> list[str]:
+        tasks: list[asyncio.Task] = []
+
+        def spawn(coro):
+            tasks.append(asyncio.ensure_future(coro))
+            return tasks[-1]
+
+        console = Console(SimpleNamespace(spawn=spawn), session=None)
+        messages = []
+        for operation, seconds in ((own_timeout(), 5.0), (slow(), 0.05), (refused(), 5.0)):
+            with pytest.raises(ObjectNotInPrerequisiteState) as info:
+                await console.bounded(operation, seconds, "RELOAD")
+            messages.append(info.value.message)
+        for task in tasks:
+            task.cancel()
+        return messages
+
+    own, waited, no = asyncio.run(go())
+    assert own == "RELOAD failed: a step of it timed out (the monitor did not answer)"
+    assert waited.startswith("RELOAD did not finish within 0.05 s; it goes on in the proxy")
+    assert no == "traffic is not paused"
