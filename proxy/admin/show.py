@@ -186,8 +186,11 @@ def databases(infos: Iterable[DatabaseInfo], pool_size: int, mode: str, paused: 
 
 def flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """The config as (dotted key, value): tables become key prefixes, arrays of tables
-    ([[users]], [[access]]) take their index ("users.0.name"), other lists stay values."""
+    ([[users]], [[access]]) take their index ("users.0.name"), other lists stay values;
+    an empty table or list is one row of its own ("{}", "[]")."""
     if isinstance(data, Mapping):
+        if not data and prefix:
+            return [(prefix, {})]  # an empty table is shown as an empty list is: its key, "{}"
         out: list[tuple[str, Any]] = []
         for key, value in data.items():
             out += flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
@@ -213,6 +216,8 @@ def config(redacted: Mapping[str, Any], restart_only: Iterable[str]) -> Table:
         shown = json.dumps(value) if isinstance(value, (list, dict)) else value
         if isinstance(shown, bool):
             shown = "true" if shown else "false"  # as the file says it (text() gives 1/0)
+        elif isinstance(shown, float):
+            shown = repr(shown)  # the configured value, not rounded as text() rounds measurements
         rows.append([key, shown, changeable(key)])
     return CONFIG_COLUMNS, rows
 

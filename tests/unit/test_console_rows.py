@@ -109,6 +109,18 @@ def test_config_rows_mask_every_secret_and_say_what_a_reload_changes() -> None:
 def test_flatten_indexes_arrays_of_tables_and_keeps_other_lists_as_values() -> None:
     assert show.flatten({"a": {"b": 1, "c": [1, 2]}, "u": [{"n": "x"}, {"n": "y"}], "e": []}) == [
         ("a.b", 1), ("a.c", [1, 2]), ("u.0.n", "x"), ("u.1.n", "y"), ("e", [])]
+    # an empty table is shown as an empty list is
+    assert show.flatten({"databases": {}, "access": [], "t": {"inner": {}}}) == [
+        ("databases", {}), ("access", []), ("t.inner", {})]
+
+
+def test_config_rows_show_floats_as_configured_and_empty_tables_like_empty_lists() -> None:
+    c = parse_config(BASE + "\n[cutover]\npause_timeout_s = 0.0125\n", source="test.toml", env=ENV)
+    columns, rows = show.config(c.redacted_dict(), restart_only_keys())
+    shown = {r[0]: show.text(r[1]) for r in rows}
+    assert shown["cutover.pause_timeout_s"] == "0.0125"
+    assert c.databases == {} and shown["databases"] == "{}"
+    assert c.access == () and shown["access"] == "[]"
 
 
 def test_backends_rows_come_from_the_status_dict() -> None:
