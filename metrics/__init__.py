@@ -60,14 +60,15 @@ class UnitStats:
         self.durations: dict[str, FastHistogram] = {}
         # pgsplit_consistency_waits_total: bumped once per such read, so a plain dict
         self.consistency: dict[str, int] = {"immediate": 0, "waited": 0, "fallback": 0}
-        # database (as clients name it) -> [transactions, units, unit time in microseconds]
-        self.databases: dict[str, list[int]] = {}
+        # database (as clients name it) -> [transactions, units, unit time in seconds (a float:
+        # the hot path adds what it measured; SHOW STATS turns it into microseconds)]
+        self.databases: dict[str, list] = {}
 
-    def database_counters(self, database: str) -> list[int]:
+    def database_counters(self, database: str) -> list:
         """The counters a session of `database` bumps in place (looked up once per session)."""
         counters = self.databases.get(database)
         if counters is None:
-            counters = self.databases[database] = [0, 0, 0]
+            counters = self.databases[database] = [0, 0, 0.0]
         return counters
 
     def record(self, backend: str, role: str, kind: str, seconds: float) -> None:

@@ -153,12 +153,13 @@ def pools(infos: Iterable[PoolInfo], holders: Mapping[tuple[str, str, str], int]
 STATS_COLUMNS = ["database", "total_xact_count", "total_query_count", "total_query_time"]
 
 
-def stats(counters: Mapping[str, list[int]]) -> Table:
+def stats(counters: Mapping[str, list]) -> Table:
     """Per database since the start, from metrics.UnitStats.databases: transactions
     ended (a lone statement's too, as PgBouncer counts), units of work (a Query, or an
     extended-protocol group up to Sync: what PgBouncer counts as a query), and the
-    microseconds from each unit's first byte to its ReadyForQuery."""
-    return STATS_COLUMNS, [[db, c[0], c[1], c[2]] for db, c in sorted(counters.items())]
+    microseconds from each unit's first byte to its ReadyForQuery (kept as float seconds,
+    which the sessions add without a conversion per unit)."""
+    return STATS_COLUMNS, [[db, c[0], c[1], round(c[2] * 1_000_000)] for db, c in sorted(counters.items())]
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self.connected_at = time.time()  # (SHOW CLIENTS)
         self.application_name = ""
         self._write_waiter: asyncio.Future | None = None  # the console's, while the client does not read
-        self._db_counters = [0, 0, 0]  # transactions, units, unit µs of its database (SHOW STATS)
+        self._db_counters: list = [0, 0, 0.0]  # transactions, units, unit seconds of its database (SHOW STATS)
 
     # --- what others may read ----------------------------------------------------------------
 
@@ -473,7 +473,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
             self._record(step.backend, step.role, "write" if step.writes else "read", seconds)
             counters = self._db_counters
             counters[1] += 1
-            counters[2] += int(seconds * 1_000_000)
+            counters[2] += seconds  # (a float add; SHOW STATS gives microseconds)
             if step.status == TX_IDLE:  # a transaction ended (a lone statement's too), as PgBouncer counts
                 counters[0] += 1
             if step.writes or step.analyses or step.status != TX_IDLE or tx.wrote or tx.effects or tx.failed:
