@@ -8,10 +8,12 @@ connection: no byte of it reaches a backend. The SHOW rows are built by proxy.ad
 PAUSE, RESUME, RELOAD and the cutover and migration states are AdminOps' (the HTTP API's
 operations, so both give the same results).
 
-Protocol: simple Query only. An extended-protocol message gets one 0A000 error and the
-messages up to its Sync are dropped (then ReadyForQuery), as PostgreSQL does after an
-error; the session goes on. Commands are case-insensitive, several in one Query run in
-order up to the first error.
+Protocol: simple Query only. An extended-protocol message gets one 0A000 error (an ERROR:
+the session goes on) and the messages up to its Sync are dropped, a FunctionCall among
+them (then ReadyForQuery), as PostgreSQL does after an error; a lone Flush is answered
+with nothing. Commands are case-insensitive, several in one Query run in order up to the
+first error. The login's rights are checked again at each command (a reload may have
+revoked them). A client that does not read its answers stops the console (see run()).
 Must not know: the handshake (proxy.listener), sessions' internals beyond what SHOW
 CLIENTS reads, HTTP.
 """
