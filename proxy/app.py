@@ -16,6 +16,7 @@ import time
 
 from metrics import Metrics
 from proxy.access import ClientCounts, refusal
+from proxy.admin import console
 from proxy.admin.http import Admin
 from proxy.admin.operations import AdminOps
 from proxy.auth import ScramExchange, Verifiers
@@ -207,6 +208,14 @@ class Proxy:
         """Count an authenticated session against max_client_connections of its user and
         its database, or raise 53300; client_closed releases it."""
         self.client_limits.admit(session, session.user, session.database, self.settings.limits)
+
+    def console_parameters(self, params: dict[str, str]) -> dict[str, str]:
+        """The parameters an admin console client is shown at login (no backend is asked)."""
+        return console.startup_parameters(params)
+
+    async def run_console(self, session: ClientSession) -> None:
+        """Answer an authenticated admin console client until it leaves (proxy.admin.console)."""
+        await console.Console(self, session).run()
 
     def register_session(self, session: ClientSession) -> tuple[int, bytes]:
         while True:

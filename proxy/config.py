@@ -206,7 +206,8 @@ def _is_loopback(host: str) -> bool:
 
 
 class AdminConfig(BaseModel):
-    """The admin HTTP endpoint: /metrics, /healthz, /v1/* ([admin])."""
+    """The admin HTTP endpoint: /metrics, /healthz, /v1/* ([admin]), and who may use the
+    admin console over the PostgreSQL protocol (proxy.admin.console)."""
 
     model_config = _FROZEN
 
@@ -214,6 +215,10 @@ class AdminConfig(BaseModel):
     port: Port = 9930
     token: Secret | None = None
     token_env: Name | None = None
+    # [[users]] names that may log in to the console database (none: no console).
+    console_users: tuple[Name, ...] = ()
+    # The database name a client asks for to get the console instead of a backend.
+    console_database: Name = "pgsplit"
 
     @model_validator(mode="before")
     @classmethod
@@ -599,6 +604,12 @@ class Config(BaseModel):
                     if name not in seen:
                         problems.append((("access", index, "users", position),
                                          f"{name!r} is not a [[users]] name (known: {', '.join(sorted(seen))})"))
+
+        # The console's admins authenticate as [[users]]: a misspelt name would be nobody.
+        for position, name in enumerate(self.admin.console_users):
+            if name not in seen:
+                problems.append((("admin", "console_users", position),
+                                 f"{name!r} is not a [[users]] name (known: {', '.join(sorted(seen))})"))
 
         if self.active not in self.clusters:
             problems.append((("active",), f"{self.active!r} is not a cluster "

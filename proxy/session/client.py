@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import time
 from time import perf_counter
 from typing import Any, Coroutine
 
@@ -50,6 +51,7 @@ TX_IDLE = wire.TX_IDLE
 _FORWARD = StepKind.FORWARD
 LINGER_S = 2.0  # how long a closed session's socket still takes the client's input
 PAUSED_CHECK_S = 1.0  # how often a client whose reading is paused is checked for a hang-up
+CONSOLE_INBOX_MAX = 256 * 1024  # an admin console client's unread input past this stops the reading
 
 
 def peer_hung_up(transport: asyncio.BaseTransport) -> bool:
@@ -110,6 +112,10 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self._unit_key = ("", "")  # (backend name, role) of the attached server, for metrics
         self._record = host.metrics.units.record
         self._handshake_task: asyncio.Task | None = None
+        self.connected_at = time.time()  # (SHOW CLIENTS)
+        self.application_name = ""
+        self._write_waiter: asyncio.Future | None = None  # the console's, while the client does not read
+        self._db_counters: list = [0, 0, 0.0]  # transactions, units, unit seconds of its database (SHOW STATS)
 
     # --- what others may read ----------------------------------------------------------------
 
@@ -169,8 +175,10 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
                 data = self._stash + data
                 self._stash = b""
             self._process(data)
-        elif self.state is State.HANDSHAKE and self.inbox is not None:
-            self.inbox.feed(data)
+        elif self.inbox is not None and self.state is not State.CLOSED:
+            self.inbox.feed(data)  # the handshake's, or the admin console's
+            if self.state is State.CONSOLE and len(self.inbox.buf) > CONSOLE_INBOX_MAX:
+                self.pause_reading("console input")  # until the console has taken its messages
 
     def eof_received(self) -> bool:
         return False
@@ -196,6 +204,33 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         self._write_paused = False
         if self.server is not None and self.server.transport is not None:
             self.server.transport.resume_reading()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def writable(self) -> None:
+        """Return once the client's write buffer is below its high-water mark (at once
+        when it is): the admin console's flow control. Meanwhile the client's input is
+        not read. Bounded by the client: reading ends it, and so does leaving (the paused
+        reading's check closes the session, which wakes this and cancels the console)."""
+        while self._write_paused and self.state is not State.CLOSED:
+            self.pause_reading("console output")
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
+                self.resume_reading("console output")
+
+    def console_input_taken(self) -> None:
+        """The console took a message from the inbox: read the client again once the
+        unread input is back under CONSOLE_INBOX_MAX."""
+        if "console input" in self._pause_reasons and self.inbox is not None \
+                and len(self.inbox.buf) <= CONSOLE_INBOX_MAX:
+            self.resume_reading("console input")
 
     def pause_reading(self, reason: str = "server") -> None:
         if not self._pause_reasons and self.transport is not None:
@@ -268,6 +303,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def _cleanup(self) -> None:
+        self._wake_writer()
         if self._routing is not None:
             self._routing.cancel()
             self._routing = None
@@ -298,6 +334,7 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
     def start(self, leftover: bytes) -> None:
         self.state = State.READY
         self.inbox = None
+        self._db_counters = self.host.metrics.units.database_counters(self.database)
         if leftover:
             self._process(leftover)
 
@@ -432,7 +469,13 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
         if step.status != tx.status:
             tx.ready(step.status)
         if step.kind is _FORWARD:
-            self._record(step.backend, step.role, "write" if step.writes else "read", perf_counter() - step.t0)
+            seconds = perf_counter() - step.t0
+            self._record(step.backend, step.role, "write" if step.writes else "read", seconds)
+            counters = self._db_counters
+            counters[1] += 1
+            counters[2] += seconds  # (a float add; SHOW STATS gives microseconds)
+            if step.status == TX_IDLE:  # a transaction ended (a lone statement's too), as PgBouncer counts
+                counters[0] += 1
             if step.writes or step.analyses or step.status != TX_IDLE or tx.wrote or tx.effects or tx.failed:
                 commit_async = tx.after_unit(step, self.carried, self.server)
                 if tx.changed_schema and tx.schema_settled():
