@@ -16,13 +16,14 @@ from proxy.config import Config, parse_config
 
 
 def demo_config(cluster, port: int, admin_port: int, next_cluster=None) -> Config:
-    """A config for the sandbox: its primary and replicas as cluster "sandbox"; with
-    `next_cluster` (`pgsplit demo --migrate`), its primary as cluster "next" (backend
-    "next"), the target of `pgsplit migrate ... next` and `pgsplit cutover next`."""
+    """A config for the sandbox: its primary and replicas as cluster "sandbox" (its first
+    user an admin of the console); with `next_cluster` (`pgsplit demo --migrate`), its
+    primary as cluster "next" (backend "next"), the target of `pgsplit migrate ... next`
+    and `pgsplit cutover next`."""
     lines = [
         'active = "sandbox"',
         f'[listen]\nhost = "127.0.0.1"\nport = {port}',
-        f'[admin]\nhost = "127.0.0.1"\nport = {admin_port}',
+        f'[admin]\nhost = "127.0.0.1"\nport = {admin_port}\nconsole_users = ["{next(iter(cluster.users))}"]',
     ]
     for user, password in cluster.users.items():
         lines.append(f'[[users]]\nname = "{user}"\npassword = "{password}"')
@@ -78,6 +79,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"  {'next':<10} 127.0.0.1:{target.primary.port} (PostgreSQL {target.major_version}, "
                       "cluster \"next\": the migration's target)")
             print(f"\n  connect:  psql '{url}'")
+            print(f"  console:  psql '{url.rsplit('/', 1)[0]}/pgsplit' -c 'SHOW HELP'")
             print(f"  metrics:  http://127.0.0.1:{proxy.admin.port}/metrics")
             print(f"  status:   pgsplit status {admin}")
             if target is not None:

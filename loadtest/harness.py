@@ -154,7 +154,7 @@ class ProxyThread:
 
     def dsn(self, user: str = "app", password: str | None = None, dbname: str = "app", **params: str) -> str:
         if password is None:
-            password = {u.name: u.secret() for u in self.config.users}.get(user, "")
+            password = {u.name: u.secret() for u in self.config.users}.get(user) or ""
         extra = "".join(f"&{k}={v}" for k, v in params.items())
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}?sslmode=disable{extra}"
 

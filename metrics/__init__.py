@@ -51,14 +51,25 @@ class FastHistogram:
 
 
 class UnitStats:
-    """Units of work by (backend, role, kind), their durations by role, and reads that
-    carried a read-your-writes token by outcome."""
+    """Units of work by (backend, role, kind), their durations by role, reads that carried
+    a read-your-writes token by outcome, and per database the counters of the admin
+    console's SHOW STATS."""
 
     def __init__(self) -> None:
         self.units: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, FastHistogram] = {}
         # pgsplit_consistency_waits_total: bumped once per such read, so a plain dict
         self.consistency: dict[str, int] = {"immediate": 0, "waited": 0, "fallback": 0}
+        # database (as clients name it) -> [transactions, units, unit time in seconds (a float:
+        # the hot path adds what it measured; SHOW STATS turns it into microseconds)]
+        self.databases: dict[str, list] = {}
+
+    def database_counters(self, database: str) -> list:
+        """The counters a session of `database` bumps in place (looked up once per session)."""
+        counters = self.databases.get(database)
+        if counters is None:
+            counters = self.databases[database] = [0, 0, 0.0]
+        return counters
 
     def record(self, backend: str, role: str, kind: str, seconds: float) -> None:
         key = (backend, role, kind)

@@ -16,18 +16,21 @@ import time
 
 from metrics import Metrics
 from proxy.access import ClientCounts, refusal
+from proxy.admin import console
 from proxy.admin.http import Admin
 from proxy import compiled
 from proxy.admin.operations import AdminOps
-from proxy.auth import Verifiers
+from proxy.auth import ScramExchange, Verifiers
 from proxy.config import Config
 from proxy.process import warmup
 from proxy.process.consistency import ReadYourWrites
 from proxy.process.login import Logins
+from proxy.process.lookup import UserLookup
 from proxy.dataplane import DataPlane
 from proxy.errors import AdminShutdown, ConnectionFailure, ProxyError, ServerError
 from proxy.listener import Listener, new_cancel_key
-from proxy.process.wiring import backend_specs, runtime_settings, ssl_context
+from proxy.process.wiring import backend_specs, keeps_client_key, runtime_settings, ssl_context
+from proxy.scram import ScramKeys, Verifier
 from proxy.server.pool import Pool, Pools
 from proxy.session.client import ClientSession, State
 from router.classify.classifier import Classifier
@@ -46,7 +49,8 @@ class Proxy:
         self.config_path = config_path  # what SIGHUP and POST /v1/reload read again
         self.metrics = metrics or Metrics()
         settings = runtime_settings(config)
-        self.verifiers = Verifiers(settings.passwords)
+        self.verifiers = Verifiers(settings.passwords, settings.verifiers)
+        self.lookup = UserLookup(settings.lookup) if settings.lookup is not None else None
         self.classifier = Classifier(config.routing.classify_cache_size)
         self.session_pooling = config.pool.mode == "session"
         self.settings = settings  # built from self.config; swapped with it on reload
@@ -115,6 +119,8 @@ class Proxy:
         await self.admin_ops.stop()
         await self.monitor.stop()
         await self.lsn_fetcher.aclose()
+        if self.lookup is not None:
+            self.lookup.close()
         self.pools.close()
         for task in list(self._tasks):
             task.cancel()
@@ -189,10 +195,33 @@ class Proxy:
         """[[access]]'s verdict on a client (proxy.access), before it is asked a password."""
         return refusal(self.settings.access, user, database, host)
 
+    async def look_up(self, user: str) -> Verifier | None:
+        """The verifier [auth_query] finds on the active primary for a user not in
+        [[users]]; None without [auth_query] (the user is then unknown)."""
+        if user in self.verifiers or self.lookup is None:
+            return None
+        return await self.lookup.verifier(user, self.topology.current.primary)
+
+    def logged_in(self, user: str, exchange: ScramExchange) -> None:
+        """A client proved its password: for a user pgsplit has no password of, its
+        ClientKey logs the user in to the backends from now on."""
+        if exchange.client_key is not None:
+            keys = ScramKeys(exchange.verifier, exchange.client_key)
+            if keeps_client_key(self.settings, user, keys):  # (not when a reload changed the user meanwhile)
+                self.pools.remember_keys(user, keys)
+
     def admit(self, session: ClientSession) -> None:
         """Count an authenticated session against max_client_connections of its user and
         its database, or raise 53300; client_closed releases it."""
         self.client_limits.admit(session, session.user, session.database, self.settings.limits)
+
+    def console_parameters(self, params: dict[str, str]) -> dict[str, str]:
+        """The parameters an admin console client is shown at login (no backend is asked)."""
+        return console.startup_parameters(params)
+
+    async def run_console(self, session: ClientSession) -> None:
+        """Answer an authenticated admin console client until it leaves (proxy.admin.console)."""
+        await console.Console(self, session).run()
 
     def register_session(self, session: ClientSession) -> tuple[int, bytes]:
         while True:
@@ -265,10 +294,16 @@ class Proxy:
         with a new topology generation. Returns the generation in force."""
         old, new = self.settings, runtime_settings(config)
         tls.forget_files()  # (certificate files rotated in place are read again)
-        verifiers = Verifiers(new.passwords) if new.passwords != old.passwords else self.verifiers
+        same_users = (new.passwords, new.verifiers) == (old.passwords, old.verifiers)
+        verifiers = self.verifiers if same_users else Verifiers(new.passwords, new.verifiers)
         self.config, self.settings, self.verifiers = config, new, verifiers
-        if new.passwords != old.passwords:
-            self.pools.update_passwords(new.passwords)
+        if new.lookup != old.lookup:  # (a new login or query: the answers of the old one are dropped)
+            if self.lookup is not None:
+                self.lookup.close()
+            self.lookup = UserLookup(new.lookup) if new.lookup is not None else None
+        if (new.passwords, new.verifiers, new.lookup) != (old.passwords, old.verifiers, old.lookup):
+            settings = new
+            self.pools.update_credentials(new.passwords, lambda user, keys: keeps_client_key(settings, user, keys))
         if new.pool != old.pool:
             self.pools.update_settings(new.pool)
         if new.pool_sizes != old.pool_sizes:

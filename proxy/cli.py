@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterator
 from ops.text import human_bytes
 from proxy.config import Config, ConfigError, describe, load_config
 from proxy.logs import formatter
+from proxy.version import version
 
 DEFAULT_ADMIN = "http://127.0.0.1:9930"
 log = logging.getLogger("pgsplit")
@@ -32,14 +32,6 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
-
-
-def version() -> str:
-    """The installed package's version (pyproject.toml's, through the package metadata)."""
-    try:
-        return importlib.metadata.version("pgsplit")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 async def serve(config: Config, *, ready=None, config_path: str | None = None) -> None:

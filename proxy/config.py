@@ -40,11 +40,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from proxy.scram import BadVerifier, Verifier
 from router.tls import SYSTEM_CA, ServerTls, server_tls
 
 __all__ = [
     "AccessConfig",
     "AdminConfig",
+    "AuthQueryConfig",
     "BackendConfig",
     "ClusterConfig",
     "Config",
@@ -204,7 +206,8 @@ def _is_loopback(host: str) -> bool:
 
 
 class AdminConfig(BaseModel):
-    """The admin HTTP endpoint: /metrics, /healthz, /v1/* ([admin])."""
+    """The admin HTTP endpoint: /metrics, /healthz, /v1/* ([admin]), and who may use the
+    admin console over the PostgreSQL protocol (proxy.admin.console)."""
 
     model_config = _FROZEN
 
@@ -212,6 +215,10 @@ class AdminConfig(BaseModel):
     port: Port = 9930
     token: Secret | None = None
     token_env: Name | None = None
+    # [[users]] names that may log in to the console database (none: no console).
+    console_users: tuple[Name, ...] = ()
+    # The database name a client asks for to get the console instead of a backend.
+    console_database: Name = "pgsplit"
 
     @model_validator(mode="before")
     @classmethod
@@ -234,14 +241,22 @@ class AdminConfig(BaseModel):
         return None if self.token is None else self.token.get_secret_value()
 
 
+_CREDENTIALS = ("password", "password_env", "scram_verifier", "scram_verifier_env")
+
+
 class UserConfig(BaseModel):
-    """A client account ([[users]]); the proxy uses the same password towards backends."""
+    """A client account ([[users]]): its password (the proxy uses it towards backends too),
+    or its SCRAM-SHA-256 verifier (backends are then logged in to with the ClientKey of the
+    user's latest login, see proxy.scram)."""
 
     model_config = _FROZEN
 
     name: Name
     password: Secret | None = None
     password_env: Name | None = None
+    # pg_authid.rolpassword's text: SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>
+    scram_verifier: Secret | None = None
+    scram_verifier_env: Name | None = None
     # Authenticated sessions of this user at once (PostgreSQL's CONNECTION LIMIT); unset: no limit.
     max_client_connections: PositiveInt | None = None
     # Server connections per pool of this user; unset: [pool] size.
@@ -250,18 +265,83 @@ class UserConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve_password(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        given = [key for key in _CREDENTIALS if data.get(key) is not None]
+        if not given:
+            _fail([(("password",), "required: set password, password_env, scram_verifier or scram_verifier_env")])
+        if any(k.startswith("password") for k in given) and any(k.startswith("scram") for k in given):
+            _fail([((given[-1],), "set either a password (password, password_env) or a verifier "
+                                  "(scram_verifier, scram_verifier_env), not both")])
+        if given[0].startswith("scram"):
+            return _resolve_secret(data, info, "scram_verifier", "scram_verifier_env", required=True)
         return _resolve_secret(data, info, "password", "password_env", required=True)
+
+    @field_validator("scram_verifier")
+    @classmethod
+    def _parse_verifier(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            if value.get_secret_value() == REDACTED:
+                _fail([((), f'"{REDACTED}" is how check-config masks a verifier, not a verifier: put the '
+                            "user's verifier (or its scram_verifier_env) back")])
+            try:
+                Verifier.parse(value.get_secret_value())
+            except BadVerifier as exc:
+                _fail([((), str(exc))])
+        return value
 
     @model_validator(mode="after")
     def _check_password(self) -> UserConfig:
-        if self.password is None:  # constructed from a model instance without one
-            _fail([(("password",), "required: set password or password_env")])
+        if self.password is None and self.scram_verifier is None:  # constructed from a model instance
+            _fail([(("password",), "required: set password, password_env, scram_verifier or scram_verifier_env")])
         return self
 
-    def secret(self) -> str:
-        """The password in plain text (resolved from password_env if that was used)."""
-        assert self.password is not None  # guaranteed by _check_password
-        return self.password.get_secret_value()
+    def secret(self) -> str | None:
+        """The password in plain text (resolved from password_env if that was used); None
+        for a user configured by its verifier."""
+        return None if self.password is None else self.password.get_secret_value()
+
+    def verifier(self) -> Verifier | None:
+        """The SCRAM-SHA-256 verifier of a user configured by one, else None."""
+        return None if self.scram_verifier is None else Verifier.parse(self.scram_verifier.get_secret_value())
+
+
+# (a role whose password expired has no verifier to log in with, as PostgreSQL refuses it)
+DEFAULT_AUTH_QUERY = ("SELECT usename, passwd FROM pg_shadow WHERE usename = $1 "
+                      "AND (valuntil IS NULL OR valuntil > now())")
+
+
+class AuthQueryConfig(BaseModel):
+    """Users not in [[users]]: their SCRAM verifier is read from the active cluster's
+    primary ([auth_query]; the table's presence turns the lookup on)."""
+
+    model_config = _FROZEN
+
+    # Takes the user name as $1; the last column of its first row is the verifier.
+    query: Name = DEFAULT_AUTH_QUERY
+    # The lookup's login; unset: [monitor]'s account (its user, password and dbname).
+    user: Name | None = None
+    password: Secret | None = None
+    password_env: Name | None = None
+    dbname: Name | None = None
+    timeout_s: PositiveFloat = 2.0  # the whole lookup: connecting, logging in, the query
+    cache_ttl_s: NonNegativeFloat = 5.0  # how long an answer (also "no such user") is used
+    cache_size: PositiveInt = 1000  # answers kept at most
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_password(cls, data: Any, info: ValidationInfo) -> Any:
+        return _resolve_secret(data, info, "password", "password_env", required=False)
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> AuthQueryConfig:
+        if self.password is not None and self.user is None:
+            _fail([(("user",), "required when a password is set (without user, [monitor]'s account "
+                               "and password are used)")])
+        return self
+
+    def secret(self) -> str | None:
+        return None if self.password is None else self.password.get_secret_value()
 
 
 class DatabaseConfig(BaseModel):
@@ -466,7 +546,9 @@ class Config(BaseModel):
     log_format: Literal["text", "json"] = "text"
     listen: ListenConfig = ListenConfig()
     admin: AdminConfig = AdminConfig()
-    users: Annotated[tuple[UserConfig, ...], Field(min_length=1)]
+    # Looking up users not in [[users]] on the server; unset: only [[users]] log in.
+    auth_query: AuthQueryConfig | None = None
+    users: tuple[UserConfig, ...]
     backends: Annotated[dict[Name, BackendConfig], Field(min_length=1)]
     clusters: Annotated[dict[Name, ClusterConfig], Field(min_length=1)]
     routing: RoutingConfig = RoutingConfig()
@@ -484,12 +566,22 @@ class Config(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_active(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "users" not in data and data.get("auth_query") is not None:
+            data = {**data, "users": ()}
         # With a single cluster, `active` may be left out.
         if isinstance(data, Mapping) and "active" not in data:
             clusters = data.get("clusters")
             if isinstance(clusters, Mapping) and len(clusters) == 1:
                 return {**data, "active": next(iter(clusters))}
         return data
+
+    @field_validator("users")
+    @classmethod
+    def _some_users(cls, value: tuple[UserConfig, ...], info: ValidationInfo) -> tuple[UserConfig, ...]:
+        # With [auth_query], the server's roles log in: [[users]] may be left out.
+        if not value and info.data.get("auth_query") is None:
+            _fail([((), "must not be empty")])
+        return value
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
@@ -504,13 +596,20 @@ class Config(BaseModel):
             else:
                 seen[user.name] = index
 
-        # A misspelt name in a reject rule would let the user in: names must be [[users]].
+        # A misspelt name in a reject rule would let the user in: names must be [[users]]
+        # (with [auth_query], any role of the server may log in: no list to check against).
         for index, rule in enumerate(self.access):
-            if rule.users != ALL:
+            if rule.users != ALL and self.auth_query is None:
                 for position, name in enumerate(rule.users):
                     if name not in seen:
                         problems.append((("access", index, "users", position),
                                          f"{name!r} is not a [[users]] name (known: {', '.join(sorted(seen))})"))
+
+        # The console's admins authenticate as [[users]]: a misspelt name would be nobody.
+        for position, name in enumerate(self.admin.console_users):
+            if name not in seen:
+                problems.append((("admin", "console_users", position),
+                                 f"{name!r} is not a [[users]] name (known: {', '.join(sorted(seen))})"))
 
         if self.active not in self.clusters:
             problems.append((("active",), f"{self.active!r} is not a cluster "
@@ -786,10 +885,11 @@ def _toml_table(header: str, table: Mapping[str, Any]) -> list[str]:
     for key, value in table.items():
         if value is None:
             continue  # TOML has no null: an unset optional key is simply absent
-        if key.endswith("password") or key == "token":
+        if key.endswith("password") or key in ("token", "scram_verifier"):
             if table.get(f"{key}_env") is not None:
                 continue  # shown as its *_env reference instead
-        lines.append(f"{_dotted([key])} = {_toml_value(value)}")
+        masked = "  # masked: a secret; put the real value back to load this text" if value == REDACTED else ""
+        lines.append(f"{_dotted([key])} = {_toml_value(value)}{masked}")
     return lines
 
 
@@ -801,6 +901,8 @@ def describe(config: Config) -> str:
            f"log_format = {_toml_value(data['log_format'])}", ""]
     out += _toml_table("[listen]", data["listen"]) + [""]
     out += _toml_table("[admin]", data["admin"]) + [""]
+    if data["auth_query"] is not None:
+        out += _toml_table("[auth_query]", data["auth_query"]) + [""]
     for user in data["users"]:
         out += _toml_table("[[users]]", user) + [""]
     for rule in data["access"]:

@@ -105,6 +105,14 @@ class InvalidParameterValue(ProxyError):
     sqlstate = "22023"
 
 
+class InvalidSyntax(ProxyError):  # (PostgreSQL's syntax_error)
+    sqlstate = "42601"
+
+
+class ObjectNotInPrerequisiteState(ProxyError):
+    sqlstate = "55000"
+
+
 class UndefinedObject(ProxyError):
     sqlstate = "42704"
 

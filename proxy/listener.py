@@ -3,7 +3,12 @@ SCRAM-SHA-256 exchange, up to the first ReadyForQuery.
 
 Owns: everything a client sends before it is authenticated. No byte of it reaches a
 backend: only after SCRAM succeeds does the proxy borrow a server connection (to learn the
-parameter set and apply the client's startup settings). Must not know: units, routing.
+parameter set and apply the client's startup settings). A client asking for the admin
+console's database ([admin] console_database, while [admin] console_users is not empty)
+must be in console_users (refused after [[access]] and the password otherwise, so that
+who is an admin is not told to anyone else); once authenticated it is answered by the console
+(proxy.admin.console, through the host) and never reaches a backend. Must not know:
+units, routing, the console's commands.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from proxy.auth import SCRAM
 from proxy.errors import (
     FeatureNotSupported, InvalidAuthorization, ProtocolViolation, ProxyError, QueryCanceled, TooManyConnections,
 )
-from proxy.auth import Verifiers
+from proxy.auth import ScramExchange, Verifiers
+from proxy.scram import Verifier
 from proxy.session.client import ClientSession
 from proxy.session.host import SessionHost
+from proxy.session.stream import State
 
 log = logging.getLogger("pgsplit.listener")
 
@@ -70,12 +77,12 @@ class Inbox:
                 return packet
             await self._more()
 
-    async def message(self) -> tuple[int, bytes]:
+    async def message(self, limit: int = MAX_AUTH_MESSAGE, during: str = "during authentication") -> tuple[int, bytes]:
         while True:
             if len(self.buf) >= 5:
                 length = wire.header_length(self.buf, 0)
-                if length < 4 or length > MAX_AUTH_MESSAGE:
-                    raise ProtocolViolation(f"invalid message length {length} during authentication")
+                if length < 4 or length > limit:
+                    raise ProtocolViolation(f"invalid message length {length} {during}")
                 if len(self.buf) >= 1 + length:
                     t = self.buf[0]
                     body = bytes(self.buf[5 : 1 + length])
@@ -123,7 +130,11 @@ class ListenerHost(SessionHost, Protocol):
     verifiers: Verifiers
 
     def too_many_clients(self) -> bool: ...
+    def console_parameters(self, params: dict[str, str]) -> dict[str, str]: ...
+    async def run_console(self, session: ClientSession) -> None: ...
     def refusal(self, user: str, database: str, host: str) -> ProxyError | None: ...
+    async def look_up(self, user: str) -> Verifier | None: ...
+    def logged_in(self, user: str, exchange: ScramExchange) -> None: ...
     def admit(self, session: ClientSession) -> None: ...
     def cancel(self, process_id: int, secret_key: bytes) -> asyncio.Task | None: ...
     async def first_contact(self, session: ClientSession) -> dict[str, str]: ...
@@ -159,7 +170,9 @@ class Listener:
         app = self.app
         try:
             async with asyncio.timeout(app.config.listen.startup_timeout_s):
-                await self._authenticate(session)
+                console = await self._authenticate(session)
+            if console:
+                await app.run_console(session)  # (bounded by the client: its leaving ends it)
         except TimeoutError:
             session.fail(QueryCanceled("canceling authentication due to timeout").as_fatal())
         except EOFError:
@@ -172,7 +185,9 @@ class Listener:
             log.exception("handshake failed")
             session.fail(ProtocolViolation(f"internal error during startup: {exc}"))
 
-    async def _authenticate(self, session: ClientSession) -> None:
+    async def _authenticate(self, session: ClientSession) -> bool:
+        """True: the client is an admin of the console (proxy.admin.console), which
+        answers it from here on; False: it was handed to its session."""
         app = self.app
         inbox: Inbox = session.inbox
         while True:
@@ -200,7 +215,7 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(forwarded)
                 session.close("cancel request handled")
-                return
+                return False
             break
         if app.too_many_clients():
             raise TooManyConnections("sorry, too many clients already")
@@ -221,24 +236,42 @@ class Listener:
         refused = app.refusal(user, database, _peer_host(session))
         if refused is not None:
             raise refused
+        # The console's database is the console's only while it has admins: without
+        # console_users a backend database of that name is reached as any other.
+        admin = app.config.admin
+        console = bool(admin.console_users) and database == admin.console_database
         options = params.pop("options", "")
         if options:
             params.update(parse_options(options))
+        session.application_name = params.get("application_name", "")  # (as it logged in: SHOW CLIENTS)
+        # A user not in [[users]]: [auth_query] reads its verifier on the server (bounded
+        # in time), before the client is asked a password it would type in vain.
+        looked_up = await app.look_up(user)
         # SCRAM-SHA-256 (RFC 7677) before anything else happens for this client.
         session.transport.write(wire.auth_sasl([SCRAM]))
         body = await self._expect_password_message(inbox)
         mechanism, client_first = wire.parse_sasl_initial(body) if body else ("", b"")
-        exchange = app.verifiers.server_exchange(user)
+        exchange = app.verifiers.server_exchange(user, looked_up)
         session.transport.write(wire.auth_request(wire.AUTH_SASL_CONTINUE, exchange.first(mechanism, client_first)))
         final = exchange.final(await self._expect_password_message(inbox))
+        app.logged_in(user, exchange)
         session.transport.write(wire.auth_request(wire.AUTH_SASL_FINAL, final))
+        if console and user not in admin.console_users:
+            # After the password, as for anyone (a decoy exchange for an unknown name): who
+            # is an admin is told only to a client that has authenticated.
+            raise InvalidAuthorization(
+                f'user "{user}" may not use the pgsplit admin console (database "{database}"): '
+                "it is not in [admin] console_users")
         session.user = user
         session.database = database
         # The limits count authenticated sessions (as PostgreSQL's CONNECTION LIMIT does,
         # after authentication), before the first server contact.
         app.admit(session)
-        session.set_startup_settings(params)
-        reported = await app.first_contact(session)
+        if console:
+            reported = app.console_parameters(params)  # no server contact, ever
+        else:
+            session.set_startup_settings(params)
+            reported = await app.first_contact(session)
         session.process_id, session.secret_key = app.register_session(session)
         out = [wire.auth_ok()]
         out += [wire.parameter_status(k, v) for k, v in sorted(reported.items())]
@@ -246,7 +279,11 @@ class Listener:
         out.append(wire.ready_for_query(wire.TX_IDLE))
         session.transport.write(b"".join(out))
         log.debug("session %s: %s@%s from %s", session.process_id, user, database, session.peer)
+        if console:
+            session.state = State.CONSOLE  # its input stays in the inbox, for the console
+            return True
         session.start(inbox.rest())
+        return False
 
     async def _expect_password_message(self, inbox: Inbox) -> bytes:
         try:

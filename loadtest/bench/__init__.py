@@ -17,7 +17,10 @@ Phases:
 
 - throughput: pgbench select-only (-S) and tpcb-like, -M simple/extended/prepared, at
   several client counts, on every target; p50/p99 come from pgbench's per-transaction
-  log (-l), so the 1-client runs give the latency added by each proxy.
+  log (-l), so the 1-client runs give the latency added by each proxy; around every run
+  the CPU time of each proxy's process tree (/proc), per transaction. Two targets only
+  run when named: pgsplit with PGSPLIT_UNCOMPILED=1, and `loadtest.framing_relay` (cuts
+  messages at their headers and forwards them, nothing else: the floor of a Python proxy).
 - memory: RSS of a fresh pgsplit and a fresh PgBouncer holding N idle client
   connections that completed a real SCRAM login; bytes per connection.
 - ryw: a custom script (1 UPDATE, 10 SELECTs of random accounts) through three pgsplit
@@ -25,7 +28,7 @@ Phases:
   eventual), with the share of reads served by replicas from pgsplit's metrics.
 
 Modules: `plan` (the options and what runs), `pgbench` (one run and its figures), `targets`
-(pgsplit and the competitors, started and scraped), `phases` (throughput, read-your-writes,
+(pgsplit and the competitors, started and scraped), `cpu` (a process tree's CPU time), `phases` (throughput, read-your-writes,
 memory), `results` (runs grouped for the report, CSV and metadata read back), `report` and
 `plots` (docs/benchmarks.md, one function per section), `run` (the whole benchmark, the
 command line).

@@ -42,6 +42,9 @@ class Run:
     waits_waited: float | None = None
     waits_fallback: float | None = None
     wait_seconds: float | None = None  # pgsplit_consistency_wait_seconds_sum delta
+    # CPU of the target's processes over the run per transaction (none for direct)
+    cpu_user_us_per_tx: float | None = None
+    cpu_sys_us_per_tx: float | None = None
     connect_ms: float | None = None  # pgbench's "initial connection time"
     loadavg: float | None = None  # 1-minute load average when the run started
     idle_cpu: float | None = None  # CPU busy share just before the run, the benchmark idle

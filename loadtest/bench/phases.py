@@ -28,7 +28,7 @@ from loadtest.bench.plan import (
     supports,
 )
 from loadtest.bench.results import MemoryResult
-from loadtest.bench.targets import Counters, Target, _stopper, start_pgsplit, start_targets
+from loadtest.bench.targets import Target, _stopper, start_pgsplit, start_targets
 from loadtest.competitors import Backend, PgBouncer
 
 class ConnectBudget:
@@ -95,6 +95,8 @@ class Recorder:
         status = (f"tps={run.tps:>9,.0f} p50={_ms(run.p50_ms)} p99={_ms(run.p99_ms)}"
                   if run.tps is not None else "tps=        -")
         status += f" T={run.pgbench_T}s conn={run.connect_ms or 0:,.0f}ms"
+        if run.cpu_user_us_per_tx is not None:
+            status += f" cpu={run.cpu_user_us_per_tx + (run.cpu_sys_us_per_tx or 0):.0f}us/tx"
         if run.replica_read_share is not None:
             status += f" replica reads={run.replica_read_share:.0%}"
         if run.waits_immediate or run.waits_waited or run.waits_fallback:
@@ -119,8 +121,13 @@ def _ms(v: float | None) -> str:
 
 def measure(run: Run, target: Target, script_args: Sequence[str], logdir: Path) -> Run:
     before = _safe(target.counters)
+    cpu0 = _safe(target.cpu_seconds)  # after the scrape: its CPU is not the run's
     run_pgbench(run, target.port, script_args, logdir, keep_logs=OPTIONS.keep)
+    cpu1 = _safe(target.cpu_seconds)
     after = _safe(target.counters)
+    if cpu0 is not None and cpu1 is not None and run.transactions:
+        run.cpu_user_us_per_tx = round((cpu1[0] - cpu0[0]) * 1e6 / run.transactions, 2)
+        run.cpu_sys_us_per_tx = round((cpu1[1] - cpu0[1]) * 1e6 / run.transactions, 2)
     if before is not None and after is not None:
         delta = after - before
         run.replica_read_share = delta.share
@@ -146,11 +153,11 @@ def measure_with_budget(make_run: Callable[[], Run], target: Target, script_args
     return run
 
 
-def _safe(fn: Callable[[], Counters | None]) -> Counters | None:
+def _safe(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - a failed scrape must not stop the benchmark
-        print(f"warning: could not read counters: {exc}", file=sys.stderr)
+        print(f"warning: could not read counters or CPU times: {exc}", file=sys.stderr)
         return None
 
 

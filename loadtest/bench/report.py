@@ -14,6 +14,7 @@ from loadtest.bench.pgbench import Run
 from loadtest.bench.plan import (
     CLUSTER_SETTINGS,
     MODES,
+    OPT_IN_TARGETS,
     RATIOS,
     RYW_TARGETS,
     TARGETS,
@@ -150,7 +151,15 @@ def _setup(page: _Page) -> list[str]:
     w_(f"| pgsplit (primary only) | `pgsplit run`, a cluster with only the primary, "
        f"`pool.size = {plan.get('pool_size')}`, transaction pooling |")
     w_("| pgsplit (with replicas) | the same with the replicas: autocommit reads go to replicas, "
-       "`routing.consistency = session` (the default) |\n")
+       "`routing.consistency = session` (the default) |")
+    if "pgsplit-uncompiled" in targets:
+        w_("| pgsplit uncompiled (primary only) | pgsplit (primary only) started with "
+           "`PGSPLIT_UNCOMPILED=1`: its compiled hot path runs as plain Python |")
+    if "relay" in targets:
+        w_("| framing relay | `python -m loadtest.framing_relay` in front of the primary: one server "
+           "connection per client, messages cut at their headers and forwarded whole, nothing "
+           "else (the floor of a proxy in Python on uvloop) |")
+    w_("")
     w_("Order: within a round, each (workload, mode, clients) combination runs on every target "
        "back to back; the target order is rotated by one from one combination to the next "
        "and from one round to the next, and reversed every other time, so no target always "
@@ -306,6 +315,51 @@ def _latency(page: _Page) -> list[str]:
     return out
 
 
+def cpu_total(r: Run) -> float | None:
+    """User + system CPU µs per transaction of a run (None: not measured)."""
+    if r.cpu_user_us_per_tx is None or r.cpu_sys_us_per_tx is None:
+        return None
+    return r.cpu_user_us_per_tx + r.cpu_sys_us_per_tx
+
+
+def _cpu(page: _Page) -> list[str]:
+    """CPU µs per transaction of each proxy's processes at 8 clients, against PgBouncer's."""
+    res, tput, workloads, modes, clients = page.res, page.tput, page.workloads, page.modes, page.clients
+    out: list[str] = []
+    w_ = out.append
+    proxies = [t for t in page.targets
+               if any(r.target == t and r.ok and cpu_total(r) is not None for r in tput)]
+    if not proxies:
+        return out
+    head_c = 8 if 8 in clients else clients[-1]
+    w_("## Proxy CPU per transaction\n")
+    w_("User and system CPU time of the proxy's process and all its descendants (Pgpool-II's "
+       "children; pgsplit, PgBouncer and the framing relay are one process each) are read from "
+       "`/proc/PID/stat` (utime, stime, and cutime/cstime of reaped children) right before and "
+       "after each pgbench run, and the difference is divided by the transactions pgbench "
+       "counted. It includes the proxy's share of the run's logins and its background work "
+       "(pgsplit's health checks), small next to the traffic of a run; PostgreSQL direct has no "
+       f"process of its own. Medians over rounds at {head_c} clients, in µs per transaction; "
+       "the ratio is the median of the per-round ratio of total CPU to PgBouncer's.\n")
+    for wl in workloads:
+        for md in modes:
+            rows = []
+            for t in proxies:
+                ok = [r for r in res.ok("throughput", wl, md, head_c, t) if cpu_total(r) is not None]
+                if not ok:
+                    continue
+                ratio = (res.ratio("throughput", wl, md, head_c, t, "pgbouncer", cpu_total)
+                         if "pgbouncer" in proxies else None)
+                rows.append([TARGETS[t], _fmt(_median(r.cpu_user_us_per_tx for r in ok), ",.1f"),
+                             _fmt(_median(r.cpu_sys_us_per_tx for r in ok), ",.1f"),
+                             _fmt(_median(cpu_total(r) for r in ok), ",.1f"), _fmt(ratio, ".2f")])
+            if rows:
+                w_(f"### {WORKLOAD_LABELS[wl]}, -M {md}, {head_c} clients\n")
+                w_(_table(["target", "user µs", "system µs", "total µs", "total / PgBouncer"],
+                          rows) + "\n")
+    return out
+
+
 def _memory(page: _Page) -> list[str]:
     """RSS per idle client connection, pgsplit against PgBouncer."""
     memory = page.memory
@@ -427,11 +481,15 @@ def _reproduce(page: _Page) -> list[str]:
     w_("```sh\nscripts/install.sh bench          # pgbouncer, pgpool2, matplotlib\n"
        "python -m loadtest.bench          # 25-30 min; --quick: 3-5 min; --help: subsets\n"
        "python -m loadtest.bench --from-csv loadtest/results/<stamp>-runs.csv   # report only\n```\n")
+    w_("Targets (`--targets`): " + ", ".join(f"`{t}`" for t in TARGETS if t not in OPT_IN_TARGETS)
+       + " by default; " + ", ".join(f"`{t}`" for t in OPT_IN_TARGETS) + " (pgsplit with "
+       "`PGSPLIT_UNCOMPILED=1`; `loadtest.framing_relay`) only when named, e.g. "
+       "`--targets pgbouncer,pgsplit,pgsplit-uncompiled,relay`.\n")
     w_(f"Raw results: `{meta.get('runs_csv', '')}` (one row per pgbench run) and "
        f"`{meta.get('memory_csv', '')}`.\n")
     return out
 
 
 # in the order of the page
-_SECTIONS = (_intro, _setup, _summary, _throughput, _connection_setup, _latency, _memory,
+_SECTIONS = (_intro, _setup, _summary, _throughput, _cpu, _connection_setup, _latency, _memory,
              _read_your_writes, _errors, _reproduce)

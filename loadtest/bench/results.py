@@ -8,7 +8,7 @@ import dataclasses
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,13 @@ class Results:
     def median(self, phase: str, w: str, m: str, c: int, t: str, field: str = "tps") -> float | None:
         return _median(getattr(r, field) for r in self.ok(phase, w, m, c, t))
 
-    def ratio(self, phase: str, w: str, m: str, c: int, num: str, den: str) -> float | None:
-        """Median over rounds of tps(num)/tps(den) within the same round (paired runs)."""
-        a = {r.round: r.tps for r in self.ok(phase, w, m, c, num)}
-        b = {r.round: r.tps for r in self.ok(phase, w, m, c, den)}
-        return _median(a[k] / b[k] for k in a if k in b and b[k])
+    def ratio(self, phase: str, w: str, m: str, c: int, num: str, den: str,
+              value: Callable[[Run], float | None] = lambda r: r.tps) -> float | None:
+        """Median over rounds of value(num)/value(den) within the same round (paired runs);
+        the value is tps unless told."""
+        a = {r.round: value(r) for r in self.ok(phase, w, m, c, num)}
+        b = {r.round: value(r) for r in self.ok(phase, w, m, c, den)}
+        return _median(a[k] / b[k] for k in a if k in b and a[k] is not None and b[k])
 
     def difference(self, phase: str, w: str, m: str, c: int, a: str, b: str,
                    field: str) -> float | None:

@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from loadtest.bench.cpu import tree_cpu_seconds
 from loadtest.bench.plan import DBNAME, OPTIONS, PASSWORD, RYW_ROUTING, USER, BenchError, Plan
 from loadtest.competitors import Backend, PgBouncer, Pgpool
 
@@ -64,9 +65,16 @@ class Target:
     def __init__(self, key: str, label: str, port: int, *, stop: Callable[[], None] = lambda: None,
                  counters: Callable[[], Counters | None] = lambda: None,
                  log: Callable[[], str] = lambda: "",
-                 errors: Callable[[], list[str]] = lambda: []):
+                 errors: Callable[[], list[str]] = lambda: [],
+                 pid: Callable[[], int | None] = lambda: None):
         self.key, self.label, self.port = key, label, port
         self.stop, self.counters, self.log, self.errors = stop, counters, log, errors
+        self.pid = pid  # the target's own process (None: not a process of its own)
+
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """(user, system) CPU seconds so far of the target's process and its descendants."""
+        pid = self.pid()
+        return None if pid is None else tree_cpu_seconds(pid)
 
 
 _PROXY_ERROR = re.compile(r"\b(ERROR|CRITICAL|Traceback|Exception)\b")
@@ -76,15 +84,22 @@ def _proxy_errors(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if _PROXY_ERROR.search(ln)]
 
 
+UNCOMPILED_ENV = "PGSPLIT_UNCOMPILED"  # set: pgsplit runs its compiled hot path as plain Python
+
+
 def start_pgsplit(key: str, label: str, cluster: Any, *, replicas: bool, pool_size: int,
-                  routing: dict[str, Any] | None = None) -> Target:
+                  routing: dict[str, Any] | None = None, uncompiled: bool = False) -> Target:
     from loadtest.harness import NodeSet, ProxyProcess, config_text
 
     view = cluster if replicas else NodeSet.of(cluster, cluster.primary)
     sections: dict[str, dict[str, Any]] = {"pool": {"size": pool_size}}
     if routing:
         sections["routing"] = dict(routing)
-    proc = ProxyProcess(config_text({"main": view}, sections=sections)).start()
+    proc = ProxyProcess(config_text({"main": view}, sections=sections),
+                        env={UNCOMPILED_ENV: "1"} if uncompiled else None)
+    if not uncompiled:  # not inherited from the benchmark's own environment either
+        proc.env.pop(UNCOMPILED_ENV, None)
+    proc.start()
 
     def counters() -> Counters:
         c = Counters()
@@ -105,8 +120,19 @@ def start_pgsplit(key: str, label: str, cluster: Any, *, replicas: bool, pool_si
         proc.stop()
 
     target = Target(key, label, proc.port, stop=stop, counters=counters, log=proc.log,
-                    errors=lambda: _proxy_errors(proc.log()))
+                    errors=lambda: _proxy_errors(proc.log()), pid=lambda: proc.proc.pid)
     target.process = proc  # type: ignore[attr-defined]
+    return target
+
+
+def start_relay(key: str, label: str, cluster: Any) -> Target:
+    """loadtest.framing_relay in front of the primary, a child process like pgsplit."""
+    from loadtest.framing_relay import RelayProcess
+
+    relay = RelayProcess("127.0.0.1", cluster.primary.port).start()
+    target = Target(key, label, relay.port, stop=relay.stop, log=relay.log,
+                    errors=lambda: _proxy_errors(relay.log()), pid=lambda: relay.proc.pid)
+    target.process = relay  # type: ignore[attr-defined]
     return target
 
 
@@ -146,7 +172,8 @@ def start_targets(keys: Sequence[str], cluster: Any, plan: Plan, stack: contextl
             d = PgBouncer(primary, users, pool_size=plan.pool_size)
             stack.callback(d.cleanup if not OPTIONS.keep else d.stop)
             d.start()
-            t = Target(key, label, d.port, stop=d.stop, log=d.log_text, errors=d.errors)
+            t = Target(key, label, d.port, stop=d.stop, log=d.log_text, errors=d.errors,
+                       pid=d.daemon_pid)
         elif key in ("pgpool", "pgpool-replicas"):
             reps = [Backend.of(r) for r in cluster.replicas] if key == "pgpool-replicas" else []
             d = Pgpool(primary, reps, users, check_user="postgres",
@@ -155,11 +182,16 @@ def start_targets(keys: Sequence[str], cluster: Any, plan: Plan, stack: contextl
             stack.callback(d.cleanup if not OPTIONS.keep else d.stop)
             d.start()
             port = d.port
+            # its children serve the clients: its CPU is the whole process tree's
             t = Target(key, label, port, stop=d.stop, log=d.log_text, errors=d.errors,
-                       counters=(lambda p=port: _pgpool_counters(p)) if reps else (lambda: None))
-        elif key in ("pgsplit", "pgsplit-replicas"):
+                       counters=(lambda p=port: _pgpool_counters(p)) if reps else (lambda: None),
+                       pid=d.daemon_pid)
+        elif key in ("pgsplit", "pgsplit-replicas", "pgsplit-uncompiled"):
             t = start_pgsplit(key, label, cluster, replicas=key == "pgsplit-replicas",
-                              pool_size=plan.pool_size)
+                              pool_size=plan.pool_size, uncompiled=key == "pgsplit-uncompiled")
+            stack.callback(_stopper(t))
+        elif key == "relay":
+            t = start_relay(key, label, cluster)
             stack.callback(_stopper(t))
         elif key in RYW_ROUTING:
             t = start_pgsplit(key, label, cluster, replicas=True, pool_size=plan.pool_size,

@@ -62,9 +62,13 @@ class AdminOps:
     def __init__(self, process: Process):
         self.process = process
         self._busy: str | None = None  # "cutover" or "pause" while one is in progress: one at a time
+        self._pause: object | None = None  # the pause in force or still draining (its own token)
+        self._pausing = False  # the pause's drain has not returned yet: RESUME waits for it
         self.migration_watches: dict[str, Watch] = {}  # target cluster -> its watch
         self.migrations_finished: dict[str, dict] = {}  # target cluster -> how its cutover ended it
         self._migration_locks: dict[str, asyncio.Lock] = {}
+        self._migration_sources: dict[str, str] = {}  # target cluster -> the source of its watched migration
+        self.last_cutover: dict | None = None  # how the last cutover (not a dry run) ended, and when
 
     @property
     def config(self) -> Config:
@@ -94,6 +98,34 @@ class AdminOps:
     def status(self) -> dict:
         return self.process.status()
 
+    def cutover_state(self) -> dict:
+        """The operation holding the data plane now ("pause", "cutover" or None), how long
+        traffic has been held, and the last cutover's outcome (the console's SHOW CUTOVER)."""
+        dataplane = self.process.dataplane
+        paused_at = dataplane.paused_at
+        return {"active": self.config.active, "generation": self.process.topology.current.generation,
+                "clusters": sorted(self.config.clusters), "in_progress": "pausing" if self._pausing else self._busy,
+                "paused_seconds": None if paused_at is None else time.monotonic() - paused_at,
+                "units_held": dataplane.held_units, "last": self.last_cutover}
+
+    def migrations(self) -> list[dict]:
+        """The migrations watched here and those a cutover ended, as their watch last saw
+        them (no query sent; the console's SHOW MIGRATION)."""
+        out = []
+        for target, watch in self.migration_watches.items():
+            st = watch.status
+            out.append({"target": target, "source": self._migration_sources.get(target, ""), "name": watch.name,
+                        "state": "watching" if watch.running else "stopped",
+                        "ready": None if st is None else st.ready, "lag_bytes": None if st is None else st.lag_bytes,
+                        "tables": {} if st is None else st.state_counts(), "drift": len(watch.drift),
+                        "checked_at": watch.checked_at, "error": watch.error})
+        for target, finished in self.migrations_finished.items():
+            if target not in self.migration_watches:
+                out.append({"target": target, "source": finished["source"], "name": finished["name"],
+                            "state": "finished", "ready": None, "lag_bytes": None, "tables": {}, "drift": 0,
+                            "checked_at": finished["finished"]["at"], "error": None})
+        return out
+
     # --- pause and resume (POST /v1/pause, /v1/resume) --------------------------------------------
 
     async def pause(self, timeout_s: float | None = None) -> dict:
@@ -104,15 +136,22 @@ class AdminOps:
             raise CutoverBusy(f"a {self._busy} is in progress")
         dataplane = self.process.dataplane
         self._busy = "pause"
+        self._pause = token = object()
+        self._pausing = True
         dataplane.hold()
         try:
             drained = await dataplane.drain(timeout_s or self.config.cutover.pause_timeout_s)
         except BaseException as exc:
-            dataplane.release()
-            self._busy = None
+            # A failed drain releases its own pause only, never one taken after it.
+            if self._pause is token:
+                dataplane.release()
+                self._busy = self._pause = None
+                self._pausing = False
             if isinstance(exc, TimeoutError):
                 raise ValueError(f"not paused: {exc}") from exc
             raise
+        if self._pause is token:
+            self._pausing = False
         log.info("traffic paused by the admin API (drained in %.1f ms)", drained.seconds * 1000)
         return {"paused": True, "drain_seconds": round(drained.seconds, 4),
                 "waited_for_units": drained.waited_for_units}
@@ -123,9 +162,12 @@ class AdminOps:
             raise CutoverBusy("a cutover is in progress; it resumes traffic itself")
         if self._busy != "pause":
             raise ValueError("traffic is not paused")
+        if self._pausing:
+            raise CutoverBusy("a pause is still waiting for the units in flight to finish (at most "
+                              "cutover.pause_timeout_s); resume once it has returned")
         dataplane = self.process.dataplane
         paused = dataplane.release()
-        self._busy = None
+        self._busy = self._pause = None
         log.info("traffic resumed by the admin API after %.3f s (%d units held)", paused, dataplane.held_units)
         return {"resumed": True, "pause_seconds": round(paused, 4), "units_held": dataplane.held_units}
 
@@ -175,6 +217,9 @@ class AdminOps:
                     await process.drop_warm_up()
         if not cutover.settings.dry_run:
             process.metrics.cutovers.labels(result=result.result.value).inc()
+            summary = result.to_dict()
+            self.last_cutover = {k: summary[k] for k in ("target", "result", "seconds", "pause_seconds", "error")}
+            self.last_cutover["at"] = time.time()
         if result.pause_seconds is not None:
             process.metrics.cutover_pause_seconds.observe(result.pause_seconds)
         if process.config.active == cutover.target:
@@ -287,6 +332,7 @@ class AdminOps:
                       interval=self.config.migration.watch_interval_s,
                       label=f"{m['source']} -> {m['target']}", on_update=self._migration_metrics)
         self.migration_watches[m["target"]] = watch.start()
+        self._migration_sources[m["target"]] = m["source"]
         return watch
 
     def _migration_metrics(self, _watch: Watch | None = None) -> None:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import AdminConfig, Config, ConfigError, load_config
 from proxy.process.wiring import runtime_settings
 
 log = logging.getLogger("pgsplit.reload")
@@ -26,6 +26,16 @@ RESTART_ONLY = ("listen", "admin", "log_format")
 # [routing] keys read once at start: the classifier's cache is sized, the monitor's poll
 # and catalog loops take their period.
 RESTART_ONLY_ROUTING = ("classify_cache_size", "monitor_interval_ms", "catalog_refresh_s")
+# [admin] keys a reload does apply: the console reads them at each login.
+RELOADABLE_ADMIN = ("console_users", "console_database")
+
+
+def restart_only_keys() -> list[str]:
+    """The dotted keys (or tables) a reload leaves as they are, for the console's SHOW
+    CONFIG: what only a restart changes, and `active`, which only a cutover does."""
+    keys = ["active", "log_format", "listen", "pool.mode"]
+    keys += [f"admin.{k}" for k in AdminConfig.model_fields if k not in RELOADABLE_ADMIN]
+    return keys + [f"routing.{k}" for k in RESTART_ONLY_ROUTING]
 
 
 class ReloadRefused(ValueError):
@@ -79,12 +89,14 @@ def compare(old: Config, new: Config) -> Reload:
             f"move traffic; run `pgsplit cutover {new.active}`"
         )
     # What only a restart changes stays as it is in the config in force.
-    needs_restart = [s for s in RESTART_ONLY if getattr(new, s) != getattr(old, s)]
+    console = {k: getattr(new.admin, k) for k in RELOADABLE_ADMIN}
+    admin = old.admin.model_copy(update=console)
+    needs_restart = [s for s in RESTART_ONLY if getattr(new, s) != (admin if s == "admin" else getattr(old, s))]
     if new.pool.mode != old.pool.mode:
         needs_restart.append("pool.mode")
     kept_routing = {k: getattr(old.routing, k) for k in RESTART_ONLY_ROUTING}
     needs_restart += [f"routing.{k}" for k, v in kept_routing.items() if getattr(new.routing, k) != v]
-    new = new.model_copy(update={"listen": old.listen, "admin": old.admin, "log_format": old.log_format,
+    new = new.model_copy(update={"listen": old.listen, "admin": admin, "log_format": old.log_format,
                                  "pool": new.pool.model_copy(update={"mode": old.pool.mode}),
                                  "routing": new.routing.model_copy(update=kept_routing)})
     before, after = runtime_settings(old), runtime_settings(new)
@@ -97,7 +109,9 @@ def compare(old: Config, new: Config) -> Reload:
         applied.append("backends of the active cluster")
     elif after.monitor != before.monitor:
         applied.append("monitor")
-    for section in ("routing", "cutover", "migration", "backends", "clusters", "access", "databases", "log_level"):
+    applied += [f"admin.{k}" for k in RELOADABLE_ADMIN if getattr(new.admin, k) != getattr(old.admin, k)]
+    for section in ("auth_query", "routing", "cutover", "migration", "backends", "clusters", "access", "databases",
+                    "log_level"):
         if getattr(new, section) != getattr(old, section) and section not in applied:
             applied.append(section)
     return Reload(new, tuple(applied), tuple(needs_restart))

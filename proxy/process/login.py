@@ -15,7 +15,7 @@ import logging
 from typing import Any, Protocol
 
 from proxy import wire
-from proxy.errors import ConnectionFailure, RoutingError, ServerError
+from proxy.errors import AuthenticationFailed, ConnectionFailure, RoutingError, ServerError
 from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection
 from router.monitor.monitor import Monitor
 from router.policy import startup_backend
@@ -64,6 +64,9 @@ class Logins:
                 if exc.sqlstate.startswith("28"):
                     exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
                     exc.fields = {**exc.fields, "M": exc.message}
+                raise
+            except AuthenticationFailed as exc:  # (pgsplit's own refusal to answer the backend)
+                exc.message = f"pgsplit could not log in to backend {decision.backend.name}: {exc.message}"
                 raise
         try:
             replay = session.carried.settings_for(conn)

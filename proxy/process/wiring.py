@@ -21,6 +21,8 @@ from ops.cutover.machine import CutoverSettings
 from ops.migrate.control import publisher_conninfo
 from proxy.access import Limits, Rule
 from proxy.config import ALL, Config, PoolConfig
+from proxy.process.lookup import LookupSettings
+from proxy.scram import ScramKeys, Verifier
 from router.monitor.probe import MonitorSettings
 from router.pg import Endpoint
 from router.topology import BackendSpec, Role
@@ -38,12 +40,26 @@ class RuntimeSettings:
     access: tuple[Rule, ...] = ()  # [[access]], in file order
     limits: Limits = field(default_factory=Limits)  # max_client_connections per user, per database
     pool_sizes: dict[str, int] = field(default_factory=dict)  # user -> its pool_size, where set
+    # user -> the verifier [[users]] gives instead of a password
+    verifiers: dict[str, Verifier] = field(default_factory=dict)
+    lookup: LookupSettings | None = None  # [auth_query], when set
 
 
 def runtime_settings(config: Config) -> RuntimeSettings:
     return RuntimeSettings(passwords(config), config.pool, monitor_settings(config),
                            tuple(backend_specs(config, config.active)), access_rules(config),
-                           limits(config), pool_sizes(config))
+                           limits(config), pool_sizes(config), verifiers(config), lookup_settings(config))
+
+
+def keeps_client_key(settings: RuntimeSettings, user: str, keys: ScramKeys) -> bool:
+    """Whether the ClientKey of a login of `user` may log it in to the backends under
+    `settings`: the user has no password there, and either its [[users]] verifier is
+    still the one the key was proved for, or it is not in [[users]] and [auth_query] is on."""
+    if user in settings.passwords:
+        return False
+    if user in settings.verifiers:
+        return settings.verifiers[user] == keys.verifier
+    return settings.lookup is not None
 
 
 def access_rules(config: Config) -> tuple[Rule, ...]:
@@ -94,7 +110,22 @@ def monitor_settings(config: Config) -> MonitorSettings:
 
 
 def passwords(config: Config) -> dict[str, str]:
-    return {u.name: u.secret() for u in config.users}
+    return {u.name: pw for u in config.users if (pw := u.secret()) is not None}
+
+
+def verifiers(config: Config) -> dict[str, Verifier]:
+    return {u.name: v for u in config.users if (v := u.verifier()) is not None}
+
+
+def lookup_settings(config: Config) -> LookupSettings | None:
+    """[auth_query]; its login defaults to [monitor]'s account."""
+    q, m = config.auth_query, config.monitor
+    if q is None:
+        return None
+    account = (q.user, q.secret(), q.dbname or m.dbname) if q.user is not None else (m.user, m.secret(),
+                                                                                      q.dbname or m.dbname)
+    return LookupSettings(q.query, *account, timeout_s=q.timeout_s, cache_ttl_s=q.cache_ttl_s,
+                          cache_size=q.cache_size)
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -18,7 +18,7 @@ import time
 from typing import Callable, Protocol
 
 from proxy import wire
-from proxy.auth import BackendAuth
+from proxy.auth import BackendAuth, Credential
 from proxy.errors import ConnectionFailure, ProxyError, ServerError
 from proxy.server.prepared import PreparedStatements
 from proxy.server.replies import ReplyStream, Step, StepKind, SwallowStep
@@ -98,11 +98,11 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
 
     # --- login -----------------------------------------------------------------------
 
-    async def login(self, password: str | None, params: dict[str, str], timeout: float) -> None:
+    async def login(self, credential: Credential, params: dict[str, str], timeout: float) -> None:
         loop = asyncio.get_running_loop()
         self._login = loop.create_future()
         self._framer = wire.Framer()
-        self._auth = BackendAuth(self.user, password)
+        self._auth = BackendAuth(self.user, credential)
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(lambda: self, self.host, self.port)
@@ -327,14 +327,14 @@ class ServerConnection(ServerSessionState, ReplyStream, asyncio.Protocol):
 
 
 async def open_connection(
-    backend: str, host: str, port: int, user: str, database: str, password: str | None,
+    backend: str, host: str, port: int, user: str, database: str, credential: Credential,
     *, params: dict[str, str] | None = None, timeout: float = 5.0, pool: ConnectionPool | None = None,
     generation: int = 0, prepared: PreparedStatements | None = None,
     on_lost: Callable[[ServerConnection, Exception | None], None] | None = None, tls: ServerTls = ServerTls(),
 ) -> ServerConnection:
     conn = ServerConnection(backend, host, port, user, database, pool=pool, generation=generation,
                             prepared=prepared, on_lost=on_lost, tls=tls)
-    await conn.login(password, params or {}, timeout)
+    await conn.login(credential, params or {}, timeout)
     return conn
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 import socket
 import time
@@ -19,9 +19,11 @@ from collections import deque
 from time import monotonic
 from dataclasses import dataclass
 
+from proxy.auth import Credential
 from proxy.config import PoolConfig
 from proxy.errors import ConnectionFailure, PoolTimeout, ProxyError
 from proxy.server.connection import ServerConnection, open_connection, send_cancel
+from proxy.scram import ScramKeys
 from proxy.server.prepared import Evictions, PreparedStatements, StatementNames
 from router.tls import ServerTls
 
@@ -58,14 +60,14 @@ def tune_socket(conn: ServerConnection, settings: PoolConfig) -> None:
 
 
 class Pool:
-    def __init__(self, address: Address, user: str, database: str, password: str | None,
+    def __init__(self, address: Address, user: str, database: str, credential: Credential,
                  settings: PoolConfig, *, generation: int = 0, on_connect=None,
                  evictions: Evictions | None = None, statement_names: StatementNames | None = None,
                  timeouts: dict[str, int] | None = None, size: int | None = None):
         self.address = address
         self.user = user
         self.database = database
-        self._password = password
+        self._credential = credential
         self.settings = settings
         self.own_size = size  # the user's pool_size, overriding settings.size
         self._lifetime = settings.server_lifetime_s
@@ -81,8 +83,8 @@ class Pool:
         # units that failed with 53300 by backend, shared by the process's pools (a metric)
         self.timeouts = timeouts if timeouts is not None else {}
 
-    def set_password(self, password: str | None) -> None:
-        self._password = password
+    def set_credential(self, credential: Credential) -> None:
+        self._credential = credential
 
     def update_settings(self, settings: PoolConfig) -> None:
         """New settings for the connections opened and given back from now on; open ones
@@ -146,7 +148,7 @@ class Pool:
         addr = self.address
         try:
             conn = await open_connection(
-                addr.backend, addr.host, addr.port, self.user, self.database, self._password, tls=addr.tls,
+                addr.backend, addr.host, addr.port, self.user, self.database, self._credential, tls=addr.tls,
                 timeout=self.settings.connect_timeout_s, pool=self, generation=self.generation,
                 prepared=PreparedStatements(self.settings.max_prepared_statements, self.evictions,
                                             self.statement_names),
@@ -300,6 +302,8 @@ class Pools:
                  sizes: dict[str, int] | None = None):
         self.settings = settings
         self._passwords = passwords
+        # user -> the ClientKey of its latest login, for users pgsplit has no password of
+        self._keys: dict[str, ScramKeys] = {}
         self._sizes = sizes or {}  # user -> pool_size of [[users]]
         self._pools: dict[tuple[str, str, str], Pool] = {}
         self._on_connect = on_connect
@@ -318,7 +322,7 @@ class Pools:
             if pool is not None:
                 pool.close()
             pool = self._pools[key] = Pool(
-                address, user, database, self._passwords.get(user), self.settings,
+                address, user, database, self.credential(user), self.settings,
                 on_connect=self._on_connect, evictions=self.evictions, statement_names=self.statement_names,
                 timeouts=self.timeouts, size=self._sizes.get(user),
             )
@@ -327,11 +331,27 @@ class Pools:
     def __iter__(self):
         return iter(list(self._pools.values()))
 
-    def update_passwords(self, passwords: dict[str, str]) -> None:
-        """New logins use these; open connections stay (the server already trusts them)."""
+    def credential(self, user: str) -> Credential:
+        return self._passwords.get(user) or self._keys.get(user)
+
+    def update_credentials(self, passwords: dict[str, str], keep_key: Callable[[str, ScramKeys], bool]) -> None:
+        """A reload: new logins use these passwords, and only the ClientKeys `keep_key`
+        keeps (a user removed, given a password, or another verifier loses its key: it
+        logs in to the backends again only after a client of it has); open connections
+        stay (the server already trusts them)."""
         self._passwords = passwords
+        self._keys = {user: keys for user, keys in self._keys.items() if keep_key(user, keys)}
         for pool in self:
-            pool.set_password(passwords.get(pool.user))
+            pool.set_credential(self.credential(pool.user))
+
+    def remember_keys(self, user: str, keys: ScramKeys) -> None:
+        """A client of a user known by its verifier logged in: its ClientKey logs the user in
+        to backends from now on (replacing an older one: after a password change, the
+        new key is the one the backends accept)."""
+        self._keys[user] = keys
+        for pool in self:
+            if pool.user == user:
+                pool.set_credential(self.credential(user))
 
     def update_settings(self, settings: PoolConfig) -> None:
         self.settings = settings

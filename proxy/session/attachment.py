@@ -105,7 +105,13 @@ class Attachment(ByteStream):
             tx.ready(step.status)
         if step.kind is _FORWARD:
             fwd = step  # (compiled, a typed view: attachment.pxd)
-            self._record(fwd.backend, fwd.role, "write" if fwd.writes else "read", perf_counter() - fwd.t0)
+            seconds = perf_counter() - fwd.t0
+            self._record(fwd.backend, fwd.role, "write" if fwd.writes else "read", seconds)
+            counters = self._db_counters
+            counters[1] += 1
+            counters[2] += seconds  # (a float add; SHOW STATS gives microseconds)
+            if fwd.status == TX_IDLE:  # a transaction ended (a lone statement's too), as PgBouncer counts
+                counters[0] += 1
             if fwd.writes or fwd.analyses or fwd.status != TX_IDLE or tx.wrote or tx.effects or tx.failed:
                 commit_async = tx.after_unit(fwd, self.carried, self.server)
                 if tx.changed_schema and tx.schema_settled():

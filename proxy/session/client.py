@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import time
 from typing import Any, Coroutine
 
 from proxy import wire
@@ -45,6 +46,7 @@ TX_IDLE = wire.TX_IDLE
 _FORWARD = StepKind.FORWARD
 LINGER_S = 2.0  # how long a closed session's socket still takes the client's input
 PAUSED_CHECK_S = 1.0  # how often a client whose reading is paused is checked for a hang-up
+CONSOLE_INBOX_MAX = 256 * 1024  # an admin console client's unread input past this stops the reading
 
 
 def peer_hung_up(transport: asyncio.BaseTransport) -> bool:
@@ -105,6 +107,10 @@ class ClientSession(Routing):
         self._unit_key = ("", "")  # (backend name, role) of the attached server, for metrics
         self._record = host.metrics.units.record
         self._handshake_task: asyncio.Task | None = None
+        self.connected_at = time.time()  # (SHOW CLIENTS)
+        self.application_name = ""
+        self._write_waiter: asyncio.Future | None = None  # the console's, while the client does not read
+        self._db_counters: list = [0, 0, 0.0]  # transactions, units, unit seconds of its database (SHOW STATS)
 
     # --- what others may read ----------------------------------------------------------------
 
@@ -164,8 +170,10 @@ class ClientSession(Routing):
                 data = self._stash + data
                 self._stash = b""
             self._process(data)
-        elif self.state is State.HANDSHAKE and self.inbox is not None:
-            self.inbox.feed(data)
+        elif self.inbox is not None and self.state is not State.CLOSED:
+            self.inbox.feed(data)  # the handshake's, or the admin console's
+            if self.state is State.CONSOLE and len(self.inbox.buf) > CONSOLE_INBOX_MAX:
+                self.pause_reading("console input")  # until the console has taken its messages
 
     def eof_received(self) -> bool:
         return False
@@ -191,6 +199,33 @@ class ClientSession(Routing):
         self._write_paused = False
         if self.server is not None and self.server.transport is not None:
             self.server.transport.resume_reading()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def writable(self) -> None:
+        """Return once the client's write buffer is below its high-water mark (at once
+        when it is): the admin console's flow control. Meanwhile the client's input is
+        not read. Bounded by the client: reading ends it, and so does leaving (the paused
+        reading's check closes the session, which wakes this and cancels the console)."""
+        while self._write_paused and self.state is not State.CLOSED:
+            self.pause_reading("console output")
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
+                self.resume_reading("console output")
+
+    def console_input_taken(self) -> None:
+        """The console took a message from the inbox: read the client again once the
+        unread input is back under CONSOLE_INBOX_MAX."""
+        if "console input" in self._pause_reasons and self.inbox is not None \
+                and len(self.inbox.buf) <= CONSOLE_INBOX_MAX:
+            self.resume_reading("console input")
 
     def pause_reading(self, reason: str = "server") -> None:
         if not self._pause_reasons and self.transport is not None:
@@ -263,6 +298,7 @@ class ClientSession(Routing):
         asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def _cleanup(self) -> None:
+        self._wake_writer()
         if self._routing is not None:
             self._routing.cancel()
             self._routing = None
@@ -293,6 +329,7 @@ class ClientSession(Routing):
     def start(self, leftover: bytes) -> None:
         self.state = State.READY
         self.inbox = None
+        self._db_counters = self.host.metrics.units.database_counters(self.database)
         if leftover:
             self._process(leftover)
 

@@ -22,3 +22,5 @@ cdef class ByteStream:
     cdef public set _pause_reasons
     cdef public object _memo_sql, _memo_analysis, _close_reason, _unit_key, _record, _handshake_task
     cdef public dict _pools
+    cdef public list _db_counters
+    cdef public object connected_at, application_name, _write_waiter

@@ -25,6 +25,7 @@ GATHER_MIN = 64 << 10  # a message still missing more than this is gathered in p
 class State(enum.Enum):
     HANDSHAKE = "handshake"
     READY = "ready"
+    CONSOLE = "console"  # an admin console session (proxy.admin.console): its input goes to the inbox
     CLOSED = "closed"
 
 

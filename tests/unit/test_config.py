@@ -305,7 +305,7 @@ def test_password_xor_password_env() -> None:
         "test.toml: users.0.password_env: set either password or password_env, not both"]
     neither = MINIMAL.replace(f'password = "{SECRET}"', "")
     assert problems(neither) == [
-        "test.toml: users.0.password: required: set password or password_env"]
+        "test.toml: users.0.password: required: set password, password_env, scram_verifier or scram_verifier_env"]
 
 
 def test_monitor_password_env() -> None:
@@ -398,7 +398,7 @@ def test_models_are_usable_directly() -> None:
     user = UserConfig.model_validate({"name": "u", "password_env": "PW"},
                                      context={"env": {"PW": "pw"}})
     assert user.secret() == "pw"
-    with pytest.raises(ValidationError, match="password or password_env"):
+    with pytest.raises(ValidationError, match="password, password_env, scram_verifier or scram_verifier_env"):
         UserConfig(name="u")  # type: ignore[call-arg]
 
 
@@ -472,3 +472,68 @@ def test_server_tls_problems_name_the_key_that_says_it(tmp_path: Path) -> None:
     assert str(info.value) == f"{path}: backends.pg2.sslrootcert: file not found: {tmp_path / 'nowhere.crt'}"
     bad = MINIMAL.replace('port = 5433', 'port = 5433\nsslmode = "verify"')
     assert problems(bad)[0].startswith("test.toml: backends.pg2.sslmode: Input should be 'disable', 'prefer'")
+
+
+# ------------------------------------------------------------------ SCRAM verifiers, auth_query
+
+VERIFIER = ("SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$" + "A" * 43 + "=:" + "B" * 43 + "=")
+
+
+def test_a_user_may_be_configured_by_its_verifier_which_stays_secret() -> None:
+    text = MINIMAL.replace(f'password = "{SECRET}"', f'scram_verifier = "{VERIFIER}"')
+    config = parse(text)
+    user = config.user("app")
+    assert user is not None and user.secret() is None
+    assert user.verifier() is not None and user.verifier().iterations == 4096
+    assert VERIFIER not in describe(config) and VERIFIER not in repr(config.redacted_dict())
+    assert VERIFIER not in repr(config) and VERIFIER[20:40] not in repr(user.verifier())
+    env = parse(MINIMAL.replace(f'password = "{SECRET}"', 'scram_verifier_env = "APP_V"'), env={"APP_V": VERIFIER})
+    assert env.user("app").verifier() == user.verifier()
+
+
+@pytest.mark.parametrize("bad", ["md5" + "0" * 32, "SCRAM-SHA-256$4096:c2FsdA==$AAAA:AAAA", "plain"])
+def test_a_bad_verifier_is_named_by_its_key_and_not_quoted(bad: str) -> None:
+    lines = problems(MINIMAL.replace(f'password = "{SECRET}"', f'scram_verifier = "{bad}"'))
+    assert len(lines) == 1 and lines[0].startswith("test.toml: users.0.scram_verifier: ")
+    assert bad not in lines[0]
+    lines = problems(MINIMAL.replace(f'password = "{SECRET}"', 'scram_verifier_env = "V"'), env={"V": bad})
+    assert lines[0].startswith("test.toml: users.0.scram_verifier: ") and bad not in lines[0]
+
+
+def test_a_password_and_a_verifier_are_not_both_set() -> None:
+    text = MINIMAL.replace(f'password = "{SECRET}"', f'password = "{SECRET}"\nscram_verifier = "{VERIFIER}"')
+    assert problems(text) == ["test.toml: users.0.scram_verifier: set either a password (password, password_env) "
+                              "or a verifier (scram_verifier, scram_verifier_env), not both"]
+
+
+def test_auth_query_defaults_and_users_become_optional() -> None:
+    without_users = MINIMAL.replace(f'[[users]]\nname = "app"\npassword = "{SECRET}"\n', "")
+    assert problems(without_users) == ["test.toml: users: required key is missing"]
+    config = parse(without_users + "[auth_query]\n")
+    q = config.auth_query
+    assert config.users == () and q is not None
+    assert q.query == ("SELECT usename, passwd FROM pg_shadow WHERE usename = $1 "
+                       "AND (valuntil IS NULL OR valuntil > now())")
+    assert (q.user, q.secret(), q.dbname, q.timeout_s, q.cache_ttl_s, q.cache_size) == (None, None, None, 2.0, 5.0, 1000)
+    # any role of the server may log in: an access rule may name one
+    parse(without_users + '[auth_query]\n[[access]]\nusers = ["someone"]\naction = "reject"\n')
+    assert parse(describe(config)) == config
+
+
+def test_auth_query_password_needs_its_user_and_is_secret() -> None:
+    assert problems(MINIMAL + '[auth_query]\npassword = "lookup-secret"\n') == [
+        "test.toml: auth_query.user: required when a password is set (without user, [monitor]'s account "
+        "and password are used)"]
+    config = parse(MINIMAL + '[auth_query]\nuser = "pgsplit_auth"\npassword = "lookup-secret"\n')
+    assert config.auth_query.secret() == "lookup-secret"
+    assert "lookup-secret" not in describe(config)
+
+
+def test_check_config_output_says_a_verifier_is_masked_and_reloads_with_it_put_back() -> None:
+    config = parse(MINIMAL.replace(f'password = "{SECRET}"', f'scram_verifier = "{VERIFIER}"'))
+    text = describe(config)
+    assert 'scram_verifier = "********"  # masked: a secret; put the real value back to load this text' in text
+    assert VERIFIER not in text
+    assert problems(text) == ['test.toml: users.0.scram_verifier: "********" is how check-config masks a verifier, '
+                              "not a verifier: put the user's verifier (or its scram_verifier_env) back"]
+    assert parse(text.replace('"********"', f'"{VERIFIER}"')) == config

@@ -121,6 +121,9 @@ def test_no_circles():
     ("metrics", ("proxy", "router", "ops", "loadtest")),
     ("proxy.server", ("proxy.session", "proxy.process", "proxy.admin")),  # a server connection knows no client
     ("proxy.session", ("proxy.process", "proxy.admin", "proxy.app")),  # a session sees the process through SessionHost
+    ("proxy.listener", ("proxy.admin", "proxy.app")),  # the console is reached through the host
+    # the console's rows come from plain data: no socket, session or wire in them
+    ("proxy.admin.show", ("proxy.session", "proxy.server", "proxy.process", "proxy.app", "proxy.wire")),
 ])
 def test_dependencies_point_one_way(importer, forbidden):
     assert violations(importer, forbidden) == []

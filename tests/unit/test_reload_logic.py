@@ -4,6 +4,8 @@ settings out. No server needed (tests/integration/test_reload.py runs a proxy)."
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from proxy.admin.reload import ReloadRefused, compare
@@ -125,3 +127,55 @@ def test_as_fatal_leaves_the_error_as_it_is() -> None:
     assert b"VFATAL" in server.as_fatal().to_wire() and not server.fatal
     canceled = QueryCanceled("canceling authentication due to timeout")
     assert canceled.as_fatal().sqlstate == "57014" and canceled.as_fatal().as_fatal().fatal
+
+
+def test_adding_changing_or_removing_auth_query_is_applied() -> None:
+    plain, looked_up = config(), config('\n[auth_query]\ncache_ttl_s = 1.0\n')
+    assert compare(plain, looked_up).applied == ("auth_query",)
+    assert compare(looked_up, plain).applied == ("auth_query",)
+    assert compare(looked_up, config('\n[auth_query]\ncache_ttl_s = 2.0\n')).applied == ("auth_query",)
+    assert compare(looked_up, config('\n[auth_query]\ncache_ttl_s = 1.0\n')).applied == ()
+
+
+def test_a_reload_drops_the_client_keys_of_users_it_changes_and_pushes_credentials_to_the_pools() -> None:
+    """Pools keep a ClientKey per user known by its verifier; a reload keeps only those
+    its settings still allow (proxy.process.wiring.keeps_client_key)."""
+    import asyncio
+
+    from proxy.auth import password_verifier
+    from proxy.scram import ScramKeys
+    from proxy.server.pool import Pools
+
+    def text_of(v) -> str:
+        b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        return f"SCRAM-SHA-256${v.iterations}:{b64(v.salt)}${b64(v.stored_key)}:{b64(v.server_key)}"
+
+    v1, v2, vq = password_verifier("one"), password_verifier("two"), password_verifier("q")
+    users = {name: f'\n[[users]]\nname = "{name}"\nscram_verifier = "{text_of(v)}"\n'
+             for name, v in (("kept", v1), ("changed", v1), ("removed", v1))}
+    before = wiring.runtime_settings(config("".join(users.values()) + "\n[auth_query]\n"))
+    after = wiring.runtime_settings(config(users["kept"] + users["changed"].replace(text_of(v1), text_of(v2))
+                                           + '\n[[users]]\nname = "removed_now_password"\npassword = "pw"\n'))
+
+    async def run() -> None:
+        pools = Pools(before.pool, before.passwords)
+        keys = {name: ScramKeys(v1, b"k" * 32) for name in ("kept", "changed", "removed")}
+        keys["looked_up"] = ScramKeys(vq, b"q" * 32)
+        for name, k in keys.items():
+            assert wiring.keeps_client_key(before, name, k)
+            pools.remember_keys(name, k)
+        opened = {name: pools.get("pg1", "127.0.0.1", 5432, name, "app") for name in keys}
+        pools.update_credentials(after.passwords, lambda user, k: wiring.keeps_client_key(after, user, k))
+        # kept: same verifier; changed: another verifier; removed: gone (and [auth_query] off);
+        # looked_up: [auth_query] removed.
+        assert {name: pools.credential(name) for name in keys} == {
+            "kept": keys["kept"], "changed": None, "removed": None, "looked_up": None}
+        assert {name: pool._credential for name, pool in opened.items()} == {
+            "kept": keys["kept"], "changed": None, "removed": None, "looked_up": None}
+        # A login proved for a verifier a reload replaced is not stored afterwards.
+        assert not wiring.keeps_client_key(after, "changed", keys["changed"])
+        assert wiring.keeps_client_key(after, "changed", ScramKeys(v2, b"k" * 32))
+        assert not wiring.keeps_client_key(after, "app", ScramKeys(v1, b"k" * 32))  # a password user
+        pools.close()
+
+    asyncio.run(run())
