@@ -5,16 +5,21 @@ the C types (Cython's pure-Python mode): `pip install` compiles each into an ext
 module (setup.py), and where it cannot (no compiler, no Python headers) they run as the
 Python they are. One source either way; the modules with a `.pxd` are the list.
 
-The import system prefers an extension module to a source file of the same name, so a
-finder placed first sends a hot module to its source when PGSPLIT_UNCOMPILED=1 asks for
-it (the unit tests' second lane, the benchmark's comparison) or when the source was
-edited after the extension was built (an editable install would otherwise run old code);
-all of them, when any one cannot run compiled.
-Must not import anything of pgsplit's: it runs before the first hot module is imported.
+They run compiled all together or not at all: they know each other's C layout (a .pxd
+cimports another's types), so one that runs as Python makes the others fail to import.
+The build records a digest of the sources it compiled (`proxy/_hot_path_built.py`,
+written by setup.py); where the sources differ from it (an editable install edited since
+its build, an extension left from another checkout), an extension is missing, or
+PGSPLIT_UNCOMPILED=1 asks for it, a finder placed first sends every hot module to its
+source, as well as any module whose extension has no .pxd beside it any more: the import
+system would otherwise prefer an extension to a source file of the same name.
+Must not import anything of pgsplit's: it runs before the first hot module is imported
+(and setup.py loads it by its path, to compute the same digest).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -24,46 +29,72 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent  # where the packages live
 ENV_UNCOMPILED = "PGSPLIT_UNCOMPILED"
-_REBUILD = "rebuild with `pip install -e .`"
+BUILT = "_hot_path_built"  # the module setup.py writes: SOURCES, the digest it compiled
+_REBUILD = "rebuild with `pip install .` (`pip install -e .` for a checkout)"
 
 
-def hot_modules() -> list[str]:
+def hot_modules(root: Path = _ROOT) -> list[str]:
     """The modules built by Cython: those with a .pxd beside their .py, by dotted name."""
-    return sorted(".".join(p.relative_to(_ROOT).with_suffix("").parts)
-                  for p in (_ROOT / "proxy").rglob("*.pxd") if p.with_suffix(".py").exists())
+    return sorted(".".join(p.relative_to(root).with_suffix("").parts)
+                  for p in (root / "proxy").rglob("*.pxd") if p.with_suffix(".py").exists())
 
 
-def _source(name: str) -> Path:
-    return _ROOT.joinpath(*name.split(".")).with_suffix(".py")
+def _source(name: str, root: Path = _ROOT) -> Path:
+    return root.joinpath(*name.split(".")).with_suffix(".py")
 
 
-def _extension(name: str) -> Path | None:
-    source = _source(name)
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = source.with_suffix(suffix)
-        if path.exists():
-            return path
-    return None
+def sources_digest(root: Path = _ROOT) -> str:
+    """One digest of every hot module's .py and .pxd: what a build compiled."""
+    digest = hashlib.sha256()
+    for name in hot_modules(root):
+        source = _source(name, root)
+        for path in (source, source.with_suffix(".pxd")):
+            digest.update(f"{name}:{path.suffix}:".encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _extensions() -> set[str]:
+    """Modules under proxy/ that have an extension file, by dotted name."""
+    suffixes = sorted(importlib.machinery.EXTENSION_SUFFIXES, key=len, reverse=True)
+    found = set()
+    for path in (_ROOT / "proxy").rglob("*.so"):
+        name = ".".join(path.relative_to(_ROOT).parts)
+        suffix = next((s for s in suffixes if name.endswith(s)), None)
+        if suffix is not None:
+            found.add(name[: -len(suffix)])
+    return found
 
 
 def _asked_uncompiled() -> bool:
     return os.environ.get(ENV_UNCOMPILED, "") not in ("", "0")
 
 
-def _stale(name: str) -> bool:
-    """Built before its .py or .pxd last changed."""
-    built = _extension(name)
-    if built is None:
-        return False
-    source = _source(name)
-    return built.stat().st_mtime < max(source.stat().st_mtime, source.with_suffix(".pxd").stat().st_mtime)
+def _built_digest() -> str | None:
+    try:
+        return importlib.import_module(f"proxy.{BUILT}").SOURCES
+    except (ImportError, AttributeError):
+        return None
+
+
+def why_not() -> str | None:
+    """Why the hot path cannot run compiled, or None when it can."""
+    if _asked_uncompiled():
+        return f"{ENV_UNCOMPILED} is set"
+    names = hot_modules()
+    missing = [name for name in names if name not in _extensions()]
+    if missing:
+        return (f"{len(missing)} of {len(names)} modules not built (the install could not compile them: "
+                f"{_REBUILD} with a C compiler and the Python headers installed)")
+    if _built_digest() != sources_digest():
+        return f"the sources changed since they were compiled ({_REBUILD})"
+    return None
 
 
 class _SourceFirst:
-    """A meta-path finder that loads the named hot modules from their .py files."""
+    """A meta-path finder that loads the named modules from their .py files."""
 
-    def __init__(self, names: list[str]):
-        self.names = set(names)
+    def __init__(self, names: set[str]):
+        self.names = names
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in self.names:
@@ -71,17 +102,14 @@ class _SourceFirst:
         return None
 
 
-def _unusable(name: str) -> bool:
-    return _extension(name) is None or _stale(name)
-
-
 def choose() -> None:
-    """Called by proxy/__init__, before any hot module is imported. All or nothing: the
-    compiled modules know each other's C layout (a .pxd cimports another's types), so one
-    that runs as Python makes every other fail to import."""
-    names = hot_modules()
-    if _asked_uncompiled() or any(_unusable(name) for name in names):
-        sys.meta_path.insert(0, _SourceFirst(names))
+    """Called by proxy/__init__, before any hot module is imported."""
+    hot = hot_modules()
+    to_source = {name for name in _extensions() - set(hot) if _source(name).exists()}  # (no .pxd any more)
+    if why_not() is not None:
+        to_source |= set(hot)
+    if to_source:
+        sys.meta_path.insert(0, _SourceFirst(to_source))
 
 
 def report() -> dict[str, bool]:
@@ -93,17 +121,6 @@ def report() -> dict[str, bool]:
 def describe() -> str:
     """One line for the start-up log and `pgsplit status`."""
     modules = report()
-    plain = [name for name, compiled in modules.items() if not compiled]
-    if not plain:
+    if all(modules.values()):
         return f"compiled ({len(modules)} modules)"
-    if _asked_uncompiled():
-        return f"uncompiled: {ENV_UNCOMPILED} is set"
-    why = []
-    stale = [name for name in modules if _stale(name)]
-    if stale:
-        why.append(f"{', '.join(stale)} changed since built ({_REBUILD})")
-    missing = [name for name in modules if _extension(name) is None]
-    if missing:
-        why.append(f"{len(missing)} of {len(modules)} modules not built (the install could not compile them;"
-                   f" {_REBUILD} with a C compiler and the Python headers installed)")
-    return "uncompiled: " + "; ".join(why)
+    return f"uncompiled: {why_not() or 'some modules were imported before the choice was made'}"

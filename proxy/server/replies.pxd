@@ -3,6 +3,7 @@
 # their fields without a dictionary lookup, and frames with C integers.
 import cython
 
+# (module-level cdef names are C variables: compiled, Python does not see them)
 cdef bytes SPECIAL, COMPLETES
 cdef int _Z, _E, _S, _D, _G, _A
 cdef object _FORWARD, _SWALLOW, _LOCAL

@@ -253,8 +253,11 @@ class ReplyStream:
             if pos + 5 > n:
                 break
             t = data[pos]
-            # (the length by its bytes: compiled, four C loads; int.from_bytes is a call)
-            end = pos + 1 + (data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4])
+            # The length by its bytes (compiled, four C loads; int.from_bytes is a call). The
+            # high byte goes through `end` first: compiled, that is a 64-bit integer, and
+            # shifting a C int by 24 would overflow (a length >= 2**31 would go negative).
+            end = data[pos + 1]
+            end = pos + 1 + (end << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4])
             if fwd is not None:
                 if t == _Z:
                     if end > n:

@@ -1,7 +1,7 @@
 # C types for the client session (Cython pure-Python mode, setup.py). The session is one
-# chain of classes, ByteStream <- Recovery <- Statements <- Forwarding <- Routing <-
-# ClientSession (a C type has one base); its fields are declared here, at the root, so
-# every part reads them as C fields. `__dict__` keeps any other attribute working.
+# chain of classes, ByteStream <- Attachment <- Recovery <- Statements <- Forwarding <-
+# Routing <- ClientSession (a C type has one base); its fields are declared here, at the
+# root, so every part reads them as C fields. `__dict__` keeps any other attribute working.
 
 from proxy.session.transaction cimport Transaction
 
