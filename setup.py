@@ -36,7 +36,7 @@ def hot_path_extensions() -> list[Extension]:
         return []
     names = compiled.hot_modules(HERE)
     extensions = cythonize(
-        [Extension(name, [str(compiled._source(name, HERE))]) for name in names],
+        [Extension(name, [str(compiled._source(name, HERE).relative_to(HERE))]) for name in names],
         compiler_directives={
             "language_level": 3,
             "annotation_typing": False,  # types come from the .pxd files only
