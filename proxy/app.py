@@ -99,7 +99,7 @@ class Proxy:
                  self.config.listen.host, self.port, self.config.admin.host, self.admin.port, self.config.active)
         if self.hot_path.startswith("compiled"):
             log.info("hot path %s", self.hot_path)
-        else:  # it works, at about 1.2 times the CPU per query
+        else:  # (it works the same, with more instructions per unit)
             log.warning("hot path %s", self.hot_path)
 
     @property
