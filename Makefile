@@ -25,9 +25,13 @@ install:
 demo: install
 	$(PYTHON) -m proxy.cli demo
 
+# The whole suite runs with the hot path compiled (it fails if the install could not compile
+# it); the unit tests run a second time with it as plain Python (PGSPLIT_UNCOMPILED=1), the
+# way pgsplit runs where no compiler was at hand.
 test: install
-	PGSPLIT_LOOP=uvloop $(PYTEST)
+	PGSPLIT_LOOP=uvloop PGSPLIT_EXPECT_COMPILED=1 $(PYTEST)
 	PGSPLIT_LOOP=asyncio $(PYTEST) $(ASYNCIO_TESTS)
+	PGSPLIT_LOOP=uvloop PGSPLIT_UNCOMPILED=1 $(PYTEST) tests/unit
 
 bench:
 	./scripts/install.sh bench

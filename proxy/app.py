@@ -18,6 +18,7 @@ from metrics import Metrics
 from proxy.access import ClientCounts, refusal
 from proxy.admin import console
 from proxy.admin.http import Admin
+from proxy import compiled
 from proxy.admin.operations import AdminOps
 from proxy.auth import ScramExchange, Verifiers
 from proxy.config import Config
@@ -77,6 +78,7 @@ class Proxy:
         self._sweeper: asyncio.Task | None = None
         self._down_watch: asyncio.Task | None = None
         self.started_at = time.time()
+        self.hot_path = compiled.describe()  # compiled, or why not
         self.metrics.client_counts = self.client_counts
         self.metrics.server_counts = self.pools.counts
         self.metrics.prepared_counts = self.pools.prepared_counts
@@ -95,6 +97,10 @@ class Proxy:
         self._down_watch = asyncio.get_running_loop().create_task(self._cut_units_on_down_backends())
         log.info("pgsplit listening on %s:%s, admin on %s:%s, active cluster %r",
                  self.config.listen.host, self.port, self.config.admin.host, self.admin.port, self.config.active)
+        if self.hot_path.startswith("compiled"):
+            log.info("hot path %s", self.hot_path)
+        else:  # (it works the same, with more instructions per unit)
+            log.warning("hot path %s", self.hot_path)
 
     @property
     def port(self) -> int:
@@ -332,7 +338,7 @@ class Proxy:
             "cluster": topo.cluster, "generation": topo.generation, "split_brain": topo.split_brain,
             "primary_writable": topo.primary_writable, "backends": backends,
             "clients": self.client_counts(), "pool_mode": self.config.pool.mode,
-            "uptime_s": round(time.time() - self.started_at, 1),
+            "uptime_s": round(time.time() - self.started_at, 1), "hot_path": self.hot_path,
         }
 
 

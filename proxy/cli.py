@@ -167,6 +167,8 @@ def format_status(status: dict) -> str:
             lines.append(f"{'':<12} error: {b['error']}")
     clients = status["clients"]
     lines += ["", "clients: " + ", ".join(f"{k} {v}" for k, v in clients.items())]
+    if "hot_path" in status:
+        lines.append(f"hot path: {status['hot_path']}")
     return "\n".join(lines)
 
 

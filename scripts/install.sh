@@ -2,7 +2,8 @@
 # Installs what pgsplit, its tests and its benchmarks need on a fresh Debian machine:
 # PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_basebackup), psql and pgbench,
 # openssl (test certificates), promtool (checks deploy/'s alert rules; Debian's prometheus
-# package), and the Python package with its test extras.
+# package), gcc and the Python headers (pip compiles the hot path with Cython), and the
+# Python package with its test extras.
 # Idempotent: a second run installs nothing. Pass "bench" to add pgbouncer, pgpool2 and
 # the plotting/profiling Python packages.
 set -euo pipefail
@@ -14,6 +15,9 @@ command -v pgbench >/dev/null 2>&1 || apt_packages+=(postgresql-contrib)
 command -v psql >/dev/null 2>&1 || apt_packages+=(postgresql-client)
 command -v openssl >/dev/null 2>&1 || apt_packages+=(openssl)
 command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+command -v gcc >/dev/null 2>&1 || apt_packages+=(gcc)
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || apt_packages+=(python3-dev)
 if [ "${1:-}" = "bench" ]; then
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || apt_packages+=(pgbouncer)
   command -v pgpool >/dev/null 2>&1 || [ -x /usr/sbin/pgpool ] || apt_packages+=(pgpool2)

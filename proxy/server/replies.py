@@ -41,17 +41,19 @@ log = logging.getLogger("pgsplit.backend")
 # 40001 recovery conflict, 57P01/57P02/57P03 shutting down, crashed, not accepting.
 RETRYABLE = frozenset({"25006", "40001", "57P01", "57P02", "57P03"})
 
+def _table(types) -> bytes:
+    """A lookup table by message type byte: 1 for the given types."""
+    table = bytearray(256)
+    for t in types:
+        table[t] = 1
+    return bytes(table)
+
+
 # Replies that need more than framing inside a ForwardStep.
-SPECIAL = bytearray(256)
-for _t in (wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_COPY_IN, wire.B_NOTIFICATION):
-    SPECIAL[_t] = 1
-SPECIAL = bytes(SPECIAL)
+SPECIAL = _table((wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_COPY_IN, wire.B_NOTIFICATION))
 
 # Replies that complete one request (see module docstring); ErrorResponse is handled apart.
-COMPLETES = bytearray(256)
-for _t in b"123CIstTn":
-    COMPLETES[_t] = 1
-COMPLETES = bytes(COMPLETES)
+COMPLETES = _table(b"123CIstTn")
 
 _Z, _E, _S, _D, _G = wire.B_READY, wire.B_ERROR, wire.B_PARAMETER_STATUS, wire.B_DATA_ROW, wire.B_COPY_IN
 _A = wire.B_NOTIFICATION
@@ -73,64 +75,60 @@ _FORWARD, _SWALLOW, _LOCAL = StepKind.FORWARD, StepKind.SWALLOW, StepKind.LOCAL
 
 
 class Step:
-    """What the reply loop reads of any step, whatever its kind. Steps are built per
-    unit of work, so each sets only what differs from the class defaults (no __slots__:
-    an instance dict with two entries is cheaper to build than 20 slots). `kind` is an
-    instance field (set by each kind's __init__), the cheapest read for the loop that
-    tests it at every message."""
+    """What the reply loop reads of any step, whatever its kind. Compiled, a step is a C
+    struct (replies.pxd): every field is set here, there are no class-level defaults.
+    `kind` is a field, the cheapest read for the loop that tests it at every message."""
 
-    kind: StepKind
-    status = 0  # the transaction status its ReadyForQuery reported
-    closed = False  # its Sync/Query has been sent
-    error: dict[str, str] | None = None  # the fields of its first ErrorResponse
-    callback: Callable[[Any], None] | None = None  # (SwallowStep's: run at its ReadyForQuery)
-    t0 = 0.0  # when it was sent (perf_counter; 0 if untimed): units stuck on a down backend are found by it
+    def __init__(self, kind: StepKind) -> None:
+        self.kind = kind
+        self.status = 0  # the transaction status its ReadyForQuery reported
+        self.closed = False  # its Sync/Query has been sent
+        self.error: dict[str, str] | None = None  # the fields of its first ErrorResponse
+        self.callback: Callable[[Any], None] | None = None  # (SwallowStep's: run at its ReadyForQuery)
+        self.t0 = 0.0  # when it was sent (perf_counter; 0 if untimed): units stuck on a down backend are found by it
 
 
 class ForwardStep(Step):
     """The replies to one of the client's units, streamed to the client."""
 
-    # Reply accounting, in completions (module docstring), not bytes or messages
-    done = 0  # completions received
-    sent = 0  # completions requested so far
-    # (completion index, bytes to insert before its reply | None = drop that reply)
-    edits: list[tuple[int, bytes | None]] | None = None
-    parses: list[tuple[int, bytes]] | None = None  # statements this step prepares, at their index
-    closes: list[tuple[int, bytes]] | None = None  # statements this step closes (the bound), at their index
-    extended = False  # closed by Sync rather than Query
-    rows_seen = False
-    rows_out = False  # a DataRow reached the client (retry-able steps only): no retry then
-    retry: bytes | None = None  # the unit's bytes, kept to re-send it elsewhere
-    retrying = False
-    retry_reason: str | None = None  # why it runs again elsewhere: a SQLSTATE, or "replica_behind"
-    cancelled = False  # the client cancelled it while it was to run again: it must not
-    quiet_ready = False  # its ReadyForQuery answers a Sync of the proxy's own: not forwarded
-    left_open = False  # a Flush in it, or a read ended before its end: the group goes on later
-    delivered = 0  # bytes of replies that reached the client (retry-able steps only)
-    skip = 0  # a retried unit's leading reply bytes the client already has
-    # The unit of work it answers (set by the session)
-    backend = ""
-    role = ""
-    writes = False
-    analyses: list | None = None  # analyses with effects, pins or transaction control
-
     def __init__(self) -> None:
-        self.kind = _FORWARD
+        Step.__init__(self, _FORWARD)
+        # Reply accounting, in completions (module docstring), not bytes or messages
+        self.done = 0  # completions received
+        self.sent = 0  # completions requested so far
+        # (completion index, bytes to insert before its reply | None = drop that reply)
+        self.edits: list[tuple[int, bytes | None]] | None = None
+        self.parses: list[tuple[int, bytes]] | None = None  # statements this step prepares, at their index
+        self.closes: list[tuple[int, bytes]] | None = None  # statements it closes (the bound), at their index
+        self.extended = False  # closed by Sync rather than Query
+        self.rows_seen = False
+        self.rows_out = False  # a DataRow reached the client (retry-able steps only): no retry then
+        self.retry: bytes | None = None  # the unit's bytes, kept to re-send it elsewhere
+        self.retrying = False
+        self.retry_reason: str | None = None  # why it runs again elsewhere: a SQLSTATE, or "replica_behind"
+        self.cancelled = False  # the client cancelled it while it was to run again: it must not
+        self.quiet_ready = False  # its ReadyForQuery answers a Sync of the proxy's own: not forwarded
+        self.left_open = False  # a Flush in it, or a read ended before its end: the group goes on later
+        self.delivered = 0  # bytes of replies that reached the client (retry-able steps only)
+        self.skip = 0  # a retried unit's leading reply bytes the client already has
+        # The unit of work it answers (set by the session)
+        self.backend = ""
+        self.role = ""
+        self.writes = False
+        self.analyses: list | None = None  # analyses with effects, pins or transaction control
 
 
 class SwallowStep(Step):
     """The replies to a request of the proxy's own (settings replay, replay waits,
     commit-LSN reads, prepares it slips in); they never reach a client."""
 
-    closed = True  # written whole
-    rows: list[bytes] | None = None  # DataRow bodies, kept when asked
-    lsn = 0  # the LSN a replay check waits for
-    server: Any = None  # the connection, for a callback that needs it
-
     def __init__(self, callback: Callable[[SwallowStep], None] | None = None) -> None:
-        self.kind = _SWALLOW
-        if callback is not None:
-            self.callback = callback
+        Step.__init__(self, _SWALLOW)
+        self.closed = True  # written whole
+        self.rows: list[bytes] | None = None  # DataRow bodies, kept when asked
+        self.lsn = 0  # the LSN a replay check waits for
+        self.server: Any = None  # the connection, for a callback that needs it
+        self.callback = callback
 
 
 class LocalStep(Step):
@@ -138,7 +136,7 @@ class LocalStep(Step):
     before it have been answered: no server round trip."""
 
     def __init__(self, payload: bytes) -> None:
-        self.kind = _LOCAL
+        Step.__init__(self, _LOCAL)
         self.payload = payload
 
 
@@ -240,60 +238,69 @@ class ReplyStream:
             self._unsolicited(data, pos)
             return
         step = steps[0]
+        # The step as a ForwardStep, None for another kind (compiled, a typed view: its
+        # fields are read as C fields; replies.pxd)
+        fwd = step if step.kind is _FORWARD else None
         if pos >= n:  # all of it continues one long message
             self._skip = pos - n
-            if step.kind is _FORWARD and not step.retrying:
-                self._to_client(data, step)
+            if fwd is not None and not fwd.retrying:
+                self._to_client(data, fwd)
             return
         self._skip = 0
         emit = 0  # data[emit:pos] still to be forwarded (FORWARD) or dropped (SWALLOW)
+        end = pos
         while True:
             if pos + 5 > n:
                 break
             t = data[pos]
-            end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if step.kind is _FORWARD:
+            # The length by its bytes (compiled, four C loads; int.from_bytes is a call). The
+            # high byte goes through `end` first: compiled, that is a 64-bit integer, and
+            # shifting a C int by 24 would overflow (a length >= 2**31 would go negative).
+            end = data[pos + 1]
+            end = pos + 1 + (end << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4])
+            if fwd is not None:
                 if t == _Z:
                     if end > n:
                         break
-                    if step.edits:
-                        if emit < pos and not step.retrying:
-                            self._to_client(data[emit:pos], step)
+                    if fwd.edits:
+                        if emit < pos and not fwd.retrying:
+                            self._to_client(data[emit:pos], fwd)
                         emit = pos
-                        self._emit_inserts(step)
-                    if not step.retrying:
-                        if step.quiet_ready:
+                        self._emit_inserts(fwd)
+                    if not fwd.retrying:
+                        if fwd.quiet_ready:
                             if emit < pos:
-                                self._to_client(data[emit:pos], step)
+                                self._to_client(data[emit:pos], fwd)
                         else:
-                            self._to_client(data[emit:end] if emit or end != n else data, step)
+                            self._to_client(data[emit:end] if emit or end != n else data, fwd)
                     emit = pos = end
-                    self.status = step.status = data[end - 1]
+                    self.status = fwd.status = data[end - 1]
                     steps.popleft()
                     owner = self.owner
                     if owner is not None:
-                        owner.unit_ready(self, step)
+                        owner.unit_ready(self, fwd)
                     step = self._next_step(data, pos, n)
                     if step is None:
                         return
+                    fwd = step if step.kind is _FORWARD else None
                     continue
-                if step.edits or SPECIAL[t]:
+                if fwd.edits or SPECIAL[t]:
                     if end > n:
                         break
-                    if t == _E and step.retry is not None and self._refused(step, data, pos, end):
+                    if t == _E and fwd.retry is not None and self._refused(fwd, data, pos, end):
                         emit = pos = end  # the replies so far are dropped with it
                         continue
-                    if emit < pos and not step.retrying:
-                        self._to_client(data[emit:pos], step)
+                    if emit < pos and not fwd.retrying:
+                        self._to_client(data[emit:pos], fwd)
                     emit = pos
-                    if self._forward_special(step, t, data, pos, end):
+                    if self._forward_special(fwd, t, data, pos, end):
                         emit = end  # dropped
                 elif end > n:
                     break  # an ordinary message cut short: streamed through below
                 elif t == _D:
-                    step.rows_seen = True
+                    fwd.rows_seen = True
                 else:
-                    step.done += COMPLETES[t]
+                    fwd.done += COMPLETES[t]
             else:  # SWALLOW: keep what the proxy asked for, drop the rest
                 if end > n:
                     break
@@ -306,24 +313,25 @@ class ReplyStream:
                     step = self._next_step(data, pos, n)
                     if step is None:
                         return
+                    fwd = step if step.kind is _FORWARD else None
                     continue
                 self._swallowed(step, t, data[pos + 5 : end])
                 emit = end
             pos = end
         # Out of complete messages: forward or drop what precedes the incomplete one.
-        if step.kind is _FORWARD and not step.retrying:
-            if pos + 5 <= n and data[pos] not in (_Z, _E, _S, _G, _A) and not step.edits and step.retry is None:
+        if fwd is not None and not fwd.retrying:
+            if pos + 5 <= n and data[pos] not in (_Z, _E, _S, _G, _A) and not fwd.edits and fwd.retry is None:
                 # An ordinary message cut short (a big DataRow, or a read that ended
                 # mid-message): what has come goes through now, the rest as it arrives.
-                self._to_client(data[emit:] if emit else data, step)
+                self._to_client(data[emit:] if emit else data, fwd)
                 self._skip = end - n
                 if data[pos] == _D:
-                    step.rows_seen = True
+                    fwd.rows_seen = True
                 else:
-                    step.done += COMPLETES[data[pos]]
+                    fwd.done += COMPLETES[data[pos]]
                 return
             if emit < pos:
-                self._to_client(data[emit:pos], step)
+                self._to_client(data[emit:pos], fwd)
         self._held = data[pos:]
 
     def _next_step(self, data: bytes, pos: int, n: int) -> Step | None:

@@ -25,25 +25,20 @@ import asyncio
 import logging
 import select
 import time
-from time import perf_counter
 from typing import Any, Coroutine
 
 from proxy import wire
-from proxy.server.connection import UNKNOWN_SETTINGS, ServerConnection, send_cancel
+from proxy.server.connection import ServerConnection, send_cancel
 from proxy.server.replies import Step, StepKind
-from proxy.errors import AdminShutdown, ProxyError, ServerLostInTransaction
+from proxy.errors import AdminShutdown, ProxyError
 from proxy.session.carried import CarriedState, Stmt
 from proxy.session.consistency import SessionToken
-from proxy.session.forward import Forwarding
 from proxy.session.host import SessionHost
-from proxy.session.recovery import Recovery
 from proxy.session.routing import Routing
-from proxy.session.statements import Statements
-from proxy.session.stream import ByteStream, State
+from proxy.session.stream import State
 from proxy.session.transaction import Transaction
 from router.classify.analysis import Analysis
-from router.policy import UnitFacts
-from router.topology import BackendState, Role
+from router.topology import BackendState
 
 log = logging.getLogger("pgsplit.session")
 
@@ -64,7 +59,7 @@ def peer_hung_up(transport: asyncio.BaseTransport) -> bool:
     return bool(poller.poll(0))
 
 
-class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, asyncio.Protocol):
+class ClientSession(Routing):
     def __init__(self, host: SessionHost):
         self.host = host
         self.transport: asyncio.Transport | None = None
@@ -394,109 +389,6 @@ class ClientSession(Routing, Forwarding, Statements, Recovery, ByteStream, async
                 # check ahead of it or the unit itself) ends with the cancellation instead.
                 step.cancelled = True
         return self.host.spawn(server.pool.cancel(server))
-
-    # --- the attached server connection ------------------------------------------------------
-
-    def _attach(self, conn: ServerConnection, backend: BackendState, unit: bytes, facts: UnitFacts | None) -> None:
-        conn.attach(self, self.transport.write)
-        conn.last_client_pid = self.process_id  # (a notification it sends names this client)
-        self.server = conn
-        self.backend = backend
-        self._unit_key = (backend.name, "primary" if backend.role is Role.PRIMARY else "replica")
-        self._fresh = True
-        self._force_primary_next = False
-        host = self.host
-        load = host.load
-        load[backend.name] = load.get(backend.name, 0) + 1
-        if self._write_paused:
-            conn.transport.pause_reading()
-        carried = self.carried
-        if conn.settings_key != carried.settings_key:
-            conn.swallow(carried.settings_for(conn), self._replayed, ahead=True)
-        tx = self.tx
-        if tx.deferred_begin is not None:
-            conn.swallow(wire.query(tx.begin_sent()), self._began, ahead=True)
-        self._retry_data = unit if (backend.role is Role.REPLICA and tx.status == TX_IDLE
-                                    and host.config.routing.retry_reads_on_replica_error) else None
-
-    def _replayed(self, step: Step) -> None:
-        if step.error is not None:
-            log.warning("replaying session settings on %s failed: %s",
-                        self.server.backend if self.server else "?", step.error.get("M"))
-            if self.server is not None:
-                # The replay ran as one implicit transaction: its RESETs were undone too, so
-                # whatever the connection carried it still does. The next unit replays.
-                self.server.settings_key = UNKNOWN_SETTINGS
-            if self.transport is not None and self.state is State.READY:
-                self.transport.write(wire.notice_response(
-                    "01000", "pgsplit could not restore this session's settings on a new server connection: "
-                    + step.error.get("M", ""), severity="WARNING"))
-
-    def _began(self, step: Step) -> None:
-        if step.error is not None:
-            # The client believes it is in a transaction; it must not carry on without one.
-            self.fail(ServerLostInTransaction(
-                "could not start the transaction on the server: " + step.error.get("M", "")))
-
-    def _detach(self, server: ServerConnection) -> None:
-        server.detach(self)
-        if self.server is server:
-            self.server = None
-            backend = self.backend
-            if backend is not None:
-                load = self.host.load
-                name = backend.name
-                load[name] = load.get(name, 1) - 1 or 0
-            self.backend = None
-        self._open = None
-        self._lsn_after = False
-        if self._write_paused and server.transport is not None and not server.closed:
-            server.transport.resume_reading()
-
-    def _release(self) -> None:
-        """The unit is over and nothing is in flight: give the connection back."""
-        server = self.server
-        self._detach(server)
-        if self.host.session_pooling and not server.closed:
-            return  # stays in self.owned
-        server.pool.release(server)
-
-    # --- replies -------------------------------------------------------------------------
-
-    def unit_ready(self, server: ServerConnection, step: Step) -> None:
-        """Called by the server connection at the ReadyForQuery that ends a step."""
-        tx = self.tx
-        if step.status != tx.status:
-            tx.ready(step.status)
-        if step.kind is _FORWARD:
-            seconds = perf_counter() - step.t0
-            self._record(step.backend, step.role, "write" if step.writes else "read", seconds)
-            counters = self._db_counters
-            counters[1] += 1
-            counters[2] += seconds  # (a float add; SHOW STATS gives microseconds)
-            if step.status == TX_IDLE:  # a transaction ended (a lone statement's too), as PgBouncer counts
-                counters[0] += 1
-            if step.writes or step.analyses or step.status != TX_IDLE or tx.wrote or tx.effects or tx.failed:
-                commit_async = tx.after_unit(step, self.carried, self.server)
-                if tx.changed_schema and tx.schema_settled():
-                    self.host.statement_names.new_epoch()
-                if commit_async is not None:
-                    self.token.note_commit(self.host.consistency.ticket(), commit_async,
-                                           asyncio.get_running_loop().time())
-            if step.retrying:
-                self._retry(server, step)
-                return
-        self._settle(server)
-
-    def _settle(self, server: ServerConnection) -> None:
-        """Nothing more in flight on the attached connection: give it back if the session
-        is idle, and go on with the bytes that waited."""
-        if server is not self.server or server.steps or self._open is not None:
-            return
-        if self.tx.status == TX_IDLE and not self.carried.pins and self._routing is None:
-            self._release()
-        if self._stash or self._pause_reasons:
-            self.resume()
 
     def write_local(self, reply: bytes) -> None:
         self.transport.write(reply)

@@ -19,6 +19,7 @@ from proxy.server.replies import ForwardStep, LocalStep, Step, StepKind
 from proxy.errors import ProtocolViolation
 from proxy.session import commands, replies
 from proxy.session.commands import Answered
+from proxy.session.statements import Statements
 from proxy.session.stream import State
 from proxy.session.units import (
     MALFORMED, OPENS_STEP, STATEMENT_KIND, Boundary, binds_earlier_unnamed, needs_tracking, scan_unit, unit_bytes,
@@ -43,7 +44,7 @@ RETRY_MAX_BYTES = 1 << 20  # a larger unit is not kept for a retry
 STREAM_MIN = 1 << 20  # a Bind longer than this passes through as it arrives (_stream_bind)
 
 
-class Forwarding:
+class Forwarding(Statements):
     """Part of ClientSession (proxy.session.client), which holds the fields."""
 
     def _walk(self, buf: bytes, frames: list) -> int:

@@ -16,6 +16,7 @@ from proxy import wire
 from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step
 from proxy.errors import QueryCanceled, ServerError, ServerLost, ServerLostInTransaction, ServerLostWithSessionState
+from proxy.session.attachment import Attachment
 from proxy.session.stream import State
 from router.classify.analysis import TxControl
 
@@ -24,7 +25,7 @@ log = logging.getLogger("pgsplit.session")
 TX_IDLE = wire.TX_IDLE
 
 
-class Recovery:
+class Recovery(Attachment):
     """Part of ClientSession (proxy.session.client), which holds the fields."""
 
     def _retry(self, server: ServerConnection, step: Step) -> None:

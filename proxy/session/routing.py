@@ -25,6 +25,7 @@ from proxy.errors import (
 )
 from proxy.session import commands, replies, units
 from proxy.session.consistency import TOKEN_MODES, outcome
+from proxy.session.forward import Forwarding
 from proxy.session.host import TokenUnavailable
 from proxy.session.statements import close_statement
 from proxy.session.stream import State
@@ -66,7 +67,7 @@ def _replay_wait_request(conn: ServerConnection, lsn: int, timeout_ms: int) -> b
     return parse + wire.build_bind(b"", _REPLAY_WAIT, rest) + _EXECUTE_SYNC
 
 
-class Routing:
+class Routing(Forwarding):
     """Part of ClientSession (proxy.session.client), which holds the fields."""
 
     # --- the fast case ---------------------------------------------------------------------

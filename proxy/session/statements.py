@@ -18,6 +18,7 @@ from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step, SwallowStep
 from proxy.session import commands
 from proxy.session.carried import Stmt
+from proxy.session.recovery import Recovery
 from proxy.session.units import STATEMENT_KIND
 from router.classify.analysis import Analysis, Route, TxControl
 
@@ -28,7 +29,7 @@ def close_statement(server_name: bytes) -> bytes:
     return wire.build_target(wire.F_CLOSE, STATEMENT_KIND, server_name)
 
 
-class Statements:
+class Statements(Recovery):
     """Part of ClientSession (proxy.session.client), which holds the fields."""
 
     def _register(self, step: Step, name: bytes) -> bytes:

@@ -50,7 +50,10 @@ class Boundary(enum.Enum):
 def is_lone_query(data: bytes) -> bool:
     """`data` is exactly one whole Query message."""
     n = len(data)
-    return n >= 6 and data[0] == F_QUERY and int.from_bytes(data[1:5], "big") == n - 1 and data[-1] == 0
+    if n < 6 or data[0] != F_QUERY or data[-1] != 0:
+        return False
+    length = data[1]  # (compiled, a 64-bit integer before it is shifted: units.pxd)
+    return (length << 24 | data[2] << 16 | data[3] << 8 | data[4]) == n - 1
 
 
 def needs_tracking(a: Analysis) -> bool:
@@ -89,11 +92,17 @@ def extended_unit(data: bytes, stmts: dict[bytes, Stmt]) -> Extended | None:
     n = len(data)
     start_b = 0
     if t == F_PARSE:
-        start_b = 1 + int.from_bytes(data[1:5], "big")
-        if n < 7 or data[5] != 0 or start_b + 7 > n or data[start_b] != F_BIND \
+        if n < 7:
+            return None
+        start_b = data[1]  # (compiled, a 64-bit integer before it is shifted: units.pxd)
+        start_b = 1 + (start_b << 24 | data[2] << 16 | data[3] << 8 | data[4])
+        if data[5] != 0 or start_b + 7 > n or data[start_b] != F_BIND \
                 or data[start_b + 5 : start_b + 7] != b"\0\0":  # unnamed portal and statement
             return None
-    end_b = start_b + 1 + int.from_bytes(data[start_b + 1 : start_b + 5], "big")
+    if start_b + 5 > n:
+        return None
+    end_b = data[start_b + 1]
+    end_b = start_b + 1 + (end_b << 24 | data[start_b + 2] << 16 | data[start_b + 3] << 8 | data[start_b + 4])
     described = data[end_b : end_b + 7] == _DESCRIBE_PORTAL
     x = end_b + 7 if described else end_b  # the Execute
     if x + 15 != n or data[x] != F_EXECUTE or data[x + 10] != F_SYNC \

@@ -4,6 +4,8 @@ socket (loadtest.microbench's transport records what the proxy writes to the ser
 from __future__ import annotations
 
 
+import pytest
+
 from loadtest.microbench import FakeTransport
 from proxy import wire
 from proxy.server.connection import ServerConnection
@@ -127,3 +129,18 @@ def test_a_lost_connection_hands_back_the_units_in_flight():
     conn.connection_lost(None)
     assert owner.lost == [[unit]]
     assert seen and seen[0].error["C"] == "08006"
+
+
+@pytest.mark.parametrize("length", [0x80000010, 0xFFFFFFFF])
+def test_a_length_past_two_gigabytes_streams_through_as_the_head_of_one_long_message(length):
+    """Compiled, the reply loop frames with C integers: a length whose high bit is set
+    must stay the large positive number it is (a C int overflowing to a negative one
+    froze the event loop in an endless loop, or raised IndexError)."""
+    conn, owner = lent()
+    step = ForwardStep()
+    conn.push(step)
+    head = bytes([ord("D")]) + length.to_bytes(4, "big") + b"x" * 11
+    conn.data_received(head)  # returns: the message goes through as it arrives
+    assert b"".join(owner.out) == head
+    assert conn._skip == 1 + length - len(head)
+    assert conn.steps[0] is step and not owner.ready

@@ -8,6 +8,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, strategies as st
 
 from proxy import wire
 from proxy.server.prepared import StatementNames
@@ -600,3 +601,29 @@ def test_a_bind_of_the_unnamed_statement_from_an_earlier_group_is_not_run_again_
         assert b"pgsplit_replay_wait" not in sent
         assert all(step.retry is None for step in server.steps)
     drive(script)
+
+
+# --- the fast case's shapes, on any bytes (compiled: C loads of the length bytes) ------
+
+_UNIT_PIECES = [
+    wire.message(wire.F_QUERY, b"SELECT 1\0"),
+    wire.message(wire.F_PARSE, b"\0SELECT 1\0\0\0"),
+    wire.message(wire.F_BIND, b"\0s\0\0\0\0\0\0\0"),
+    wire.message(wire.F_DESCRIBE, b"P\0"),
+    wire.message(wire.F_EXECUTE, b"\0\0\0\0\0"),
+    wire.SYNC,
+]
+
+
+@given(st.lists(st.sampled_from(_UNIT_PIECES), min_size=1, max_size=5), st.integers(0, 60), st.binary(max_size=12))
+def test_the_fast_case_shapes_take_any_bytes_without_raising(pieces, cut, noise):
+    """A client's read can end anywhere, and its bytes can be anything: recognising the
+    two shapes either recognises one or declines (None/False), it never raises."""
+    data = b"".join(pieces)
+    for candidate in (data, data[:cut] or data, noise or b"\0", data[: max(1, len(data) - cut)] + noise):
+        unit = extended_unit(candidate, {})
+        assert unit is None or unit.stmt is None  # (no statement is known here: only the unnamed shape)
+        assert is_lone_query(candidate) in (True, False)
+    assert is_lone_query(_UNIT_PIECES[0])
+    unnamed = _UNIT_PIECES[1] + wire.message(wire.F_BIND, b"\0\0" + b"\0" * 6) + _UNIT_PIECES[4] + wire.SYNC
+    assert extended_unit(unnamed, {}).sql == b"SELECT 1"

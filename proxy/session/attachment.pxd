@@ -1,0 +1,12 @@
+import cython
+
+from proxy.server.replies cimport ForwardStep, Step
+from proxy.session.stream cimport ByteStream
+
+cdef class Attachment(ByteStream):
+    cpdef _attach(self, conn, backend, unit, facts)
+    cpdef _detach(self, server)
+    cpdef _release(self)
+    @cython.locals(fwd=ForwardStep)
+    cpdef unit_ready(self, server, Step step)
+    cpdef _settle(self, server)

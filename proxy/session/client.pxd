@@ -1,0 +1,4 @@
+from proxy.session.routing cimport Routing
+
+cdef class ClientSession(Routing):
+    pass

@@ -1,0 +1,4 @@
+from proxy.session.attachment cimport Attachment
+
+cdef class Recovery(Attachment):
+    pass

@@ -1,0 +1,4 @@
+from proxy.session.recovery cimport Recovery
+
+cdef class Statements(Recovery):
+    pass

@@ -1,0 +1,51 @@
+"""Builds the hot path's compiled modules; everything else is in pyproject.toml.
+
+Each module with a .pxd beside it (proxy.compiled.hot_modules) is compiled by Cython in
+its pure-Python mode: the .py is the source, the .pxd adds C types. The extensions are
+optional: where the build fails (no C compiler or Python headers) pip still installs
+pgsplit, which then runs those modules as Python and says so (proxy.compiled). The digest
+of the sources compiled goes into proxy/_hot_path_built.py, so that sources changed since
+(an editable install) run as Python rather than beside stale extensions.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def _compiled_module():
+    """proxy/compiled.py, loaded by its path (importing the proxy package needs its dependencies)."""
+    spec = importlib.util.spec_from_file_location("pgsplit_build_compiled", HERE / "proxy" / "compiled.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hot_path_extensions() -> list[Extension]:
+    compiled = _compiled_module()
+    (HERE / "proxy" / f"{compiled.BUILT}.py").write_text(
+        "# Written by setup.py: the digest of the hot path's sources it compiled (proxy.compiled).\n"
+        f'SOURCES = "{compiled.sources_digest(HERE)}"\n')
+    try:
+        from Cython.Build import cythonize
+    except ImportError:  # a build without the build requirements (pyproject.toml) installed
+        print("pgsplit: Cython is not available; the hot path will run as Python")
+        return []
+    names = compiled.hot_modules(HERE)
+    extensions = cythonize(
+        [Extension(name, [str(compiled._source(name, HERE).relative_to(HERE))]) for name in names],
+        compiler_directives={
+            "language_level": 3,
+            "annotation_typing": False,  # types come from the .pxd files only
+        },
+        quiet=True,
+    )
+    for extension in extensions:
+        extension.optional = True
+    return extensions
+
+
+setup(ext_modules=hot_path_extensions())
