@@ -9,6 +9,7 @@ of the sources compiled goes into proxy/_hot_path_built.py, so that sources chan
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -48,4 +49,5 @@ def hot_path_extensions() -> list[Extension]:
     return extensions
 
 
-setup(ext_modules=hot_path_extensions())
+# (the modules compile one per core: the install is part of every CI run)
+setup(ext_modules=hot_path_extensions(), options={"build_ext": {"parallel": os.cpu_count() or 1}})
