@@ -1,4 +1,5 @@
-"""Polling helpers for integration tests: wait for a condition with a deadline.
+"""Helpers for integration tests: wait for a condition with a deadline, and run a
+coroutine on a loop of its own.
 
 Both raise ``TimeoutError`` with ``message`` (and the predicate's last result or error)
 when the condition does not hold in time; no test should sleep without a deadline.
@@ -69,3 +70,12 @@ async def async_wait_until(predicate: Callable[[], T | Awaitable[T]], timeout: f
         if loop.time() >= deadline:
             raise _timeout_error(message, timeout, last, last_exc)
         await asyncio.sleep(interval)
+
+
+def run_leaving_loop_on_failure(coro):
+    """asyncio.run, except that a failure leaves its loop unclosed: closing it with a
+    driver's connections still open hung the test run instead of reporting the failure."""
+    loop = asyncio.new_event_loop()
+    result = loop.run_until_complete(coro)
+    loop.close()
+    return result

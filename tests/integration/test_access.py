@@ -11,7 +11,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from helpers import wait_until
+from helpers import run_leaving_loop_on_failure as _run, wait_until
 from loadtest.harness import ProxyThread, config_text
 from proxy.admin.reload import compare
 from proxy.config import parse_config
@@ -43,14 +43,6 @@ def _text(cluster, extra: str = "", users: dict | None = None, sections: dict | 
         text = text.replace(head, head + "".join(f"{k} = {v}\n" for k, v in keys.items()), 1)
     return text + extra
 
-
-def _run(coro):
-    """asyncio.run, except that a failure leaves its loop unclosed: closing it with a
-    driver's connections still open hung the test run instead of reporting the failure."""
-    loop = asyncio.new_event_loop()
-    result = loop.run_until_complete(coro)
-    loop.close()
-    return result
 
 
 def _backend_sessions(cluster, user: str) -> int:

@@ -18,7 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from helpers import wait_until
+from helpers import run_leaving_loop_on_failure as _run, wait_until
 from loadtest.harness import NodeSet, ProxyThread, config_text
 from loadtest.sandbox import Cluster
 from proxy.admin.show import CUTOVER_COLUMNS
@@ -52,13 +52,6 @@ def rows(conn: psycopg.Connection, sql: str) -> list[dict]:
     names = [d.name for d in cur.description]
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
-
-def _run(coro):
-    """A failure leaves the loop unclosed: closing it with a driver's connection open hangs."""
-    loop = asyncio.new_event_loop()
-    result = loop.run_until_complete(coro)
-    loop.close()
-    return result
 
 
 def test_psql_gets_every_show_command_and_help_lists_them(proxy) -> None:

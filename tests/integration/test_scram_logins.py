@@ -25,6 +25,7 @@ from loadtest.harness import ProxyThread, config_text
 from proxy.admin.reload import compare
 from proxy.auth import password_verifier
 from proxy.config import parse_config
+from helpers import run_leaving_loop_on_failure as _run
 
 VERIFIED = ("scram_v", "v-secret-1")  # in [[users]] by its verifier
 LOOKED_UP = ("scram_q", "q-secret-1")  # not in [[users]]: [auth_query]
@@ -73,14 +74,6 @@ def start(cluster, roles, tmp_path: Path):
     for proxy in started:
         proxy.stop()
 
-
-def _run(coro):
-    """asyncio.run, except that a failure leaves its loop unclosed: closing it with a
-    driver's connections still open hung the test run instead of reporting the failure."""
-    loop = asyncio.new_event_loop()
-    result = loop.run_until_complete(coro)
-    loop.close()
-    return result
 
 
 async def _connect(proxy: ProxyThread, user: str, password: str, database: str = "app"):
