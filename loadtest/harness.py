@@ -190,7 +190,8 @@ def free_port() -> int:
 class ProxyProcess:
     """`pgsplit run -c FILE` as a child process (what an operator runs)."""
 
-    def __init__(self, text: str, *, port: int | None = None, admin_port: int | None = None, env=None):
+    def __init__(self, text: str, *, port: int | None = None, admin_port: int | None = None, env=None,
+                 workers: int | None = 1):
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
         text = text.replace("port = 0\n", f"port = {self.port}\n", 1).replace(
@@ -200,12 +201,14 @@ class ProxyProcess:
         self.config_path.write_text(text)
         self.log_path = Path(self.dir) / "pgsplit.log"
         self.env = {**os.environ, **(env or {})}
+        self.workers = workers  # `--workers`: one process unless asked (None: pgsplit's default)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "ProxyProcess":
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_path)],
+                [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_path)]
+                + ([] if self.workers is None else ["--workers", str(self.workers)]),
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env,
             )
         deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -219,3 +219,72 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> Snapshot:
+        """Every family of this registry as plain data (a worker's, sent to its supervisor)."""
+        return [(m.name, m.type, m.documentation, m.unit, [(s.name, dict(s.labels), s.value) for s in m.samples])
+                for m in self.registry.collect()]
+
+
+# --- many processes as one (pgsplit run --workers N) ---------------------------------------------
+
+# (family name, type, help, unit, [(sample name, labels, value)])
+Snapshot = list[tuple[str, str, str, str, list[tuple[str, dict, float]]]]
+
+# Gauges of what each worker holds (its clients, its server connections): added up. Every
+# other gauge describes the one backend set (lag, rotation, generation, migration) and is
+# the supervisor's alone: the first snapshot given to merge_snapshots.
+PER_WORKER_GAUGES = frozenset({"pgsplit_client_connections", "pgsplit_server_connections",
+                               "pgsplit_server_prepared_statements", "pgsplit_pool_waiting"})
+
+
+def merge_snapshots(base: Snapshot, others: Iterable[Snapshot]) -> Snapshot:
+    """`base` plus `others`: counters and histograms added sample by sample (a `_created`
+    sample keeps the earliest), per-worker gauges added, other gauges as in `base`."""
+    families: dict[str, tuple[str, str, str, dict]] = {}
+    for name, kind, doc, unit, samples in base:
+        families[name] = (kind, doc, unit, {(s, _key(labels)): v for s, labels, v in samples})
+    for snapshot in others:
+        for name, kind, doc, unit, samples in snapshot:
+            if kind == "gauge" and name not in PER_WORKER_GAUGES and name in families:
+                continue
+            merged = families.setdefault(name, (kind, doc, unit, {}))[3]
+            for sample, labels, value in samples:
+                key = (sample, _key(labels))
+                old = merged.get(key)
+                if old is None:
+                    merged[key] = value
+                elif sample.endswith("_created"):
+                    merged[key] = min(old, value)
+                else:
+                    merged[key] = old + value
+    return [(name, kind, doc, unit, [(s, dict(labels), v) for (s, labels), v in samples.items()])
+            for name, (kind, doc, unit, samples) in families.items()]
+
+
+def counters_only(snapshot: Snapshot) -> Snapshot:
+    """What of a worker that ended stays in the sums: its counters and histograms."""
+    return [f for f in snapshot if f[1] != "gauge"]
+
+
+def render(snapshot: Snapshot) -> bytes:
+    """The text exposition of a snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot))
+    return generate_latest(registry)
+
+
+def _key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable:
+        for name, kind, doc, unit, samples in self._snapshot:
+            family = Metric(name, doc, kind, unit)
+            for sample, labels, value in samples:
+                family.add_sample(sample, labels, value)
+            yield family

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
-from metrics import Metrics
+from metrics import Metrics, merge_snapshots, render
 from proxy.access import ClientCounts, refusal
 from proxy.admin import console
 from proxy.admin.http import Admin
@@ -32,6 +33,8 @@ from proxy.listener import Listener, new_cancel_key
 from proxy.process.wiring import backend_specs, keeps_client_key, runtime_settings, ssl_context
 from proxy.scram import ScramKeys, Verifier
 from proxy.server.pool import Pool, Pools
+from proxy.workers.follower import FollowerMonitor
+from proxy.workers.link import RemoteAdminOps, WorkerLink
 from proxy.session.client import ClientSession, State
 from router.classify.classifier import Classifier
 from router.lsn import CommitLsnFetcher
@@ -44,8 +47,11 @@ log = logging.getLogger("pgsplit")
 
 
 class Proxy:
-    def __init__(self, config: Config, *, metrics: Metrics | None = None, config_path: str | None = None):
+    def __init__(self, config: Config, *, metrics: Metrics | None = None, config_path: str | None = None,
+                 worker: WorkerLink | None = None):
         self.config = config
+        self.worker = worker  # one of `pgsplit run --workers N`'s workers (proxy.workers.worker)
+        self.workers: Any = None  # proxy.workers.supervisor.Supervisor, in the supervisor of N workers
         self.config_path = config_path  # what SIGHUP and POST /v1/reload read again
         self.metrics = metrics or Metrics()
         settings = runtime_settings(config)
@@ -59,8 +65,12 @@ class Proxy:
         self.statement_names = self.pools.statement_names
         specs = list(settings.backends)
         self.topology = TopologyHolder(initial_topology(config.active, specs))
-        self.monitor = Monitor(self.topology, specs, settings.monitor, self.metrics,
+        # A worker follows the supervisor's monitor (one per host) and exports no backend gauges.
+        monitor = Monitor if worker is None else FollowerMonitor
+        self.monitor = monitor(self.topology, specs, settings.monitor, self.metrics if worker is None else None,
                                on_volatile_functions=self.classifier.set_volatile_functions)
+        if worker is not None:
+            self.monitor.channel = worker.channel
         self.logins = Logins(self, self.monitor)
         self.monitor.databases = lambda: self.logins.catalog_databases
         self.lsn_fetcher = CommitLsnFetcher(self.monitor.primary_commit_lsns)
@@ -72,7 +82,8 @@ class Proxy:
         self.listener = Listener(self)
         self.dataplane = DataPlane(self)
         self.ssl_context = ssl_context(config)
-        self.admin_ops = AdminOps(self)
+        self.admin_ops = AdminOps(self) if worker is None else RemoteAdminOps(self, worker)
+        self.client_port: int | None = None  # the supervisor's: the port its workers listen on
         self.admin: Admin | None = None  # the HTTP server, from start() on
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
@@ -88,23 +99,33 @@ class Proxy:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, clients: bool = True, admin: bool = True) -> None:
+        """Start the monitor, the client listener (not in a supervisor: its workers listen)
+        and the admin API (not in a worker: its supervisor serves it, once they listen)."""
         await self.monitor.start()
-        await self.listener.start(self.config.listen.host, self.config.listen.port)
-        self.admin = Admin(self.admin_ops)
-        await self.admin.start(self.config.admin.host, self.config.admin.port)
+        if clients:
+            port = self.config.listen.port if self.worker is None else self.worker.port
+            await self.listener.start(self.config.listen.host, port, reuse_port=self.worker is not None)
+        if admin and self.worker is None:
+            await self.start_admin()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._down_watch = asyncio.get_running_loop().create_task(self._cut_units_on_down_backends())
-        log.info("pgsplit listening on %s:%s, admin on %s:%s, active cluster %r",
-                 self.config.listen.host, self.port, self.config.admin.host, self.admin.port, self.config.active)
-        if self.hot_path.startswith("compiled"):
-            log.info("hot path %s", self.hot_path)
-        else:  # (it works the same, with more instructions per unit)
-            log.warning("hot path %s", self.hot_path)
+        if self.admin is not None:
+            log.info("pgsplit listening on %s:%s, admin on %s:%s, active cluster %r",
+                     self.config.listen.host, self.port, self.config.admin.host, self.admin.port, self.config.active)
+        if self.worker is None:  # (told once, by the supervisor: its workers import the same build)
+            if self.hot_path.startswith("compiled"):
+                log.info("hot path %s", self.hot_path)
+            else:  # (it works the same, with more instructions per unit)
+                log.warning("hot path %s", self.hot_path)
+
+    async def start_admin(self) -> None:
+        self.admin = Admin(self.admin_ops)
+        await self.admin.start(self.config.admin.host, self.config.admin.port)
 
     @property
     def port(self) -> int:
-        return self.listener.port
+        return self.client_port if self.client_port is not None else self.listener.port
 
     async def stop(self) -> None:
         await self.listener.stop()
@@ -225,7 +246,7 @@ class Proxy:
 
     def register_session(self, session: ClientSession) -> tuple[int, bytes]:
         while True:
-            key = new_cancel_key()
+            key = new_cancel_key(None if self.worker is None else self.worker.index)
             if key not in self.by_key:
                 self.by_key[key] = session
                 return key
@@ -233,6 +254,8 @@ class Proxy:
     def cancel(self, process_id: int, secret_key: bytes) -> asyncio.Task | None:
         """The task forwarding a client's CancelRequest to its server, if there is one."""
         session = self.by_key.get((process_id, secret_key))
+        if session is None and self.worker is not None and process_id & 0xFF != self.worker.index:
+            return self.spawn(self.worker.forward_cancel(process_id, secret_key))  # (another worker's session)
         if session is None:
             log.info("cancel request with an unknown key ignored")
             return None
@@ -310,35 +333,71 @@ class Proxy:
             self.pools.update_sizes(new.pool_sizes)
         if new.backends != old.backends or new.monitor != old.monitor:
             await self.monitor.retarget(config.active, new.backends, settings=new.monitor)
+        if self.workers is not None:  # (its snapshots reach them first, on the same channels)
+            await self.workers.reconfigure(config)
         return self.topology.current.generation
 
     async def warm_up(self, target: str) -> dict:
-        """A cutover's warm-up of cluster `target` (proxy.process.warmup)."""
-        return await warmup.warm_up(self.pools, self.monitor, self.config, target)
+        """A cutover's warm-up of cluster `target` (proxy.process.warmup): in a supervisor,
+        its monitor's logins here and the server connections in every worker."""
+        done = await warmup.warm_up(self.pools, self.monitor, self.config, target)
+        if self.workers is not None:
+            done.update(await self.workers.warm_up(target))
+        return done
 
     async def drop_warm_up(self) -> None:
         """A cutover that did not switch: close what its warm-up opened."""
         await warmup.drop_warm_up(self.pools, self.monitor, self.config)
+        if self.workers is not None:
+            await self.workers.drop_warm_up()
 
     # --- status --------------------------------------------------------------------------------
+
+    def worker_report(self) -> dict:
+        """A worker's figures for its supervisor: /metrics, status, the cutover's census."""
+        return {"listening": self.listener.server is not None, "clients": self.client_counts(),
+                "census": self.dataplane.census(), "servers": list(self.pools.counts().items()),
+                "load": dict(self.load), "metrics": self.metrics.snapshot()}
+
+    async def refresh(self) -> None:
+        """Before a scrape or a status: a supervisor collects its workers' figures now."""
+        if self.workers is not None:
+            await self.workers.refresh()
+
+    def metrics_text(self) -> bytes:
+        if self.workers is None:
+            return self.metrics.exposition()
+        return render(merge_snapshots(self.metrics.snapshot(), self.workers.metrics_snapshots()))
 
     def status(self) -> dict:
         topo = self.topology.current
         backends = []
         pool_counts = self.pools.counts()
+        load = self.load
+        clients = self.client_counts()
+        if self.workers is not None:  # (the sessions and pools are the workers')
+            pool_counts, load, clients = {}, {}, dict.fromkeys(clients, 0)
+            for report in self.workers.reports():
+                for key, n in report["servers"]:
+                    pool_counts[key] = pool_counts.get(key, 0) + n
+                for name, n in report["load"].items():
+                    load[name] = load.get(name, 0) + n
+                for state, n in report["clients"].items():
+                    clients[state] = clients.get(state, 0) + n
         for b in topo.backends:
             backends.append({
                 "name": b.name, "host": b.host, "port": b.port, "role": b.role.value, "up": b.up,
                 "in_recovery": b.in_recovery, "in_rotation": b.in_rotation if b.role is Role.REPLICA else None,
                 "lag_bytes": b.lag_bytes, "lag_seconds": b.lag_seconds, "weight": b.weight,
-                "error": b.error, "load": self.load.get(b.name, 0),
+                "error": b.error, "load": load.get(b.name, 0),
                 "server_connections": {state: n for (name, state), n in pool_counts.items() if name == b.name},
             })
         return {
             "cluster": topo.cluster, "generation": topo.generation, "split_brain": topo.split_brain,
             "primary_writable": topo.primary_writable, "backends": backends,
-            "clients": self.client_counts(), "pool_mode": self.config.pool.mode,
+            "clients": clients, "pool_mode": self.config.pool.mode,
             "uptime_s": round(time.time() - self.started_at, 1), "hot_path": self.hot_path,
+            **({"workers": self.workers.status()} if self.workers is not None else {}),
         }
 
 

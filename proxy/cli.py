@@ -65,13 +65,26 @@ async def _reload(proxy) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy import loop
+    from proxy.workers import supervisor
 
     config = _load(args.config)
     if config is None:
         return 2
-    setup_logging(args.log_level or config.log_level, config.log_format)
-    loop.run(serve(config, config_path=args.config))
+    level = args.log_level or config.log_level
+    setup_logging(level, config.log_format)
+    workers = args.workers if args.workers is not None else supervisor.cpu_count()
+    if workers > 1:
+        loop.run(supervisor.serve(config, workers, config_path=args.config, log_level=level))
+    else:
+        loop.run(serve(config, config_path=args.config))
     return 0
+
+
+def _workers(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError("between 1 and 256 (a cancel key carries the worker's number in one byte)")
+    return n
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -169,6 +182,12 @@ def format_status(status: dict) -> str:
     lines += ["", "clients: " + ", ".join(f"{k} {v}" for k, v in clients.items())]
     if "hot_path" in status:
         lines.append(f"hot path: {status['hot_path']}")
+    if "workers" in status:
+        workers = status["workers"]["workers"]
+        lines.append(f"workers: {sum(w['up'] for w in workers)} of {len(workers)} up, "
+                     f"{sum(w['restarts'] for w in workers)} restarts  ("
+                     + ", ".join(f"{w['index']}: pid {w['pid']} {w['clients']} clients" + ("" if w["up"] else " DOWN")
+                                 for w in workers) + ")")
     return "\n".join(lines)
 
 
@@ -435,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file again; SIGINT/SIGTERM stop the proxy.")
     p.add_argument("-c", "--config", required=True, help="the TOML config file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log_level")
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="worker processes sharing the client port (SO_REUSEPORT), led by one supervisor "
+                        "that runs the monitor and the admin API; default: the number of cores; 1 runs "
+                        "one process")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("reload", help="make a running proxy read its config file again",

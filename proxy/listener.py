@@ -148,9 +148,12 @@ class Listener:
         self.app = app
         self.server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """`reuse_port`: one of several workers on the port (SO_REUSEPORT: the kernel spreads
+        new connections over them)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._new_session, host, port, reuse_address=True, backlog=1024)
+        self.server = await loop.create_server(self._new_session, host, port, reuse_address=True, backlog=1024,
+                                               reuse_port=reuse_port or None)
 
     @property
     def port(self) -> int:
@@ -308,5 +311,10 @@ def _peer_host(session: ClientSession) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
 
 
-def new_cancel_key() -> tuple[int, bytes]:
-    return int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF, os.urandom(4)
+def new_cancel_key(worker: int | None = None) -> tuple[int, bytes]:
+    """A random BackendKeyData key; a worker's number (0-255) is its process id's low byte,
+    so that a CancelRequest reaching any worker finds the one holding the session."""
+    process_id = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+    if worker is not None:
+        process_id = (process_id & ~0xFF) | worker
+    return process_id, os.urandom(4)

@@ -41,6 +41,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def formatter(log_format: str) -> logging.Formatter:
-    """The formatter of `log_format` ("text" or "json", the config's key)."""
-    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+def formatter(log_format: str, worker: int | None = None) -> logging.Formatter:
+    """The formatter of `log_format` ("text" or "json", the config's key); a worker of
+    `pgsplit run --workers N` names itself (JSON: the field "worker")."""
+    if log_format == "json":
+        return JsonFormatter()
+    return logging.Formatter(TEXT_FORMAT if worker is None else TEXT_FORMAT.replace(
+        "%(name)s:", f"%(name)s [worker {worker}]:"))
+
+
+class WorkerField(logging.Filter):
+    """Puts the worker's number on every record (JSON lines carry it as "worker")."""
+
+    def __init__(self, worker: int):
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True

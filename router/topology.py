@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from router.tls import ServerTls
@@ -106,9 +107,12 @@ class TopologyHolder:
     def __init__(self, initial: Topology):
         self.current = initial
         self._changed: asyncio.Event | None = None
+        self.listeners: list[Callable[[Topology], None]] = []  # told each install (a supervisor's workers)
 
     def install(self, topology: Topology) -> None:
         self.current = topology  # the one assignment readers rely on
+        for listener in self.listeners:
+            listener(topology)
         if self._changed is not None:
             self._changed.set()
             self._changed = None

@@ -32,10 +32,11 @@ TARGETS = {
     "pgsplit": "pgsplit (primary only)",
     "pgsplit-replicas": "pgsplit (with replicas)",
     "pgsplit-uncompiled": "pgsplit uncompiled (primary only)",
+    "pgsplit-2w": "pgsplit, 2 workers (primary only)",
     "relay": "framing relay",
 }
 # Not run unless named in --targets: they explain pgsplit's CPU rather than compare it.
-OPT_IN_TARGETS = ("pgsplit-uncompiled", "relay")
+OPT_IN_TARGETS = ("pgsplit-uncompiled", "pgsplit-2w", "relay")
 RYW_TARGETS = {
     "direct": "PostgreSQL (direct)",
     "pgsplit-session": "pgsplit, consistency = session",

@@ -12,7 +12,8 @@ from loadtest.bench.results import Results
 
 COLORS = {"direct": "#444444", "pgbouncer": "#1f77b4", "pgpool": "#ff7f0e",
           "pgpool-replicas": "#ffbb78", "pgsplit": "#2ca02c", "pgsplit-replicas": "#98df8a",
-          "pgsplit-uncompiled": "#9467bd", "relay": "#8c564b"}
+          "pgsplit-uncompiled": "#9467bd", "relay": "#8c564b",
+          "pgsplit-2w": "#e377c2"}
 
 
 def plot_throughput(res: Results, targets: Sequence[str], img_dir: Path) -> list[tuple[str, Path]]:

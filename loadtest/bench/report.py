@@ -148,13 +148,17 @@ def _setup(page: _Page) -> list[str]:
     w_("| Pgpool-II (with replicas) | the same plus the replicas as backend1.., "
        "`load_balance_mode = on`, `statement_level_load_balance = on`, `backend_weight0 = 0` "
        "(reads to the replicas only, like pgsplit) |")
-    w_(f"| pgsplit (primary only) | `pgsplit run`, a cluster with only the primary, "
+    w_(f"| pgsplit (primary only) | `pgsplit run --workers 1`, a cluster with only the primary, "
        f"`pool.size = {plan.get('pool_size')}`, transaction pooling |")
     w_("| pgsplit (with replicas) | the same with the replicas: autocommit reads go to replicas, "
        "`routing.consistency = session` (the default) |")
     if "pgsplit-uncompiled" in targets:
         w_("| pgsplit uncompiled (primary only) | pgsplit (primary only) started with "
            "`PGSPLIT_UNCOMPILED=1`: its compiled hot path runs as plain Python |")
+    if "pgsplit-2w" in targets:
+        w_("| pgsplit, 2 workers (primary only) | pgsplit (primary only) with `--workers 2`: two "
+           "worker processes on one port and their supervisor (CPU: all three processes; "
+           "`pool.size` is per worker) |")
     if "relay" in targets:
         w_("| framing relay | `python -m loadtest.framing_relay` in front of the primary: one server "
            "connection per client, messages cut at their headers and forwarded whole, nothing "

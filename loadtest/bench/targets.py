@@ -88,7 +88,7 @@ UNCOMPILED_ENV = "PGSPLIT_UNCOMPILED"  # set: pgsplit runs its compiled hot path
 
 
 def start_pgsplit(key: str, label: str, cluster: Any, *, replicas: bool, pool_size: int,
-                  routing: dict[str, Any] | None = None, uncompiled: bool = False) -> Target:
+                  routing: dict[str, Any] | None = None, uncompiled: bool = False, workers: int = 1) -> Target:
     from loadtest.harness import NodeSet, ProxyProcess, config_text
 
     view = cluster if replicas else NodeSet.of(cluster, cluster.primary)
@@ -96,7 +96,7 @@ def start_pgsplit(key: str, label: str, cluster: Any, *, replicas: bool, pool_si
     if routing:
         sections["routing"] = dict(routing)
     proc = ProxyProcess(config_text({"main": view}, sections=sections),
-                        env={UNCOMPILED_ENV: "1"} if uncompiled else None)
+                        env={UNCOMPILED_ENV: "1"} if uncompiled else None, workers=workers)
     if not uncompiled:  # not inherited from the benchmark's own environment either
         proc.env.pop(UNCOMPILED_ENV, None)
     proc.start()
@@ -186,9 +186,10 @@ def start_targets(keys: Sequence[str], cluster: Any, plan: Plan, stack: contextl
             t = Target(key, label, port, stop=d.stop, log=d.log_text, errors=d.errors,
                        counters=(lambda p=port: _pgpool_counters(p)) if reps else (lambda: None),
                        pid=d.daemon_pid)
-        elif key in ("pgsplit", "pgsplit-replicas", "pgsplit-uncompiled"):
+        elif key in ("pgsplit", "pgsplit-replicas", "pgsplit-uncompiled", "pgsplit-2w"):
             t = start_pgsplit(key, label, cluster, replicas=key == "pgsplit-replicas",
-                              pool_size=plan.pool_size, uncompiled=key == "pgsplit-uncompiled")
+                              pool_size=plan.pool_size, uncompiled=key == "pgsplit-uncompiled",
+                              workers=2 if key == "pgsplit-2w" else 1)
             stack.callback(_stopper(t))
         elif key == "relay":
             t = start_relay(key, label, cluster)

@@ -151,6 +151,7 @@ class Admin:
     # --- reads --------------------------------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
+        await self.ops.refresh()
         return web.Response(body=self.ops.metrics_text(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -158,6 +159,7 @@ class Admin:
         return web.json_response(body, status=503 if body["status"] == "down" else 200)
 
     async def status(self, request: web.Request) -> web.Response:
+        await self.ops.refresh()
         return web.json_response(self.ops.status())
 
     # --- the server ---------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class Process(reload.Process, Protocol):
 
     def spawn(self, coro: Coroutine) -> asyncio.Task: ...
     def status(self) -> dict: ...
+    def metrics_text(self) -> bytes: ...
+    async def refresh(self) -> None: ...
     async def warm_up(self, target: str) -> dict: ...
     async def drop_warm_up(self) -> None: ...
 
@@ -84,7 +86,11 @@ class AdminOps:
         return self.config.admin.secret()
 
     def metrics_text(self) -> bytes:
-        return self.process.metrics.exposition()
+        return self.process.metrics_text()
+
+    async def refresh(self) -> None:
+        """Fresh figures for a scrape or a status (from every worker, under a supervisor)."""
+        await self.process.refresh()
 
     def health(self) -> dict:
         """The health check: "ok" with a writable primary, "degraded" with only replicas up,

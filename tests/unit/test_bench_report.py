@@ -115,7 +115,7 @@ def test_the_other_sections_still_render(tmp_path):
     assert text.index("## Throughput") < text.index("## Proxy CPU per transaction") < \
         text.index("## Connection set-up")
     assert "| framing relay | `python -m loadtest.framing_relay`" in section(text, "## Setup")
-    assert "`pgsplit-uncompiled`, `relay`" in section(text, "## Reproduce")
+    assert "`pgsplit-uncompiled`, `pgsplit-2w`, `relay`" in section(text, "## Reproduce")
     assert (tmp_path / "img" / "bench-tps-select.png").exists()
 
 
