@@ -181,6 +181,25 @@ class ProxyThread:
         self.stop()
 
 
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # (ended meanwhile)
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,11 +248,8 @@ class ProxyProcess:
             return ""
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        """Resident memory of pgsplit: its process and, with workers, theirs."""
+        return sum(_rss(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -287,15 +287,17 @@ async def _memory_of(key: str, port: int, rss: Callable[[], int],
 def memory_phase(cluster: Any, plan: Plan) -> list[MemoryResult]:
     """Fresh processes (not the ones that ran the load), the same idle clients for each."""
     results: list[MemoryResult] = []
-    if "pgsplit-replicas" in plan.targets or "pgsplit" in plan.targets:
-        t = start_pgsplit("pgsplit", "pgsplit", cluster, replicas=plan.replicas > 0,
-                          pool_size=plan.pool_size)
+    for key, workers in (("pgsplit", 1), ("pgsplit-2w", 2)):
+        if key not in plan.targets and (key != "pgsplit" or "pgsplit-replicas" not in plan.targets):
+            continue
+        t = start_pgsplit(key, key, cluster, replicas=plan.replicas > 0, pool_size=plan.pool_size,
+                          workers=workers)
         try:
-            proc = t.process  # type: ignore[attr-defined]
-            results += asyncio.run(_memory_of("pgsplit", t.port, proc.rss_bytes, plan.memory_conns))
+            proc = t.process  # type: ignore[attr-defined]  (RSS: with workers, every process's)
+            results += asyncio.run(_memory_of(key, t.port, proc.rss_bytes, plan.memory_conns))
             errs = t.errors()
             if errs:
-                print(f"pgsplit log errors during the memory phase: {len(errs)}; first: {errs[0]}")
+                print(f"{key} log errors during the memory phase: {len(errs)}; first: {errs[0]}")
         finally:
             _stopper(t)()
     if "pgbouncer" in plan.targets:

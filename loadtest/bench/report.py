@@ -375,7 +375,8 @@ def _memory(page: _Page) -> list[str]:
     w_("A fresh process of each, one warm-up login, then N idle clients (asyncpg, each a "
        "completed SCRAM login, no query). Per connection = (RSS with N − RSS with none) / N. "
        "Pgpool-II is left out: it serves one client per pre-forked process "
-       "(`num_init_children`), so thousands of idle clients need thousands of processes.\n")
+       "(`num_init_children`), so thousands of idle clients need thousands of processes. "
+       "pgsplit with workers counts the RSS of its supervisor and every worker.\n")
     rows = [[r.target, f"{r.connections:,}", _fmt(r.rss0_bytes / 2**20 if r.rss0_bytes else None, ".1f"),
              _fmt(r.rss_bytes / 2**20 if r.rss_bytes else None, ".1f"),
              _fmt(r.bytes_per_connection, ",.0f"), _fmt(r.login_seconds, ".1f"),
