@@ -103,10 +103,11 @@ class Probe:
 
     def current(self, now: float) -> Sample | PollError | None:
         """The latest sample, or a failure if the poll in flight is older than the
-        timeout (it may be stuck connecting)."""
+        timeout (it may be stuck connecting): a timed-out one, slow rather than refused,
+        as the poll's own timeout would say."""
         timeout = self.settings.timeout_s
         if self.task is not None and not self.task.done() and now - self.task_started > timeout:
-            return PollError(f"poll: no answer within {timeout * 1000:.0f} ms")
+            return PollError(f"poll: no answer within {timeout * 1000:.0f} ms", timed_out=True)
         if self.latest is None:
             return None
         if self.down_since is not None and self.latest_started < self.down_since:

@@ -5,12 +5,14 @@ No server: samples are built by hand, the way `Sample.from_row` builds them from
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import fields, replace
 
 import pytest
 
 from router.monitor.lag import (
+    PRIMARY_TIMEOUTS_DOWN,
     SAMPLE_SQL,
     LagLimits,
     Sample,
@@ -23,7 +25,7 @@ from router.monitor.lag import (
     prune_history,
     reference_lsn,
 )
-from router.monitor.probe import PollError
+from router.monitor.probe import MonitorSettings, PollError, Probe
 from router.topology import BackendSpec, BackendState, Role, Topology
 
 MB = 1024 * 1024
@@ -330,6 +332,26 @@ def test_a_primary_that_does_not_answer() -> None:
     assert not t.primary_writable
     assert t.primary_lsn == 5000  # last known; replicas still measured against it
     assert len(t.rotation) == 2
+
+
+async def test_a_poll_still_in_flight_past_its_timeout_is_a_slow_primary_not_a_dead_one() -> None:
+    """A round that finds the primary's poll still unanswered after the poll timeout (a
+    stall of the server: a checkpoint's fsync, a starved CPU) counts it as timed out, like
+    the poll's own timeout: writes stop after PRIMARY_TIMEOUTS_DOWN such rounds, not at
+    the first one (measured: a one-second stall under load made every write fail for
+    one round, though the primary answered 50 ms later)."""
+    probe = Probe(SPECS[0], MonitorSettings(user="m", password=None, timeout_s=1.0))
+    stalled = asyncio.Event()
+    probe.task, probe.task_started = asyncio.ensure_future(stalled.wait()), 10.0
+    try:
+        error = probe.current(11.5)
+        assert isinstance(error, PollError) and error.timed_out
+        t = build_topology(topo0(), {"pg1": primary(5000)}, generation=1, now=1.0)
+        for n in range(1, PRIMARY_TIMEOUTS_DOWN + 1):
+            t = build_topology(t, {"pg1": error}, generation=1, now=1.0 + n / 10)
+            assert t.primary_writable == (n < PRIMARY_TIMEOUTS_DOWN), n
+    finally:
+        probe.task.cancel()
 
 
 def test_a_primary_in_recovery_is_recorded() -> None:
