@@ -356,7 +356,8 @@ class Proxy:
     def worker_report(self) -> dict:
         """A worker's figures for its supervisor: /metrics, status, the cutover's census."""
         return {"listening": self.listener.server is not None, "clients": self.client_counts(),
-                "census": self.dataplane.census(), "servers": list(self.pools.counts().items()),
+                "census": self.dataplane.census(), "held_units": self.dataplane.held_units,
+                "servers": list(self.pools.counts().items()),
                 "load": dict(self.load), "metrics": self.metrics.snapshot()}
 
     async def refresh(self) -> None:

@@ -144,8 +144,8 @@ class AdminOps:
         self._busy = "pause"
         self._pause = token = object()
         self._pausing = True
-        dataplane.hold()
         try:
+            dataplane.hold()  # (inside: whatever fails here releases the pause it began)
             drained = await dataplane.drain(timeout_s or self.config.cutover.pause_timeout_s)
         except BaseException as exc:
             # A failed drain releases its own pause only, never one taken after it.
@@ -172,6 +172,7 @@ class AdminOps:
             raise CutoverBusy("a pause is still waiting for the units in flight to finish (at most "
                               "cutover.pause_timeout_s); resume once it has returned")
         dataplane = self.process.dataplane
+        await self.process.refresh()  # (workers: the units they held, as of now)
         paused = dataplane.release()
         self._busy = self._pause = None
         log.info("traffic resumed by the admin API after %.3f s (%d units held)", paused, dataplane.held_units)

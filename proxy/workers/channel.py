@@ -67,7 +67,14 @@ class Channel:
 
     @property
     def is_open(self) -> bool:
-        return self._writer is not None and not self.closed.is_set()
+        """False as soon as the transport is closing (the other end died and a write or a
+        read found out), not only once the read loop has seen the end."""
+        if self._writer is None or self.closed.is_set():
+            return False
+        if self._writer.transport.is_closing():
+            self._close()
+            return False
+        return True
 
     async def request(self, op: str, *args: Any, timeout: float) -> Any:
         if not self.is_open:
@@ -76,7 +83,8 @@ class Channel:
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            self._send(("req", request_id, op, args))
+            if not self._send(("req", request_id, op, args)):
+                raise ChannelClosed(f"{self.name}: the control channel is closed")
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
@@ -84,14 +92,20 @@ class Channel:
         finally:
             self._waiting.pop(request_id, None)
 
-    def notify(self, op: str, *args: Any) -> None:
-        """Send without an answer (in order with every other message of this end)."""
-        if self.is_open:
-            self._send(("req", 0, op, args))
+    def notify(self, op: str, *args: Any) -> bool:
+        """Send without an answer (in order with every other message of this end); False
+        when the channel is closed (never raises: a fan-out goes on to the next worker)."""
+        return self._send(("req", 0, op, args))
 
-    def _send(self, message: tuple) -> None:
-        assert self._writer is not None
-        self._writer.write(frame(message))
+    def _send(self, message: tuple) -> bool:
+        if not self.is_open:
+            return False
+        try:
+            self._writer.write(frame(message))
+        except (RuntimeError, OSError):  # (the transport closed under us)
+            self._close()
+            return False
+        return True
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -140,7 +154,7 @@ class Channel:
             if request_id == 0:
                 log.warning("%s: %s failed: %s", self.name, op, exc)
             reply = ("err", request_id, type(exc).__name__, str(exc))
-        if request_id and self.is_open:
+        if request_id:
             self._send(reply)
 
     def _close(self) -> None:

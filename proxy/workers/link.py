@@ -5,12 +5,15 @@ reload every worker, so the supervisor runs them).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.workers.channel import Channel, RemoteError
 
-CANCEL_TIMEOUT_S = 5.0
+log = logging.getLogger("pgsplit")
+
+CANCEL_TIMEOUT_S = 8.0  # (the other worker waits up to 5 s for its server to take it)
 ADMIN_TIMEOUT_S = 600.0  # (the console bounds each operation itself)
 
 
@@ -22,8 +25,12 @@ class WorkerLink:
     admin_state: dict = field(default_factory=dict)  # the supervisor's, sent with each report request
 
     async def forward_cancel(self, process_id: int, secret_key: bytes) -> None:
-        """A CancelRequest for a session of another worker: the supervisor passes it on."""
-        await self.channel.request("cancel", process_id, secret_key, timeout=CANCEL_TIMEOUT_S)
+        """A CancelRequest for a session of another worker: the supervisor passes it on
+        (and answers once that worker's server has taken it)."""
+        try:
+            await self.channel.request("cancel", process_id, secret_key, timeout=CANCEL_TIMEOUT_S)
+        except (ConnectionError, TimeoutError, RemoteError) as exc:
+            log.info("cancel request for worker %d not passed on: %s", process_id & 0xFF, exc)
 
     async def admin(self, op: str, *args: Any) -> Any:
         try:
@@ -49,7 +56,9 @@ class RemoteAdminOps:
         return await self.link.admin("reload")
 
     def status(self) -> dict:
-        return self.process.status()  # (the backends as the supervisor's monitor last pushed them)
+        """The supervisor's status (every worker's connections), as of its last report
+        request (at most a second old); this worker's own until the first one."""
+        return self.link.admin_state.get("status") or self.process.status()
 
     def cutover_state(self) -> dict:
         return self.link.admin_state.get("cutover_state") or {

@@ -30,9 +30,12 @@ from router.topology import Topology
 
 log = logging.getLogger("pgsplit")
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (holds proxy/)
+
 START_TIMEOUT_S = 30.0  # a worker's start: its process, its hello, its listener
 REPORT_INTERVAL_S = 1.0  # how often the workers' counters and figures are collected
 REPORT_TIMEOUT_S = 2.0
+MISSED_REPORTS_KILL = 4  # a worker silent this many reports in a row (~10 s) is stuck: killed, restarted
 SWAP_TIMEOUT_S = 10.0  # a worker that has not taken the swap by then is killed
 STOP_TIMEOUT_S = 10.0
 RESTART_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # a worker that keeps dying is restarted more slowly
@@ -48,6 +51,8 @@ class WorkerHandle:
     restarts: int = 0
     started_at: float = 0.0
     report: dict = field(default_factory=dict)  # its last worker_report()
+    missed: int = 0  # reports in a row it did not answer (a stuck worker is killed)
+    retired: bool = False  # its counters moved to the retired sum (once per process)
 
     @property
     def live(self) -> bool:
@@ -77,9 +82,8 @@ class Supervisor:
 
     async def start(self) -> None:
         config = self.proxy.config
-        if config.listen.port == 0:  # one port for all: reserved here (bound, never listening)
-            self._reservation = _reserve_port(config.listen.host)
-            self.port = self._reservation.getsockname()[1]
+        self._reservation = _reserve_port(config.listen.host, config.listen.port)
+        self.port = self._reservation.getsockname()[1]
         self.proxy.client_port = self.port
         await self.proxy.start(clients=False, admin=False)  # (the monitor's first round: workers start with it)
         self.proxy.topology.listeners.append(self._push_topology)
@@ -88,6 +92,8 @@ class Supervisor:
         if failed:
             await self.stop()
             raise RuntimeError(f"a worker did not start: {failed[0]}")
+        for w in self.workers:
+            self._spawn(self._supervise(w))
         self._spawn(self._collect_reports())
         await self.proxy.start_admin()  # (once every worker listens: ready means ready)
         log.info("pgsplit supervisor (pid %d): %d workers on port %d, admin on %s:%d", os.getpid(), self.count,
@@ -109,52 +115,61 @@ class Supervisor:
         return task
 
     async def _start_worker(self, w: WorkerHandle) -> None:
+        """Start worker `w` and wait until it listens (its first report says so)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        w.ready, w.report, w.missed = False, {}, 0
+        w.channel = Channel(parent, self._handlers(w), name=f"worker {w.index}")
         try:
-            w.ready = False
-            w.channel = Channel(parent, self._handlers(w), name=f"worker {w.index}")
             await w.channel.start()
-            config = self.proxy.config
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()  # (a reload's)
+            # -P and the path of this installation: the worker runs the code the supervisor
+            # runs, never a `proxy` package in the current directory
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
             w.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy.workers.worker", "--index", str(w.index), "--port", str(self.port),
-                "--fd", str(child.fileno()), "--log-level", self.log_level, "--log-format", config.log_format,
-                pass_fds=(child.fileno(),))
+                sys.executable, "-P", "-m", "proxy.workers.worker", "--index", str(w.index), "--port", str(self.port),
+                "--fd", str(child.fileno()), "--log-level", level, "--log-format", self.proxy.config.log_format,
+                pass_fds=(child.fileno(),), env=env)
         finally:
             child.close()
-        w.pid, w.started_at = w.process.pid, time.time()
-        self._spawn(self._watch(w, w.process))
+        w.pid, w.started_at, w.retired = w.process.pid, time.time(), False
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not w.report.get("listening"):  # (its first report says its listener is up)
+        while not w.report.get("listening"):
             if w.process.returncode is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {w.index} (pid {w.pid}) did not start within {START_TIMEOUT_S:g} s")
             await asyncio.sleep(0.05)
             if w.live:
                 await self._ask_report(w)
 
-    async def _watch(self, w: WorkerHandle, process: asyncio.subprocess.Process) -> None:
-        code = await process.wait()
-        if w.process is not process:
-            return
-        self._retire(w)
-        if self._stopping:
-            return
-        log.error("worker %d (pid %s) exited with %s; starting it again", w.index, w.pid, code)
-        delay = RESTART_DELAYS_S[min(w.restarts, len(RESTART_DELAYS_S) - 1)]
-        if time.time() - w.started_at > 60:
-            delay = RESTART_DELAYS_S[0]  # (it ran a while: not a crash loop)
-        w.restarts += 1
-        await asyncio.sleep(delay)
-        if not self._stopping:
+    async def _supervise(self, w: WorkerHandle) -> None:
+        """Keep worker `w` running: when its process ends (or could not be started), start
+        it again, sooner if it had run a while, more slowly if it keeps dying."""
+        while not self._stopping:
+            process = w.process
+            code = await process.wait() if process is not None else None
+            self._retire(w)
+            if self._stopping:
+                return
+            log.error("worker %d (pid %s) exited with %s; starting it again", w.index, w.pid, code)
+            ran_a_while = time.time() - w.started_at > 60
+            delay = RESTART_DELAYS_S[0 if ran_a_while else min(w.restarts, len(RESTART_DELAYS_S) - 1)]
+            w.restarts += 1
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
             try:
                 await self._start_worker(w)
-            except Exception as exc:  # noqa: BLE001  its watch starts it again
+            except Exception as exc:  # noqa: BLE001  (tried again, more slowly)
                 log.error("worker %d did not start again: %s", w.index, exc)
                 if w.process is not None and w.process.returncode is None:
                     w.process.kill()
 
     def _retire(self, w: WorkerHandle) -> None:
-        """A worker ended: its counters stay in /metrics (as last collected), its gauges go."""
+        """A worker ended or is being killed: its counters stay in /metrics (as last
+        collected), its gauges go. Once per process: a late report of it is dropped."""
         w.ready = False
+        if w.retired:
+            return
+        w.retired = True
         if w.channel is not None:
             self._spawn(w.channel.aclose())
         if w.report.get("metrics"):
@@ -177,10 +192,12 @@ class Supervisor:
             await process.wait()
 
     def kill(self, w: WorkerHandle, why: str) -> None:
+        """SIGKILL: a worker that did not take a swap or stopped answering. Its counters
+        move to the retired sum now (a scrape before it is reaped must not miss them)."""
         if w.process is not None and w.process.returncode is None:
             log.error("killing worker %d (pid %s): %s", w.index, w.pid, why)
             w.process.kill()
-        w.ready = False
+        self._retire(w)
 
     # --- what workers ask ----------------------------------------------------------------------
 
@@ -208,12 +225,12 @@ class Supervisor:
         return await self.workers[index].channel.request("cancel", process_id, secret_key, timeout=5)
 
     async def _admin(self, op: str, args: tuple):
-        """The admin console's operations, asked by the worker the console client is on."""
+        """The admin console's PAUSE, RESUME and RELOAD, asked by the worker the console
+        client is on. In a task of the process: the asking worker dying (its channel's
+        handlers are cancelled) must not cut a reload or a pause in half."""
         ops = self.proxy.admin_ops
-        allowed = {"pause": ops.pause, "resume": ops.resume, "reload": ops.reload,
-                   "cutover_state": ops.cutover_state, "migrations": ops.migrations, "status": self.status}
-        result = allowed[op](*args)
-        return await result if asyncio.iscoroutine(result) else result
+        operation = {"pause": ops.pause, "resume": ops.resume, "reload": ops.reload}[op]
+        return await asyncio.shield(self.proxy.spawn(operation(*args)))
 
     # --- what the supervisor sends -------------------------------------------------------------
 
@@ -256,17 +273,30 @@ class Supervisor:
 
     # --- figures ---------------------------------------------------------------------------------
 
-    async def _ask_report(self, w: WorkerHandle) -> None:
+    def _admin_state(self) -> dict:
+        """What a worker's admin console shows of the supervisor (sent with each report request)."""
+        ops = self.proxy.admin_ops
+        return {"cutover_state": ops.cutover_state(), "migrations": ops.migrations(), "status": self.proxy.status()}
+
+    async def _ask_report(self, w: WorkerHandle, state: dict | None = None) -> None:
+        channel = w.channel
+        state = state if state is not None else self._admin_state()
         try:
-            ops = self.proxy.admin_ops  # (what a worker's admin console shows of them)
-            state = {"cutover_state": ops.cutover_state(), "migrations": ops.migrations()}
-            w.report = await w.channel.request("report", state, timeout=REPORT_TIMEOUT_S)
+            report = await channel.request("report", state, timeout=REPORT_TIMEOUT_S)
         except (ChannelClosed, TimeoutError, RemoteError) as exc:
-            log.debug("worker %d: no report: %s", w.index, exc)
+            if w.channel is channel and w.live and isinstance(exc, TimeoutError):
+                w.missed += 1
+                log.warning("worker %d (pid %s) did not report (%d in a row)", w.index, w.pid, w.missed)
+                if w.missed >= MISSED_REPORTS_KILL:
+                    self.kill(w, f"it did not answer for {w.missed * (REPORT_INTERVAL_S + REPORT_TIMEOUT_S):.0f} s")
+            return
+        if w.channel is channel and w.live:  # (not a report of a worker retired meanwhile)
+            w.report, w.missed = report, 0
 
     async def refresh(self) -> None:
         """Fresh figures from every worker (a scrape, a status)."""
-        await asyncio.gather(*(self._ask_report(w) for w in self.live()))
+        state = self._admin_state()
+        await asyncio.gather(*(self._ask_report(w, state) for w in self.live()))
 
     async def _collect_reports(self) -> None:
         while True:
@@ -277,7 +307,7 @@ class Supervisor:
         return [w.report["metrics"] for w in self.live() if w.report.get("metrics")] + [self.retired]
 
     def status(self) -> dict:
-        """The workers' part of `pgsplit status`."""
+        """The workers' part of `pgsplit status` and of the health check."""
         return {"count": self.count, "port": self.port, "workers": [
             {"index": w.index, "pid": w.pid, "up": w.live, "restarts": w.restarts,
              "clients": sum(w.report.get("clients", {}).values())} for w in self.workers]}
@@ -297,12 +327,16 @@ class WorkersDataPlane:
         self.supervisor = supervisor
         self.holding = False
         self.held: set = set()  # (sessions live in the workers)
-        self.held_units = 0
         self.paused_at: float | None = None
+
+    @property
+    def held_units(self) -> int:
+        """Units held by the current or last pause, as the workers last reported them
+        (refreshed at the swap and before RESUME answers)."""
+        return sum(report.get("held_units", 0) for report in self.supervisor.reports())
 
     def hold(self) -> None:
         self.holding = True
-        self.held_units = 0
         self.paused_at = time.monotonic()
         for w in self.supervisor.live():
             w.channel.notify("hold")
@@ -341,8 +375,7 @@ class WorkersDataPlane:
         for w, r in await self.supervisor.broadcast("install", cluster, topology, timeout=SWAP_TIMEOUT_S):
             if isinstance(r, BaseException):
                 self.supervisor.kill(w, f"it did not take the swap to cluster {cluster!r}: {r}")
-            elif isinstance(r, int):
-                self.held_units += r
+        await self.supervisor.refresh()  # (the units held so far, for the cutover's summary)
         return topology
 
     def release(self) -> float:
@@ -354,15 +387,21 @@ class WorkersDataPlane:
         return paused
 
 
-def _reserve_port(host: str) -> socket.socket:
-    """Bind (not listen) a port the workers then listen on with SO_REUSEPORT: the kernel
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) the port the workers then listen on with SO_REUSEPORT: the kernel
     gives connections only to listening sockets, and the port stays ours while workers
-    restart."""
+    restart (port 0: the one the kernel picks). First a bind without SO_REUSEPORT: a port
+    in use (another pgsplit of the same user would otherwise share it silently, and a
+    cutover of one would not hold the other) fails as it does for one process."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port != 0:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))  # OSError EADDRINUSE: taken
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     return sock
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +31,8 @@ from proxy.workers.link import WorkerLink
 log = logging.getLogger("pgsplit")
 
 HELLO_TIMEOUT_S = 10.0
+CANCEL_WAIT_S = 5.0  # a cancel passed on is answered once its server has taken it
+STOP_TIMEOUT_S = 15.0  # then the worker exits anyway
 
 
 class Worker:
@@ -64,7 +68,11 @@ class Worker:
             task.cancel()
         if self.channel.closed.is_set() and not self.stopped.is_set():
             log.warning("worker %d: the supervisor is gone; stopping", self.index)
-        await proxy.stop()
+        try:
+            await asyncio.wait_for(proxy.stop(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("worker %d did not stop within %g s; exiting", self.index, STOP_TIMEOUT_S)
+            os._exit(1)
         await self.channel.aclose()
 
     # --- what the supervisor sends -----------------------------------------------------------
@@ -95,6 +103,7 @@ class Worker:
         return self.proxy.dataplane.held_units
 
     async def _reconfigure(self, config) -> int:
+        logging.getLogger().setLevel(config.log_level.upper())  # (as the supervisor's reload does)
         return await self.proxy.reconfigure(config)
 
     async def _warm_up(self, target: str) -> dict:
@@ -103,9 +112,15 @@ class Worker:
     async def _drop_warm_up(self) -> None:
         await self.proxy.drop_warm_up()
 
-    def _cancel(self, process_id: int, secret_key: bytes) -> bool:
+    async def _cancel(self, process_id: int, secret_key: bytes) -> bool:
+        """A cancel another worker received. Answered once the server has taken it, as the
+        listener answers its own: the client's cancel connection closes only then."""
         task = self.proxy.cancel(process_id, secret_key)
-        return task is not None
+        if task is None:
+            return False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(task), CANCEL_WAIT_S)
+        return True
 
     def _report(self, admin_state: dict) -> dict:
         if self.proxy is None:
@@ -130,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.addFilter(WorkerField(args.index))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     sock = socket.socket(fileno=args.fd)
+    _die_with_parent()
 
     async def serve() -> None:
         worker = Worker(args.index, args.port, sock)
@@ -141,6 +157,18 @@ def main(argv: list[str] | None = None) -> int:
 
     loop.run(serve())
     return 0
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the supervisor dies (Linux), besides the end of the control channel."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # (it died before prctl)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 if __name__ == "__main__":

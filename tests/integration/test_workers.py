@@ -243,6 +243,52 @@ def test_pause_holds_every_worker_also_one_restarted_meanwhile(workers_proxy):
         close_all(sessions)
 
 
+def test_the_admin_console_on_either_worker_pauses_and_resumes_them_all(cluster):
+    """The console runs in the worker its client reached; PAUSE and RESUME there hold and
+    release every worker, and SHOW CUTOVER on another worker says so."""
+    proxy = ProxyProcess(config_text({"main": cluster}, sections={"admin": {"console_users": ["app"]}}),
+                         workers=WORKERS).start()
+    consoles: dict[int, list[psycopg.Connection]] = {}
+    sessions = {}
+    try:
+        sessions = sessions_on_each_worker(proxy)
+        consoles = {i: [] for i in range(WORKERS)}
+        for _ in range(60):
+            if all(consoles.values()):
+                break
+            conn = psycopg.connect(dsn(proxy).replace("dbname=app", "dbname=pgsplit"), autocommit=True,
+                                   prepare_threshold=None, connect_timeout=10)
+            if consoles[worker_of(conn)]:
+                conn.close()  # (a spare)
+            else:
+                consoles[worker_of(conn)].append(conn)
+        assert all(consoles.values()), "no console session on each worker"
+        consoles[1][0].execute("PAUSE")
+        done: dict[int, bool] = {}
+        threads = [threading.Thread(target=lambda i=i, c=c: (c[0].execute("SELECT 1"), done.setdefault(i, True)))
+                   for i, c in sessions.items()]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        assert done == {}, "a worker let a unit through while paused"
+
+        def in_progress() -> str:
+            cur = consoles[0][0].execute("SHOW CUTOVER")
+            return dict(zip([d.name for d in cur.description], cur.fetchone()))["in_progress"]
+
+        wait_until(lambda: in_progress() == "pause", timeout=5)
+        consoles[0][0].execute("RESUME")
+        for t in threads:
+            t.join(10)
+        assert done == {0: True, 1: True}
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not paused"):
+            consoles[1][0].execute("RESUME")
+    finally:
+        close_all(sessions)
+        close_all(consoles)
+        proxy.stop()
+
+
 def test_reload_reaches_every_worker(workers_proxy):
     """SIGHUP to the supervisor: a new session on either worker starts with the reloaded
     default consistency."""
@@ -307,6 +353,8 @@ def test_a_cutover_holds_every_worker_and_moves_them_all_without_losing_a_write(
         for t in threads:
             t.join(10)
         assert summary["result"] == "success", summary
+        # (a worker not held would send writes to the fenced primary: refused as read-only)
+        assert errors == [], errors[:3]
         assert all(len(v) > 5 for v in acked.values()), {i: len(v) for i, v in acked.items()}
         on_new = {row[0] for row in c.sql(hop, "SELECT id FROM acked", dbname="app")}
         lost = [n for v in acked.values() for n in v if n not in on_new]
@@ -324,6 +372,41 @@ def test_a_cutover_holds_every_worker_and_moves_them_all_without_losing_a_write(
         if proxy is not None:
             proxy.stop()
         c.stop()
+
+
+def test_a_stuck_worker_is_killed_and_started_again(workers_proxy):
+    """A worker whose loop stops (SIGSTOP stands for a loop stuck in a call) keeps its
+    socket, so the kernel goes on giving it new clients: the supervisor, missing its
+    reports, kills it and starts another."""
+    proxy = workers_proxy
+    sessions = sessions_on_each_worker(proxy)
+    try:
+        stuck = admin(proxy, "/v1/status")["workers"]["workers"][1]["pid"]
+        os.kill(stuck, signal.SIGSTOP)
+        started = time.monotonic()
+        wait_until(lambda: (w := admin(proxy, "/v1/status")["workers"]["workers"][1])["up"] and w["pid"] != stuck,
+                   timeout=30)
+        assert time.monotonic() - started < 25
+        assert "killing worker 1" in proxy.log()
+        assert sessions[0][0].execute("SELECT 1").fetchone() == (1,)
+        again = sessions_on_each_worker(proxy)
+        try:
+            assert all(conns[0].execute("SELECT 2").fetchone() == (2,) for conns in again.values())
+        finally:
+            close_all(again)
+    finally:
+        close_all(sessions)
+
+
+def test_a_port_in_use_is_refused_as_by_one_process(workers_proxy, cluster):
+    """With SO_REUSEPORT a second proxy could bind the same port and take half the clients
+    (a pause or a cutover of one would not hold the other): it is refused instead."""
+    second = ProxyProcess(config_text({"main": cluster}), port=workers_proxy.port, workers=WORKERS)
+    with pytest.raises(RuntimeError, match="exited"):
+        second.start(timeout=20)
+    assert "Address already in use" in second.log()
+    with psycopg.connect(dsn(workers_proxy), autocommit=True, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_the_default_is_a_worker_per_core(cluster):

@@ -79,6 +79,23 @@ async def test_a_request_has_a_deadline_and_a_closed_end_fails_every_waiter():
         await left.aclose()
 
 
+async def test_a_channel_whose_other_end_died_says_so_at_once_and_never_raises_on_send():
+    """The first write to a dead worker closes the transport; until the read loop runs,
+    the channel must not look open (a fan-out that raised there stopped halfway: a pause
+    that held some workers and could never be resumed)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    left = Channel(a, {}, name="left")
+    await left.start()
+    b.close()  # (the worker died)
+    try:
+        sent = [left.notify("hold") for _ in range(3)]  # no await in between: the read loop has not run
+        assert sent[1:] == [False, False] and not left.is_open
+        with pytest.raises(ChannelClosed):
+            await left.request("drain", timeout=1)
+    finally:
+        await left.aclose()
+
+
 # --- metrics of many processes -----------------------------------------------------------------------
 
 def _value(text: bytes, line_start: str) -> float:
