@@ -172,9 +172,9 @@ class AdminOps:
             raise CutoverBusy("a pause is still waiting for the units in flight to finish (at most "
                               "cutover.pause_timeout_s); resume once it has returned")
         dataplane = self.process.dataplane
-        await self.process.refresh()  # (workers: the units they held, as of now)
-        paused = dataplane.release()
+        paused = dataplane.release()  # (no await before: a second RESUME meanwhile is refused)
         self._busy = self._pause = None
+        await self.process.refresh()  # (workers: the units they held, counted until the release)
         log.info("traffic resumed by the admin API after %.3f s (%d units held)", paused, dataplane.held_units)
         return {"resumed": True, "pause_seconds": round(paused, 4), "units_held": dataplane.held_units}
 

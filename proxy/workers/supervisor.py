@@ -35,7 +35,7 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 START_TIMEOUT_S = 30.0  # a worker's start: its process, its hello, its listener
 REPORT_INTERVAL_S = 1.0  # how often the workers' counters and figures are collected
 REPORT_TIMEOUT_S = 2.0
-MISSED_REPORTS_KILL = 4  # a worker silent this many reports in a row (~10 s) is stuck: killed, restarted
+STUCK_S = 12.0  # a worker that has answered no report for this long is stuck: killed, restarted
 SWAP_TIMEOUT_S = 10.0  # a worker that has not taken the swap by then is killed
 STOP_TIMEOUT_S = 10.0
 RESTART_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # a worker that keeps dying is restarted more slowly
@@ -51,7 +51,7 @@ class WorkerHandle:
     restarts: int = 0
     started_at: float = 0.0
     report: dict = field(default_factory=dict)  # its last worker_report()
-    missed: int = 0  # reports in a row it did not answer (a stuck worker is killed)
+    answered_at: float = 0.0  # (monotonic) its last report: a worker silent for STUCK_S is killed
     retired: bool = False  # its counters moved to the retired sum (once per process)
 
     @property
@@ -73,7 +73,7 @@ class Supervisor:
         self.proxy.dataplane = WorkersDataPlane(self)
         self.workers = [WorkerHandle(i) for i in range(count)]
         self.retired: list = []  # counters of workers that died or were replaced, added to /metrics
-        self._reservation: socket.socket | None = None
+        self._reservation: list[socket.socket] = []
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self.port = config.listen.port
@@ -83,7 +83,7 @@ class Supervisor:
     async def start(self) -> None:
         config = self.proxy.config
         self._reservation = _reserve_port(config.listen.host, config.listen.port)
-        self.port = self._reservation.getsockname()[1]
+        self.port = self._reservation[0].getsockname()[1]
         self.proxy.client_port = self.port
         await self.proxy.start(clients=False, admin=False)  # (the monitor's first round: workers start with it)
         self.proxy.topology.listeners.append(self._push_topology)
@@ -105,8 +105,8 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*(self._stop_worker(w) for w in self.workers), return_exceptions=True)
         await self.proxy.stop()
-        if self._reservation is not None:
-            self._reservation.close()
+        for sock in self._reservation:
+            sock.close()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -117,17 +117,20 @@ class Supervisor:
     async def _start_worker(self, w: WorkerHandle) -> None:
         """Start worker `w` and wait until it listens (its first report says so)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        w.ready, w.report, w.missed = False, {}, 0
+        w.ready, w.report, w.answered_at = False, {}, time.monotonic()
         w.channel = Channel(parent, self._handlers(w), name=f"worker {w.index}")
         try:
             await w.channel.start()
             level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()  # (a reload's)
             # -P and the path of this installation: the worker runs the code the supervisor
             # runs, never a `proxy` package in the current directory
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+            env = dict(os.environ)
+            if _PACKAGE_ROOT not in {os.path.abspath(p) for p in sys.path if p}:  # (a checkout run from its directory)
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), _PACKAGE_ROOT]))
             w.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-P", "-m", "proxy.workers.worker", "--index", str(w.index), "--port", str(self.port),
                 "--fd", str(child.fileno()), "--log-level", level, "--log-format", self.proxy.config.log_format,
+                "--parent-pid", str(os.getpid()),
                 pass_fds=(child.fileno(),), env=env)
         finally:
             child.close()
@@ -222,7 +225,7 @@ class Supervisor:
             log.info("cancel request for a worker that is not running ignored")
             return False
         log.info("cancel request for a session of worker %d passed on", index)
-        return await self.workers[index].channel.request("cancel", process_id, secret_key, timeout=5)
+        return await self.workers[index].channel.request("cancel", process_id, secret_key, timeout=7)
 
     async def _admin(self, op: str, args: tuple):
         """The admin console's PAUSE, RESUME and RELOAD, asked by the worker the console
@@ -230,7 +233,17 @@ class Supervisor:
         handlers are cancelled) must not cut a reload or a pause in half."""
         ops = self.proxy.admin_ops
         operation = {"pause": ops.pause, "resume": ops.resume, "reload": ops.reload}[op]
-        return await asyncio.shield(self.proxy.spawn(operation(*args)))
+
+        async def outcome():
+            try:
+                return await operation(*args), None
+            except (ValueError, TimeoutError) as exc:  # a refusal: the asker's error, not a failure here
+                return None, exc
+
+        result, refused = await asyncio.shield(self.proxy.spawn(outcome()))
+        if refused is not None:
+            raise refused
+        return result
 
     # --- what the supervisor sends -------------------------------------------------------------
 
@@ -243,13 +256,13 @@ class Supervisor:
 
     async def broadcast(self, op: str, *args, timeout: float) -> list:
         """Ask every live worker; a worker that went away meanwhile answers None."""
-        workers = self.live()
-        results = await asyncio.gather(*(w.channel.request(op, *args, timeout=timeout) for w in workers),
+        asked = [(w, w.channel) for w in self.live()]
+        results = await asyncio.gather(*(channel.request(op, *args, timeout=timeout) for _, channel in asked),
                                        return_exceptions=True)
         out = []
-        for w, r in zip(workers, results):
-            if isinstance(r, ChannelClosed):
-                r = None
+        for (w, channel), r in zip(asked, results):
+            if isinstance(r, ChannelClosed) or w.channel is not channel:
+                r = None  # (gone, or replaced by a new process meanwhile: not the one asked)
             out.append((w, r))
         return out
 
@@ -284,14 +297,14 @@ class Supervisor:
         try:
             report = await channel.request("report", state, timeout=REPORT_TIMEOUT_S)
         except (ChannelClosed, TimeoutError, RemoteError) as exc:
+            silent = time.monotonic() - w.answered_at
             if w.channel is channel and w.live and isinstance(exc, TimeoutError):
-                w.missed += 1
-                log.warning("worker %d (pid %s) did not report (%d in a row)", w.index, w.pid, w.missed)
-                if w.missed >= MISSED_REPORTS_KILL:
-                    self.kill(w, f"it did not answer for {w.missed * (REPORT_INTERVAL_S + REPORT_TIMEOUT_S):.0f} s")
+                log.warning("worker %d (pid %s) has not reported for %.0f s", w.index, w.pid, silent)
+                if silent >= STUCK_S:  # (by time: however many scrapes asked meanwhile)
+                    self.kill(w, f"it did not answer for {silent:.0f} s")
             return
         if w.channel is channel and w.live:  # (not a report of a worker retired meanwhile)
-            w.report, w.missed = report, 0
+            w.report, w.answered_at = report, time.monotonic()
 
     async def refresh(self) -> None:
         """Fresh figures from every worker (a scrape, a status)."""
@@ -304,7 +317,9 @@ class Supervisor:
             await self.refresh()
 
     def metrics_snapshots(self) -> list:
-        return [w.report["metrics"] for w in self.live() if w.report.get("metrics")] + [self.retired]
+        """Every worker's last counters, also of one that just died and is not retired yet
+        (a scrape then must not miss them), and the retired sum."""
+        return [w.report["metrics"] for w in self.workers if not w.retired and w.report.get("metrics")] + [self.retired]
 
     def status(self) -> dict:
         """The workers' part of `pgsplit status` and of the health check."""
@@ -328,16 +343,19 @@ class WorkersDataPlane:
         self.holding = False
         self.held: set = set()  # (sessions live in the workers)
         self.paused_at: float | None = None
+        self._held_at_swap = 0  # the units the workers held, as their swaps answered
 
     @property
     def held_units(self) -> int:
-        """Units held by the current or last pause, as the workers last reported them
-        (refreshed at the swap and before RESUME answers)."""
-        return sum(report.get("held_units", 0) for report in self.supervisor.reports())
+        """Units held by the current or last pause: what the workers said at the swap or
+        last reported, whichever is more (RESUME asks them again after the release)."""
+        reported = sum(report.get("held_units", 0) for report in self.supervisor.reports())
+        return max(reported, self._held_at_swap)
 
     def hold(self) -> None:
         self.holding = True
         self.paused_at = time.monotonic()
+        self._held_at_swap = 0
         for w in self.supervisor.live():
             w.channel.notify("hold")
 
@@ -375,7 +393,8 @@ class WorkersDataPlane:
         for w, r in await self.supervisor.broadcast("install", cluster, topology, timeout=SWAP_TIMEOUT_S):
             if isinstance(r, BaseException):
                 self.supervisor.kill(w, f"it did not take the swap to cluster {cluster!r}: {r}")
-        await self.supervisor.refresh()  # (the units held so far, for the cutover's summary)
+            elif isinstance(r, int):
+                self._held_at_swap += r
         return topology
 
     def release(self) -> float:
@@ -387,22 +406,37 @@ class WorkersDataPlane:
         return paused
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (not listen) the port the workers then listen on with SO_REUSEPORT: the kernel
-    gives connections only to listening sockets, and the port stays ours while workers
-    restart (port 0: the one the kernel picks). First a bind without SO_REUSEPORT: a port
-    in use (another pgsplit of the same user would otherwise share it silently, and a
-    cutover of one would not hold the other) fails as it does for one process."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _reserve_port(host: str, port: int) -> list[socket.socket]:
+    """Bind (not listen) the port the workers then listen on with SO_REUSEPORT, on every
+    address `host` names (as the listener binds them): the kernel gives connections only
+    to listening sockets, and the port stays ours while workers restart (port 0: the one
+    the kernel picks for the first address). First a bind without SO_REUSEPORT: a port in
+    use (another pgsplit of the same user would otherwise share it silently, and a cutover
+    of one would not hold the other) fails as it does for one process."""
+    addresses = list(dict.fromkeys(
+        (family, sockaddr[:2]) for family, _, _, _, sockaddr in
+        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)))
     if port != 0:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))  # OSError EADDRINUSE: taken
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
+        for family, address in addresses:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is not in use)
+                probe.bind(address)  # OSError EADDRINUSE: taken
+    reserved: list[socket.socket] = []
+    try:
+        for family, (addr, _) in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            reserved.append(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # (as asyncio's listener)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((addr, port))
+            port = sock.getsockname()[1]
+    except OSError:
+        for sock in reserved:
+            sock.close()
+        raise
+    return reserved
 
 
 async def serve(config: Config, count: int, *, config_path: str | None, log_level: str) -> None:

@@ -19,6 +19,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 
 from proxy import loop
 from proxy.app import Proxy
@@ -68,11 +70,11 @@ class Worker:
             task.cancel()
         if self.channel.closed.is_set() and not self.stopped.is_set():
             log.warning("worker %d: the supervisor is gone; stopping", self.index)
-        try:
-            await asyncio.wait_for(proxy.stop(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            log.error("worker %d did not stop within %g s; exiting", self.index, STOP_TIMEOUT_S)
-            os._exit(1)
+        # The stop is bounded even where the loop is not: sessions told, then the process exits.
+        deadline = threading.Timer(STOP_TIMEOUT_S, _exit_now, (self.index,))
+        deadline.daemon = True
+        deadline.start()
+        await proxy.stop()
         await self.channel.aclose()
 
     # --- what the supervisor sends -----------------------------------------------------------
@@ -103,7 +105,8 @@ class Worker:
         return self.proxy.dataplane.held_units
 
     async def _reconfigure(self, config) -> int:
-        logging.getLogger().setLevel(config.log_level.upper())  # (as the supervisor's reload does)
+        if config.log_level != self.proxy.config.log_level:  # (as the supervisor's reload does)
+            logging.getLogger().setLevel(config.log_level.upper())
         return await self.proxy.reconfigure(config)
 
     async def _warm_up(self, target: str) -> dict:
@@ -139,13 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="text")
+    parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(args.log_format, args.index))
     handler.addFilter(WorkerField(args.index))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     sock = socket.socket(fileno=args.fd)
-    _die_with_parent()
+    _die_with_parent(args.parent_pid)
 
     async def serve() -> None:
         worker = Worker(args.index, args.port, sock)
@@ -159,13 +163,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """SIGTERM when the supervisor dies (Linux), besides the end of the control channel."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Stop when the supervisor dies, also where this worker's loop is stuck: SIGTERM from
+    the kernel (Linux), and a thread that exits the process if the parent is gone for
+    longer than a stop may take. (The end of the control channel stops a working loop
+    first.) The parent is known by its pid: it may itself be pid 1, in a container."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:  # (it died before prctl)
-            os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        time.sleep(STOP_TIMEOUT_S)
+        _exit_now(-1)
+
+    threading.Thread(target=watch, name="pgsplit-orphan-watch", daemon=True).start()
+
+
+def _exit_now(index: int) -> None:
+    log.error("worker %s did not stop within %g s; exiting", index, STOP_TIMEOUT_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 PR_SET_PDEATHSIG = 1

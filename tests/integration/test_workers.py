@@ -398,13 +398,40 @@ def test_a_stuck_worker_is_killed_and_started_again(workers_proxy):
         close_all(sessions)
 
 
+def test_a_worker_that_stalls_for_a_few_seconds_under_scrapes_is_not_killed(workers_proxy):
+    """Stuck is measured in time, not in unanswered requests: scrapes in flight during a
+    3-second stall (a page-in, a long GC) must not add up to a kill."""
+    proxy = workers_proxy
+    sessions = sessions_on_each_worker(proxy)
+    try:
+        paused = admin(proxy, "/v1/status")["workers"]["workers"][1]["pid"]
+        os.kill(paused, signal.SIGSTOP)
+        try:
+            scrapes = [threading.Thread(target=lambda: admin(proxy, "/metrics")) for _ in range(4)]
+            for t in scrapes:
+                t.start()
+            time.sleep(3.0)
+        finally:
+            os.kill(paused, signal.SIGCONT)
+        for t in scrapes:
+            t.join(10)
+        assert sessions[1][0].execute("SELECT 1").fetchone() == (1,)
+        worker = admin(proxy, "/v1/status")["workers"]["workers"][1]
+        assert (worker["pid"], worker["restarts"]) == (paused, 0) and "killing worker" not in proxy.log()
+    finally:
+        close_all(sessions)
+
+
 def test_a_port_in_use_is_refused_as_by_one_process(workers_proxy, cluster):
     """With SO_REUSEPORT a second proxy could bind the same port and take half the clients
     (a pause or a cutover of one would not hold the other): it is refused instead."""
     second = ProxyProcess(config_text({"main": cluster}), port=workers_proxy.port, workers=WORKERS)
-    with pytest.raises(RuntimeError, match="exited"):
-        second.start(timeout=20)
-    assert "Address already in use" in second.log()
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            second.start(timeout=20)
+        assert "Address already in use" in second.log()
+    finally:
+        second.stop()
     with psycopg.connect(dsn(workers_proxy), autocommit=True, connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 

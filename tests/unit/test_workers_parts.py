@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from metrics import Metrics, counters_only, merge_snapshots, render
+from proxy.admin.operations import AdminOps
+from proxy.dataplane import DrainReport
 from proxy.listener import new_cancel_key
 from proxy.workers.channel import Channel, ChannelClosed, RemoteError
 from proxy.workers.follower import FollowerMonitor
@@ -94,6 +97,44 @@ async def test_a_channel_whose_other_end_died_says_so_at_once_and_never_raises_o
             await left.request("drain", timeout=1)
     finally:
         await left.aclose()
+
+
+# --- RESUME with workers: the release comes before asking them for their counts ------------------
+
+class _Plane:
+    def __init__(self):
+        self.holding, self.held_units, self.paused_at = False, 0, None
+
+    def hold(self):
+        self.holding = True
+
+    async def drain(self, timeout, *, cancel_idle_in_transaction=False):
+        return DrainReport(0.0, 0, 0)
+
+    def release(self):
+        self.holding = False
+        return 0.0
+
+
+class _Supervised:
+    """What AdminOps uses of a supervisor's process: its refresh asks every worker (it yields)."""
+
+    def __init__(self):
+        self.dataplane = _Plane()
+        self.config = SimpleNamespace(cutover=SimpleNamespace(pause_timeout_s=1.0))
+
+    async def refresh(self):
+        await asyncio.sleep(0.02)
+
+
+async def test_two_resumes_at_once_release_one_pause_and_the_other_is_refused():
+    """Had RESUME awaited the workers' counts before releasing, a second RESUME in flight
+    would pass its checks too, and release the next PAUSE taken in between."""
+    ops = AdminOps(_Supervised())
+    await ops.pause()
+    first, second = await asyncio.gather(ops.resume(), ops.resume(), return_exceptions=True)
+    assert first["resumed"] is True
+    assert isinstance(second, ValueError) and "not paused" in str(second)
 
 
 # --- metrics of many processes -----------------------------------------------------------------------
