@@ -55,6 +55,7 @@ RATIOS = [
     ("pgsplit", "pgpool"),
     ("pgsplit-replicas", "direct"),
     ("pgsplit-replicas", "pgpool-replicas"),
+    ("pgsplit-2w", "pgsplit"),  # two workers against one (when pgsplit-2w is named)
 ]
 
 # Sandbox settings for the benchmark cluster: room for every target's server

@@ -488,8 +488,8 @@ def _reproduce(page: _Page) -> list[str]:
        "python -m loadtest.bench --from-csv loadtest/results/<stamp>-runs.csv   # report only\n```\n")
     w_("Targets (`--targets`): " + ", ".join(f"`{t}`" for t in TARGETS if t not in OPT_IN_TARGETS)
        + " by default; " + ", ".join(f"`{t}`" for t in OPT_IN_TARGETS) + " (pgsplit with "
-       "`PGSPLIT_UNCOMPILED=1`; `loadtest.framing_relay`) only when named, e.g. "
-       "`--targets pgbouncer,pgsplit,pgsplit-uncompiled,relay`.\n")
+       "`PGSPLIT_UNCOMPILED=1`; pgsplit with `--workers 2`; `loadtest.framing_relay`) only when "
+       "named, e.g. `--targets pgbouncer,pgsplit,pgsplit-uncompiled,pgsplit-2w,relay`.\n")
     w_(f"Raw results: `{meta.get('runs_csv', '')}` (one row per pgbench run) and "
        f"`{meta.get('memory_csv', '')}`.\n")
     return out
