@@ -322,7 +322,7 @@ class Supervisor:
         return [w.report["metrics"] for w in self.workers if not w.retired and w.report.get("metrics")] + [self.retired]
 
     def status(self) -> dict:
-        """The workers' part of `pgsplit status` and of the health check."""
+        """The workers' part of `pgsplit status`."""
         return {"count": self.count, "port": self.port, "workers": [
             {"index": w.index, "pid": w.pid, "up": w.live, "restarts": w.restarts,
              "clients": sum(w.report.get("clients", {}).values())} for w in self.workers]}
