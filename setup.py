@@ -1,10 +1,10 @@
 """Builds the hot path's compiled modules; everything else is in pyproject.toml.
 
-Each module with a .pxd beside it (proxy.compiled.hot_modules) is compiled by Cython in
+Each module with a .pxd beside it (hotpath.hot_modules) is compiled by Cython in
 its pure-Python mode: the .py is the source, the .pxd adds C types. The extensions are
 optional: where the build fails (no C compiler or Python headers) pip still installs
-pgsplit, which then runs those modules as Python and says so (proxy.compiled). The digest
-of the sources compiled goes into proxy/_hot_path_built.py, so that sources changed since
+pgsplit, which then runs those modules as Python and says so (hotpath). The digest
+of the sources compiled goes into hotpath/_built.py, so that sources changed since
 (an editable install) run as Python rather than beside stale extensions.
 """
 
@@ -18,8 +18,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def _compiled_module():
-    """proxy/compiled.py, loaded by its path (importing the proxy package needs its dependencies)."""
-    spec = importlib.util.spec_from_file_location("pgsplit_build_compiled", HERE / "proxy" / "compiled.py")
+    """hotpath/__init__.py, loaded by its path (before the build, its imports may not be installed)."""
+    spec = importlib.util.spec_from_file_location("pgsplit_build_compiled", HERE / "hotpath" / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -27,8 +27,8 @@ def _compiled_module():
 
 def hot_path_extensions() -> list[Extension]:
     compiled = _compiled_module()
-    (HERE / "proxy" / f"{compiled.BUILT}.py").write_text(
-        "# Written by setup.py: the digest of the hot path's sources it compiled (proxy.compiled).\n"
+    (HERE / "hotpath" / f"{compiled.BUILT}.py").write_text(
+        "# Written by setup.py: the digest of the hot path's sources it compiled (hotpath).\n"
         f'SOURCES = "{compiled.sources_digest(HERE)}"\n')
     try:
         from Cython.Build import cythonize

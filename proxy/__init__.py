@@ -1,4 +1,4 @@
 # Which hot modules run compiled is settled before the first of them is imported.
-from proxy import compiled as _compiled
+import hotpath as _hotpath
 
-_compiled.choose()
+_hotpath.choose()

@@ -19,7 +19,7 @@ from metrics import Metrics, merge_snapshots, render
 from proxy.access import ClientCounts, refusal
 from proxy.admin import console
 from proxy.admin.http import Admin
-from proxy import compiled
+import hotpath
 from proxy.admin.operations import AdminOps
 from proxy.auth import ScramExchange, Verifiers
 from proxy.config import Config
@@ -89,7 +89,7 @@ class Proxy:
         self._sweeper: asyncio.Task | None = None
         self._down_watch: asyncio.Task | None = None
         self.started_at = time.time()
-        self.hot_path = compiled.describe()  # compiled, or why not
+        self.hot_path = hotpath.describe()  # compiled, or why not
         self.metrics.client_counts = self.client_counts
         self.metrics.server_counts = self.pools.counts
         self.metrics.prepared_counts = self.pools.prepared_counts

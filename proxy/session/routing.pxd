@@ -2,6 +2,7 @@ import cython
 
 from proxy.server.replies cimport ForwardStep
 from proxy.session.forward cimport Forwarding
+from router.policy cimport decide_route
 
 cdef class Routing(Forwarding):
     @cython.locals(step=ForwardStep)

@@ -35,6 +35,7 @@ from router.lsn import COMMIT_LSN_SQL, REPLAY_WAIT_SQL, CommitLsns, format_lsn, 
 from router.policy import Decision, SessionFacts, UnitFacts, decide_route, replica_to_check
 from router.topology import BackendState, Role
 
+_PLAIN_SESSION = SessionFacts()  # (the common case, not built anew per unit)
 log = logging.getLogger("pgsplit.session")
 
 TX_IDLE, TX_IN_BLOCK = wire.TX_IDLE, wire.TX_IN_BLOCK
@@ -288,9 +289,11 @@ class Routing(Forwarding):
         """`_force_primary_next` holds until a connection is attached (`_attach`): a unit
         that has to wait for one is still sent to the primary."""
         host = self.host
-        session = SessionFacts(bool(self.carried.pins) or self.route_primary or self._force_primary_next, token)
+        force_primary = bool(self.carried.pins) or self.route_primary or self._force_primary_next
+        session = _PLAIN_SESSION if token is None and not force_primary else SessionFacts(force_primary, token)
         return decide_route(facts, session, host.topology.current, host.load, tiebreak=self.units + 1,
-                            allow_wait=allow_wait and host.config.routing.consistency_wait_ms > 0)
+                            allow_wait=allow_wait and token is not None  # (only a token can wait)
+                            and host.config.routing.consistency_wait_ms > 0)
 
     def _borrow_now(self, backend: BackendState) -> ServerConnection | None:
         if self.owned:

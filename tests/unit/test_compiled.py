@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import compiled
+import hotpath as compiled
 
 ROOT = Path(__file__).resolve().parents[2]
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -25,7 +25,7 @@ SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 def _report_in_child(**env: str) -> dict[str, bool]:
     """compiled.report() in a fresh interpreter (the choice is made at the first import)."""
     out = subprocess.run(
-        [sys.executable, "-c", "import json, proxy.compiled as c; print(json.dumps(c.report()))"],
+        [sys.executable, "-c", "import json, hotpath as c; print(json.dumps(c.report()))"],
         cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True,
     ).stdout
     return json.loads(out)
@@ -70,15 +70,16 @@ def test_this_run_is_compiled_or_not_as_its_lane_says():
 def _package(tmp_path: Path, *, built: str | None) -> Path:
     package = tmp_path / "proxy"
     (package / "server").mkdir(parents=True)
-    for name in ("__init__.py", "compiled.py"):
-        (package / name).write_text((ROOT / "proxy" / name).read_text())
+    (package / "__init__.py").write_text((ROOT / "proxy" / "__init__.py").read_text())
+    (tmp_path / "hotpath").mkdir()
+    (tmp_path / "hotpath" / "__init__.py").write_text((ROOT / "hotpath" / "__init__.py").read_text())
     (package / "server" / "__init__.py").write_text("")
     for name in ("first", "second"):
         (package / "server" / f"{name}.py").write_text("WHERE = 'source'\n")
         (package / "server" / f"{name}.pxd").write_text("")
         (package / "server" / f"{name}{SUFFIX}").write_bytes(b"")
     if built is not None:
-        (package / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{built}"\n')
+        (tmp_path / "hotpath" / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{built}"\n')
     return package
 
 
@@ -94,9 +95,9 @@ def test_sources_changed_since_the_build_send_every_hot_module_to_its_source(tmp
     module next to one run as Python fails at import ("size changed, may indicate binary
     incompatibility"): all of them run as Python, and say why."""
     package = _package(tmp_path, built=None)
-    (package / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{compiled.sources_digest(tmp_path)}"\n')
+    (tmp_path / "hotpath" / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{compiled.sources_digest(tmp_path)}"\n')
     (package / "server" / "second.pxd").write_text("# edited after the build\n")
-    where_a, where_b, described = _run(tmp_path, "import proxy.compiled as c, proxy.server.first as a, "
+    where_a, where_b, described = _run(tmp_path, "import hotpath as c, proxy.server.first as a, "
                                                  "proxy.server.second as b; print(a.WHERE); print(b.WHERE); "
                                                  "print(c.describe())")
     assert (where_a, where_b) == ("source", "source")
@@ -105,9 +106,9 @@ def test_sources_changed_since_the_build_send_every_hot_module_to_its_source(tmp
 
 def test_a_missing_extension_sends_every_hot_module_to_its_source(tmp_path):
     package = _package(tmp_path, built=None)
-    (package / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{compiled.sources_digest(tmp_path)}"\n')
+    (tmp_path / "hotpath" / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{compiled.sources_digest(tmp_path)}"\n')
     (package / "server" / f"second{SUFFIX}").unlink()  # (its optional build failed)
-    where_a, described = _run(tmp_path, "import proxy.compiled as c, proxy.server.first as a; "
+    where_a, described = _run(tmp_path, "import hotpath as c, proxy.server.first as a; "
                                         "print(a.WHERE); print(c.describe())")
     assert where_a == "source"
     assert described.startswith("uncompiled: 1 of 2 modules not built")
@@ -119,7 +120,7 @@ def test_an_extension_whose_pxd_is_gone_is_not_imported(tmp_path):
     package = _package(tmp_path, built=None)
     (package / "server" / "third.py").write_text("WHERE = 'source'\n")
     (package / "server" / f"third{SUFFIX}").write_bytes(b"")
-    (package / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{compiled.sources_digest(tmp_path)}"\n')
+    (tmp_path / "hotpath" / f"{compiled.BUILT}.py").write_text(f'SOURCES = "{compiled.sources_digest(tmp_path)}"\n')
     (where,) = _run(tmp_path, "import proxy.server.third as t; print(t.WHERE)")
     assert where == "source"
 
@@ -132,3 +133,19 @@ def test_the_digest_is_of_the_sources_compiled(tmp_path, digest):
     before = compiled.sources_digest(tmp_path)
     (package / "server" / "first.py").write_text("WHERE = 'edited again'\n")
     assert compiled.sources_digest(tmp_path) != before
+
+
+def test_router_makes_the_same_choice_when_it_is_imported_first(tmp_path):
+    """router's hot modules are chosen with proxy's even where proxy is never imported
+    (the router's own unit tests): a stale extension there would run old code."""
+    _package(tmp_path, built="0" * 64)  # proxy's digest differs: nothing runs compiled
+    router = tmp_path / "router"
+    router.mkdir()
+    (router / "__init__.py").write_text((ROOT / "router" / "__init__.py").read_text())
+    (router / "policy.py").write_text("WHERE = 'source'\n")
+    (router / "policy.pxd").write_text("")
+    (router / f"policy{SUFFIX}").write_bytes(b"")
+    (where, modules) = _run(tmp_path, "import sys, router.policy as p; print(p.WHERE); "
+                                      "print(sorted(m for m in sys.modules if m.startswith('proxy')))")
+    assert where == "source"
+    assert modules == "[]"  # (the router does not load the proxy to make the choice)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = ("proxy", "router", "ops", "metrics")
+PRODUCT = ("hotpath", "proxy", "router", "ops", "metrics")
 # The CLI and the admin HTTP layer import lazily on purpose: `pgsplit status` must not pay
 # for asyncpg and aiohttp's start-up, nor the proxy for the demo's sandbox.
 LAZY_IMPORTS_ALLOWED = ("proxy.cli", "proxy.admin")
@@ -116,6 +116,7 @@ def test_no_circles():
 
 
 @pytest.mark.parametrize("importer, forbidden", [
+    ("hotpath", ("proxy", "router", "ops", "metrics", "loadtest")),  # decides before any of them loads
     ("router", ("proxy", "ops", "loadtest")),  # the decisions and the model stand alone
     ("ops", ("proxy", "loadtest")),  # cluster operations work without a data plane
     ("metrics", ("proxy", "router", "ops", "loadtest")),

@@ -7,14 +7,16 @@ Python they are. One source either way; the modules with a `.pxd` are the list.
 
 They run compiled all together or not at all: they know each other's C layout (a .pxd
 cimports another's types), so one that runs as Python makes the others fail to import.
-The build records a digest of the sources it compiled (`proxy/_hot_path_built.py`,
-written by setup.py); where the sources differ from it (an editable install edited since
+The build records a digest of the sources it compiled (`hotpath/_built.py`, written by
+setup.py); where the sources differ from it (an editable install edited since
 its build, an extension left from another checkout), an extension is missing, or
 PGSPLIT_UNCOMPILED=1 asks for it, a finder placed first sends every hot module to its
 source, as well as any module whose extension has no .pxd beside it any more: the import
 system would otherwise prefer an extension to a source file of the same name.
 Must not import anything of pgsplit's: it runs before the first hot module is imported
-(and setup.py loads it by its path, to compute the same digest).
+(and setup.py loads it by its path, to compute the same digest). A package of its own, so
+that proxy and router both make the choice first (each package's __init__ calls
+`choose()`) without one depending on the other.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ import sys
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent  # where the packages live
+# Where hot modules live: proxy's session and server, router's policy and classifier
+# (each package's __init__ calls choose() first, so the choice precedes them all).
+PACKAGES = ("proxy", "router")
 ENV_UNCOMPILED = "PGSPLIT_UNCOMPILED"
-BUILT = "_hot_path_built"  # the module setup.py writes: SOURCES, the digest it compiled
+BUILT = "_built"  # hotpath._built, written by setup.py: SOURCES, the digest it compiled
 _REBUILD = "rebuild with `pip install .` (`pip install -e .` for a checkout)"
 
 
 def hot_modules(root: Path = _ROOT) -> list[str]:
     """The modules built by Cython: those with a .pxd beside their .py, by dotted name."""
     return sorted(".".join(p.relative_to(root).with_suffix("").parts)
-                  for p in (root / "proxy").rglob("*.pxd") if p.with_suffix(".py").exists())
+                  for package in PACKAGES for p in (root / package).rglob("*.pxd") if p.with_suffix(".py").exists())
 
 
 def _source(name: str, root: Path = _ROOT) -> Path:
@@ -54,10 +59,10 @@ def sources_digest(root: Path = _ROOT) -> str:
 
 
 def _extensions() -> set[str]:
-    """Modules under proxy/ that have an extension file, by dotted name."""
+    """Modules of PACKAGES that have an extension file, by dotted name."""
     suffixes = sorted(importlib.machinery.EXTENSION_SUFFIXES, key=len, reverse=True)
     found = set()
-    for path in (_ROOT / "proxy").rglob("*.so"):
+    for path in (path for package in PACKAGES for path in (_ROOT / package).rglob("*.so")):
         name = ".".join(path.relative_to(_ROOT).parts)
         suffix = next((s for s in suffixes if name.endswith(s)), None)
         if suffix is not None:
@@ -71,7 +76,7 @@ def _asked_uncompiled() -> bool:
 
 def _built_digest() -> str | None:
     try:
-        return importlib.import_module(f"proxy.{BUILT}").SOURCES
+        return importlib.import_module(f"{__name__}.{BUILT}").SOURCES
     except (ImportError, AttributeError):
         return None
 
@@ -102,8 +107,16 @@ class _SourceFirst:
         return None
 
 
+_chosen = False
+
+
 def choose() -> None:
-    """Called by proxy/__init__, before any hot module is imported."""
+    """Called by proxy/__init__ and router/__init__, before any hot module is imported;
+    the first call decides."""
+    global _chosen
+    if _chosen:
+        return
+    _chosen = True
     hot = hot_modules()
     to_source = {name for name in _extensions() - set(hot) if _source(name).exists()}  # (no .pxd any more)
     if why_not() is not None:
