@@ -26,6 +26,9 @@ from typing import NamedTuple
 from router.topology import BackendState, Role, Topology
 
 
+_PRIMARY, _REPLICA = Role.PRIMARY, Role.REPLICA  # (read once: through the enum class each read costs)
+
+
 # Immutable value types; NamedTuples because one of each is built per unit of work.
 
 
@@ -59,10 +62,10 @@ def decide_route(
     tiebreak: int = 0,
     allow_wait: bool = True,
 ) -> Decision:
-    if session.force_primary or unit.hint is Role.PRIMARY:
+    if session.force_primary or unit.hint is _PRIMARY:
         # Asked for the primary (or pinned to it): no replica stands in for it.
         return _primary(topo, writes=True, reason="session pinned or primary hint")
-    if unit.writes and unit.hint is not Role.REPLICA:
+    if unit.writes and unit.hint is not _REPLICA:
         return _primary(topo, writes=True, reason="write")
     return _read(session, topo, load, tiebreak, allow_wait)
 

@@ -29,6 +29,7 @@ log = logging.getLogger("pgsplit.session")
 
 TX_IDLE = wire.TX_IDLE
 _FORWARD = StepKind.FORWARD
+_PRIMARY, _REPLICA = Role.PRIMARY, Role.REPLICA  # (read once: through the enum class each read costs)
 
 
 class Attachment(ByteStream):
@@ -39,7 +40,7 @@ class Attachment(ByteStream):
         conn.last_client_pid = self.process_id  # (a notification it sends names this client)
         self.server = conn
         self.backend = backend
-        self._unit_key = (backend.name, "primary" if backend.role is Role.PRIMARY else "replica")
+        self._unit_key = (backend.name, "primary" if backend.role is _PRIMARY else "replica")
         self._fresh = True
         self._force_primary_next = False
         host = self.host
@@ -53,7 +54,7 @@ class Attachment(ByteStream):
         tx = self.tx
         if tx.deferred_begin is not None:
             conn.swallow(wire.query(tx.begin_sent()), self._began, ahead=True)
-        self._retry_data = unit if (backend.role is Role.REPLICA and tx.status == TX_IDLE
+        self._retry_data = unit if (backend.role is _REPLICA and tx.status == TX_IDLE
                                     and host.config.routing.retry_reads_on_replica_error) else None
 
     def _replayed(self, step: Step) -> None:

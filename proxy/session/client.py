@@ -44,6 +44,7 @@ log = logging.getLogger("pgsplit.session")
 
 TX_IDLE = wire.TX_IDLE
 _FORWARD = StepKind.FORWARD
+_READY = State.READY  # (an enum member read through the class costs a Python-level lookup)
 LINGER_S = 2.0  # how long a closed session's socket still takes the client's input
 PAUSED_CHECK_S = 1.0  # how often a client whose reading is paused is checked for a hang-up
 CONSOLE_INBOX_MAX = 256 * 1024  # an admin console client's unread input past this stops the reading
@@ -152,7 +153,7 @@ class ClientSession(Routing):
         self.host.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.state is State.READY:
+        if self.state is _READY:
             # The common unit (a lone Query, or Bind/Execute/Sync of a prepared statement)
             # of an idle session or inside a transaction is the fast case; anything else
             # takes the general path.

@@ -36,6 +36,7 @@ TX_IDLE = wire.TX_IDLE
 
 _FORWARD = StepKind.FORWARD
 _READY = State.READY
+_PRIMARY, _REPLICA = Role.PRIMARY, Role.REPLICA  # (read once: through the enum class each read costs)
 _MAY_WRITE = frozenset({F_QUERY, F_PARSE, F_BIND})
 _ENDS_GROUP = frozenset({F_QUERY, F_SYNC, F_FUNCTION_CALL})
 _RUNS = frozenset({F_QUERY, F_EXECUTE, F_FUNCTION_CALL})  # (a unit without one only prepares or describes)
@@ -130,7 +131,7 @@ class Forwarding(Statements):
             return Boundary.ROUTE
         if server.steps[-1].callback == self._commit_lsns_read:
             return Boundary.WAIT  # the unit is routed afresh once the token has arrived
-        if self.backend.role is Role.PRIMARY or self.carried.pins:
+        if self.backend.role is _PRIMARY or self.carried.pins:
             return Boundary.GO
         if any(s.kind is _FORWARD and s.retry is not None for s in server.steps):
             # A read that the replica may still refuse runs again on the primary and gives
@@ -140,7 +141,7 @@ class Forwarding(Statements):
         if scan is None:
             return Boundary.WAIT
         facts = self._unit_facts(scan[1], scan[2])
-        if facts.writes or facts.hint is Role.PRIMARY or self.route_primary:
+        if facts.writes or facts.hint is _PRIMARY or self.route_primary:
             return Boundary.WAIT  # never follow a replica with a write: let it drain
         return Boundary.GO
 
@@ -367,7 +368,7 @@ class Forwarding(Statements):
     def _leaves_replica(self, step: Step, buf: bytes, t: int, s: int, e: int) -> bool:
         """The Query, Parse or Bind at `s` needs the primary, and the group it would join
         is open on a replica with nothing gone wrong in it yet."""
-        if self.backend is None or self.backend.role is not Role.REPLICA or step.error is not None or self.carried.pins:
+        if self.backend is None or self.backend.role is not _REPLICA or step.error is not None or self.carried.pins:
             return False
         try:
             analysis = self._message_analysis(buf, t, s, e)
@@ -376,7 +377,7 @@ class Forwarding(Statements):
         if analysis is None:
             return False
         facts = self._unit_facts([analysis], False)
-        return facts.writes or facts.hint is Role.PRIMARY
+        return facts.writes or facts.hint is _PRIMARY
 
     def _query_analysis(self, buf: bytes, s: int, e: int) -> Analysis:
         try:
