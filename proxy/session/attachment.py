@@ -97,7 +97,8 @@ class Attachment(ByteStream):
         self._detach(server)
         if self.host.session_pooling and not server.closed:
             return  # stays in self.owned
-        server.pool.release(server)
+        pool = server.pool  # (compiled, a typed view: a C call)
+        pool.release(server)
 
     def unit_ready(self, server: ServerConnection, step: Step) -> None:
         """Called by the server connection at the ReadyForQuery that ends a step."""

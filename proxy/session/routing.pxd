@@ -1,5 +1,6 @@
 import cython
 
+from proxy.server.pool cimport Pool
 from proxy.server.replies cimport ForwardStep
 from proxy.session.forward cimport Forwarding
 from router.policy cimport decide_route
@@ -10,5 +11,6 @@ cdef class Routing(Forwarding):
     cpdef bint _common_unit(self, bytes data)
     cpdef bint _route_now(self, facts, unit, bint whole)
     cpdef _decide(self, facts, token, bint allow_wait=*)
+    @cython.locals(pool=Pool)
     cpdef _borrow_now(self, backend)
     cpdef classify(self, sql)

@@ -12,6 +12,7 @@ from loadtest.microbench import CONFIG as MICROBENCH_CONFIG
 from loadtest.microbench import FakeTransport
 from metrics import Metrics
 from proxy.server.connection import ServerConnection
+from proxy.server.pool import Pool
 from proxy.server.prepared import StatementNames
 from proxy.config import parse_config
 from proxy.session.client import ClientSession, State
@@ -28,8 +29,9 @@ def taken(transport: FakeTransport) -> bytes:
     return out
 
 
-class FakePool:
-    """One backend's connections for one user: what a session asks of a pool."""
+class FakePool(Pool):
+    """One backend's connections for one user: what a session asks of a pool (a Pool by
+    type, as the compiled session holds it; none of its own workings)."""
 
     def __init__(self, backend: BackendState):
         self.address = SimpleNamespace(backend=backend.name, host=backend.host, port=backend.port, tls=backend.tls)
