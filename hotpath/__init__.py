@@ -15,8 +15,8 @@ source, as well as any module whose extension has no .pxd beside it any more: th
 system would otherwise prefer an extension to a source file of the same name.
 Must not import anything of pgsplit's: it runs before the first hot module is imported
 (and setup.py loads it by its path, to compute the same digest). A package of its own, so
-that proxy and router both make the choice first (each package's __init__ calls
-`choose()`) without one depending on the other.
+that proxy, router and metrics each make the choice first (each package's __init__
+calls `choose()`) without one depending on another.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import sys
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent  # where the packages live
-# Where hot modules live: proxy's session and server, router's policy and classifier
-# (each package's __init__ calls choose() first, so the choice precedes them all).
-PACKAGES = ("proxy", "router")
+# Where hot modules live: proxy's session and server, router's policy and classifier,
+# metrics' per-unit counters (each package's __init__ calls choose() first, so the choice
+# precedes them all).
+PACKAGES = ("proxy", "router", "metrics")
 ENV_UNCOMPILED = "PGSPLIT_UNCOMPILED"
 BUILT = "_built"  # hotpath._built, written by setup.py: SOURCES, the digest it compiled
 _REBUILD = "rebuild with `pip install .` (`pip install -e .` for a checkout)"

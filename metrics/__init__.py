@@ -11,76 +11,22 @@ costs microseconds per increment, a dict bump a few tens of nanoseconds.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+import hotpath as _hotpath
+
+_hotpath.choose()  # (metrics.units is compiled with the hot path: the choice comes first)
+
+from metrics.units import UnitStats  # noqa: E402
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-UNIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 PAUSE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class FastHistogram:
-    """A histogram without labels or locks, exported by UnitStats' collector."""
-
-    __slots__ = ("bounds", "counts", "total", "count")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.count += 1
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, n in zip(self.bounds, self.counts):
-            running += n
-            out.append((repr(bound), running))
-        out.append(("+Inf", running + self.counts[-1]))
-        return out
-
-
-class UnitStats:
-    """Units of work by (backend, role, kind), their durations by role, reads that carried
-    a read-your-writes token by outcome, and per database the counters of the admin
-    console's SHOW STATS."""
-
-    def __init__(self) -> None:
-        self.units: dict[tuple[str, str, str], int] = {}
-        self.durations: dict[str, FastHistogram] = {}
-        # pgsplit_consistency_waits_total: bumped once per such read, so a plain dict
-        self.consistency: dict[str, int] = {"immediate": 0, "waited": 0, "fallback": 0}
-        # database (as clients name it) -> [transactions, units, unit time in seconds (a float:
-        # the hot path adds what it measured; SHOW STATS turns it into microseconds)]
-        self.databases: dict[str, list] = {}
-
-    def database_counters(self, database: str) -> list:
-        """The counters a session of `database` bumps in place (looked up once per session)."""
-        counters = self.databases.get(database)
-        if counters is None:
-            counters = self.databases[database] = [0, 0, 0.0]
-        return counters
-
-    def record(self, backend: str, role: str, kind: str, seconds: float) -> None:
-        key = (backend, role, kind)
-        units = self.units
-        units[key] = units.get(key, 0) + 1
-        hist = self.durations.get(role)
-        if hist is None:
-            hist = self.durations[role] = FastHistogram(UNIT_BUCKETS)
-        hist.counts[bisect_left(hist.bounds, seconds)] += 1
-        hist.total += seconds
-        hist.count += 1
 
 
 class _ScrapeCollector(Collector):

@@ -108,7 +108,7 @@ class Attachment(ByteStream):
         if step.kind is _FORWARD:
             fwd = step  # (compiled, a typed view: attachment.pxd)
             seconds = perf_counter() - fwd.t0
-            self._record(fwd.backend, fwd.role, "write" if fwd.writes else "read", seconds)
+            self._unit_stats.record(fwd.backend, fwd.role, "write" if fwd.writes else "read", seconds)
             counters = self._db_counters
             counters[1] += 1
             counters[2] += seconds  # (a float add; SHOW STATS gives microseconds)

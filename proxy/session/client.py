@@ -106,7 +106,7 @@ class ClientSession(Routing):
         self._close_reason = ""
         self._pools: dict[str, object] = {}  # pool per backend name, looked up once
         self._unit_key = ("", "")  # (backend name, role) of the attached server, for metrics
-        self._record = host.metrics.units.record
+        self._unit_stats = host.metrics.units  # (compiled, a typed field: record is a C call)
         self._handshake_task: asyncio.Task | None = None
         self.connected_at = time.time()  # (SHOW CLIENTS)
         self.application_name = ""

@@ -3,6 +3,7 @@
 # Routing <- ClientSession (a C type has one base); its fields are declared here, at the
 # root, so every part reads them as C fields. `__dict__` keeps any other attribute working.
 
+from metrics.units cimport UnitStats
 from proxy.session.transaction cimport Transaction
 
 cdef class ByteStream:
@@ -20,7 +21,8 @@ cdef class ByteStream:
     cdef public bint _fresh, _bound_copy, _copy_done, _force_primary_next, _cancel_pending, _lsn_after
     cdef public bint _skip_to_sync, _write_paused
     cdef public set _pause_reasons
-    cdef public object _memo_sql, _memo_analysis, _close_reason, _unit_key, _record, _handshake_task
+    cdef public object _memo_sql, _memo_analysis, _close_reason, _unit_key, _handshake_task
     cdef public dict _pools
+    cdef public UnitStats _unit_stats
     cdef public list _db_counters
     cdef public object connected_at, application_name, _write_waiter

@@ -33,7 +33,6 @@ _PF_START = re.compile(r"[ \t\n\r\f\v]*select(?![A-Za-z0-9_$\x80-\U0010ffff])", 
 _PF_WORDS = re.compile(
     r"(?<![A-Za-z_\x80-\U0010ffff])(?:into|for)(?![A-Za-z0-9_$\x80-\U0010ffff])", re.I | re.A
 )
-_PG_SPACE = " \t\n\r\f\v"
 
 
 def mentions_sync_commit(sql: str) -> bool:
@@ -93,12 +92,25 @@ def is_trivial_select(sql: str) -> bool:
             return False
     elif _PF_START.match(sql) is None:
         return False
-    if "(" in sql or "/*" in sql or "--" in sql or "\x00" in sql:
-        return False
-    semi = sql.find(";")
-    if semi >= 0 and sql[semi + 1 :].strip(_PG_SPACE):
-        return False
-    if sql.count("'") & 1 or sql.count('"') & 1:
+    # One pass over the text (compiled, a loop over C characters): no "(", NUL or comment,
+    # nothing but space after a ";", an even number of each quote character.
+    quotes = double_quotes = 0
+    after_semicolon = False
+    prev = " "
+    for ch in sql:
+        if after_semicolon:
+            if ch not in " \t\n\r\f\v":  # (PostgreSQL's white space)
+                return False
+        elif ch == ";":
+            after_semicolon = True
+        elif ch == "(" or ch == "\x00" or (ch == "*" and prev == "/") or (ch == "-" and prev == "-"):
+            return False
+        elif ch == "'":
+            quotes += 1
+        elif ch == '"':
+            double_quotes += 1
+        prev = ch
+    if quotes & 1 or double_quotes & 1:
         return False
     low = sql.lower()
     if ("into" in low or "for" in low) and _PF_WORDS.search(sql) is not None:
