@@ -79,7 +79,7 @@ def _read(session: SessionFacts, topo: Topology, load: Mapping[str, int], tiebre
                         load=load, tiebreak=tiebreak)
     if token is None:
         return Decision(_pick(rotation, load, tiebreak), "read")
-    ready = tuple(r for r in rotation if r.replay_lsn is not None and r.replay_lsn >= token)
+    ready = _replayed(rotation, token)
     if ready:
         return Decision(_pick(ready, load, tiebreak), "read, replica has the session's writes")
     if allow_wait:
@@ -117,6 +117,14 @@ def _pick(candidates: tuple[BackendState, ...], load: Mapping[str, int], tiebrea
     return best[tiebreak % len(best)]
 
 
+def _replayed(replicas: tuple[BackendState, ...], token: int | None) -> tuple[BackendState, ...]:
+    """Those of `replicas` that have replayed `token` (all of them without one). (A
+    function of its own: compiled, a generator inside a function costs every call of it.)"""
+    if token is None:
+        return replicas
+    return tuple(r for r in replicas if r.replay_lsn is not None and r.replay_lsn >= token)
+
+
 def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = None,
              load: Mapping[str, int] | None = None, tiebreak: int = 0) -> Decision:
     p = topo.primary
@@ -138,10 +146,15 @@ def _primary(topo: Topology, *, writes: bool, reason: str, token: int | None = N
         return Decision(p, reason)
     if p.up:
         return Decision(p, reason)
+    return _read_without_primary(topo, reason, token, load, tiebreak)
+
+
+def _read_without_primary(topo: Topology, reason: str, token: int | None, load: Mapping[str, int] | None,
+                          tiebreak: int) -> Decision:
     # Reads keep working while the primary is down, on any replica that answers and,
     # for a read that carries a token, has replayed it: a stale read is never the answer.
-    answering = tuple(r for r in topo.replicas if r.up and (
-        token is None or (r.replay_lsn is not None and r.replay_lsn >= token)))
+    p = topo.primary
+    answering = _replayed(tuple(r for r in topo.replicas if r.up), token)
     if answering:
         return Decision(_pick(answering, load or {}, tiebreak), reason + "; primary down, served by a replica")
     if token is not None and any(r.up for r in topo.replicas):
@@ -161,4 +174,4 @@ def startup_backend(topo: Topology, load: Mapping[str, int]) -> Decision:
     that new clients can log in and read while the primary is down."""
     if topo.primary.up:
         return Decision(topo.primary, "startup")
-    return _primary(topo, writes=False, reason="startup", load=load)
+    return _primary(topo, writes=False, reason="startup", token=None, load=load)

@@ -18,6 +18,7 @@ import logging
 from time import perf_counter
 
 from proxy import wire
+from proxy.wire import F_QUERY
 from proxy.server.connection import ServerConnection
 from proxy.server.replies import Step, StepKind
 from proxy.errors import (
@@ -131,7 +132,7 @@ class Routing(Forwarding):
             return False
         # The two shapes, recognised once: (analysis, None) for a lone Query, (analysis,
         # its parts) for a Bind-Execute-Sync (units.extended_unit).
-        if data[0] == wire.F_QUERY:
+        if data[0] == F_QUERY:
             if not is_lone_query(data):
                 return False
             analysis = self.classify(data[5:-1])
