@@ -4,8 +4,10 @@ Each module with a .pxd beside it (hotpath.hot_modules) is compiled by Cython in
 its pure-Python mode: the .py is the source, the .pxd adds C types. The extensions are
 optional: where the build fails (no C compiler or Python headers) pip still installs
 pgsplit, which then runs those modules as Python and says so (hotpath). The digest
-of the sources compiled goes into hotpath/_built.py, so that sources changed since
-(an editable install) run as Python rather than beside stale extensions.
+of the sources compiled goes into hotpath/_built.py once every extension is built (not
+before: an interrupted or failed build, or a setup.py run that builds nothing, must not
+vouch for extensions left from an earlier build), so that sources changed since (an
+editable install) run as Python rather than beside stale extensions.
 """
 
 import importlib.util
@@ -13,6 +15,7 @@ import os
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,11 +28,31 @@ def _compiled_module():
     return module
 
 
+class BuildHotPath(build_ext):
+    """build_ext, then the digest of the sources compiled, only if every extension built."""
+
+    failed: list[str]
+
+    def run(self) -> None:
+        self.failed = []
+        super().run()
+        if not self.extensions or self.failed:
+            return
+        target = Path(self.build_lib if not self.inplace else HERE) / "hotpath" / f"{_compiled_module().BUILT}.py"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("# Written by setup.py: the digest of the hot path's sources it compiled (hotpath).\n"
+                          f'SOURCES = "{_DIGEST}"\n')
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception:
+            self.failed.append(ext.name)  # (optional: build_ext warns and goes on)
+            raise
+
+
 def hot_path_extensions() -> list[Extension]:
     compiled = _compiled_module()
-    (HERE / "hotpath" / f"{compiled.BUILT}.py").write_text(
-        "# Written by setup.py: the digest of the hot path's sources it compiled (hotpath).\n"
-        f'SOURCES = "{compiled.sources_digest(HERE)}"\n')
     try:
         from Cython.Build import cythonize
     except ImportError:  # a build without the build requirements (pyproject.toml) installed
@@ -41,6 +64,9 @@ def hot_path_extensions() -> list[Extension]:
         compiler_directives={
             "language_level": 3,
             "annotation_typing": False,  # types come from the .pxd files only
+            # A typed name that holds None raises AttributeError as the source would, not a
+            # crash of the process (a check of one pointer per access)
+            "nonecheck": True,
         },
         quiet=True,
     )
@@ -49,5 +75,8 @@ def hot_path_extensions() -> list[Extension]:
     return extensions
 
 
+# The digest is taken before Cython reads the sources; BuildHotPath records it after the build.
+_DIGEST = _compiled_module().sources_digest(HERE)
 # (the modules compile one per core: the install is part of every CI run)
-setup(ext_modules=hot_path_extensions(), options={"build_ext": {"parallel": os.cpu_count() or 1}})
+setup(ext_modules=hot_path_extensions(), cmdclass={"build_ext": BuildHotPath},
+      options={"build_ext": {"parallel": os.cpu_count() or 1}})

@@ -112,18 +112,18 @@ _chosen = False
 
 
 def choose() -> None:
-    """Called by proxy/__init__ and router/__init__, before any hot module is imported;
-    the first call decides."""
+    """Called by the __init__ of proxy, router and metrics, before any hot module is
+    imported; the first call that completes decides (one that raised decides nothing)."""
     global _chosen
     if _chosen:
         return
-    _chosen = True
     hot = hot_modules()
     to_source = {name for name in _extensions() - set(hot) if _source(name).exists()}  # (no .pxd any more)
     if why_not() is not None:
         to_source |= set(hot)
     if to_source:
         sys.meta_path.insert(0, _SourceFirst(to_source))
+    _chosen = True
 
 
 def report() -> dict[str, bool]:

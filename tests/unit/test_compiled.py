@@ -135,17 +135,20 @@ def test_the_digest_is_of_the_sources_compiled(tmp_path, digest):
     assert compiled.sources_digest(tmp_path) != before
 
 
-def test_router_makes_the_same_choice_when_it_is_imported_first(tmp_path):
-    """router's hot modules are chosen with proxy's even where proxy is never imported
-    (the router's own unit tests): a stale extension there would run old code."""
+@pytest.mark.parametrize("package, module", [("router", "policy"), ("metrics", "units")])
+def test_each_package_makes_the_same_choice_when_it_is_imported_first(tmp_path, package, module):
+    """router's and metrics' hot modules are chosen with proxy's even where proxy is never
+    imported (their own unit tests): a stale extension there would run old code."""
     _package(tmp_path, built="0" * 64)  # proxy's digest differs: nothing runs compiled
-    router = tmp_path / "router"
-    router.mkdir()
-    (router / "__init__.py").write_text((ROOT / "router" / "__init__.py").read_text())
-    (router / "policy.py").write_text("WHERE = 'source'\n")
-    (router / "policy.pxd").write_text("")
-    (router / f"policy{SUFFIX}").write_bytes(b"")
-    (where, modules) = _run(tmp_path, "import sys, router.policy as p; print(p.WHERE); "
+    first = tmp_path / package
+    first.mkdir()
+    init = (ROOT / package / "__init__.py").read_text()
+    # (metrics' own __init__ goes on to import prometheus_client and its modules: the choice is what counts)
+    (first / "__init__.py").write_text(init[: init.index("_hotpath.choose()") + len("_hotpath.choose()")] + "\n")
+    (first / f"{module}.py").write_text("WHERE = 'source'\n")
+    (first / f"{module}.pxd").write_text("")
+    (first / f"{module}{SUFFIX}").write_bytes(b"")
+    (where, modules) = _run(tmp_path, f"import sys, {package}.{module} as m; print(m.WHERE); "
                                       "print(sorted(m for m in sys.modules if m.startswith('proxy')))")
     assert where == "source"
-    assert modules == "[]"  # (the router does not load the proxy to make the choice)
+    assert modules == "[]"  # (the package does not load the proxy to make the choice)
