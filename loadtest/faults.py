@@ -103,6 +103,12 @@ def error_pair(exc: BaseException) -> tuple[str | None, str]:
     while cause is not None and not getattr(cause, "sqlstate", None):
         cause = cause.__cause__ or cause.__context__
     exc = cause or exc
+    if isinstance(exc, asyncpg.InterfaceError) and "underlying connection is closed" in str(exc):
+        # The server's FATAL (terminated, 57P01) arrived while the client sat between two
+        # statements of a transaction: asyncpg closed the connection then and raises this at
+        # the next call instead of ConnectionDoesNotExistError (08003), as it does against
+        # PostgreSQL itself. The client was told; the harness counts it as 08003.
+        return "08003", "connection closed: " + " ".join(str(exc).split())[:MESSAGE_PREFIX]
     sqlstate = getattr(exc, "sqlstate", None)
     diag = getattr(exc, "diag", None)
     message = (diag.message_primary if diag is not None else None) or \
