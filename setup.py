@@ -28,6 +28,9 @@ def _compiled_module():
     return module
 
 
+HOTPATH = _compiled_module()
+
+
 class BuildHotPath(build_ext):
     """build_ext, then the digest of the sources compiled, only if every extension built."""
 
@@ -38,7 +41,7 @@ class BuildHotPath(build_ext):
         super().run()
         if not self.extensions or self.failed:
             return
-        target = Path(self.build_lib if not self.inplace else HERE) / "hotpath" / f"{_compiled_module().BUILT}.py"
+        target = Path(self.build_lib if not self.inplace else HERE) / "hotpath" / f"{HOTPATH.BUILT}.py"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("# Written by setup.py: the digest of the hot path's sources it compiled (hotpath).\n"
                           f'SOURCES = "{_DIGEST}"\n')
@@ -52,7 +55,7 @@ class BuildHotPath(build_ext):
 
 
 def hot_path_extensions() -> list[Extension]:
-    compiled = _compiled_module()
+    compiled = HOTPATH
     try:
         from Cython.Build import cythonize
     except ImportError:  # a build without the build requirements (pyproject.toml) installed
@@ -76,7 +79,7 @@ def hot_path_extensions() -> list[Extension]:
 
 
 # The digest is taken before Cython reads the sources; BuildHotPath records it after the build.
-_DIGEST = _compiled_module().sources_digest(HERE)
+_DIGEST = HOTPATH.sources_digest(HERE)
 # (the modules compile one per core: the install is part of every CI run)
 setup(ext_modules=hot_path_extensions(), cmdclass={"build_ext": BuildHotPath},
       options={"build_ext": {"parallel": os.cpu_count() or 1}})
